@@ -74,15 +74,18 @@ def logistic_from_uniform(u, loc, scale, clip=4., dtype=t.float32):
 def shifted_sobol(sets, n, dim, generator=None, device=None):
     """`sets` independent randomisations of one n-point Sobol set in [0, 1)^dim, shape (sets, n, dim).
 
-    Each set is the Sobol points plus its own uniform shift, modulo 1 (a Cranley-Patterson
-    rotation): every point is exactly uniform, so averages stay unbiased, while each set keeps the
+    Each set XORs the points' 30-bit binary expansions with its own random digits (a random
+    digital shift, which keeps the Sobol net structure) and adds uniform noise within the finest
+    cell: every point is then exactly uniform, so averages stay unbiased, while each set keeps the
     even spread that makes its average far less noisy than n iid points for smooth integrands.
-    Dimensions beyond what SobolEngine supports are filled with iid uniforms.
+    Use n a power of two. Dimensions beyond what SobolEngine supports are iid uniforms.
     """
     qdim = min(dim, t.quasirandom.SobolEngine.MAXDIM)
+    bits = t.quasirandom.SobolEngine.MAXBIT
     points = t.quasirandom.SobolEngine(qdim).draw(n, dtype=t.float64).to(device)
-    shift = t.rand(sets, 1, qdim, generator=generator, device=device, dtype=t.float64)
-    u = (points + shift) % 1
+    digits = t.randint(0, 2 ** bits, (sets, 1, qdim), generator=generator, device=device)
+    fine = t.rand(sets, n, qdim, generator=generator, device=device, dtype=t.float64)
+    u = (((points * 2 ** bits).long() ^ digits) + fine) / 2 ** bits
     if qdim < dim:
         rest = t.rand(sets, n, dim - qdim, generator=generator, device=device, dtype=t.float64)
         u = t.cat([u, rest], -1)
@@ -226,6 +229,25 @@ def suggest_logsnr_params(logsnrs, mse, d):
     """
     a25, a50, a75 = mse_quantiles(logsnrs, mse, d)
     return a50, (a75 - a25) / (2 * math.log(3))
+
+
+def gap_logsnr_params(logsnrs, mse, mmse_ref, tail=1e-3, min_clip=4.):
+    """(logsnr_loc, logsnr_scale, clip) for the control-variate estimator, from a measured MSE curve.
+
+    Its integrand is the gap between the model's MSE and the Gaussian reference's MMSE, so
+    |mmse_ref(a) - mse(a)| is treated as a density over a: loc is its median, scale its
+    interquartile range / (2 ln 3) (as for a logistic), and clip makes loc +- clip * scale cover
+    its [tail, 1 - tail] quantiles, so truncating the integral there costs no visible bias.
+    The grid must extend past both ends of the gap.
+    """
+    a = np.asarray(logsnrs, dtype=float)
+    gap = np.abs(np.asarray(mmse_ref, dtype=float) - np.asarray(mse, dtype=float))
+    if not gap.sum() > 0:
+        raise ValueError("the MSE curve equals the Gaussian MMSE everywhere: no gap to place points on")
+    cdf = np.cumsum(gap) / gap.sum()
+    lo, q25, loc, q75, hi = np.interp([tail, 0.25, 0.5, 0.75, 1 - tail], cdf, a)
+    scale = (q75 - q25) / (2 * math.log(3))
+    return float(loc), float(scale), float(max(min_clip, (loc - lo) / scale, (hi - loc) / scale))
 
 
 # ---------------------------------------------------------------------------------------------
