@@ -221,13 +221,16 @@ class DiffusionModel(pl.LightningModule):
             self._curve_x = None
 
     def _log_mse_curve(self, x):
+        """MSE curve of one validation batch, on rank 0 only (no collectives: DDP ranks may differ)."""
+        if not self.trainer.is_global_zero:
+            return
         logsnrs = self.curve_logsnrs().to(x.device)
         mse, mmse_ref = self.mse_curve(x, logsnrs)
         loc, scale = utils.suggest_logsnr_params(logsnrs.cpu(), mse.cpu(), self.d)
         if math.isfinite(loc) and math.isfinite(scale):
             self.log_dict({"suggested_logsnr_loc": loc, "suggested_logsnr_scale": scale},
-                          sync_dist=True)
-        if self.trainer.is_global_zero and isinstance(self.logger, TensorBoardLogger):
+                          rank_zero_only=True)
+        if isinstance(self.logger, TensorBoardLogger):
             import viz
             fig = viz.plot_mse_curve(logsnrs.cpu(), mse.cpu(), mmse_ref.cpu(), self.d)
             self.logger.experiment.add_figure("mse_curve", fig, self.global_step)
