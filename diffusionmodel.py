@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torchmetrics import SumMetric
 
 import utils
+import viz
 
 
 class DiffusionModel(pl.LightningModule):
@@ -231,7 +232,6 @@ class DiffusionModel(pl.LightningModule):
             self.log_dict({"suggested_logsnr_loc": loc, "suggested_logsnr_scale": scale},
                           rank_zero_only=True)
         if isinstance(self.logger, TensorBoardLogger):
-            import viz
             fig = viz.plot_mse_curve(logsnrs.cpu(), mse.cpu(), mmse_ref.cpu(), self.d)
             self.logger.experiment.add_figure("mse_curve", fig, self.global_step)
 
