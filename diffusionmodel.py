@@ -148,7 +148,7 @@ class DiffusionModel(pl.LightningModule):
     @t.no_grad()
     def nll_x(self, x, npoints=200, generator=None):
         """-log p(x) in nats for ONE sample x of shape x_shape."""
-        return self.nll_points(x.unsqueeze(0), npoints, generator)[0][0]
+        return self.nll_points(x.unsqueeze(0), npoints, generator=generator)[0][0]
 
     @t.no_grad()
     def mse_curve(self, x, logsnrs, generator=None, chunk_size=None):

@@ -149,11 +149,17 @@ class GaussianReference(t.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _rotate(self, x):
-        """Coordinates in the eigenbasis, U^T x, for flattened x (n, d)."""
-        return x if self.eigvecs.numel() == 0 else x @ self.eigvecs.to(x.dtype)
+        """Coordinates in the eigenbasis, U^T x, for flattened x (n, d); never in reduced precision."""
+        if self.eigvecs.numel() == 0:
+            return x
+        with t.autocast(x.device.type, enabled=False):
+            return x @ self.eigvecs.to(x.dtype)
 
     def _unrotate(self, y):
-        return y if self.eigvecs.numel() == 0 else y @ self.eigvecs.to(y.dtype).T
+        if self.eigvecs.numel() == 0:
+            return y
+        with t.autocast(y.device.type, enabled=False):
+            return y @ self.eigvecs.to(y.dtype).T
 
     def entropy(self):
         """h(q) = d/2 log(2 pi e) + 1/2 sum_i log lambda_i."""
@@ -173,13 +179,12 @@ class GaussianReference(t.nn.Module):
         """Optimal noise predictor of q: eps_G = U diag(1 / (sqrt(s(-a)) (1 + lambda e^a))) U^T (z - sqrt(s(a)) mean).
 
         (From x_hat_G = mean + sqrt(s(a)) Sigma (s(a) Sigma + s(-a) I)^-1 (z - sqrt(s(a)) mean) and
-        eps_G = (z - sqrt(s(a)) x_hat_G) / sqrt(s(-a)).) Always computed in z's dtype, outside autocast.
+        eps_G = (z - sqrt(s(a)) x_hat_G) / sqrt(s(-a)).) Computed in z's dtype.
         """
-        with t.autocast(z.device.type, enabled=False):
-            a = logsnr.to(z.dtype).view(-1, 1)
-            zf = z.flatten(1) - t.sigmoid(a).sqrt() * self.mean.to(z.dtype)
-            log_gain = -0.5 * F.logsigmoid(-a) - F.softplus(a + self.eigvals.to(z.dtype).log())
-            return self._unrotate(self._rotate(zf) * log_gain.exp()).view_as(z)
+        a = logsnr.to(z.dtype).view(-1, 1)
+        zf = z.flatten(1) - t.sigmoid(a).sqrt() * self.mean.to(z.dtype)
+        log_gain = -0.5 * F.logsigmoid(-a) - F.softplus(a + self.eigvals.to(z.dtype).log())
+        return self._unrotate(self._rotate(zf) * log_gain.exp()).view_as(z)
 
     def sample(self, n, logsnr=None, generator=None):
         """Draws from q, or from its noisy marginal N(sqrt(s(a)) mean, s(a) Sigma + s(-a) I) at log SNR a."""

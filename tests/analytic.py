@@ -63,3 +63,28 @@ def mixture_2d():
         covs=[[[0.30, 0.20], [0.20, 0.25]],
               [[0.05, -0.02], [-0.02, 0.40]],
               [[0.60, 0.00], [0.00, 0.01]]])
+
+
+def ring_2d(components=8, radius=1.3, var=0.02):
+    """Equal-weight Gaussians N(radius (cos, sin)(2 pi m / M), var I) on a ring: a sharper, more
+    multimodal 2-D test case than mixture_2d."""
+    angles = t.arange(components, dtype=t.float64) * 2 * math.pi / components
+    means = radius * t.stack([angles.cos(), angles.sin()], 1)
+    return GaussianMixture(t.ones(components), means, var * t.eye(2, dtype=t.float64).expand(
+        components, 2, 2))
+
+
+def gaussian(mean, cov):
+    """A single Gaussian N(mean, cov) (mean of any sample shape, cov over the flattened mean)."""
+    mean = t.as_tensor(mean, dtype=t.float64)
+    return GaussianMixture([1.0], mean.unsqueeze(0), t.as_tensor(cov, dtype=t.float64).unsqueeze(0))
+
+
+def reference_nll(mixture, x):
+    """-log p(x) computed by torch.distributions, independently of GaussianReference."""
+    comps = t.distributions.MultivariateNormal(
+        t.stack([c.mean for c in mixture.components]),
+        t.stack([c.eigvecs @ t.diag(c.eigvals) @ c.eigvecs.T for c in mixture.components]))
+    p = t.distributions.MixtureSameFamily(t.distributions.Categorical(logits=mixture.log_weights),
+                                          comps)
+    return -p.log_prob(x.flatten(1).to(t.float64))
