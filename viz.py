@@ -1,4 +1,5 @@
-"""Figures: MSE curves (model vs Gaussian MMSE), shared by both training scripts."""
+"""Figures: MSE curves (model vs Gaussian MMSE), shared by both training scripts; for 2-D data,
+density contours, samples beside the data and the validation NLL against epoch."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -32,3 +33,96 @@ def plot_mse_curve(logsnrs, mse, mmse_ref, d, title=None):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _data_limits(data, margin=0.15):
+    """A square-ish window around 2-D data: its bounding box grown by `margin` of its size."""
+    data = np.asarray(data, dtype=float)
+    lo, hi = data.min(0), data.max(0)
+    pad = margin * (hi - lo).max()
+    return lo - pad, hi + pad
+
+
+def density_grid(data, size=50, margin=0.15):
+    """The (size, size) evaluation grid over the data window: xs, ys (1-D) and the flattened
+    points (size**2, 2) in row-major order (y rows, x columns), as numpy arrays."""
+    lo, hi = _data_limits(data, margin)
+    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
+    gx, gy = np.meshgrid(xs, ys)
+    return xs, ys, np.stack([gx.ravel(), gy.ravel()], 1)
+
+
+def plot_density(xs, ys, nll, data=None, title=None, depth=8.0):
+    """Filled contours of log p(x) = -nll on a grid (nll of shape (len(ys), len(xs)) or flat),
+    floored `depth` nats below its maximum so that the shape, not the far tails, sets the colours
+    (white = low density). Optionally a thin scatter of the data on top."""
+    from matplotlib.ticker import MaxNLocator
+
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    logp = -np.asarray(nll, dtype=float).reshape(len(ys), len(xs))
+    top = np.nanmax(logp)
+    levels = MaxNLocator(nbins=16).tick_values(top - depth, top)
+    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    cs = ax.contourf(xs, ys, np.clip(logp, levels[0], levels[-1]), levels=levels, cmap="Blues")
+    bar = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(nbins=8).tick_values(levels[0], levels[-1]))
+    bar.set_label(r"model $\log p(x)$ (nats)")
+    if data is not None:
+        data = np.asarray(data, dtype=float)
+        ax.scatter(data[:, 0], data[:, 1], s=0.3, c="tab:red", alpha=0.3, lw=0, label="data")
+        ax.legend(loc="upper right", fontsize=8, markerscale=10)
+    ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples(data, samples, title=None):
+    """Model samples beside the data, on the same axes limits."""
+    data, samples = np.asarray(data, dtype=float), np.asarray(samples, dtype=float)
+    lo, hi = _data_limits(data, 0.1)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    for ax, points, name in zip(axes, (data, samples), ("data", "model samples")):
+        ax.scatter(points[:, 0], points[:, 1], s=1, lw=0, alpha=0.6)
+        ax.set_title(f"{name} ({len(points)})", fontsize=10)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+    axes[0].set_ylabel("$x_2$")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_val_history(runs, references=None, title=None):
+    """Validation E[-log p] (nats) against epoch for one or more runs, with standard errors as
+    error bars, and horizontal lines at known reference values.
+
+    runs: {label: (epochs, nll, stderr or None)}; references: {label: value}.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (epochs, nll, stderr) in runs.items():
+        ax.errorbar(np.asarray(epochs, dtype=float), np.asarray(nll, dtype=float),
+                    yerr=None if stderr is None else np.asarray(stderr, dtype=float),
+                    marker="o", ms=3, capsize=2, label=label)
+    styles = iter(["--", ":", "-."] * 4)
+    for label, value in (references or {}).items():
+        ax.axhline(value, color="k", ls=next(styles), lw=1, label=f"{label} ({value:.4f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(r"validation $E[-\log p(x)]$ (nats)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path):
+    """Writes a figure (PNG by extension) and closes it."""
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

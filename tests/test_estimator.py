@@ -12,8 +12,10 @@ that the error is zero within the estimator's own standard error, over seeded re
   standard error lies in a band several standard deviations of that ratio wide.
 
 Truncating the log-SNR integral to loc +- clip * scale (+-12 at the defaults) is a bias the
-estimator accepts: for these distributions it is below 1e-3 nats (measured by widening the clip to
-8), under a tenth of the standard errors of the tests.
+estimator accepts: for the Gaussians below it is under 2e-4 nats (the closed-form expected
+integrand of test_control_variate_identity_by_quadrature, integrated over the tails), for
+mixture_2d under 1e-3 (measured by widening the clip to 8); both under a tenth of the smallest
+standard error these tests resolve.
 """
 import math
 import re
@@ -104,6 +106,36 @@ def test_one_dimensional_formula_by_hand():
     runs = [dm.nll_points(x, 256, generator=gen(r)) for r in range(24)]
     est, se = (t.stack(v) for v in zip(*runs))
     assert_unbiased_and_calibrated(est, se, 0.5 * math.log(2 * math.pi * lam) + x[:, 0] ** 2 / (2 * lam))
+
+
+def expected_sq_error(ref, x, a):
+    """E_eps ||eps - eps_G(z, a)||^2 for a fixed x, eps_G the optimal predictor of the Gaussian `ref`.
+
+    With H = U diag(1 / (1 + lambda e^a)) U^T, eps - eps_G = (I - H) eps - sqrt(e^a) H (x - mu), so
+    the expectation is ||I - H||_F^2 + e^a ||H (x - mu)||^2 (no sampling)."""
+    d = ref.d
+    u = ref.eigvecs if ref.eigvecs.numel() else t.eye(d, dtype=t.float64)
+    h = u @ t.diag(1 / (1 + ref.eigvals.double() * math.exp(a))) @ u.T
+    return ((t.eye(d, dtype=t.float64) - h) ** 2).sum().item() + math.exp(a) * (
+        h @ (x - ref.mean.double())).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("reference", ["standard", "fitted"])
+def test_control_variate_identity_by_quadrature(reference):
+    # itd-math.md: -log p(x) = -log q(x) + 1/2 Int E_eps[||eps - eps_hat||^2 - ||eps - eps_G||^2] da,
+    # exact for the optimal eps_hat. For Gaussian data both expectations are closed-form, so the
+    # integral is done by scipy quadrature and must give the exact -log p (torch.distributions) to
+    # quadrature accuracy, with eps_G from the model's reference (N(0, I) or a fitted one).
+    dist = gaussian_3d()
+    dm = make_model(dist, reference, fit_n=200)
+    for x in dist.sample(3, generator=gen(9)):
+        def integrand(a):
+            return 0.5 * (expected_sq_error(dist.components[0], x, a)
+                          - expected_sq_error(dm.reference, x, a))
+        integral = sum(scipy.integrate.quad(integrand, lo, hi, epsabs=1e-11, limit=200)[0]
+                       for lo, hi in ((-60, 0), (0, 60)))
+        got = dm.reference.nll(x[None])[0].item() + integral
+        assert got == pytest.approx(reference_nll(dist, x[None])[0].item(), abs=1e-7)
 
 
 @pytest.mark.parametrize("reference", ["standard", "fitted"])
@@ -320,9 +352,12 @@ def test_mse_curve_of_the_optimal_denoiser_is_the_mmse():
 
 def test_sampler_reproduces_a_gaussian():
     # With the exact denoiser DDIM follows the probability-flow ODE, so the samples are N(mu, Sigma)
-    # up to discretisation (measured < 0.3% of the covariance at 200 steps). Tolerance: 5 standard
+    # up to discretisation. For a Gaussian every step is affine, so the exact output law can be
+    # computed by pushing the basis through the steps: at 200 steps its covariance is off by
+    # 1.7% of sqrt(S_ii S_jj) (first order: 3.4% at 100 steps, 0.9% at 400) and its mean by
+    # 0.004 (the start from N(0, I) instead of the marginal at log SNR -12). Tolerance: 5 standard
     # errors of the sample mean, sqrt(S_ii / n), and of the sample covariance (Wishart),
-    # sqrt((S_ij^2 + S_ii S_jj) / n), plus 1% of |S_ij| + 0.01 S_ii for the discretisation.
+    # sqrt((S_ij^2 + S_ii S_jj) / n), plus 3% of sqrt(S_ii S_jj) for the covariance discretisation.
     dist = gaussian_3d()
     comp = dist.components[0]
     cov = comp.eigvecs @ t.diag(comp.eigvals) @ comp.eigvecs.T
@@ -332,7 +367,8 @@ def test_sampler_reproduces_a_gaussian():
     assert draws.shape == (n, 3)
     var = cov.diag()
     assert ((draws.mean(0) - comp.mean).abs() < 5 * (var / n).sqrt()).all()
-    tol = 5 * ((cov ** 2 + var[:, None] * var[None, :]) / n).sqrt() + 0.01 * (cov.abs() + var.min())
+    scale = (var[:, None] * var[None, :]).sqrt()
+    tol = 5 * ((cov ** 2 + scale ** 2) / n).sqrt() + 0.03 * scale
     assert ((draws.T.cov() - cov).abs() < tol).all(), (draws.T.cov() - cov)
 
 

@@ -1,0 +1,181 @@
+"""train_cifar10.py end to end on CPU without network: short runs on FakeData and digits (with a
+U-Net loaded from a save_pretrained folder), resuming, bits/dim, the image datasets, and the
+offline error paths."""
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch as t
+from diffusers import UNet2DModel
+
+import datasets
+import train_cifar10
+import unet
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY16 = dict(unet.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
+FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--eval_batch_size", "16",
+        "--val_npoints", "4", "--curve_samples", "8", "--sample_steps", "4", "--num_samples", "4"]
+
+
+def logged(run_dir):
+    """Scalars (tag -> [values]) and image tags TensorBoard holds for a run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return scalars, events.Tags()["images"]
+
+
+def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
+    folder = str(tmp_path / "tiny-unet")
+    t.manual_seed(0)
+    UNet2DModel.from_config(TINY16).save_pretrained(folder)
+    logs = str(tmp_path / "exps")
+    args = ["--dataset", "fake", "--image_size", "16", "--fake_size", "24", "--batch_size", "8",
+            "--pretrained", folder, "--log_dir", logs, *FAST]
+    trainer, model = train_cifar10.main(args + ["--num_epochs", "1"])
+    assert trainer.global_step == 3  # 24 images, batches of 8
+    run_dir = os.path.join(logs, "fake")
+    scalars, images = logged(run_dir)
+    assert {"mse_curve", "samples"} <= set(images)
+    # bits/dim = nats / (d ln 2), d = 3 * 16 * 16.
+    nats, bpd = scalars["val_loss"][-1], scalars["val_bpd"][-1]
+    assert math.isfinite(nats) and bpd == pytest.approx(nats / (768 * math.log(2)), rel=1e-5)
+
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    trainer, resumed = train_cifar10.main(args + ["--num_epochs", "2", "--resume", last])
+    assert trainer.global_step == 6 and os.listdir(logs) == ["fake"]  # continued in its run
+    assert logged(run_dir)[0]["val_loss"][-1] != nats  # a second validation was logged there
+    # The reference came from the checkpoint (not refit): it equals the first run's.
+    assert t.equal(resumed.reference.eigvals, model.reference.eigvals)
+
+    with pytest.raises(utils.UserError, match="trained on images of shape"):
+        train_cifar10.main(["--dataset", "digits", "--resume", last, "--log_dir", logs, *FAST])
+
+
+def test_digits_run_bf16_with_gaussian_outside(tmp_path):
+    logs = str(tmp_path / "exps")
+    trainer, model = train_cifar10.main(
+        ["--dataset", "digits", "--batch_size", "300", "--num_epochs", "1", "--val_every", "1",
+         "--log_dir", logs,
+         "--precision", "bf16-mixed", "--outside", "gaussian", "--unet_width", "8", *FAST])
+    assert trainer.global_step == 4  # 1497 training digits, batches of 300
+    assert model.x_shape == (1, 8, 8)
+    scalars, images = logged(os.path.join(logs, "digits"))
+    assert math.isfinite(scalars["val_loss"][-1]) and "mse_curve" in images
+
+
+def test_seed_result_in_bits_per_dim():
+    # The seed README: about -8400 nats per CIFAR-10 image is -3.94 bits/dim.
+    assert utils.nats_to_bpd(-8400, 3 * 32 * 32) == pytest.approx(-3.945, abs=1e-3)
+
+
+def test_digits_dataset():
+    train, val = datasets.load_image_dataset("digits", seed=0)
+    assert (len(train), len(val), train.x_shape) == (1497, 300, (1, 8, 8))  # sklearn: 1797 digits
+    x = train.tensor()
+    levels = (x + 1) * 8  # 17 grey levels 0..16 scaled to [-1, 1]: steps of 1/8
+    assert t.equal(levels, levels.round()) and levels.min() == 0 and levels.max() == 16
+    train_d, val_d = datasets.load_image_dataset("digits", dequantize=True, seed=0)
+    xd = train_d.tensor()
+    assert ((xd - x).abs() <= 1 / 16).all() and (xd != x).all()  # within each pixel's bin
+    assert t.equal(val_d[5], val_d[5]) and not t.equal(train_d[5], train_d[5])
+
+
+def test_fake_dataset():
+    train, val = datasets.load_image_dataset("fake", image_size=16, fake_size=40)
+    assert (len(train), len(val), train.x_shape) == (40, 10, (3, 16, 16))
+    x = train.tensor()
+    assert x.min() >= -1 and x.max() <= 1 and t.equal(train[3], train[3])
+
+
+def test_reachable():
+    import http.server
+    import threading
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    assert datasets.reachable(f"http://127.0.0.1:{server.server_port}/")
+    server.server_close()
+    assert not datasets.reachable(f"http://127.0.0.1:{server.server_port}/")  # closed
+    assert not datasets.reachable("https://example.invalid/")  # RFC 6761: never resolves
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        start = time.time()
+        assert not datasets.reachable(f"http://127.0.0.1:{silent.getsockname()[1]}/", timeout=0.5)
+        assert time.time() - start < 1.5
+
+
+def offline_args(tmp_path):
+    return ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "exps")]
+
+
+def test_offline_cifar10_and_weights_missing(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets, "reachable", lambda url, timeout=3.0: False)
+    with pytest.raises(utils.UserError) as err:
+        train_cifar10.main(offline_args(tmp_path))
+    message = str(err.value)
+    # What is missing, where it was looked for, and how to provide it, for both inputs.
+    for part in (os.path.join(str(tmp_path / "data"), "cifar-10-batches-py"), "--data_dir",
+                 "google/ddpm-cifar10-32", str(tmp_path / "hub"), "--pretrained", "--from_scratch"):
+        assert part in message
+    assert os.listdir(tmp_path) == []  # no data, run or cache directory left behind
+
+
+def test_offline_cli_exits_fast_and_clean(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "train_cifar10.py", "--offline", *offline_args(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - start
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: CIFAR-10 not found")
+    assert proc.stderr.count("error: ") == 2  # the data, then the weights
+    assert os.listdir(tmp_path) == []
+    assert elapsed < 30, elapsed  # typically 3-4 s, mostly importing torch
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def interrupted(url, root, filename, md5):
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, filename), "wb") as f:
+            f.write(b"partial")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", interrupted)
+    with pytest.raises(utils.UserError, match="connection reset"):
+        datasets.load_image_dataset("cifar10", str(tmp_path / "new" / "data"),
+                                    download=lambda: True)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "mine.txt").write_text("kept")
+    with pytest.raises(utils.UserError):
+        datasets.load_image_dataset("cifar10", str(tmp_path), download=lambda: True)
+    assert os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    # The image path under Lightning's DDP launcher: the sample grid is drawn on rank 0 only (no
+    # deadlock), and the ranks share one run directory.
+    logs = str(tmp_path / "exps")
+    proc = subprocess.run(
+        [sys.executable, "train_cifar10.py", "--dataset", "fake", "--image_size", "16",
+         "--fake_size", "32", "--batch_size", "8", "--unet_width", "8", "--num_epochs", "1",
+         "--strategy", "ddp", "--log_dir", logs, *FAST[:2], "--devices", "2", *FAST[4:]],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(logs) == ["fake"]
+    scalars, images = logged(os.path.join(logs, "fake"))
+    assert "samples" in images and math.isfinite(scalars["val_loss"][-1])
+    assert os.path.isfile(os.path.join(logs, "fake", "checkpoints", "last.ckpt"))

@@ -1,0 +1,215 @@
+"""The U-Net adapter: log SNR <-> timestep against diffusers' own schedule, the out-of-range
+policies, and loading a UNet2DModel from a local folder or the hub cache without network."""
+import math
+import os
+
+import pytest
+import torch as t
+from diffusers import DDPMScheduler, UNet2DModel
+
+import unet
+import utils
+from diffusionmodel import DiffusionModel
+
+TINY = dict(unet.small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
+
+
+def ddpm_logsnr():
+    """log SNR of DDPM's timesteps from diffusers' scheduler, computed here independently."""
+    ab = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                       beta_end=0.02).alphas_cumprod.double()
+    return (ab / (1 - ab)).log()
+
+
+def tiny_denoiser(outside="clamp", seed=0):
+    t.manual_seed(seed)
+    return unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside=outside).eval()
+
+
+def test_schedule_range_matches_ddpm():
+    # itd-math.md: DDPM's log SNR runs from +9.21 (t = 0) to -10.12 (t = 999).
+    lo, hi = tiny_denoiser().logsnr_range
+    assert hi == pytest.approx(9.21, abs=5e-3) and lo == pytest.approx(-10.12, abs=5e-3)
+
+
+def test_timestep_round_trip_below_1e_3():
+    # Every integer timestep's log SNR (float32, as the model receives it) maps back to that
+    # timestep to < 1e-3: the accuracy the continuous mapping promises. The seed's 10,000-step
+    # argmin table was off by 1.4 at t = 500 and 3.3 at t = 900.
+    denoiser = tiny_denoiser()
+    logsnr = ddpm_logsnr()
+    steps = denoiser.timestep(logsnr.float())
+    assert (steps.double() - t.arange(1000)).abs().max() < 1e-3
+    # Between two timesteps the map is linear, so midpoints land half-way.
+    mid = denoiser.timestep(((logsnr[:-1] + logsnr[1:]) / 2).float())
+    assert (mid.double() - (t.arange(999) + 0.5)).abs().max() < 1e-3
+
+
+def test_timestep_is_continuous_and_monotone():
+    denoiser = tiny_denoiser()
+    a = t.linspace(-10.1, 9.2, 20001)
+    steps = denoiser.timestep(a).double()
+    assert (steps[1:] < steps[:-1]).all()  # higher SNR, earlier timestep
+    assert steps.diff().abs().max() < 0.1  # no jumps: 1e-3 log SNR apart is < 0.1 step
+
+
+def test_timestep_memory_is_linear_in_batch():
+    # 4 million log SNRs: a (batch x table) argmin would need 16 GB, interpolation needs O(batch).
+    a = t.empty(4_000_000).uniform_(-12, 12)
+    steps = tiny_denoiser().timestep(a)
+    assert steps.shape == a.shape and t.isfinite(steps).all()
+
+
+def test_inverse_of_timestep_to_logsnr():
+    table = unet.schedule_logsnr(DDPMScheduler().alphas_cumprod)
+    steps = t.rand(1000, dtype=t.float64) * 999
+    back = unet.logsnr_to_timestep(unet.timestep_to_logsnr(steps, table), table)
+    assert (back - steps).abs().max() < 1e-9
+
+
+def test_clamp_outside_the_trained_range():
+    denoiser = tiny_denoiser("clamp")
+    a = t.tensor([30., 12., 9.5, -10.5, -40.])
+    assert denoiser.timestep(a).tolist() == [0., 0., 0., 999., 999.]
+    # The U-Net is then evaluated exactly as at the boundary timestep.
+    z = t.randn(5, 3, 8, 8)
+    with t.no_grad():
+        expected = denoiser.unet(z, t.tensor([0., 0., 0., 999., 999.])).sample
+        assert t.equal(denoiser(z, a), expected)
+
+
+def test_gaussian_outside_the_trained_range():
+    denoiser = tiny_denoiser("gaussian")
+    model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
+    x = t.randn(64, 3, 8, 8) * t.linspace(0.2, 2, 192).view(3, 8, 8)
+    model.fit_reference(x)
+    with pytest.raises(RuntimeError, match="set_fallback"):
+        denoiser(x[:2], t.zeros(2))
+    denoiser.set_fallback(model.reference)
+    a = t.tensor([-30., -10.5, -5., 0., 9., 9.5, 20.])
+    inside = t.tensor([False, False, True, True, True, False, False])
+    z = t.randn(7, 3, 8, 8)
+    with t.no_grad():
+        out = denoiser(z, a)
+        net = denoiser.unet(z, denoiser.timestep(a)).sample
+        gauss = model.reference.eps(z, a)
+        assert t.equal(out[inside], net[inside]) and t.equal(out[~inside], gauss[~inside])
+        # So the control-variate integrand is exactly 0 outside the trained range.
+        gap = model.mse_gap(x[:7], a, eps=t.randn(7, 3, 8, 8))
+    assert (gap[~inside] == 0).all() and (gap[inside] != 0).all()
+
+
+def save_tiny(folder, beta_end=0.01, pipeline=False):
+    """A tiny U-Net and a non-default scheduler saved with save_pretrained; returns the U-Net."""
+    t.manual_seed(1)
+    net = UNet2DModel.from_config(TINY)
+    net.save_pretrained(os.path.join(folder, "unet") if pipeline else folder)
+    DDPMScheduler(beta_end=beta_end).save_pretrained(
+        os.path.join(folder, "scheduler") if pipeline else folder)
+    return net
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    tensors = [k for k, v in sa.items() if t.is_tensor(v)]
+    return tensors == [k for k, v in sb.items() if t.is_tensor(v)] and all(
+        t.equal(sa[k], sb[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_load_local_directory(tmp_path, pipeline):
+    saved = save_tiny(str(tmp_path), pipeline=pipeline)
+    net, schedule, source = unet.load_unet(str(tmp_path))
+    assert same_weights(net, saved) and source == str(tmp_path)
+    # The schedule is the folder's own (beta_end 0.01), not DDPM's default.
+    assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
+    scratch, _, _ = unet.load_unet(str(tmp_path), from_scratch=True)
+    assert unet._plain_config(scratch.config) == unet._plain_config(net.config)
+    assert not same_weights(scratch, saved)
+
+
+def fake_hub_cache(cache, repo, beta_end=0.01):
+    """The Hugging Face cache layout (models--owner--name/{refs/main, snapshots/<rev>/}) that
+    from_pretrained(repo_id) reads when offline."""
+    folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    revision = "0" * 40
+    saved = save_tiny(os.path.join(folder, "snapshots", revision), beta_end)
+    os.makedirs(os.path.join(folder, "refs"))
+    with open(os.path.join(folder, "refs", "main"), "w") as f:
+        f.write(revision)
+    return saved
+
+
+def test_load_hub_id_from_cache_without_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    saved = fake_hub_cache(str(tmp_path), "itd-test/tiny-unet")
+
+    def no_network():
+        raise AssertionError("the cache must be used before any network check")
+
+    net, schedule, source = unet.load_unet("itd-test/tiny-unet", online=no_network)
+    assert same_weights(net, saved) and "hub" in source
+    assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
+
+
+def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    asked = []
+    with pytest.raises(utils.UserError) as err:
+        unet.load_unet("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
+    message = str(err.value)
+    assert asked == [1]  # the network is consulted once, after the cache
+    for part in ("google/ddpm-cifar10-32", str(tmp_path), "huggingface.co", "--pretrained",
+                 "--from_scratch"):
+        assert part in message
+    assert os.listdir(tmp_path) == []  # nothing left in the cache
+
+
+def test_bad_pretrained_path():
+    with pytest.raises(utils.UserError, match="no such directory"):
+        unet.load_unet("./no/such/folder/")
+
+
+def test_builtin_ddpm_cifar10_config():
+    # The DDPM paper (Ho et al. 2020): "Our CIFAR10 model has 35.7 million parameters".
+    net, schedule, _ = unet.load_unet(unet.DDPM_CIFAR10, from_scratch=True, online=lambda: False)
+    assert schedule is None  # DDPM's default schedule
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 35.7
+
+
+def test_checkpoint_rebuilds_the_unet(tmp_path):
+    schedule = DDPMScheduler(beta_end=0.01).alphas_cumprod
+    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), schedule)
+    model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
+    path = str(tmp_path / "model.pt")
+    t.save(model.state_dict(), path)
+    state = t.load(path, weights_only=True)  # the extra state must be plain data
+    net, schedule = unet.unet_from_state_dict(state)
+    rebuilt = DiffusionModel(unet.UNetDenoiser(net, schedule), x_shape=(3, 8, 8))
+    rebuilt.load_state_dict(state)
+    assert same_weights(rebuilt, model)
+    assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
+    # Same parameter shapes, different architecture: caught by the config in the extra state.
+    other = DiffusionModel(unet.UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
+                           x_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="config differs"):
+        other.load_state_dict(state)
+
+
+def test_rejects_unsupported_unets():
+    with pytest.raises(ValueError, match="positional"):
+        unet.UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
+    with pytest.raises(ValueError, match="outside"):
+        unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside="extrapolate")
+
+
+def test_training_step_runs_in_bf16_autocast():
+    # The loss stays float32 under bf16 autocast (DiffusionModel casts eps_hat to z's dtype).
+    model = DiffusionModel(tiny_denoiser(), x_shape=(3, 8, 8), logsnr_loc=2.)
+    x = t.rand(8, 3, 8, 8) * 2 - 1
+    with t.autocast("cpu", dtype=t.bfloat16):
+        loss = model.nll(x)
+    loss.backward()
+    assert loss.dtype == t.float32 and math.isfinite(loss.item())
