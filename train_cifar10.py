@@ -78,6 +78,10 @@ def parse_args(argv=None):
                        help="use only the --pretrained config, with random weights")
     group.add_argument("--unet_width", type=utils.positive(int), default=32,
                        help="channels of the small U-Net (--pretrained none)")
+    group.add_argument("--gaussian_residual", type=utils.str2bool, default=None,
+                       help="eps_hat = Gaussian optimal predictor + U-Net, the U-Net's output "
+                            "layer zeroed at the start (training starts at the Gaussian bound); "
+                            "default: true with --pretrained none, else false")
     group.add_argument("--outside", default="clamp", choices=("clamp", "gaussian"),
                        help="log SNRs outside the U-Net's trained range: clamp the timestep, or "
                             "use the data-matched Gaussian's optimal predictor")
@@ -133,6 +137,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.pretrained.lower() == "none":
         args.pretrained = None
+    if args.gaussian_residual is None:
+        args.gaussian_residual = args.pretrained is None
     return args
 
 
@@ -165,13 +171,19 @@ def load_denoiser(args, x_shape=None, ckpt=None):
         from diffusers import UNet2DModel
         channels, size = x_shape[0], x_shape[-1]
         net = UNet2DModel.from_config(unets.small_unet_config(channels, size, args.unet_width))
-        schedule, source = None, "small U-Net, random weights"
+        # Its timesteps span the integration range linearly in log SNR: nothing is clamped.
+        half = args.clip * args.logsnr_scale
+        schedule = unets.logsnr_schedule(args.logsnr_loc - half, args.logsnr_loc + half)
+        source = "small U-Net, random weights"
     else:
         def can_download():
             from huggingface_hub import constants
             return (not args.offline and not constants.HF_HUB_OFFLINE
                     and datasets.reachable(constants.ENDPOINT))
         net, schedule, source = unets.load_unet(args.pretrained, args.from_scratch, can_download)
+    if args.gaussian_residual and ckpt is None:  # start exactly at the Gaussian predictor
+        t.nn.init.zeros_(net.conv_out.weight)
+        t.nn.init.zeros_(net.conv_out.bias)
     cfg = net.config
     levels = 2 ** (len(cfg.block_out_channels) - 1)
     if x_shape and (cfg.in_channels != x_shape[0] or x_shape[1] % levels or x_shape[2] % levels):
@@ -206,10 +218,11 @@ def main(argv=None):
     pl.seed_everything(args.seed, verbose=False)
     model = DiffusionModel(denoiser, x_shape=train.x_shape, learning_rate=args.learning_rate,
                            logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale,
-                           clip=args.clip, val_npoints=args.val_npoints,
+                           clip=args.clip, gaussian_residual=args.gaussian_residual,
+                           val_npoints=args.val_npoints,
                            lr_schedule=args.lr_schedule, curve_samples=args.curve_samples)
-    if args.outside == "gaussian":
-        denoiser.set_fallback(model.reference)
+    if args.outside == "gaussian":  # a residual U-Net adds nothing to the Gaussian there
+        denoiser.set_fallback(None if args.gaussian_residual else model.reference)
     if ckpt is None:
         model.fit_reference(train.tensor(args.reference_size))
     else:  # the checkpoint's reference (Trainer.fit restores it too, but only later)
@@ -267,8 +280,9 @@ def describe(args, model, denoiser, source, train, val, baseline):
     return "\n".join([
         f"data: {args.dataset}, {len(train)} training / {len(val)} validation images of shape "
         f"{train.x_shape}{', dequantized' if args.dequantize else ''}",
-        f"U-Net: {source}, {params:.2f}M parameters, trained on log SNR [{lo:.2f}, {hi:.2f}]; "
-        f"integrating over [{a_lo:.2f}, {a_hi:.2f}], outside the trained range: {args.outside}",
+        f"U-Net: {source}, {params:.2f}M parameters, timesteps cover log SNR [{lo:.2f}, {hi:.2f}]"
+        f"{' (Gaussian residual)' if args.gaussian_residual else ''}; integrating over "
+        f"[{a_lo:.2f}, {a_hi:.2f}], outside the timesteps' range: {args.outside}",
         f"data-matched Gaussian: entropy {entropy:.1f} nats "
         f"({utils.nats_to_bpd(entropy, model.d):.3f} bits/dim), -log q(validation) "
         f"{baseline['gaussian_val_loss']:.1f} nats ({baseline['gaussian_val_bpd']:.3f} bits/dim)"])

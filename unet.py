@@ -61,6 +61,14 @@ def schedule_logsnr(alphas_cumprod):
     return logsnr
 
 
+def logsnr_schedule(lo, hi, steps=1000):
+    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo (t = steps-1):
+    for U-Nets trained from scratch, so that timesteps cover exactly the integration range."""
+    if not -36 < lo < hi < 36:  # beyond, alpha_bar rounds to 0 or 1 in float64
+        raise ValueError(f"log SNR range must lie within (-36, 36), got [{lo}, {hi}]")
+    return t.sigmoid(t.linspace(hi, lo, steps, dtype=t.float64))
+
+
 def logsnr_to_timestep(logsnr, table):
     """Continuous timestep t(a) with table(t) = a, by linear interpolation of the decreasing table
     `table` (log SNR at t = 0 .. T-1); clamped to [0, T-1] outside the table's range."""
@@ -116,8 +124,10 @@ class UNetDenoiser(t.nn.Module):
     def set_fallback(self, reference):
         """Outside the trained range, eps_hat = reference.eps(z, a) (a utils.GaussianReference,
         normally the DiffusionModel's own, data-matched one). Stored as a bound method so the
-        reference is not registered twice in the state dict."""
-        self.fallback = reference.eps
+        reference is not registered twice in the state dict. reference=None gives 0 there: the
+        fallback for a U-Net whose output is added to the Gaussian predictor
+        (DiffusionModel(gaussian_residual=True))."""
+        self.fallback = _zero if reference is None else reference.eps
         return self
 
     @property
@@ -156,6 +166,10 @@ class UNetDenoiser(t.nn.Module):
         if state["unet_config"] != _plain_config(self.unet.config):
             raise ValueError("the checkpoint's U-Net config differs from this model's")
         self._set_schedule(state["alphas_cumprod"])
+
+
+def _zero(z, logsnr):
+    return t.zeros_like(z)
 
 
 def _plain_config(config):

@@ -16,6 +16,7 @@ import datasets
 import train_cifar10
 import unet
 import utils
+from diffusionmodel import DiffusionModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY16 = dict(unet.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
@@ -37,8 +38,9 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
     t.manual_seed(0)
     UNet2DModel.from_config(TINY16).save_pretrained(folder)
     logs = str(tmp_path / "exps")
+    # log SNR range 2 +- 4 * 3 = [-10, 14] reaches beyond DDPM's +9.21: the Gaussian takes over.
     args = ["--dataset", "fake", "--image_size", "16", "--fake_size", "24", "--batch_size", "8",
-            "--pretrained", folder, "--log_dir", logs, *FAST]
+            "--pretrained", folder, "--outside", "gaussian", "--log_dir", logs, *FAST]
     trainer, model = train_cifar10.main(args + ["--num_epochs", "1"])
     assert trainer.global_step == 3  # 24 images, batches of 8
     run_dir = os.path.join(logs, "fake")
@@ -59,16 +61,33 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
         train_cifar10.main(["--dataset", "digits", "--resume", last, "--log_dir", logs, *FAST])
 
 
-def test_digits_run_bf16_with_gaussian_outside(tmp_path):
+def test_digits_run_bf16(tmp_path):
     logs = str(tmp_path / "exps")
     trainer, model = train_cifar10.main(
         ["--dataset", "digits", "--batch_size", "300", "--num_epochs", "1", "--val_every", "1",
-         "--log_dir", logs,
-         "--precision", "bf16-mixed", "--outside", "gaussian", "--unet_width", "8", *FAST])
+         "--log_dir", logs, "--precision", "bf16-mixed", "--unet_width", "8", *FAST])
     assert trainer.global_step == 4  # 1497 training digits, batches of 300
-    assert model.x_shape == (1, 8, 8)
+    assert model.x_shape == (1, 8, 8) and model.hparams.gaussian_residual
     scalars, images = logged(os.path.join(logs, "digits"))
     assert math.isfinite(scalars["val_loss"][-1]) and "mse_curve" in images
+    # The baseline logged beside val_loss: -log q of the validation digits under the Gaussian.
+    _, val = datasets.load_image_dataset("digits", dequantize=True, seed=0)
+    assert scalars["gaussian_val_loss"][0] == pytest.approx(
+        model.reference.nll(val.tensor()).mean().item(), rel=1e-5)
+
+
+def test_small_unet_starts_at_the_gaussian_predictor():
+    # --pretrained none: a Gaussian residual with a zeroed output layer, and timesteps spanning
+    # the integration range 4 +- 4 * 2, so the first loss is exactly the Gaussian's -log q.
+    args = train_cifar10.parse_args(["--dataset", "digits"])
+    denoiser, _ = train_cifar10.load_denoiser(args, (1, 8, 8))
+    assert denoiser.logsnr_range == pytest.approx((-4., 12.))
+    model = DiffusionModel(denoiser, x_shape=(1, 8, 8), gaussian_residual=True)
+    x = datasets.load_image_dataset("digits")[0].tensor(64)
+    model.fit_reference(x)
+    a = t.linspace(-4, 12, 64)
+    with t.no_grad():
+        assert t.equal(model(x, a), model.reference.eps(x, a))
 
 
 def test_seed_result_in_bits_per_dim():

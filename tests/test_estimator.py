@@ -17,6 +17,7 @@ integrand of test_control_variate_identity_by_quadrature, integrated over the ta
 mixture_2d under 1e-3 (measured by widening the clip to 8); both under a tenth of the smallest
 standard error these tests resolve.
 """
+import copy
 import math
 import re
 
@@ -64,8 +65,10 @@ DISTRIBUTIONS = {"gaussian": gaussian_3d, "mixture": mixture_2d}
 
 def make_model(dist, reference, x_shape=None, dtype=t.float64, fit_n=2000, **kwargs):
     """DiffusionModel around the optimal denoiser of `dist`, with the N(0, I) reference or one
-    fitted to fit_n samples (a finite sample, so it differs from the data's own moments)."""
-    dm = DiffusionModel(dist, x_shape=x_shape or dist.x_shape, **kwargs).to(dtype)
+    fitted to fit_n samples (a finite sample, so it differs from the data's own moments).
+    `dist` itself stays float64 (the model casts a copy)."""
+    denoiser = dist if dtype == t.float64 else copy.deepcopy(dist)
+    dm = DiffusionModel(denoiser, x_shape=x_shape or dist.x_shape, **kwargs).to(dtype)
     if reference == "fitted":
         dm.fit_reference(dist.sample(fit_n, generator=gen(123)).to(dtype))
     return dm

@@ -99,6 +99,24 @@ def test_gaussian_outside_the_trained_range():
     assert (gap[~inside] == 0).all() and (gap[inside] != 0).all()
 
 
+def test_from_scratch_schedule_covers_a_given_range():
+    # A schedule linear in log SNR from +12 (t = 0) to -4 (t = 999): t(a) = 999 (12 - a) / 16.
+    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), unet.logsnr_schedule(-4., 12.))
+    assert denoiser.logsnr_range == pytest.approx((-4., 12.))
+    a = t.tensor([12., 4., -4., 0.])
+    assert denoiser.timestep(a).tolist() == pytest.approx([0., 499.5, 999., 749.25], abs=1e-3)
+    with pytest.raises(ValueError):
+        unet.logsnr_schedule(-50., 50.)
+
+
+def test_zero_fallback_for_a_gaussian_residual():
+    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside="gaussian").set_fallback(None)
+    z = t.randn(2, 3, 8, 8)
+    with t.no_grad():
+        out = denoiser(z, t.tensor([20., 0.]))
+    assert (out[0] == 0).all() and (out[1] != 0).any()
+
+
 def save_tiny(folder, beta_end=0.01, pipeline=False):
     """A tiny U-Net and a non-default scheduler saved with save_pretrained; returns the U-Net."""
     t.manual_seed(1)
