@@ -87,10 +87,11 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
     print(f"{'estimator':<52} {'std':>7} {'bias +- se':>18} {'seed/ours':>9} "
           f"{'stderr':>7} {'stderr/std':>10} {'wall s':>7}")
     for row in rows:
-        ratio = rows[0]["std"] / row["std"] if row is not rows[0] else float("nan")
-        stderr = row.get("stderr", float("nan"))
+        ratio = f"{rows[0]['std'] / row['std']:9.1f}" if row is not rows[0] else f"{'-':>9}"
+        calib = (f"{row['stderr']:7.4f} {row['stderr'] / row['std']:10.2f}" if "stderr" in row
+                 else f"{'-':>7} {'-':>10}")
         print(f"{row['name']:<52} {row['std']:7.4f} {row['bias']:+9.4f} +- {row['bias_se']:.4f} "
-              f"{ratio:9.1f} {stderr:7.4f} {stderr / row['std']:10.2f} {row['wall']:7.2f}")
+              f"{ratio} {calib} {row['wall']:7.2f}")
     print(f"(std: rms over points of the spread over repeats; bias: mean error vs the exact -log p, "
           f"+- its standard error; stderr: rms reported standard error; the MSE curve for the gap "
           f"rule, {curve_n} samples x {len(grid)} log SNRs, took {curve_wall:.2f} s)")
