@@ -26,13 +26,14 @@ from diffusionmodel import DiffusionModel
 
 # Per-dataset defaults, used where a flag is not given. Sharp sets (a density on a curve, sharp
 # edges, tight clusters) need high-frequency input features; for the smooth Gaussian they only
-# slow training down, so scg sees the raw coordinates alone.
+# slow training down, so scg sees the raw coordinates alone. Their validation estimates are also
+# noisier: 256 evaluations per point keep val_loss's noise under 0.01 nats (64 suffice for scg).
 DEFAULTS = {
-    "scg": dict(num_epochs=60, input_embedding_scale=0.0),
-    "moons": dict(num_epochs=150, input_embedding_scale=25.0),
-    "dino": dict(num_epochs=150, input_embedding_scale=25.0),
-    "line": dict(num_epochs=150, input_embedding_scale=25.0),
-    "circle": dict(num_epochs=150, input_embedding_scale=25.0),
+    "scg": dict(num_epochs=60, input_embedding_scale=0.0, val_npoints=64),
+    "moons": dict(num_epochs=150, input_embedding_scale=25.0, val_npoints=256),
+    "dino": dict(num_epochs=150, input_embedding_scale=25.0, val_npoints=256),
+    "line": dict(num_epochs=150, input_embedding_scale=25.0, val_npoints=256),
+    "circle": dict(num_epochs=150, input_embedding_scale=25.0, val_npoints=256),
 }
 VAL_FRACTION = 0.1
 CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
@@ -77,57 +78,84 @@ class MLPDenoiser(nn.Module):
         return self.net(t.cat(features, -1))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Information-theoretic diffusion on a 2-D toy density: trains a denoiser, "
                     "reports E[-log p] in nats, and draws the MSE curve, density contours and "
-                    "samples (TensorBoard and PNGs in exps/<dataset>-<experiment_name>/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="moons", choices=datasets.DATASETS_2D,
-                   help="which 2-D density (8000 standardised points; scg has a known density)")
-    p.add_argument("--experiment_name", default="base",
-                   help="run name; logs go to exps/<dataset>-<experiment_name>[-2, -3, ...]/")
-    p.add_argument("--num_points", type=utils.positive(int), default=8000,
-                   help=f"points drawn from the dataset; {VAL_FRACTION * 100:.0f}%% are held out for validation")
-    p.add_argument("--train_batch_size", type=utils.positive(int), default=512)
-    p.add_argument("--eval_batch_size", type=utils.positive(int), default=1024,
-                   help="validation batch size (each point is evaluated val_npoints times)")
-    p.add_argument("--num_epochs", type=utils.positive(int), default=None,
-                   help="passes over the training points (default: per dataset, "
-                        + ", ".join(f"{k} {v['num_epochs']}" for k, v in DEFAULTS.items()) + ")")
-    p.add_argument("--learning_rate", type=utils.positive(float), default=3e-3,
-                   help="peak learning rate of Adam's one-cycle schedule")
-    p.add_argument("--logsnr_loc", type=float, default=0.0,
-                   help="location of the logistic distribution of log SNR (integration range is "
-                        "loc +- 4 scale); the MSE-curve figure suggests a value")
-    p.add_argument("--logsnr_scale", type=utils.positive(float), default=3.0,
-                   help="scale of the logistic distribution of log SNR")
-    p.add_argument("--embedding_size", type=utils.positive(int), default=32,
-                   help="size of each sinusoidal embedding (log SNR, and each input coordinate)")
-    p.add_argument("--input_embedding_scale", type=float, default=None,
-                   help="highest frequency of the sinusoidal input embedding, 0 for raw "
-                        "coordinates only (default: per dataset, "
-                        + ", ".join(f"{k} {v['input_embedding_scale']:g}" for k, v in DEFAULTS.items())
-                        + ")")
-    p.add_argument("--hidden_size", type=utils.positive(int), default=128, help="MLP width")
-    p.add_argument("--hidden_layers", type=utils.positive(int), default=3, help="MLP hidden layers")
-    p.add_argument("--gaussian_residual", type=utils.str2bool, default=True,
-                   help="predict noise as the data-matched Gaussian's optimal predictor plus the "
-                        "MLP's output, so training starts at the Gaussian bound (true/false)")
-    p.add_argument("--val_npoints", type=utils.positive(int), default=64,
-                   help="log-SNR/noise evaluations per validation point (more: a less noisy val_loss)")
-    p.add_argument("--val_every_n_epochs", type=utils.positive(int), default=None,
-                   help="validate every N epochs and always after the last one "
-                        "(default: about 10 validations per run)")
-    p.add_argument("--grid_size", type=utils.positive(int), default=40,
-                   help="density contours are evaluated on a grid_size x grid_size grid")
-    p.add_argument("--num_samples", type=utils.positive(int), default=2000,
-                   help="model samples drawn for the samples figure")
-    p.add_argument("--sample_steps", type=utils.positive(int), default=100,
-                   help="steps of the deterministic sampler")
-    p.add_argument("--num_threads", type=int, default=1,
-                   help="PyTorch CPU threads per process; this MLP is too small to gain from more "
-                        "(0: PyTorch's default)")
+                    "samples (TensorBoard, and PNGs in <log_dir>/<dataset>-<experiment_name>/"
+                    "figures/).",
+        formatter_class=_HelpFormatter)
+    per_dataset = lambda key, fmt="{}": ", ".join(f"{k} {fmt.format(v[key])}"  # noqa: E731
+                                                  for k, v in DEFAULTS.items())
+    group = p.add_argument_group("data")
+    group.add_argument("--dataset", default="moons", choices=datasets.DATASETS_2D,
+                       help="the 2-D density (standardised points; scg's density is known exactly)")
+    group.add_argument("--num_points", type=utils.positive(int), default=8000,
+                       help=f"points drawn from it; {VAL_FRACTION * 100:.0f}%% are held out for "
+                            "validation")
+    group = p.add_argument_group("model: an MLP denoiser")
+    group.add_argument("--hidden_size", type=utils.positive(int), default=128, help="MLP width")
+    group.add_argument("--hidden_layers", type=utils.positive(int), default=3,
+                       help="number of hidden layers")
+    group.add_argument("--embedding_size", type=utils.positive(int), default=32,
+                       help="size of each sinusoidal embedding (of the log SNR, and of each input "
+                            "coordinate); even")
+    group.add_argument("--input_embedding_scale", type=float, default=None,
+                       help="highest frequency of the sinusoidal input embedding; 0 feeds the raw "
+                            "coordinates only (default: per dataset, "
+                            + per_dataset("input_embedding_scale", "{:g}") + ")")
+    group.add_argument("--gaussian_residual", type=utils.str2bool, default=True,
+                       help="true: the MLP adds to the data-matched Gaussian's optimal noise "
+                            "predictor, so training starts at the Gaussian bound; false: the MLP "
+                            "alone predicts the noise")
+    group = p.add_argument_group("log-SNR importance distribution (logistic)")
+    group.add_argument("--logsnr_loc", type=float, default=0.0,
+                       help="its location; the integral over log SNR covers loc +- 4 scale. The "
+                            "run's summary and MSE-curve figure suggest a value")
+    group.add_argument("--logsnr_scale", type=utils.positive(float), default=3.0,
+                       help="its scale (> 0)")
+    group = p.add_argument_group("training")
+    group.add_argument("--num_epochs", type=utils.positive(int), default=None,
+                       help="passes over the training points (default: per dataset, "
+                            + per_dataset("num_epochs") + ")")
+    group.add_argument("--train_batch_size", type=utils.positive(int), default=512,
+                       help="training points per step")
+    group.add_argument("--learning_rate", type=utils.positive(float), default=3e-3,
+                       help="peak learning rate of Adam's one-cycle schedule")
+    group.add_argument("--num_threads", type=int, default=1,
+                       help="PyTorch CPU threads per process: this MLP is too small to gain from "
+                            "more, and extra threads slow it down on a busy machine (0: PyTorch's "
+                            "default)")
+    group = p.add_argument_group("evaluation and figures")
+    group.add_argument("--eval_batch_size", type=utils.positive(int), default=1024,
+                       help="validation points per batch")
+    group.add_argument("--val_npoints", type=utils.positive(int), default=None,
+                       help="log-SNR and noise draws per validation point (a power of two); more "
+                            "make val_loss less noisy (default: per dataset, "
+                            + per_dataset("val_npoints") + ")")
+    group.add_argument("--val_every", type=utils.positive(int), default=None,
+                       help="validate every this many epochs, and after the last one "
+                            "(default: num_epochs // 10, so about ten validations)")
+    group.add_argument("--grid_size", type=utils.positive(int), default=40,
+                       help="the density contours are computed on a grid_size x grid_size grid")
+    group.add_argument("--num_samples", type=utils.positive(int), default=2000,
+                       help="model samples drawn for the samples figure")
+    group.add_argument("--sample_steps", type=utils.positive(int), default=100,
+                       help="steps of the deterministic sampler")
+    group = p.add_argument_group("output")
+    group.add_argument("--log_dir", default="exps",
+                       help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
+    group.add_argument("--experiment_name", default="base", help="the run's name")
     utils.add_trainer_args(p)
     return p
 
@@ -139,13 +167,15 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.input_embedding_scale < 0:
-        parser.error(f"--input_embedding_scale must be >= 0, got {args.input_embedding_scale}")
+        parser.error(f"argument --input_embedding_scale: must be >= 0, got {args.input_embedding_scale}")
     if args.embedding_size % 2:
-        parser.error(f"--embedding_size must be even, got {args.embedding_size}")
+        parser.error(f"argument --embedding_size: must be even, got {args.embedding_size}")
     if args.num_points < 20:
-        parser.error(f"--num_points must be at least 20, got {args.num_points}")
-    if args.val_every_n_epochs is None:
-        args.val_every_n_epochs = max(1, args.num_epochs // 10)
+        parser.error(f"argument --num_points: must be at least 20, got {args.num_points}")
+    if args.num_threads < 0:
+        parser.error(f"argument --num_threads: must be >= 0, got {args.num_threads}")
+    if args.val_every is None:
+        args.val_every = max(1, args.num_epochs // 10)
     return args
 
 
@@ -168,7 +198,7 @@ class Figures2D(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if self.exact_val is not None and not trainer.sanity_checking:
-            pl_module.log("val_loss_exact", self.exact_val)
+            pl_module.log("val_loss_exact", self.exact_val, sync_dist=True)
 
     def on_validation_end(self, trainer, pl_module):
         metrics = trainer.callback_metrics
@@ -232,39 +262,44 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
     """-log p on grid points with the batched pointwise estimator, refined until every cell the
     contour plot shows (within `depth` nats of the peak) has a standard error <= target.
 
-    Every cell gets `npoints` evaluations. Cells that may be shown and are still too noisy are
-    estimated afresh (so each estimate stays unbiased) with the number of evaluations their
-    standard error asks for: it falls about as 1/n for these quasi-Monte Carlo points, so a cell
-    gets n * (stderr / target)^1.2, rounded up to a power of 2 (at most max_npoints), and cells
-    with the same n share one batched call. Far from the data the estimate is large and noisy,
-    but the plot floors it, so it is not refined.
+    A first pass gives every cell `npoints` evaluations, enough to tell the cells the plot shows
+    from those it floors (far from the data, where estimates are large and noisy). Each cell that
+    may be shown is then estimated afresh, so each estimate stays unbiased, with 16 independent
+    replicates (a standard error with 15 degrees of freedom, reliable enough to stop on) and as
+    many evaluations as its standard error asks for: it falls about as 1/n for these
+    quasi-Monte Carlo points, so n * (stderr / target)^1.2, at least 256, rounded up to a power
+    of 2 (at most max_npoints); cells with the same n share one batched call. Cells still above
+    the target are refined again.
     Returns (nll, stderr, shown), `shown` marking the cells within `depth` of the peak.
     """
     nll, stderr = model.nll_points(points, npoints, replicates=4, generator=generator,
                                    chunk_size=GRID_CHUNK)
     used = t.full_like(nll, npoints)
+    first = True
     while True:
         maybe_shown = nll - 3 * stderr <= nll.min() + depth
-        redo = (maybe_shown & (stderr > target) & (used < max_npoints)).nonzero().squeeze(1)
+        redo = maybe_shown & (used < max_npoints) & (first | (stderr > target))
+        redo = redo.nonzero().squeeze(1)
         if len(redo) == 0:
             break
-        wanted = used[redo] * (stderr[redo] / target).pow(1.2) * 1.3
-        wanted = t.maximum(wanted, 2 * used[redo]).clamp(max=max_npoints)
+        wanted = used[redo] * (stderr[redo] / target).clamp_min(1).pow(1.2) * 1.3
+        wanted = t.maximum(wanted, 2 * used[redo]).clamp(256, max_npoints)
         levels = 2 ** wanted.log2().ceil()
         for n in levels.unique().tolist():
             idx = redo[levels == n]
-            nll[idx], stderr[idx] = model.nll_points(points[idx], int(n), replicates=8,
+            nll[idx], stderr[idx] = model.nll_points(points[idx], int(n), replicates=16,
                                                      generator=generator, chunk_size=GRID_CHUNK)
             used[idx] = n
+        first = False
     return nll, stderr, nll <= nll.min() + depth
 
 
 def run_dir_for(args):
-    """A fresh exps/<dataset>-<experiment_name> folder; DDP workers reuse rank 0's."""
+    """A fresh log_dir/<dataset>-<experiment_name> folder; DDP workers reuse rank 0's."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         if os.environ.get(RUN_DIR_ENV):
             return os.environ[RUN_DIR_ENV]
-    run_dir = os.path.abspath(utils.new_run_dir("exps", f"{args.dataset}-{args.experiment_name}"))
+    run_dir = os.path.abspath(utils.new_run_dir(args.log_dir, f"{args.dataset}-{args.experiment_name}"))
     os.makedirs(run_dir)
     os.environ[RUN_DIR_ENV] = run_dir
     return run_dir
@@ -283,6 +318,9 @@ def main(argv=None):
 
     denoiser = MLPDenoiser(args.hidden_size, args.hidden_layers, args.embedding_size,
                            args.input_embedding_scale)
+    if args.gaussian_residual:  # start exactly at the Gaussian predictor, not near it
+        nn.init.zeros_(denoiser.net[-1].weight)
+        nn.init.zeros_(denoiser.net[-1].bias)
     model = DiffusionModel(denoiser, x_shape=(2,), learning_rate=args.learning_rate,
                            logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale,
                            gaussian_residual=args.gaussian_residual, val_npoints=args.val_npoints,
@@ -295,9 +333,12 @@ def main(argv=None):
     run_dir = run_dir_for(args)
     figures = Figures2D(args, train, val, exact_nll, run_dir)
     trainer = utils.make_trainer(args, run_dir, callbacks=[figures],
-                                 check_val_every_n_epoch=args.val_every_n_epochs,
+                                 check_val_every_n_epoch=args.val_every,
                                  num_sanity_val_steps=0,
                                  log_every_n_steps=max(1, min(10, len(train_loader))))
+    # The number val_loss should end below: -log q under the data-matched Gaussian reference.
+    gaussian_val = model.reference.nll(val).mean().item()
+    trainer.logger.log_metrics({"gaussian_val_loss": gaussian_val}, step=0)
     trainer.fit(model, train_loader, val_loader)
     if not trainer.is_global_zero:
         return None
@@ -306,7 +347,7 @@ def main(argv=None):
     summary = dict(dataset=args.dataset, run_dir=run_dir, epochs=args.num_epochs,
                    steps=trainer.global_step, wall_time_s=time.time() - start,
                    val_nll=figures.history[-1][1], val_nll_stderr=figures.history[-1][2],
-                   val_nll_exact=figures.exact_val,
+                   val_nll_exact=figures.exact_val, val_nll_gaussian=gaussian_val,
                    checkpoint=trainer.checkpoint_callback.last_model_path,
                    best_checkpoint=trainer.checkpoint_callback.best_model_path,
                    history=figures.history, **figures.results, args=vars(args))
@@ -316,9 +357,23 @@ def main(argv=None):
     return summary
 
 
+def load_run(run_dir, checkpoint="last.ckpt"):
+    """The trained DiffusionModel of a finished run (its MLP rebuilt from the run's summary.json),
+    in eval mode, with the run's summary."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    a = summary["args"]
+    denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
+                           a["input_embedding_scale"])
+    model = DiffusionModel.load_from_checkpoint(
+        os.path.join(run_dir, "checkpoints", checkpoint), denoiser=denoiser, map_location="cpu")
+    return model.eval(), summary
+
+
 def print_summary(s):
     lines = [f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in {s['wall_time_s']:.1f} s",
              f"  validation E[-log p] = {s['val_nll']:.4f} +- {s['val_nll_stderr']:.4f} nats"]
+    lines.append(f"  (data-matched Gaussian: {s['val_nll_gaussian']:.4f} nats)")
     if s["val_nll_exact"] is not None:
         lines.append(f"  exact value on the validation set = {s['val_nll_exact']:.4f} nats "
                      f"(gap {s['val_nll'] - s['val_nll_exact']:+.4f}; entropy "

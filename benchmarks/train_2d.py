@@ -1,0 +1,121 @@
+"""Speed and accuracy of the default 2-D runs, measured end to end.
+
+    python benchmarks/train_2d.py                    # scg and moons, the targets below
+    python benchmarks/train_2d.py --datasets scg moons dino line circle
+
+For each dataset this runs the user's command, `python train_2d.py --dataset NAME` (into a
+temporary --log_dir, removed afterwards unless --keep), as a separate process, and reports:
+
+- wall time end to end (process start to exit, imports included) and the CPU time it used (on a
+  shared machine wall time also counts waiting for the CPU; CPU time does not);
+- the final validation E[-log p] with its standard error; for scg the exact value on the same
+  validation points and the gap (target: within 0.03 nats), and the entropy 1.2185;
+- the epoch-to-epoch noise of val_loss: the standard deviation of the validation estimate
+  itself, re-running Lightning's validation of the final checkpoint --repeats times with fresh
+  noise (target: <= 0.01 nats; the model is fixed, so this is the estimator's noise alone);
+- the density contours' per-cell standard errors over the cells the plot shows (target: <= 0.1).
+
+Targets: scg <= 45 s end to end, moons <= 60 s.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TARGET_SECONDS = {"scg": 45, "moons": 60}
+TARGET_GAP, TARGET_NOISE, TARGET_CELL = 0.03, 0.01, 0.1
+
+
+def run(name, log_dir, extra):
+    """Runs the default command; returns (wall seconds, CPU seconds, summary)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_2d.py"), "--dataset", name,
+                           "--log_dir", log_dir, *extra],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    run_dir = os.path.join(log_dir, f"{name}-base")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        return wall, cpu, json.load(f)
+
+
+def validation_noise(run_dir, repeats):
+    """Standard deviation of val_loss over `repeats` validations of the final model."""
+    import pytorch_lightning as pl
+    import torch as t
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import datasets
+    import train_2d
+
+    t.set_num_threads(1)
+    model, summary = train_2d.load_run(run_dir)
+    a = summary["args"]
+    data = datasets.get_2d_dataset(a["dataset"], n=a["num_points"])
+    _, val = datasets.split_2d(data, train_2d.VAL_FRACTION, seed=a["seed"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    loader = DataLoader(TensorDataset(val), batch_size=a["eval_batch_size"])
+    values = [trainer.validate(model, loader, verbose=False)[0]["val_loss"] for _ in range(repeats)]
+    return statistics.stdev(values), statistics.mean(values)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["scg", "moons"])
+    p.add_argument("--repeats", type=int, default=10, help="re-validations for the noise")
+    p.add_argument("--keep", action="store_true", help="keep the runs (their folder is printed)")
+    p.add_argument("extra", nargs="*", help="more train_2d.py flags, after --")
+    args = p.parse_args()
+    log_dir = tempfile.mkdtemp(prefix="itd-bench-")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"runs in {log_dir}")
+    rows = []
+    try:
+        for name in args.datasets:
+            wall, cpu, s = run(name, log_dir, args.extra)
+            noise, mean = validation_noise(s["run_dir"], args.repeats)
+            line = [f"{name}: python train_2d.py --dataset {name} {' '.join(args.extra)}".rstrip(),
+                    f"  wall {wall:.1f} s end to end, CPU {cpu:.1f} s; {s['steps']} steps",
+                    f"  final val E[-log p] = {s['val_nll']:.4f} +- {s['val_nll_stderr']:.4f} nats"]
+            checks = []
+            if name in TARGET_SECONDS:
+                checks.append((f"wall <= {TARGET_SECONDS[name]} s", wall <= TARGET_SECONDS[name]))
+            if s["val_nll_exact"] is not None:
+                gap = s["val_nll"] - s["val_nll_exact"]
+                line.append(f"  exact on the same validation points {s['val_nll_exact']:.4f} "
+                            f"(entropy 1.2185): gap {gap:+.4f} nats")
+                checks.append((f"|gap| <= {TARGET_GAP}", abs(gap) <= TARGET_GAP))
+            line.append(f"  val_loss noise: std {noise:.4f} nats over {args.repeats} "
+                        f"re-validations of the final model (mean {mean:.4f})")
+            checks.append((f"noise <= {TARGET_NOISE}", noise <= TARGET_NOISE))
+            line.append(f"  contours: {s['contour_cells']} cells shown, per-cell standard error "
+                        f"median {s['contour_stderr_median']:.3f}, max {s['contour_stderr_max']:.3f}")
+            checks.append((f"cells <= {TARGET_CELL}", s["contour_stderr_max"] <= TARGET_CELL))
+            line.append(f"  suggested --logsnr_loc {s['suggested_logsnr_loc']:.2f} "
+                        f"--logsnr_scale {s['suggested_logsnr_scale']:.2f}")
+            line.append("  targets: " + ", ".join(f"{c} {'met' if ok else 'MISSED'}"
+                                                  for c, ok in checks))
+            print("\n".join(line), flush=True)
+            rows.append(all(ok for _, ok in checks))
+    finally:
+        if not args.keep:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return 0 if all(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

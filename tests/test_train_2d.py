@@ -1,0 +1,159 @@
+"""train_2d.py end to end on CPU: flags, short runs of every dataset, what a run writes and logs,
+that runs never overwrite each other, and samples of a trained scg model.
+
+Runs are tiny (a few hundred points, a few epochs, a coarse grid); the real speed and accuracy
+targets are measured by benchmarks/train_2d.py.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch as t
+
+import datasets
+import train_2d
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--num_points", "400", "--grid_size", "8", "--num_samples", "100", "--sample_steps", "10",
+        "--val_npoints", "8", "--train_batch_size", "128", "--accelerator", "cpu",
+        "--devices", "1", "--num_threads", "0"]
+SEED_FLAGS = ["--dataset", "--experiment_name", "--train_batch_size", "--eval_batch_size",
+              "--num_epochs", "--learning_rate", "--logsnr_loc", "--logsnr_scale",
+              "--embedding_size", "--hidden_size", "--hidden_layers"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # what the script does by default (--num_threads 1), set here once for the module so that the
+    # runs below (--num_threads 0) leave the rest of the test session's setting alone
+    threads = t.get_num_threads()
+    t.set_num_threads(1)
+    yield
+    t.set_num_threads(threads)
+
+
+def logged(run_dir):
+    """Scalars (tag -> [values]) and image tags in a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return scalars, events.Tags()["images"]
+
+
+def test_help_explains_every_flag():
+    parser = train_2d.build_parser()
+    text = parser.format_help()
+    for flag in SEED_FLAGS + ["--seed", "--accelerator", "--devices", "--precision",
+                              "--gaussian_residual", "--strategy"]:
+        assert flag in text
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("value, expected", [("False", False), ("no", False), ("0", False),
+                                             ("true", True), ("YES", True)])
+def test_booleans_parse(value, expected):
+    assert train_2d.parse_args(["--gaussian_residual", value]).gaussian_residual is expected
+
+
+def test_per_dataset_defaults_and_explicit_values():
+    args = train_2d.parse_args(["--dataset", "scg"])
+    assert (args.num_epochs, args.input_embedding_scale) == (
+        train_2d.DEFAULTS["scg"]["num_epochs"], train_2d.DEFAULTS["scg"]["input_embedding_scale"])
+    assert args.val_every == args.num_epochs // 10
+    args = train_2d.parse_args(["--dataset", "scg", "--num_epochs", "3", "--input_embedding_scale", "5"])
+    assert (args.num_epochs, args.input_embedding_scale, args.val_every) == (3, 5.0, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "spiral"], "invalid choice: 'spiral' (choose from 'dino', 'moons', 'scg'"),
+    (["--logsnr_scale", "0"], "--logsnr_scale: must be > 0"),
+    (["--num_epochs", "0"], "--num_epochs: must be > 0"),
+    (["--gaussian_residual", "maybe"], "expected a boolean"),
+    (["--embedding_size", "7"], "--embedding_size: must be even"),
+    (["--input_embedding_scale", "-1"], "--input_embedding_scale: must be >= 0"),
+    (["--learning_rate", "abc"], "--learning_rate: invalid"),
+    (["--no_such_flag"], "unrecognized arguments"),
+])
+def test_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train_2d.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_flag_from_the_command_line_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_2d.py"), "--dataset", "spiral"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "dino" in proc.stderr and "circle" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", datasets.DATASETS_2D)
+def test_one_epoch_of_every_dataset(name, tmp_path, capsys):
+    summary = train_2d.main(["--dataset", name, "--num_epochs", "1", "--log_dir", str(tmp_path),
+                             *TINY])
+    run_dir = os.path.join(str(tmp_path), f"{name}-base")
+    assert summary["run_dir"] == run_dir and summary["epochs"] == 1
+    assert summary["steps"] == 2  # 360 training points in batches of 128, the last one dropped
+    for figure in ("density", "samples", "mse_curve", "val_loss"):
+        assert os.path.getsize(os.path.join(run_dir, "figures", figure + ".png")) > 1000
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt"))
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert json.load(f)["val_nll"] == summary["val_nll"]
+    assert math.isfinite(summary["val_nll"]) and summary["val_nll_stderr"] > 0
+    out = capsys.readouterr().out
+    assert f"validation E[-log p] = {summary['val_nll']:.4f}" in out
+    assert f"tensorboard --logdir {tmp_path}" in out and run_dir in out
+
+
+def test_scg_run_logs_and_reports_the_exact_value(tmp_path, capsys):
+    summary = train_2d.main(["--dataset", "scg", "--num_epochs", "3", "--val_every", "2",
+                             "--log_dir", str(tmp_path), *TINY])
+    # validation after epoch 2 (every 2) and after the last one, 3
+    assert [h[0] for h in summary["history"]] == [2, 3]
+    # the exact NLL of the same validation split, computed here from the closed form
+    _, val = datasets.split_2d(datasets.get_2d_dataset("scg", n=400), 0.1, seed=0)
+    exact = datasets.scg_nll(val).mean().item()
+    assert summary["val_nll_exact"] == pytest.approx(exact, abs=1e-6)
+    assert f"exact value on the validation set = {exact:.4f}" in capsys.readouterr().out
+    scalars, images = logged(summary["run_dir"])
+    assert {"train_loss", "val_loss", "val_loss_stderr", "val_loss_exact", "gaussian_val_loss",
+            "suggested_logsnr_loc", "suggested_logsnr_scale"} <= set(scalars)
+    assert scalars["val_loss"] == pytest.approx([h[1] for h in summary["history"]])
+    assert scalars["val_loss_exact"] == pytest.approx([exact, exact])
+    assert {"mse_curve", "density", "samples", "val_loss_history"} <= set(images)
+
+
+def test_runs_never_overwrite_each_other(tmp_path):
+    args = ["--dataset", "line", "--num_epochs", "1", "--log_dir", str(tmp_path), *TINY]
+    first = train_2d.main(args)
+    with open(os.path.join(first["run_dir"], "summary.json"), "rb") as f:
+        before = f.read()
+    second = train_2d.main(args)
+    assert second["run_dir"] == first["run_dir"] + "-2"
+    with open(os.path.join(first["run_dir"], "summary.json"), "rb") as f:
+        assert f.read() == before
+    assert sorted(os.listdir(tmp_path)) == ["line-base", "line-base-2"]
+
+
+def test_samples_of_the_scg_model_have_its_covariance(tmp_path):
+    # 20 epochs on 4000 points (about 140 steps); 4000 samples from the deterministic sampler.
+    # Tolerance: 5 standard errors of a sample covariance of n draws (Wishart:
+    # sqrt((S_ij^2 + S_ii S_jj) / n), 0.022 to 0.032 here) plus 0.05 for the model and the
+    # 100-step discretisation (about 3% at 100 steps for the exact denoiser, test_estimator.py).
+    summary = train_2d.main(["--dataset", "scg", "--num_epochs", "20", "--num_points", "4000",
+                             "--num_samples", "4000", "--grid_size", "8", "--val_npoints", "16",
+                             "--log_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "1",
+                             "--num_threads", "0"])
+    rho, n = datasets.SCG_RHO, 4000
+    cov = t.tensor([[1, rho], [rho, 1]], dtype=t.float64)
+    tol = 5 * ((cov ** 2 + 1) / n).sqrt() + 0.05
+    samples_cov = t.tensor(summary["samples_cov"], dtype=t.float64)
+    assert ((samples_cov - cov).abs() < tol).all(), samples_cov
+    assert (t.tensor(summary["samples_mean"]).abs() < 5 / math.sqrt(n) + 0.05).all()
