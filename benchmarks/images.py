@@ -17,14 +17,14 @@ import time
 import torch as t
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import unet  # noqa: E402
+from train_cifar10 import DDPM_CIFAR10_CONFIG, UNetDenoiser, small_unet_config  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
 
 
 def build(arch, width, device):
     from diffusers import UNet2DModel
-    config = unet.DDPM_CIFAR10_CONFIG if arch == "ddpm" else unet.small_unet_config(3, 32, width)
-    model = DiffusionModel(unet.UNetDenoiser(UNet2DModel.from_config(config)), x_shape=(3, 32, 32),
+    config = DDPM_CIFAR10_CONFIG if arch == "ddpm" else small_unet_config(3, 32, width)
+    model = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(config)), x_shape=(3, 32, 32),
                            logsnr_loc=6., logsnr_scale=3.)
     return model.to(device)
 
@@ -74,7 +74,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", choices=("small", "ddpm"), default="small",
-                        help="small: unet.small_unet_config; ddpm: google/ddpm-cifar10-32's")
+                        help="small: small_unet_config; ddpm: google/ddpm-cifar10-32's")
     parser.add_argument("--width", type=int, default=32, help="channels of the small U-Net")
     parser.add_argument("--accelerator", default="cpu", help="cpu, gpu (cuda) or mps")
     parser.add_argument("--precision", nargs="+", default=["32-true"],

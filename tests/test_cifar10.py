@@ -14,12 +14,11 @@ from diffusers import UNet2DModel
 
 import datasets
 import train_cifar10
-import unet
 import utils
 from diffusionmodel import DiffusionModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY16 = dict(unet.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
+TINY16 = dict(train_cifar10.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
 FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--eval_batch_size", "16",
         "--val_npoints", "4", "--curve_samples", "8", "--sample_steps", "4", "--num_samples", "4"]
 

@@ -7,11 +7,13 @@ import pytest
 import torch as t
 from diffusers import DDPMScheduler, UNet2DModel
 
-import unet
 import utils
 from diffusionmodel import DiffusionModel
+from train_cifar10 import (DDPM_CIFAR10, UNetDenoiser, _plain_config, load_unet, logsnr_schedule,
+                           logsnr_to_timestep, schedule_logsnr, small_unet_config,
+                           timestep_to_logsnr, unet_from_state_dict)
 
-TINY = dict(unet.small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
+TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
 
 
 def ddpm_logsnr():
@@ -23,7 +25,7 @@ def ddpm_logsnr():
 
 def tiny_denoiser(outside="clamp", seed=0):
     t.manual_seed(seed)
-    return unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside=outside).eval()
+    return UNetDenoiser(UNet2DModel.from_config(TINY), outside=outside).eval()
 
 
 def test_schedule_range_matches_ddpm():
@@ -61,9 +63,9 @@ def test_timestep_memory_is_linear_in_batch():
 
 
 def test_inverse_of_timestep_to_logsnr():
-    table = unet.schedule_logsnr(DDPMScheduler().alphas_cumprod)
+    table = schedule_logsnr(DDPMScheduler().alphas_cumprod)
     steps = t.rand(1000, dtype=t.float64) * 999
-    back = unet.logsnr_to_timestep(unet.timestep_to_logsnr(steps, table), table)
+    back = logsnr_to_timestep(timestep_to_logsnr(steps, table), table)
     assert (back - steps).abs().max() < 1e-9
 
 
@@ -101,16 +103,16 @@ def test_gaussian_outside_the_trained_range():
 
 def test_from_scratch_schedule_covers_a_given_range():
     # A schedule linear in log SNR from +12 (t = 0) to -4 (t = 999): t(a) = 999 (12 - a) / 16.
-    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), unet.logsnr_schedule(-4., 12.))
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), logsnr_schedule(-4., 12.))
     assert denoiser.logsnr_range == pytest.approx((-4., 12.))
     a = t.tensor([12., 4., -4., 0.])
     assert denoiser.timestep(a).tolist() == pytest.approx([0., 499.5, 999., 749.25], abs=1e-3)
     with pytest.raises(ValueError):
-        unet.logsnr_schedule(-50., 50.)
+        logsnr_schedule(-50., 50.)
 
 
 def test_zero_fallback_for_a_gaussian_residual():
-    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside="gaussian").set_fallback(None)
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), outside="gaussian").set_fallback(None)
     z = t.randn(2, 3, 8, 8)
     with t.no_grad():
         out = denoiser(z, t.tensor([20., 0.]))
@@ -137,12 +139,12 @@ def same_weights(a, b):
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_load_local_directory(tmp_path, pipeline):
     saved = save_tiny(str(tmp_path), pipeline=pipeline)
-    net, schedule, source = unet.load_unet(str(tmp_path))
+    net, schedule, source = load_unet(str(tmp_path))
     assert same_weights(net, saved) and source == str(tmp_path)
     # The schedule is the folder's own (beta_end 0.01), not DDPM's default.
     assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
-    scratch, _, _ = unet.load_unet(str(tmp_path), from_scratch=True)
-    assert unet._plain_config(scratch.config) == unet._plain_config(net.config)
+    scratch, _, _ = load_unet(str(tmp_path), from_scratch=True)
+    assert _plain_config(scratch.config) == _plain_config(net.config)
     assert not same_weights(scratch, saved)
 
 
@@ -166,7 +168,7 @@ def test_load_hub_id_from_cache_without_network(tmp_path, monkeypatch):
     def no_network():
         raise AssertionError("the cache must be used before any network check")
 
-    net, schedule, source = unet.load_unet("itd-test/tiny-unet", online=no_network)
+    net, schedule, source = load_unet("itd-test/tiny-unet", online=no_network)
     assert same_weights(net, saved) and "hub" in source
     assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
 
@@ -176,7 +178,7 @@ def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     asked = []
     with pytest.raises(utils.UserError) as err:
-        unet.load_unet("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
+        load_unet("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
     message = str(err.value)
     assert asked == [1]  # the network is consulted once, after the cache
     for part in ("google/ddpm-cifar10-32", str(tmp_path), "huggingface.co", "--pretrained",
@@ -187,30 +189,30 @@ def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
 
 def test_bad_pretrained_path():
     with pytest.raises(utils.UserError, match="no such directory"):
-        unet.load_unet("./no/such/folder/")
+        load_unet("./no/such/folder/")
 
 
 def test_builtin_ddpm_cifar10_config():
     # The DDPM paper (Ho et al. 2020): "Our CIFAR10 model has 35.7 million parameters".
-    net, schedule, _ = unet.load_unet(unet.DDPM_CIFAR10, from_scratch=True, online=lambda: False)
+    net, schedule, _ = load_unet(DDPM_CIFAR10, from_scratch=True, online=lambda: False)
     assert schedule is None  # DDPM's default schedule
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 35.7
 
 
 def test_checkpoint_rebuilds_the_unet(tmp_path):
     schedule = DDPMScheduler(beta_end=0.01).alphas_cumprod
-    denoiser = unet.UNetDenoiser(UNet2DModel.from_config(TINY), schedule)
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), schedule)
     model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
     path = str(tmp_path / "model.pt")
     t.save(model.state_dict(), path)
     state = t.load(path, weights_only=True)  # the extra state must be plain data
-    net, schedule = unet.unet_from_state_dict(state)
-    rebuilt = DiffusionModel(unet.UNetDenoiser(net, schedule), x_shape=(3, 8, 8))
+    net, schedule = unet_from_state_dict(state)
+    rebuilt = DiffusionModel(UNetDenoiser(net, schedule), x_shape=(3, 8, 8))
     rebuilt.load_state_dict(state)
     assert same_weights(rebuilt, model)
     assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
     # Same parameter shapes, different architecture: caught by the config in the extra state.
-    other = DiffusionModel(unet.UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
+    other = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
                            x_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="config differs"):
         other.load_state_dict(state)
@@ -218,9 +220,9 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
 
 def test_rejects_unsupported_unets():
     with pytest.raises(ValueError, match="positional"):
-        unet.UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
+        UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
     with pytest.raises(ValueError, match="outside"):
-        unet.UNetDenoiser(UNet2DModel.from_config(TINY), outside="extrapolate")
+        UNetDenoiser(UNet2DModel.from_config(TINY), outside="extrapolate")
 
 
 def test_training_step_runs_in_bf16_autocast():
