@@ -521,8 +521,33 @@ def main(argv=None):
                                  check_val_every_n_epoch=args.val_every)
     trainer.logger.log_metrics(baseline, step=0)  # the numbers val_loss and val_bpd should beat
     trainer.fit(model, train_dl, val_dl, ckpt_path=args.resume)
-    rank_zero_info(f"run directory: {run_dir}")
+    if trainer.is_global_zero:
+        print(summary(trainer, model, val, baseline, args, run_dir))
     return trainer, model
+
+
+def summary(trainer, model, val, baseline, args, run_dir):
+    """The final validation NLL beside the Gaussian baseline, where the MSE curve stands against
+    the Gaussian MMSE, and where everything went."""
+    metrics, lines = trainer.callback_metrics, []
+    if "val_loss" in metrics:
+        nats, err = float(metrics["val_loss"]), float(metrics["val_loss_stderr"])
+        lines.append(f"validation E[-log p] = {nats:.2f} +- {err:.2f} nats per image = "
+                     f"{utils.nats_to_bpd(nats, model.d):.4f} bits/dim (data-matched Gaussian: "
+                     f"{baseline['gaussian_val_loss']:.2f} nats = "
+                     f"{baseline['gaussian_val_bpd']:.4f} bits/dim)")
+    x = val.tensor(args.curve_samples).to(model.device)
+    logsnrs = model.curve_logsnrs().to(model.device)
+    generator = t.Generator(model.device).manual_seed(args.seed)
+    was_training = model.training
+    mse, mmse = model.eval().mse_curve(x, logsnrs, generator=generator)
+    model.train(was_training)
+    below = int((mse <= mmse).sum())
+    lines += [f"MSE curve ({len(x)} validation images): below the Gaussian MMSE at {below} of "
+              f"{len(logsnrs)} log SNRs in [{float(logsnrs[0]):.1f}, {float(logsnrs[-1]):.1f}]",
+              f"run directory: {run_dir} (checkpoints in checkpoints/)",
+              f"view with:     tensorboard --logdir {os.path.dirname(os.path.abspath(run_dir))}"]
+    return "\n".join(lines)
 
 
 def resumed_run_dir(checkpoint):

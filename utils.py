@@ -9,6 +9,7 @@
 Notation follows itd-math.md: z = sqrt(s(a)) x + sqrt(s(-a)) eps, s = sigmoid.
 """
 import argparse
+import functools
 import math
 import os
 import sys
@@ -89,6 +90,86 @@ def shifted_sobol(sets, n, dim, generator=None, device=None):
     if qdim < dim:
         rest = t.rand(sets, n, dim - qdim, generator=generator, device=device, dtype=t.float64)
         u = t.cat([u, rest], -1)
+    return u.clamp(2 ** -53, 1 - 2 ** -53)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counter-based random numbers: draws named by (seed, sample index, ...), not by batch layout
+# ---------------------------------------------------------------------------------------------
+def _signed64(c):
+    return c - 2 ** 64 if c >= 2 ** 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                  0x94D049BB133111EB))
+
+
+def _shr(x, k):
+    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x):
+    """The SplitMix64 output function on int64 tensors (wrapping arithmetic): a bijection of the
+    64-bit integers whose outputs pass the usual statistical test batteries for distinct inputs."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def stream_seed(generator=None):
+    """A 62-bit seed for counter_hash, drawn from `generator` (the global RNG if None)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(t.randint(0, 2 ** 62, (1,), generator=generator, device=device).item())
+
+
+def counter_hash(seed, *keys, device=None):
+    """64 random bits (int64) for each element of the broadcast integer keys: a function of
+    (seed, keys) only, so a draw does not depend on which other draws are made with it or in what
+    order. Keys are chained through splitmix64 one at a time."""
+    h = splitmix64(t.tensor(seed, dtype=t.int64, device=device))
+    for key in keys:
+        h = splitmix64(h ^ t.as_tensor(key, dtype=t.int64, device=device))
+    return h
+
+
+def counter_uniform(seed, *keys, device=None):
+    """U(0, 1) draws in float64 (53 random bits, never exactly 0 or 1) named by (seed, keys)."""
+    return (_shr(counter_hash(seed, *keys, device=device), 11).double() + 0.5) * 2.0 ** -53
+
+
+@functools.lru_cache(maxsize=8)
+def _sobol_digits(n, dim):
+    """The first n points of the dim-dimensional Sobol sequence as MAXBIT-bit integers, (n, dim)."""
+    points = t.quasirandom.SobolEngine(dim).draw(n, dtype=t.float64)
+    return (points * 2 ** t.quasirandom.SobolEngine.MAXBIT).long()
+
+
+def keyed_sobol(seed, set_keys, point, n, dims, device=None):
+    """Point `point` of the randomised n-point Sobol set named by `set_keys`, in dimensions `dims`.
+
+    set_keys: tuple of int64 tensors (rows,) naming each row's set (e.g. sample index, replicate);
+    point: (rows,) point indices in [0, n); dims: (k,) dimension indices. Returns (rows, k) float64.
+
+    The randomisation is that of shifted_sobol (a random digital shift per set and dimension, plus
+    uniform noise within the finest cell, so every point is exactly uniform and each set keeps the
+    net structure), but every random digit is counter_hash(seed, *set_keys, dim, ...): a set's
+    points are the same whatever other sets are drawn alongside, so estimates built on them do not
+    depend on batch or chunk sizes. Dimensions beyond SobolEngine.MAXDIM are iid uniforms.
+    """
+    bits, maxdim = t.quasirandom.SobolEngine.MAXBIT, t.quasirandom.SobolEngine.MAXDIM
+    dims = t.as_tensor(dims, dtype=t.int64, device=device).view(1, -1)
+    keys = tuple(t.as_tensor(k, dtype=t.int64, device=device).view(-1, 1) for k in set_keys)
+    point = t.as_tensor(point, dtype=t.int64, device=device).view(-1, 1)
+    in_sobol = dims < maxdim
+    top = int(dims[in_sobol].max()) + 1 if in_sobol.any() else 1
+    table = _sobol_digits(n, top).to(device)[point, dims.clamp(max=top - 1)]
+    digits = _shr(counter_hash(seed, *keys, dims, 0, device=device), 64 - bits)
+    fine = counter_uniform(seed, *keys, point, dims, 1, device=device)
+    u = ((table ^ digits) + fine) / 2 ** bits
+    if not in_sobol.all():
+        u = t.where(in_sobol, u, counter_uniform(seed, *keys, point, dims, 2, device=device))
     return u.clamp(2 ** -53, 1 - 2 ** -53)
 
 
@@ -174,6 +255,26 @@ class GaussianReference(t.nn.Module):
     def mmse(self, logsnr):
         """mmse_G(a) = sum_i s(a + log lambda_i), the noise-prediction MMSE of q (any shape of a)."""
         return t.sigmoid(logsnr.unsqueeze(-1) + self.eigvals.to(logsnr.dtype).log()).sum(-1)
+
+    def error_integral(self, x, lo, hi):
+        """Int_lo^hi E_eps ||eps - eps_G(z, a)||^2 da for each sample of x, in closed form (lo may
+        be -inf; hi must be finite, since the integrand tends to d at high SNR). lo, hi: scalars or
+        per-sample tensors.
+
+        With y = U^T (x - mean) and v_i = a + log lambda_i, the pointwise expected error is
+        sum_i s(v_i)^2 + (y_i^2 / lambda_i) s(v_i) s(-v_i), whose antiderivative in a is
+        F(a) = sum_i softplus(v_i) + s(-v_i) - (y_i^2 / lambda_i) s(-v_i). Below the integration
+        range this is the error of any denoiser to leading order in e^a, e^a ||x - E x||^2, when
+        the reference mean is the data mean.
+        """
+        y = self._rotate(x.flatten(1) - self.mean.to(x.dtype))
+        lam = self.eigvals.to(x.dtype)
+        r = y ** 2 / lam
+
+        def antiderivative(a):
+            v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
+            return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
+        return antiderivative(hi) - antiderivative(lo)
 
     def eps(self, z, logsnr):
         """Optimal noise predictor of q: eps_G = U diag(1 / (sqrt(s(-a)) (1 + lambda e^a))) U^T (z - sqrt(s(a)) mean).
@@ -304,7 +405,8 @@ def make_trainer(args, run_dir, callbacks=(), **kwargs):
                                  filename="best-{epoch}", save_last=True)
     return pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                       num_nodes=args.num_nodes, precision=args.precision,
-                      max_epochs=args.num_epochs, logger=TensorBoardLogger(run_dir, name="", version=""),
+                      max_epochs=args.num_epochs, logger=TensorBoardLogger(run_dir, name="", version="",
+                                               default_hp_metric=False),
                       callbacks=[checkpoint, *callbacks], **kwargs)
 
 

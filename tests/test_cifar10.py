@@ -60,7 +60,7 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
         train_cifar10.main(["--dataset", "digits", "--resume", last, "--log_dir", logs, *FAST])
 
 
-def test_digits_run_bf16(tmp_path):
+def test_digits_run_bf16(tmp_path, capsys):
     logs = str(tmp_path / "exps")
     trainer, model = train_cifar10.main(
         ["--dataset", "digits", "--batch_size", "300", "--num_epochs", "1", "--val_every", "1",
@@ -73,6 +73,11 @@ def test_digits_run_bf16(tmp_path):
     _, val = datasets.load_image_dataset("digits", dequantize=True, seed=0)
     assert scalars["gaussian_val_loss"][0] == pytest.approx(
         model.reference.nll(val.tensor()).mean().item(), rel=1e-5)
+    # The closing summary repeats the final val_loss beside that baseline.
+    out = capsys.readouterr().out
+    assert f"validation E[-log p] = {scalars['val_loss'][-1]:.2f} +- " in out
+    assert f"data-matched Gaussian: {scalars['gaussian_val_loss'][0]:.2f} nats" in out
+    assert "MSE curve (8 validation images): below the Gaussian MMSE at " in out
 
 
 def test_small_unet_starts_at_the_gaussian_predictor():
