@@ -98,8 +98,9 @@ def build_parser():
     per_dataset = lambda key, fmt="{}": ", ".join(f"{k} {fmt.format(v[key])}"  # noqa: E731
                                                   for k, v in DEFAULTS.items())
     group = p.add_argument_group("data")
-    group.add_argument("--dataset", default="moons", choices=datasets.DATASETS_2D,
-                       help="the 2-D density (standardised points; scg's density is known exactly)")
+    group.add_argument("--dataset", default=None, choices=datasets.DATASETS_2D,
+                       help="the 2-D density (standardised points; scg's density is known "
+                            "exactly); default: moons, or with --eval_only the checkpoint's")
     group.add_argument("--num_points", type=utils.positive(int), default=8000,
                        help=f"points drawn from it; {VAL_FRACTION * 100:.0f}%% are held out for "
                             "validation")
@@ -157,12 +158,17 @@ def build_parser():
                        help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
     group.add_argument("--experiment_name", default="base", help="the run's name")
     utils.add_trainer_args(p)
+    utils.add_eval_args(p)
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    utils.check_eval_args(parser, args)
+    if args.eval_only:
+        return args
+    args.dataset = args.dataset or "moons"
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -308,6 +314,8 @@ def run_dir_for(args):
 def main(argv=None):
     start = time.time()
     args = parse_args(argv)
+    if args.eval_only:
+        return evaluate(args)
     pl.seed_everything(args.seed, verbose=False)
     if args.num_threads > 0:
         t.set_num_threads(args.num_threads)
@@ -332,7 +340,7 @@ def main(argv=None):
 
     run_dir = run_dir_for(args)
     figures = Figures2D(args, train, val, exact_nll, run_dir)
-    trainer = utils.make_trainer(args, run_dir, callbacks=[figures],
+    trainer = utils.make_trainer(args, run_dir, "train_2d.py", callbacks=[figures],
                                  check_val_every_n_epoch=args.val_every,
                                  num_sanity_val_steps=0,
                                  log_every_n_steps=max(1, min(10, len(train_loader))))
@@ -355,6 +363,30 @@ def main(argv=None):
         json.dump(summary, f, indent=1)
     print_summary(summary)
     return summary
+
+
+def evaluate(args):
+    """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
+    data-matched Gaussian) on their run's validation points; for scg with the exact value on the
+    same points."""
+    paths = args.ckpt
+    ckpts = [utils.load_checkpoint(path, "train_2d.py") for path in paths]
+    data = utils.same_data(paths, ckpts, ("dataset", "num_points", "seed"))
+    if args.dataset is not None and args.dataset != data["dataset"]:
+        raise utils.UserError(f"--dataset {args.dataset}, but {paths[0]} was trained on "
+                              f"{data['dataset']}")
+    models = []
+    for ckpt in ckpts:
+        a = ckpt["run_args"]
+        denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
+                               a["input_embedding_scale"])
+        model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
+        model.load_state_dict(ckpt["state_dict"])
+        models.append(model.eval())
+    points = datasets.get_2d_dataset(data["dataset"], n=data["num_points"])
+    _, val = datasets.split_2d(points, VAL_FRACTION, seed=data["seed"])
+    return utils.run_evaluation(args, models, val, exact_nll=datasets.exact_nll_2d(data["dataset"]),
+                                info=dict(script="train_2d.py", dataset=data["dataset"]))
 
 
 def load_run(run_dir, checkpoint="last.ckpt"):

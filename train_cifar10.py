@@ -325,9 +325,10 @@ def per_dataset(key, text=""):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="cifar10", choices=("cifar10", "digits", "fake"),
+    group.add_argument("--dataset", default=None, choices=("cifar10", "digits", "fake"),
                        help="cifar10 (torchvision), digits (scikit-learn's bundled 8x8 digits, 17 "
-                            "grey levels) or fake (torchvision FakeData, random images)")
+                            "grey levels) or fake (torchvision FakeData, random images); default: "
+                            "cifar10, or with --eval_only the checkpoint's")
     group.add_argument("--data_dir", default="data",
                        help="folder holding cifar-10-batches-py (CIFAR-10 is downloaded there if "
                             "missing and the server is reachable)")
@@ -403,7 +404,12 @@ def parse_args(argv=None):
     group.add_argument("--log_dir", default="exps", help="runs go to log_dir/experiment_name[-k]")
     group.add_argument("--experiment_name", default=None, help="default: the dataset's name")
     utils.add_trainer_args(parser)
+    utils.add_eval_args(parser)
     args = parser.parse_args(argv)
+    utils.check_eval_args(parser, args)
+    if args.eval_only:
+        return args
+    args.dataset = args.dataset or "cifar10"
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -466,6 +472,8 @@ def load_denoiser(args, x_shape=None, ckpt=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.eval_only:
+        return evaluate(args)
     t.manual_seed(args.seed)
     # Both inputs are checked before either is reported missing, so one message says all.
     problems, train = [], None
@@ -516,7 +524,7 @@ def main(argv=None):
         args.log_dir, args.experiment_name or args.dataset)
     callbacks = ([viz.SampleImages(args.num_samples, args.sample_steps, args.seed)]
                  if args.num_samples > 0 else [])
-    trainer = utils.make_trainer(args, run_dir, callbacks, max_steps=args.max_steps,
+    trainer = utils.make_trainer(args, run_dir, "train_cifar10.py", callbacks, max_steps=args.max_steps,
                                  log_every_n_steps=max(1, min(50, len(train_dl))),
                                  check_val_every_n_epoch=args.val_every)
     trainer.logger.log_metrics(baseline, step=0)  # the numbers val_loss and val_bpd should beat
@@ -548,6 +556,39 @@ def summary(trainer, model, val, baseline, args, run_dir):
               f"run directory: {run_dir} (checkpoints in checkpoints/)",
               f"view with:     tensorboard --logdir {os.path.dirname(os.path.abspath(run_dir))}"]
     return "\n".join(lines)
+
+
+def evaluate(args):
+    """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
+    data-matched Gaussian) on the validation images, as the grid data they are (not dequantised):
+    continuous, discrete-limit, dequantised and direct discrete estimates."""
+    paths = args.ckpt
+    ckpts = [utils.load_checkpoint(path, "train_cifar10.py") for path in paths]
+    data = utils.same_data(paths, ckpts, ("dataset", "image_size", "fake_size", "seed"))
+    if args.dataset is not None and args.dataset != data["dataset"]:
+        raise utils.UserError(f"--dataset {args.dataset}, but {paths[0]} was trained on "
+                              f"{data['dataset']}")
+    loading = argparse.Namespace(**dict(vars(args), **data, dequantize=False))
+    _, val = load_data(loading)
+    from diffusionmodel import DiffusionModel
+
+    models = []
+    for path, ckpt in zip(paths, ckpts):
+        hparams, saved = ckpt["hyper_parameters"], ckpt["run_args"]
+        if tuple(hparams["x_shape"]) != val.x_shape:
+            raise utils.UserError(f"{path} was trained on images of shape "
+                                  f"{tuple(hparams['x_shape'])}; {data['dataset']} images are "
+                                  f"{val.x_shape}")
+        net, schedule = unet_from_state_dict(ckpt["state_dict"])
+        denoiser = UNetDenoiser(net, schedule, saved["outside"])
+        model = DiffusionModel(denoiser, **hparams)
+        if saved["outside"] == "gaussian":
+            denoiser.set_fallback(None if hparams["gaussian_residual"] else model.reference)
+        model.load_state_dict(ckpt["state_dict"])
+        models.append(model.eval())
+    grid = (val.bin_width, -1., val.levels)
+    return utils.run_evaluation(args, models, val.tensor(), grid=grid,
+                                info=dict(script="train_cifar10.py", dataset=data["dataset"]))
 
 
 def resumed_run_dir(checkpoint):

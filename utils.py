@@ -3,16 +3,22 @@
 - Logistic importance sampling over log SNR a (iid, stratified, or midpoint quadrature).
 - The closed-form Gaussian reference q = N(mean, U diag(eigvals) U^T): entropy, -log q(x), MMSE
   curve and optimal noise predictor, used as control variate and as the baseline in every figure.
-- The log-SNR range read off a measured MSE curve.
+- The log-SNR range read off a measured MSE curve, or from the data covariance spectrum.
+- Counter-based random numbers (keyed by seed and sample index, not by batch layout) and
+  randomised Sobol sets built on them.
+- Grid data: dequantisation, the discrete-limit conversion, and the closed-form error integral of
+  rounding to the grid.
 - Helpers the two training scripts share (Trainer flags, run directories, clean error exits).
 
 Notation follows itd-math.md: z = sqrt(s(a)) x + sqrt(s(-a)) eps, s = sigmoid.
 """
 import argparse
 import functools
+import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch as t
@@ -140,10 +146,10 @@ def counter_uniform(seed, *keys, device=None):
 
 
 @functools.lru_cache(maxsize=8)
-def _sobol_digits(n, dim):
+def _sobol_digits(n, dim, device=None):
     """The first n points of the dim-dimensional Sobol sequence as MAXBIT-bit integers, (n, dim)."""
     points = t.quasirandom.SobolEngine(dim).draw(n, dtype=t.float64)
-    return (points * 2 ** t.quasirandom.SobolEngine.MAXBIT).long()
+    return (points * 2 ** t.quasirandom.SobolEngine.MAXBIT).long().to(device)
 
 
 def keyed_sobol(seed, set_keys, point, n, dims, device=None):
@@ -164,7 +170,7 @@ def keyed_sobol(seed, set_keys, point, n, dims, device=None):
     point = t.as_tensor(point, dtype=t.int64, device=device).view(-1, 1)
     in_sobol = dims < maxdim
     top = int(dims[in_sobol].max()) + 1 if in_sobol.any() else 1
-    table = _sobol_digits(n, top).to(device)[point, dims.clamp(max=top - 1)]
+    table = _sobol_digits(n, top, device)[point, dims.clamp(max=top - 1)]
     digits = _shr(counter_hash(seed, *keys, dims, 0, device=device), 64 - bits)
     fine = counter_uniform(seed, *keys, point, dims, 1, device=device)
     u = ((table ^ digits) + fine) / 2 ** bits
@@ -303,6 +309,183 @@ def nats_to_bpd(nats, d):
 
 
 # ---------------------------------------------------------------------------------------------
+# Discrete data on the grid lo + k * delta (8-bit images in [-1, 1]: delta = 2/255, 256 levels)
+# ---------------------------------------------------------------------------------------------
+def dequantize(x, delta, generator=None):
+    """x + delta * (U - 1/2), U ~ U(0, 1) per coordinate: uniform noise over each bin, which turns
+    grid data into a genuine continuous density (see discrete_limit_nats)."""
+    u = t.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + delta * (u - 0.5)
+
+
+def discrete_limit_nats(nll_continuous, delta, d):
+    """-log P(x) ~= -log p(x) - d log(delta): the mass of a bin is about density x bin volume."""
+    return nll_continuous - d * math.log(delta)
+
+
+def discrete_limit_bpd(bpd_continuous, delta):
+    """bits/dim of the discrete limit: bpd + log2(1 / delta) (+6.99 for 8-bit data in [-1, 1])."""
+    return bpd_continuous + math.log2(1 / delta)
+
+
+def grid_index(x, delta, lo=-1., levels=None, atol=1e-3):
+    """k (int64, shape of x) with x = lo + k * delta; ValueError unless every value is within
+    atol bins of the grid and, when `levels` is given, 0 <= k < levels."""
+    if not delta > 0:
+        raise ValueError(f"delta must be > 0, got {delta}")
+    if not t.isfinite(x).all():
+        raise ValueError("x contains non-finite values (nan or inf)")
+    pos = (x.double() - lo) / delta
+    k = pos.round()
+    off = (pos - k).abs().max().item() if x.numel() else 0.
+    if off > atol:
+        raise ValueError(f"x is not on the grid {lo} + k * {delta}: a value is {off:.3g} bins off "
+                         "(dequantised or rescaled data?)")
+    k = k.long()
+    if levels is not None and x.numel() and (k.min() < 0 or k.max() >= levels):
+        raise ValueError(f"x leaves the {levels}-level grid starting at {lo}: levels "
+                         f"{int(k.min())} .. {int(k.max())}")
+    return k
+
+
+def rounding_tail(x, delta, logsnr, lo=-1., levels=None):
+    """1/2 Int_logsnr^inf E_eps ||eps - eps_R(z, a)||^2 da for each sample x on the grid, in closed
+    form. eps_R is the noise predictor of hard rounding: x_R = the grid value nearest to
+    y = z / sqrt(s(a)) = x + e^{-a/2} eps (clamped to the `levels` values, if given).
+
+    Per coordinate with n grid values on one side, eps - eps_R = e^{a/2} (x_R - x), so with
+    r = delta e^{a/2} and Q the normal tail, E ||.||^2 = r^2 sum_{j<=n} (2j - 1) Q((j - 1/2) r);
+    integrating (da = 2 dr / r) gives sum_{j<=n} (4 / c_j) G(c_j r_0), c_j = j - 1/2,
+    G(u) = Int_u^inf v Q(v) dv = ((1 - u^2) Q(u) + u phi(u)) / 2. An MMSE denoiser does no worse
+    than rounding in expectation over x, so this bounds its tail in expectation (pointwise it is
+    an estimate: a rare value next to a likely one is rounded away more often by the MMSE
+    denoiser). It is small once r_0 = delta e^{logsnr/2} is a few units: logsnr >= 2 log(3 / delta).
+    """
+    k = grid_index(x, delta, lo, levels).flatten(1)
+    r0 = delta * math.exp(logsnr / 2)
+    steps = math.ceil(40 / r0) + 1          # terms beyond c_j r0 = 40 are below 1e-300
+    if levels is not None:
+        steps = min(steps, levels - 1)
+    if steps > 10 ** 7:
+        raise ValueError(f"log SNR {logsnr} is far below where the grid of width {delta} is "
+                         "resolved")
+    c = t.arange(1, steps + 1, dtype=t.float64) - 0.5
+    u = c * r0
+    q = 0.5 * t.special.erfc(u / math.sqrt(2))
+    phi = t.exp(-0.5 * u ** 2) / math.sqrt(2 * math.pi)
+    cum = F.pad((4 / c * 0.5 * ((1 - u ** 2) * q + u * phi)).cumsum(0), (1, 0)).to(x.device)
+    if levels is None:
+        per_coord = 2 * cum[-1].expand(k.shape)
+    else:
+        per_coord = cum[(levels - 1 - k).clamp(max=steps)] + cum[k.clamp(max=steps)]
+    return (0.5 * per_coord.sum(1)).to(x.dtype)
+
+
+def grid_resolved_logsnr(delta, tail=1e-5):
+    """The log SNR above which the hard-rounding tail (rounding_tail) of one interior coordinate
+    is below `tail` nats: an upper end for the integration range of nll_discrete_points that makes
+    its closed-form upper tail negligible (14.2 for 8-bit data, delta = 2/255; 8.6 for 17 levels)."""
+    one = t.zeros(1, 1, dtype=t.float64)
+    lo, hi = 2 * math.log(1 / delta), 2 * math.log(60 / delta)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rounding_tail(one, delta, mid, 0.) > tail else (lo, mid)
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------
+# The log-SNR range from the data covariance spectrum
+# ---------------------------------------------------------------------------------------------
+def data_spectrum(x, method="auto", min_eigval=1e-6):
+    """Eigenvalues (ascending, float64) of the covariance of data x (n, ...).
+
+    method: "full" (sample covariance, d x d eigendecomposition), "ledoit_wolf" (shrinkage towards
+    a multiple of I; computed from the n x n Gram matrix, so it costs O(n^2 d) and never forms a
+    d x d matrix: the spectrum of the estimate is (1 - rho) * (the n - 1 nonzero sample
+    eigenvalues, padded with zeros) + rho * mu), "diagonal" (per-dimension variances, for d too
+    large for either), or "auto": full if n > d, else ledoit_wolf. Eigenvalues are floored at
+    min_eigval * their mean, as in GaussianReference.fit.
+    ValueError for fewer than 2 samples, non-finite values, or data that never varies.
+    """
+    x = x.detach().flatten(1).to("cpu", t.float64)
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to estimate a covariance spectrum, got {n}")
+    if not t.isfinite(x).all():
+        raise ValueError("data for the covariance spectrum contains non-finite values")
+    xc = x - x.mean(0)
+    if not xc.abs().max() > 0:
+        raise ValueError("the data never varies: its covariance spectrum is zero")
+    if method == "auto":
+        method = "full" if n > d else "ledoit_wolf"
+    if method == "full":
+        eigvals = t.linalg.eigvalsh(xc.T @ xc / (n - 1))
+    elif method == "ledoit_wolf":
+        eigvals = _ledoit_wolf_spectrum(xc)
+    elif method == "diagonal":
+        eigvals = xc.var(0).sort().values
+    else:
+        raise ValueError(f"method must be auto, full, ledoit_wolf or diagonal, got {method!r}")
+    return eigvals.clamp_min(min_eigval * eigvals.clamp_min(0).mean())
+
+
+def _ledoit_wolf_spectrum(xc):
+    """Eigenvalues of sklearn.covariance.ledoit_wolf(xc, assume_centered=True), from the Gram matrix.
+
+    With G = X X^T and S = X^T X / n: tr S = tr G / n, mu = tr S / d, ||S||_F^2 = ||G||_F^2 / n^2,
+    sum_k ||x_k||^4 = sum_k G_kk^2; the shrinkage is rho = min(beta, delta) / delta with
+    delta = (||S||_F^2 - 2 mu tr S + d mu^2) / d and beta = (sum_k G_kk^2 / n - ||S||_F^2) / (d n).
+    """
+    n, d = xc.shape
+    gram = xc @ xc.T
+    trace = gram.diagonal().sum() / n
+    mu = trace / d
+    frob = gram.pow(2).sum() / n ** 2
+    delta = (frob - 2 * mu * trace + d * mu ** 2) / d
+    beta = (gram.diagonal().pow(2).sum() / n - frob) / (d * n)
+    rho = 0. if delta == 0 else (t.minimum(beta, delta) / delta).item()
+    sample = t.linalg.eigvalsh(gram / n).clamp_min(0)
+    if d > n:
+        sample = t.cat([t.zeros(d - n, dtype=sample.dtype), sample])
+    else:
+        sample = sample[n - d:]
+    return (1 - rho) * sample + rho * mu
+
+
+SPECTRUM_RULES = {"moment": 3 / math.pi ** 2, "paper": 3 / math.pi}
+
+
+def spectrum_logsnr_params(eigvals, rule="paper", margin=8., min_clip=4.):
+    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues lambda_i (e.g. data_spectrum(x)).
+
+    For Gaussian data the MSE curve is mmse(a)/d = mean_i s(a + log lambda_i), a mixture of
+    logistic CDFs at -log lambda_i: its density has mean loc = -mean_i log lambda_i and variance
+    pi^2/3 + Var(log lambda). scale = sqrt(1 + c Var(log lambda)) with c from `rule`:
+    "moment": c = 3/pi^2 matches that variance with a logistic's pi^2 scale^2 / 3;
+    "paper" (default): c = 3/pi, the paper code's wider choice.
+    The default is decided by tests/test_spectrum.py: Gaussian data with a known spectrum, its
+    exact denoiser and a reference other than the data's Gaussian, both rules at a clip reaching
+    past every crossing (so neither is biased), 64 points per estimate. Per-point variance of
+    nll_points, paper / moment: spectrum 1/k, d = 32: 1.9 / 3.3 (N(0, I) reference) and
+    0.93 / 1.6 (diagonal reference); 1/k^2, d = 64: 21 / 85 and 7.9 / 8.5; the sklearn 8x8
+    digits spectrum: 26 / 49 and 23 / 49. Only for log lambda spread evenly over 12 nats (d = 8)
+    was the moment rule better, by 10-17%: the wider scale is the safer default.
+    clip makes loc +- clip * scale reach `margin` beyond the outermost crossings -log lambda_i, so
+    the logistic tails s(+-(a + log lambda)) left outside are below e^-margin per dimension.
+    """
+    if rule not in SPECTRUM_RULES:
+        raise ValueError(f"rule must be one of {sorted(SPECTRUM_RULES)}, got {rule!r}")
+    lam = t.as_tensor(eigvals, dtype=t.float64).flatten()
+    if lam.numel() == 0 or not t.isfinite(lam).all() or not (lam > 0).all():
+        raise ValueError("eigenvalues must be finite and > 0 (floor them, e.g. with data_spectrum)")
+    log = lam.log()
+    var = log.var(unbiased=False).item() if lam.numel() > 1 else 0.
+    loc, scale = -log.mean().item(), math.sqrt(1 + SPECTRUM_RULES[rule] * var)
+    reach = max(-log.min().item() + margin - loc, loc + log.max().item() + margin)
+    return loc, scale, max(min_clip, reach / scale)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading the log-SNR range off an MSE curve
 # ---------------------------------------------------------------------------------------------
 def mse_quantiles(logsnrs, mse, d, levels=(0.25, 0.5, 0.75)):
@@ -394,20 +577,26 @@ def add_trainer_args(parser):
     return group
 
 
-def make_trainer(args, run_dir, callbacks=(), **kwargs):
+def make_trainer(args, run_dir, script, callbacks=(), **kwargs):
     """A Trainer from the shared flags, logging to TensorBoard in run_dir and checkpointing to
-    run_dir/checkpoints (the best val_loss and the last epoch)."""
+    run_dir/checkpoints (the best val_loss and the last epoch). Every checkpoint also holds the
+    run's arguments and the script's name ("run_args"), so --eval_only can rebuild the model and
+    its data from the checkpoint alone."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    class RunArgs(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint["run_args"] = dict(vars(args), script=script)
+
     checkpoint = ModelCheckpoint(dirpath=os.path.join(run_dir, "checkpoints"), monitor="val_loss",
                                  filename="best-{epoch}", save_last=True)
+    logger = TensorBoardLogger(run_dir, name="", version="", default_hp_metric=False)
     return pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=args.strategy,
                       num_nodes=args.num_nodes, precision=args.precision,
-                      max_epochs=args.num_epochs, logger=TensorBoardLogger(run_dir, name="", version="",
-                                               default_hp_metric=False),
-                      callbacks=[checkpoint, *callbacks], **kwargs)
+                      max_epochs=args.num_epochs, logger=logger,
+                      callbacks=[checkpoint, RunArgs(), *callbacks], **kwargs)
 
 
 def new_run_dir(root, name):
@@ -431,3 +620,262 @@ def run_cli(main):
     except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating trained checkpoints (--eval_only)
+# ---------------------------------------------------------------------------------------------
+RESULTS_SCHEMA = "itd-eval/1"
+
+
+def add_eval_args(parser):
+    """--eval_only, --ckpt, --npoints, --select_fraction, --results: evaluate instead of training."""
+    group = parser.add_argument_group(
+        "evaluation of trained checkpoints (instead of training)")
+    group.add_argument("--eval_only", action="store_true",
+                       help="evaluate --ckpt on the validation data: a table of E[-log p] (nats, "
+                            "bits/dim, standard errors), printed and written as JSON")
+    group.add_argument("--ckpt", nargs="+", default=None, metavar="PATH",
+                       help="checkpoint(s) written by this script; with several, their ensemble "
+                            "(with the data-matched Gaussian) is scored too")
+    group.add_argument("--npoints", type=positive(int), default=128,
+                       help="(log SNR, noise) points per sample and estimate: 4 independent "
+                            "randomised Sobol sets of npoints / 4 (a power of 2, >= 8)")
+    group.add_argument("--select_fraction", type=float, default=0.5,
+                       help="part of the validation data held out to choose, per log SNR, between "
+                            "ensemble members and rounded variants; every row is scored on the rest")
+    group.add_argument("--results", default=None, metavar="JSON",
+                       help="where the table goes (default: eval-<checkpoint name>.json next to the "
+                            "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
+
+
+def check_eval_args(parser, args):
+    if not args.eval_only:
+        if args.ckpt:
+            parser.error("argument --ckpt: only used with --eval_only")
+        return
+    if not args.ckpt:
+        parser.error("--eval_only needs --ckpt PATH [PATH ...]")
+    if args.npoints < 8 or args.npoints & (args.npoints - 1):
+        parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
+    if not 0 < args.select_fraction < 1:
+        parser.error(f"argument --select_fraction: must be in (0, 1), got {args.select_fraction}")
+
+
+def load_checkpoint(path, script):
+    """A checkpoint written by `script` (its run arguments are saved with it by make_trainer), or
+    a UserError saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = t.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, not a torch file, ...: all mean the same to the user
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from None
+    saved = ckpt.get("run_args", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or saved.get("script") != script:
+        raise UserError(f"{path} is not a checkpoint written by {script}"
+                        + (f" (it comes from {saved['script']})" if saved.get("script") else ""))
+    return ckpt
+
+
+def same_data(paths, ckpts, keys):
+    """The run arguments that fix the evaluation data, checked to agree across checkpoints."""
+    first = {k: ckpts[0]["run_args"].get(k) for k in keys}
+    for path, ckpt in zip(paths[1:], ckpts[1:]):
+        other = {k: ckpt["run_args"].get(k) for k in keys}
+        if other != first:
+            diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in keys if first[k] != other[k])
+            raise UserError(f"{paths[0]} and {path} were trained on different data ({diff}): "
+                            "an ensemble needs one data set")
+    return first
+
+
+def results_path(args):
+    if args.results:
+        path = args.results
+    else:
+        stem = os.path.splitext(os.path.basename(args.ckpt[0]))[0]
+        path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), f"eval-{stem}.json")
+    root, ext = os.path.splitext(path)
+    k = 2
+    while os.path.exists(path):
+        path, k = f"{root}-{k}{ext}", k + 1
+    return path
+
+
+def evaluate(models, names, x, seed=0, npoints=128, select_fraction=0.5, batch_size=256,
+             grid=None, progress=True):
+    """The evaluation table of trained DiffusionModels on data x: a list of rows
+    {model, estimate, nats, nats_stderr, bpd, bpd_stderr}, and the split it used.
+
+    x is split once (seeded) into a selection part, used only to choose per log SNR between
+    ensemble members and rounding variants (diffusionmodel.Ensemble.fit), and a scoring part on
+    which every row is computed, so no choice looks at the points it is scored on. Each sample's
+    estimate depends only on (seed, its index), not on batch_size, and all rows use the same
+    points. Standard errors are over the scored samples, each with its own (log SNR, noise) points:
+    sqrt(Var_i(nll_i) / N), which covers the data and the log-SNR integral together (points shared
+    across samples would make the integral's error common to all and hide it).
+
+    Models: the data-matched Gaussian (the first model's reference), each given model, and the
+    ensemble of all of them with the Gaussian. Estimates:
+    - continuous: -log p(x), the density of x itself;
+    with grid=(delta, lo, levels) for discrete data, also
+    - discrete limit: continuous - d log(delta) (-log P ~= -log p - d log delta);
+    - dequantized: -log p(x + delta (U - 1/2)) - d log(delta), an upper bound on -log P in
+      expectation over U;
+    - discrete, no rounding: the direct estimate 1/2 Int E||eps - eps_hat||^2 da with its tails in
+      closed form, over a log-SNR range extended up to utils.grid_resolved_logsnr(delta), where
+      the closed-form upper tail is negligible;
+    - discrete, hard / soft rounding: the same with, per log SNR, the best of x_hat, x_hat rounded
+      to the grid and the Gaussian, as chosen on the selection part.
+    """
+    from diffusionmodel import Ensemble, GaussianDenoiser
+
+    n_select = int(round(select_fraction * len(x)))
+    perm = t.randperm(len(x), generator=t.Generator().manual_seed(seed))
+    x_select, x_score = x[perm[:n_select]], x[perm[n_select:]]
+    if len(x_score) < 2 or n_select < 2:
+        raise UserError(f"{len(x)} samples are too few to split into selection and scoring parts")
+    first, device = models[0], models[0].device
+    x_select = x_select.to(device)
+    reference = first.reference
+    gaussian = first._with_denoiser(GaussianDenoiser(reference))
+
+    def ensemble(members, like):
+        return Ensemble.fit(members, x_select, generator=_generator(seed, device),
+                            reference=reference, logsnr_range=_range(like)).as_model(like)
+
+    entries = [("gaussian", [], gaussian)] + [(n, [m], m) for n, m in zip(names, models)]
+    entries.append(("ensemble", list(models), ensemble(models, first)))
+    d = first.d
+    jobs = []  # (model name, estimate, model, fn(model, x batch, index of its first sample) -> nats)
+    for name, members, model in entries:
+        jobs.append((name, "continuous", model, _continuous(npoints, seed)))
+        if grid is None:
+            continue
+        delta, lo, levels = grid
+        shift = -d * math.log(delta)
+        jobs.append((name, "discrete limit", model, _continuous(npoints, seed, shift)))
+        jobs.append((name, "dequantized", model, _continuous(npoints, seed, shift, delta)))
+        wide = _widened(model, grid_resolved_logsnr(delta))
+        jobs.append((name, "discrete, no rounding", wide, _discrete(npoints, seed, grid)))
+        for mode in ("hard", "soft"):
+            variants = [_widened(m, grid_resolved_logsnr(delta)) for m in members or [gaussian]]
+            rounded = [v.rounded(delta, mode, lo, levels) for v in variants]
+            jobs.append((name, f"discrete, {mode} rounding", ensemble(variants + rounded, wide),
+                         _discrete(npoints, seed, grid)))
+
+    rows = []
+    batches = range(0, len(x_score), batch_size)
+    bar = _progress(len(jobs) * len(batches), progress)
+    for name, estimate, model, fn in jobs:
+        parts = []
+        for start in batches:
+            parts.append(fn(model, x_score[start:start + batch_size].to(device), start).double().cpu())
+            bar.update()
+        nll = t.cat(parts)
+        mean, stderr = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item()
+        rows.append(dict(model=name, estimate=estimate, nats=mean, nats_stderr=stderr,
+                         bpd=nats_to_bpd(mean, d), bpd_stderr=nats_to_bpd(stderr, d)))
+    bar.close()
+    return rows, dict(n_scored=len(x_score), n_selection=n_select, x_score=x_score)
+
+
+def _range(model):
+    h = model.hparams
+    return h.logsnr_loc - h.clip * h.logsnr_scale, h.logsnr_loc + h.clip * h.logsnr_scale
+
+
+def _widened(model, hi):
+    """`model` with its log-SNR range extended (clip grown) to reach at least `hi`."""
+    h = model.hparams
+    if h.logsnr_loc + h.clip * h.logsnr_scale >= hi:
+        return model
+    wide = model._with_denoiser(model, reference=model.reference)
+    wide.hparams.clip = (hi - h.logsnr_loc) / h.logsnr_scale
+    return wide
+
+
+def _generator(seed, device):
+    return t.Generator(device).manual_seed(seed)
+
+
+def _continuous(npoints, seed, shift=0., dequantize_width=None):
+    def fn(model, x, start):
+        if dequantize_width is not None:  # noise named by (seed, sample index), like the points
+            index = t.arange(start, start + len(x), device=x.device).view(-1, 1)
+            coord = t.arange(x[0].numel(), device=x.device)
+            u = counter_uniform(seed, index, coord, 2 ** 40, device=x.device).view_as(x)
+            x = x + dequantize_width * (u.to(x.dtype) - 0.5)
+        return model.nll_points(x, npoints, generator=_generator(seed, x.device), index=start)[0] + shift
+    return fn
+
+
+def _discrete(npoints, seed, grid):
+    delta, lo, levels = grid
+
+    def fn(model, x, start):
+        return model.nll_discrete_points(x, delta, npoints, lo=lo, levels=levels,
+                                         generator=_generator(seed, x.device), index=start)[0]
+    return fn
+
+
+def _progress(total, enabled):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="evaluating", disable=not enabled, unit="batch")
+
+
+def format_results(rows):
+    """The table as text: one line per (model, estimate)."""
+    lines = [f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} {'+-':>7}"]
+    for r in rows:
+        lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
+                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}")
+    return "\n".join(lines)
+
+
+def write_results(path, results):
+    """JSON, written to a new file (the caller picks a free name with results_path)."""
+    with open(path, "x") as f:
+        json.dump(results, f, indent=1)
+
+
+def run_evaluation(args, models, x, grid=None, exact_nll=None, info=None):
+    """--eval_only for either script: the table of `evaluate` on x, printed and written as JSON
+    (next to the first checkpoint unless --results says where; never over an existing file)."""
+    start = time.time()
+    device = t.device("cuda" if args.accelerator in ("auto", "gpu", "cuda")
+                      and t.cuda.is_available() else "cpu")
+    models = [m.to(device) for m in models]
+    path = results_path(args)  # before the work: a bad --results fails fast
+    rows, split = evaluate(models, checkpoint_names(args.ckpt), x, args.seed,
+                           args.npoints, args.select_fraction, args.eval_batch_size, grid)
+    if exact_nll is not None:  # on the same scored points
+        exact = exact_nll(split.pop("x_score").cpu()).double()
+        rows.insert(0, dict(model="exact", estimate="continuous", nats=exact.mean().item(),
+                            nats_stderr=(exact.std() / math.sqrt(len(exact))).item()))
+    split.pop("x_score", None)
+    d = models[0].d
+    for r in rows:
+        r["bpd"], r["bpd_stderr"] = nats_to_bpd(r["nats"], d), nats_to_bpd(r["nats_stderr"], d)
+    results = dict(schema=RESULTS_SCHEMA, **(info or {}), checkpoints=[os.path.abspath(p) for p in args.ckpt],
+                   x_shape=list(models[0].x_shape), d=d, npoints=args.npoints, seed=args.seed,
+                   select_fraction=args.select_fraction, **split,
+                   grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),
+                   rows=rows, wall_time_s=time.time() - start)
+    write_results(path, results)
+    print(format_results(rows))
+    print(f"written to {path}")
+    return results
+
+
+def checkpoint_names(paths):
+    """Short unique names for the table: RUN/last.ckpt for RUN/checkpoints/last.ckpt."""
+    names = []
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if os.path.basename(folder) == "checkpoints":
+            name = f"{os.path.basename(os.path.dirname(folder))}/{name}"
+        names.append(name if name not in names else f"{name} ({len(names) + 1})")
+    return names

@@ -104,11 +104,12 @@ def plot_samples(data, samples, title=None):
     return fig
 
 
-def plot_val_history(runs, references=None, title=None):
+def plot_val_history(runs, references=None, title=None, ylim=None):
     """Validation E[-log p] (nats) against epoch for one or more runs, with standard errors as
     error bars, and horizontal lines at known reference values.
 
-    runs: {label: (epochs, nll, stderr or None)}; references: {label: value}.
+    runs: {label: (epochs, nll, stderr or None)}; references: {label: value}; ylim: (low, high)
+    to zoom in on the end of training (earlier values off the axis are marked by arrows).
     """
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (epochs, nll, stderr) in runs.items():
@@ -118,6 +119,12 @@ def plot_val_history(runs, references=None, title=None):
     styles = iter(["--", ":", "-."] * 4)
     for label, value in (references or {}).items():
         ax.axhline(value, color="k", ls=next(styles), lw=1, label=f"{label} ({value:.4f})")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+        for label, (epochs, nll, _) in runs.items():
+            off = [e for e, v in zip(epochs, nll) if v > ylim[1]]
+            if off:
+                ax.plot(off, [ylim[1]] * len(off), "^", color="0.4", ms=5, clip_on=False)
     ax.set_xlabel("epoch")
     ax.set_ylabel(r"validation $E[-\log p(x)]$ (nats)")
     if title:

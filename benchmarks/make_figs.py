@@ -76,8 +76,10 @@ def convergence_figure(default, no_residual, path):
         runs[label] = (epochs, nll, stderr)
     references = {"exact, these validation points": default["val_nll_exact"],
                   "entropy": datasets.SCG_ENTROPY}
-    fig = viz.plot_val_history(runs, references,
-                               title="scg: validation E[-log p] (error bars: standard error)")
+    exact = default["val_nll_exact"]
+    fig = viz.plot_val_history(runs, references, ylim=(exact - 0.1, exact + 0.4),
+                               title="scg: validation E[-log p] (error bars: standard error; "
+                                     "triangles: off the axis)")
     viz.save(fig, path)
     print(f"  wrote {os.path.relpath(path, REPO)}", flush=True)
 

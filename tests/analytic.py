@@ -88,3 +88,89 @@ def reference_nll(mixture, x):
     p = t.distributions.MixtureSameFamily(t.distributions.Categorical(logits=mixture.log_weights),
                                           comps)
     return -p.log_prob(x.flatten(1).to(t.float64))
+
+
+class DiscreteAtoms(t.nn.Module):
+    """P = sum_m probs[m] delta(x - atoms[m]) on a few points of R^d; forward is the optimal eps_hat.
+
+    Given z, the posterior over atoms is P(m | z) = softmax_m(log pi_m - ||z - sqrt(s(a)) x_m||^2 /
+    (2 s(-a))), so x_hat = sum_m P(m | z) x_m and eps_hat = (z - sqrt(s(a)) x_hat) / sqrt(s(-a)), all
+    closed form; -log P(x_m) = -log pi_m exactly.
+    """
+
+    def __init__(self, atoms, probs, x_shape=None):
+        super().__init__()
+        atoms = t.as_tensor(atoms, dtype=t.float64)
+        atoms = atoms.view(len(atoms), -1)
+        probs = t.as_tensor(probs, dtype=t.float64)
+        self.register_buffer("atoms", atoms)
+        self.register_buffer("log_probs", (probs / probs.sum()).log())
+        self.x_shape = tuple(x_shape or atoms.shape[1:])
+
+    def posterior(self, z, logsnr):
+        """log P(m | z), (B, M)."""
+        a = logsnr.to(z.dtype).view(-1, 1, 1)
+        diff = z.flatten(1).unsqueeze(1) - t.sigmoid(a).sqrt() * self.atoms.to(z.dtype)
+        logits = self.log_probs.to(z.dtype) - diff.pow(2).sum(-1) / (2 * t.sigmoid(-a[:, :, 0]))
+        return logits.log_softmax(1)
+
+    def forward(self, z, logsnr):
+        x_hat = self.posterior(z, logsnr).exp() @ self.atoms.to(z.dtype)
+        a = logsnr.to(z.dtype).view(-1, 1)
+        eps = (z.flatten(1) - t.sigmoid(a).sqrt() * x_hat) / t.sigmoid(-a).sqrt()
+        return eps.view_as(z)
+
+    def atom_index(self, x):
+        """Which atom each sample is (ValueError if one is not an atom)."""
+        dist = (x.flatten(1).to(t.float64).unsqueeze(1) - self.atoms).abs().amax(-1)
+        best = dist.min(1)
+        if (best.values > 1e-9).any():
+            raise ValueError("a sample is not one of the atoms")
+        return best.indices
+
+    def nll(self, x):
+        """Exact -log P(x) = -log pi_m."""
+        return -self.log_probs[self.atom_index(x)]
+
+    def entropy(self):
+        return -(self.log_probs.exp() * self.log_probs).sum()
+
+    def sample(self, n, generator=None):
+        m = t.multinomial(self.log_probs.exp(), n, replacement=True, generator=generator)
+        return self.atoms[m].view((n,) + self.x_shape)
+
+    def support(self):
+        """All atoms, (M, *x_shape), with their probabilities."""
+        return self.atoms.view((-1,) + self.x_shape), self.log_probs.exp()
+
+
+class ProductDiscrete(t.nn.Module):
+    """Independent coordinates, coordinate i distributed as the 1-D DiscreteAtoms factors[i]. The
+    channel acts per coordinate, so the optimal eps_hat is the factors' eps_hat side by side and
+    -log P(x) is the sum of the factors'."""
+
+    def __init__(self, factors):
+        super().__init__()
+        self.factors = t.nn.ModuleList(factors)
+        self.x_shape = (len(self.factors),)
+
+    def forward(self, z, logsnr):
+        return t.cat([f(z[:, i:i + 1], logsnr) for i, f in enumerate(self.factors)], 1)
+
+    def nll(self, x):
+        return sum(f.nll(x[:, i:i + 1]) for i, f in enumerate(self.factors))
+
+    def sample(self, n, generator=None):
+        return t.cat([f.sample(n, generator) for f in self.factors], 1)
+
+
+def discretised_gaussian(mean, std, delta, lo=-1., width=8.):
+    """N(mean, std^2) binned on the grid lo + k * delta: atom k has the mass of its bin
+    [g_k - delta/2, g_k + delta/2), for the grid values within mean +- width * std (the mass
+    outside is below 1e-15 at width 8, and the masses are renormalised)."""
+    k_lo = math.floor((mean - width * std - lo) / delta)
+    k_hi = math.ceil((mean + width * std - lo) / delta)
+    grid = lo + delta * t.arange(k_lo, k_hi + 1, dtype=t.float64)
+    normal = t.distributions.Normal(t.tensor(mean, dtype=t.float64), t.tensor(std, dtype=t.float64))
+    mass = normal.cdf(grid + delta / 2) - normal.cdf(grid - delta / 2)
+    return DiscreteAtoms(grid.view(-1, 1), mass)

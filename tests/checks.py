@@ -1,0 +1,42 @@
+"""Statistical checks shared by the estimator tests of discrete data, ensembles and the log-SNR range.
+
+Estimates are repeated by scoring R copies of the same points in one batched call: copy r of point
+j has sample index r * J + j, so its randomised QMC points are independent of every other copy's
+(DiffusionModel._rqmc_terms names them by (seed, sample index)).
+"""
+import scipy.stats
+import torch as t
+
+
+def gen(seed):
+    return t.Generator().manual_seed(seed)
+
+
+def repeated(estimate, x, repeats, **kwargs):
+    """estimate(x_repeated, **kwargs) -> (est, se) reshaped to (repeats, len(x)) each."""
+    est, se = estimate(x.repeat((repeats,) + (1,) * (x.dim() - 1)), **kwargs)
+    return est.view(repeats, len(x)), se.view(repeats, len(x))
+
+
+def assert_unbiased_and_calibrated(est, se, expected, band=(0.7, 1.4)):
+    """est, se: (R, J) estimates and reported standard errors of J points over R repeats.
+
+    As in tests/test_estimator.py: per point |mean error| / its standard error < 4.5, the sum of
+    squared z-scores below the 1e-4 upper quantile of a chi-square with J degrees of freedom (a
+    small error shared by every point still fails), and the spread of the repeats over the mean
+    reported standard error inside `band`.
+    """
+    r, j = est.shape
+    err = (est - expected).double()
+    var = se.double().pow(2).mean(0)
+    z = err.mean(0) / (var / r).sqrt()
+    assert z.abs().max() < 4.5, f"z-scores {z.tolist()}"
+    assert (z ** 2).sum() < scipy.stats.chi2.isf(1e-4, j), f"z-scores {z.tolist()}"
+    ratio = (err.var(0) / var).mean().sqrt().item()
+    assert band[0] < ratio < band[1], f"spread / reported stderr = {ratio:.3f}"
+
+
+def paired_difference(a, b):
+    """Mean over points and repeats of a - b, (R, J) each, and its standard error over repeats."""
+    diff = (a - b).double().mean(1)
+    return diff.mean().item(), diff.std().item() / len(diff) ** 0.5
