@@ -385,7 +385,8 @@ def evaluate(args):
         models.append(model.eval())
     points = datasets.get_2d_dataset(data["dataset"], n=data["num_points"])
     _, val = datasets.split_2d(points, VAL_FRACTION, seed=data["seed"])
-    return utils.run_evaluation(args, models, val, exact_nll=datasets.exact_nll_2d(data["dataset"]),
+    return utils.run_evaluation(args, models, utils.checkpoint_names(paths), val,
+                                exact_nll=datasets.exact_nll_2d(data["dataset"]),
                                 info=dict(script="train_2d.py", dataset=data["dataset"]))
 
 

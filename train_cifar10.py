@@ -406,9 +406,9 @@ def parse_args(argv=None):
     utils.add_trainer_args(parser)
     utils.add_eval_args(parser)
     args = parser.parse_args(argv)
-    utils.check_eval_args(parser, args)
-    if args.eval_only:
-        return args
+    utils.check_eval_args(parser, args, without_ckpt=args.pretrained not in (None, "none"))
+    if args.eval_only and args.ckpt:
+        return args  # everything else comes from the checkpoints
     args.dataset = args.dataset or "cifar10"
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -475,41 +475,13 @@ def main(argv=None):
     if args.eval_only:
         return evaluate(args)
     t.manual_seed(args.seed)
-    # Both inputs are checked before either is reported missing, so one message says all.
-    problems, train = [], None
-    try:
-        train, val = load_data(args)
-    except utils.UserError as err:
-        problems.append(str(err))
     ckpt = t.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
-    try:
-        denoiser, source = load_denoiser(args, train.x_shape if train is not None else None, ckpt)
-    except utils.UserError as err:
-        problems.append(str(err))
-    if problems:
-        raise utils.UserError("\nerror: ".join(problems))
-    # Lightning takes seconds to import: missing data or weights are reported before that.
+    model, denoiser, source, train, val = prepare(args, ckpt)
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
     import viz
-    from diffusionmodel import DiffusionModel
 
-    pl.seed_everything(args.seed, verbose=False)
-    model = DiffusionModel(denoiser, x_shape=train.x_shape, learning_rate=args.learning_rate,
-                           logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale,
-                           clip=args.clip, gaussian_residual=args.gaussian_residual,
-                           val_npoints=args.val_npoints,
-                           lr_schedule=args.lr_schedule, curve_samples=args.curve_samples)
-    if args.outside == "gaussian":  # a residual U-Net adds nothing to the Gaussian there
-        denoiser.set_fallback(None if args.gaussian_residual else model.reference)
-    if ckpt is None:
-        model.fit_reference(train.tensor(args.reference_size))
-    else:  # the checkpoint's reference (Trainer.fit restores it too, but only later)
-        model.reference.load_state_dict({key.split(".", 1)[1]: value for key, value
-                                         in ckpt["state_dict"].items()
-                                         if key.startswith("reference.")})
-        del ckpt
     baseline = gaussian_baseline(model, val)
     rank_zero_info(describe(args, model, denoiser, source, train, val, baseline))
 
@@ -558,7 +530,60 @@ def summary(trainer, model, val, baseline, args, run_dir):
     return "\n".join(lines)
 
 
+def prepare(args, ckpt=None):
+    """(model, denoiser, where the U-Net came from, train, validation): the data and the U-Net
+    (from the checkpoint with --resume), with the Gaussian reference fitted (or restored)."""
+    # Both inputs are checked before either is reported missing, so one message says all.
+    problems, train = [], None
+    try:
+        train, val = load_data(args)
+    except utils.UserError as err:
+        problems.append(str(err))
+    try:
+        denoiser, source = load_denoiser(args, train.x_shape if train is not None else None, ckpt)
+    except utils.UserError as err:
+        problems.append(str(err))
+    if problems:
+        raise utils.UserError("\nerror: ".join(problems))
+    # Lightning takes seconds to import: missing data or weights are reported before that.
+    import pytorch_lightning as pl
+
+    from diffusionmodel import DiffusionModel
+
+    pl.seed_everything(args.seed, verbose=False)
+    model = DiffusionModel(denoiser, x_shape=train.x_shape, learning_rate=args.learning_rate,
+                           logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale,
+                           clip=args.clip, gaussian_residual=args.gaussian_residual,
+                           val_npoints=args.val_npoints,
+                           lr_schedule=args.lr_schedule, curve_samples=args.curve_samples)
+    if args.outside == "gaussian":  # a residual U-Net adds nothing to the Gaussian there
+        denoiser.set_fallback(None if args.gaussian_residual else model.reference)
+    if ckpt is None:
+        model.fit_reference(train.tensor(args.reference_size))
+    else:  # the checkpoint's reference (Trainer.fit restores it too, but only later)
+        model.reference.load_state_dict({key.split(".", 1)[1]: value for key, value
+                                         in ckpt["state_dict"].items()
+                                         if key.startswith("reference.")})
+    return model, denoiser, source, train, val
+
+
 def evaluate(args):
+    """--eval_only: with --ckpt, the checkpoints (see evaluate_checkpoints); without, the
+    --pretrained U-Net as it is, with the data-matched Gaussian fitted to the training images."""
+    if args.ckpt:
+        return evaluate_checkpoints(args)
+    model, _, source, _, val = prepare(args)
+    grid = (val.bin_width, -1., val.levels)
+    val = datasets.ImageSet(val.images, val.levels)  # the grid data itself, never dequantised
+    name = (os.path.basename(os.path.normpath(args.pretrained))
+            if os.path.isdir(args.pretrained) else args.pretrained)
+    return utils.run_evaluation(args, [model.eval()], [name], val.tensor(),
+                                grid=grid, results_dir=args.log_dir,
+                                info=dict(script="train_cifar10.py", dataset=args.dataset,
+                                          pretrained=args.pretrained))
+
+
+def evaluate_checkpoints(args):
     """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
     data-matched Gaussian) on the validation images, as the grid data they are (not dequantised):
     continuous, discrete-limit, dequantised and direct discrete estimates."""
@@ -587,8 +612,9 @@ def evaluate(args):
         model.load_state_dict(ckpt["state_dict"])
         models.append(model.eval())
     grid = (val.bin_width, -1., val.levels)
-    return utils.run_evaluation(args, models, val.tensor(), grid=grid,
-                                info=dict(script="train_cifar10.py", dataset=data["dataset"]))
+    return utils.run_evaluation(args, models, utils.checkpoint_names(paths), val.tensor(),
+                                grid=grid, info=dict(script="train_cifar10.py",
+                                                     dataset=data["dataset"]))
 
 
 def resumed_run_dir(checkpoint):
@@ -615,6 +641,7 @@ def describe(args, model, denoiser, source, train, val, baseline):
     lo, hi = denoiser.logsnr_range
     a_lo, a_hi = (args.logsnr_loc + s * args.clip * args.logsnr_scale for s in (-1, 1))
     params = sum(p.numel() for p in denoiser.parameters()) / 1e6
+    loc, scale, clip = utils.spectrum_logsnr_params(model.reference.eigvals)
     return "\n".join([
         f"data: {args.dataset}, {len(train)} training / {len(val)} validation images of shape "
         f"{train.x_shape}{', dequantized' if args.dequantize else ''}",
@@ -623,7 +650,8 @@ def describe(args, model, denoiser, source, train, val, baseline):
         f"[{a_lo:.2f}, {a_hi:.2f}], outside the timesteps' range: {args.outside}",
         f"data-matched Gaussian: entropy {entropy:.1f} nats "
         f"({utils.nats_to_bpd(entropy, model.d):.3f} bits/dim), -log q(validation) "
-        f"{baseline['gaussian_val_loss']:.1f} nats ({baseline['gaussian_val_bpd']:.3f} bits/dim)"])
+        f"{baseline['gaussian_val_loss']:.1f} nats ({baseline['gaussian_val_bpd']:.3f} bits/dim); "
+        f"its spectrum suggests --logsnr_loc {loc:.2f} --logsnr_scale {scale:.2f} --clip {clip:.2f}"])
 
 
 if __name__ == "__main__":

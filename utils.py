@@ -649,12 +649,14 @@ def add_eval_args(parser):
                             "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
 
 
-def check_eval_args(parser, args):
+def check_eval_args(parser, args, without_ckpt=False):
+    """Argument errors of add_eval_args' flags; without_ckpt: --eval_only may go without --ckpt
+    (train_cifar10.py then evaluates a --pretrained U-Net as it is)."""
     if not args.eval_only:
         if args.ckpt:
             parser.error("argument --ckpt: only used with --eval_only")
         return
-    if not args.ckpt:
+    if not args.ckpt and not without_ckpt:
         parser.error("--eval_only needs --ckpt PATH [PATH ...]")
     if args.npoints < 8 or args.npoints & (args.npoints - 1):
         parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
@@ -691,12 +693,17 @@ def same_data(paths, ckpts, keys):
     return first
 
 
-def results_path(args):
+def results_path(args, names, results_dir=None):
+    """--results, or eval-<first checkpoint's name>.json next to it (in results_dir when there is
+    no checkpoint), made unique: an existing file is never overwritten."""
     if args.results:
         path = args.results
-    else:
+    elif args.ckpt:
         stem = os.path.splitext(os.path.basename(args.ckpt[0]))[0]
         path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), f"eval-{stem}.json")
+    else:
+        stem = names[0].replace("/", "-").replace(" ", "_")
+        path = os.path.join(results_dir or ".", f"eval-{stem}.json")
     root, ext = os.path.splitext(path)
     k = 2
     while os.path.exists(path):
@@ -760,10 +767,11 @@ def evaluate(models, names, x, seed=0, npoints=128, select_fraction=0.5, batch_s
         jobs.append((name, "dequantized", model, _continuous(npoints, seed, shift, delta)))
         wide = _widened(model, grid_resolved_logsnr(delta))
         jobs.append((name, "discrete, no rounding", wide, _discrete(npoints, seed, grid)))
+        bases = [_widened(m, grid_resolved_logsnr(delta))
+                 for m in ([gaussian] if name in ("gaussian", "ensemble") else []) + members]
         for mode in ("hard", "soft"):
-            variants = [_widened(m, grid_resolved_logsnr(delta)) for m in members or [gaussian]]
-            rounded = [v.rounded(delta, mode, lo, levels) for v in variants]
-            jobs.append((name, f"discrete, {mode} rounding", ensemble(variants + rounded, wide),
+            rounded = [b.rounded(delta, mode, lo, levels) for b in bases]
+            jobs.append((name, f"discrete, {mode} rounding", ensemble(bases + rounded, wide),
                          _discrete(npoints, seed, grid)))
 
     rows = []
@@ -837,19 +845,21 @@ def format_results(rows):
 
 def write_results(path, results):
     """JSON, written to a new file (the caller picks a free name with results_path)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "x") as f:
         json.dump(results, f, indent=1)
 
 
-def run_evaluation(args, models, x, grid=None, exact_nll=None, info=None):
+def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
+                   results_dir=None):
     """--eval_only for either script: the table of `evaluate` on x, printed and written as JSON
-    (next to the first checkpoint unless --results says where; never over an existing file)."""
+    (see results_path; never over an existing file)."""
     start = time.time()
     device = t.device("cuda" if args.accelerator in ("auto", "gpu", "cuda")
                       and t.cuda.is_available() else "cpu")
     models = [m.to(device) for m in models]
-    path = results_path(args)  # before the work: a bad --results fails fast
-    rows, split = evaluate(models, checkpoint_names(args.ckpt), x, args.seed,
+    path = results_path(args, names, results_dir)
+    rows, split = evaluate(models, names, x, args.seed,
                            args.npoints, args.select_fraction, args.eval_batch_size, grid)
     if exact_nll is not None:  # on the same scored points
         exact = exact_nll(split.pop("x_score").cpu()).double()
@@ -859,7 +869,8 @@ def run_evaluation(args, models, x, grid=None, exact_nll=None, info=None):
     d = models[0].d
     for r in rows:
         r["bpd"], r["bpd_stderr"] = nats_to_bpd(r["nats"], d), nats_to_bpd(r["nats_stderr"], d)
-    results = dict(schema=RESULTS_SCHEMA, **(info or {}), checkpoints=[os.path.abspath(p) for p in args.ckpt],
+    results = dict(schema=RESULTS_SCHEMA, **(info or {}),
+                   checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
                    x_shape=list(models[0].x_shape), d=d, npoints=args.npoints, seed=args.seed,
                    select_fraction=args.select_fraction, **split,
                    grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),

@@ -170,3 +170,26 @@ def test_image_checkpoint_shape_mismatch(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "trained on images of shape (1, 8, 8); fake images are (3, 16, 16)" in proc.stderr
+
+
+def test_pretrained_unet_evaluated_as_it_is(tmp_path):
+    # --eval_only without --ckpt: the U-Net of --pretrained DIR (saved here with save_pretrained,
+    # the same path as a hub id) with the Gaussian fitted to the training images.
+    from diffusers import UNet2DModel
+    folder = str(tmp_path / "tiny-unet")
+    t.manual_seed(0)
+    UNet2DModel.from_config(dict(train_cifar10.small_unet_config(3, 16, 8),
+                                 layers_per_block=1)).save_pretrained(folder)
+    logs = str(tmp_path / "exps")
+    results = train_cifar10.main(["--eval_only", "--dataset", "fake", "--pretrained", folder,
+                                  "--image_size", "16", "--fake_size", "32", "--npoints", "8",
+                                  "--log_dir", logs, "--accelerator", "cpu"])
+    assert os.path.isfile(os.path.join(logs, "eval-tiny-unet.json"))
+    assert results["pretrained"] == folder and results["checkpoints"] == []
+    assert results["grid"] == {"delta": 2 / 255, "lo": -1.0, "levels": 256}  # 8-bit images
+    rows = rows_by(results)
+    assert {m for m, _ in rows} == {"gaussian", "tiny-unet", "ensemble"}
+    # The ensemble chooses among everything the others are made of, rounded variants included.
+    for e in ("continuous", "discrete, hard rounding", "discrete, soft rounding"):
+        best = min(rows[("gaussian", e)]["nats"], rows[("tiny-unet", e)]["nats"])
+        assert rows[("ensemble", e)]["nats"] <= best + 2 * rows[("ensemble", e)]["nats_stderr"]
