@@ -153,7 +153,10 @@ class ImageSet(t.utils.data.Dataset):
 
     def tensor(self, n=None):
         """The first n images (all by default) as one float tensor, as served."""
-        return t.stack([self[i] for i in range(min(len(self), n or len(self)))])
+        n = min(len(self), n or len(self))
+        if self.dequantize:  # per-image noise, as __getitem__ draws it
+            return t.stack([self[i] for i in range(n)])
+        return self.images[:n].float() * self.bin_width - 1
 
 
 def load_image_dataset(name, data_dir="data", dequantize=False, seed=0, image_size=32,

@@ -9,7 +9,7 @@ called) and eps_G its optimal noise predictor, evaluated on the same eps. For th
 this is exact; for any other denoiser it is an upper bound in expectation, so it is both the
 training loss and the evaluation metric. The integral over a = log SNR is estimated by logistic
 importance sampling: stratified over log SNR for the training loss, and randomly shifted
-quasi-Monte Carlo points in (log SNR, noise) for evaluation (utils.shifted_sobol).
+quasi-Monte Carlo points in (log SNR, noise) for evaluation (utils.keyed_sobol).
 
 The Gaussian term is a control variate: it has no parameters (the gradient is unchanged and
 unbiased) and it cancels the noise of ||eps - eps_hat||^2 wherever the two predictors agree, at

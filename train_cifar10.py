@@ -30,7 +30,6 @@ map to. Two policies, both valid denoisers, so both keep the estimate an upper b
 """
 import argparse
 import json
-import math
 import os
 import re
 import warnings
@@ -293,7 +292,7 @@ def load_unet(source, from_scratch=False, online=None):
 # The script
 # ---------------------------------------------------------------------------------------------
 DEFAULTS = {  # per dataset; any of them can be overridden on the command line
-    # CIFAR-10: the paper's continuous density of the 8-bit pixels scaled to [-1, 1]; the seed's
+    # CIFAR-10: the paper's continuous density of the 8-bit pixels scaled to [-1, 1]; the original ITD code's
     # (loc, scale) = (6, 3); a small constant learning rate for fine-tuning the pretrained U-Net.
     "cifar10": dict(pretrained="google/ddpm-cifar10-32", dequantize=False, logsnr_loc=6.,
                     logsnr_scale=3., learning_rate=1e-4, lr_schedule="constant", batch_size=64,
@@ -406,8 +405,8 @@ def parse_args(argv=None):
     utils.add_trainer_args(parser)
     utils.add_eval_args(parser)
     args = parser.parse_args(argv)
-    utils.check_eval_args(parser, args, without_ckpt=args.pretrained not in (None, "none"))
     if args.eval_only and args.ckpt:
+        utils.check_eval_args(parser, args)
         return args  # everything else comes from the checkpoints
     args.dataset = args.dataset or "cifar10"
     for key, value in DEFAULTS[args.dataset].items():
@@ -417,6 +416,10 @@ def parse_args(argv=None):
         args.pretrained = None
     if args.gaussian_residual is None:
         args.gaussian_residual = args.pretrained is None
+    utils.check_eval_args(parser, args, without_ckpt=args.pretrained is not None)
+    if args.eval_only and args.gaussian_residual:
+        parser.error("argument --gaussian_residual: a pretrained U-Net is evaluated as it is, "
+                     "not as a residual on the Gaussian")
     return args
 
 
@@ -475,9 +478,8 @@ def main(argv=None):
     if args.eval_only:
         return evaluate(args)
     t.manual_seed(args.seed)
-    ckpt = t.load(args.resume, map_location="cpu", weights_only=False) if args.resume else None
+    ckpt = utils.load_checkpoint(args.resume, "train_cifar10.py") if args.resume else None
     model, denoiser, source, train, val = prepare(args, ckpt)
-    import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
     import viz

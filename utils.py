@@ -463,13 +463,12 @@ def spectrum_logsnr_params(eigvals, rule="paper", margin=8., min_clip=4.):
     pi^2/3 + Var(log lambda). scale = sqrt(1 + c Var(log lambda)) with c from `rule`:
     "moment": c = 3/pi^2 matches that variance with a logistic's pi^2 scale^2 / 3;
     "paper" (default): c = 3/pi, the paper code's wider choice.
-    The default is decided by tests/test_spectrum.py: Gaussian data with a known spectrum, its
-    exact denoiser and a reference other than the data's Gaussian, both rules at a clip reaching
-    past every crossing (so neither is biased), 64 points per estimate. Per-point variance of
-    nll_points, paper / moment: spectrum 1/k, d = 32: 1.9 / 3.3 (N(0, I) reference) and
-    0.93 / 1.6 (diagonal reference); 1/k^2, d = 64: 21 / 85 and 7.9 / 8.5; the sklearn 8x8
-    digits spectrum: 26 / 49 and 23 / 49. Only for log lambda spread evenly over 12 nats (d = 8)
-    was the moment rule better, by 10-17%: the wider scale is the safer default.
+    The default is decided by tests/test_spectrum.py: Gaussian data with a 1/k spectrum (d = 32),
+    its exact denoiser and an N(0, I) reference, both rules at a clip reaching past every crossing
+    (so neither is biased), 64 points per estimate: per-point variance of nll_points 1.9 (paper)
+    against 3.3 (moment). The same comparison on other spectra (1/k^2; the sklearn digits') also
+    favoured the paper rule; only log lambda spread evenly over a narrow band favoured the moment
+    rule, slightly: the wider scale is the safer default.
     clip makes loc +- clip * scale reach `margin` beyond the outermost crossings -log lambda_i, so
     the logistic tails s(+-(a + log lambda)) left outside are below e^-margin per dimension.
     """
@@ -657,7 +656,8 @@ def check_eval_args(parser, args, without_ckpt=False):
             parser.error("argument --ckpt: only used with --eval_only")
         return
     if not args.ckpt and not without_ckpt:
-        parser.error("--eval_only needs --ckpt PATH [PATH ...]")
+        parser.error("--eval_only needs --ckpt PATH [PATH ...]"
+                     + (" or a --pretrained U-Net" if hasattr(args, "pretrained") else ""))
     if args.npoints < 8 or args.npoints & (args.npoints - 1):
         parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
     if not 0 < args.select_fraction < 1:
@@ -674,8 +674,10 @@ def load_checkpoint(path, script):
     except Exception as err:  # truncated, not a torch file, ...: all mean the same to the user
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from None
-    saved = ckpt.get("run_args", {}) if isinstance(ckpt, dict) else {}
-    if "state_dict" not in ckpt or saved.get("script") != script:
+    saved = ckpt.get("run_args") if isinstance(ckpt, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    if (saved.get("script") != script or not isinstance(ckpt.get("state_dict"), dict)
+            or not isinstance(ckpt.get("hyper_parameters"), dict)):
         raise UserError(f"{path} is not a checkpoint written by {script}"
                         + (f" (it comes from {saved['script']})" if saved.get("script") else ""))
     return ckpt
@@ -749,45 +751,55 @@ def evaluate(models, names, x, seed=0, npoints=128, select_fraction=0.5, batch_s
     reference = first.reference
     gaussian = first._with_denoiser(GaussianDenoiser(reference))
 
-    def ensemble(members, like):
-        return Ensemble.fit(members, x_select, generator=_generator(seed, device),
+    def ensemble(members, like):  # the choice draws from a stream of its own, not the scoring's
+        return Ensemble.fit(members, x_select, generator=_generator(seed + _SELECTION_STREAM),
                             reference=reference, logsnr_range=_range(like)).as_model(like)
 
     entries = [("gaussian", [], gaussian)] + [(n, [m], m) for n, m in zip(names, models)]
     entries.append(("ensemble", list(models), ensemble(models, first)))
     d = first.d
-    jobs = []  # (model name, estimate, model, fn(model, x batch, index of its first sample) -> nats)
+    # (model name, estimate, model, fn(model, x batch, index of its first sample) -> nats), or
+    # (model name, estimate, None, (row it is derived from, constant added))
+    jobs = []
+    if grid is not None:
+        delta, lo, levels = grid
+        shift, top = -d * math.log(delta), grid_resolved_logsnr(delta)
     for name, members, model in entries:
         jobs.append((name, "continuous", model, _continuous(npoints, seed)))
         if grid is None:
             continue
-        delta, lo, levels = grid
-        shift = -d * math.log(delta)
-        jobs.append((name, "discrete limit", model, _continuous(npoints, seed, shift)))
+        jobs.append((name, "discrete limit", None, ((name, "continuous"), shift)))
         jobs.append((name, "dequantized", model, _continuous(npoints, seed, shift, delta)))
-        wide = _widened(model, grid_resolved_logsnr(delta))
+        wide = _widened(model, top)
         jobs.append((name, "discrete, no rounding", wide, _discrete(npoints, seed, grid)))
-        bases = [_widened(m, grid_resolved_logsnr(delta))
+        bases = [_widened(m, top)
                  for m in ([gaussian] if name in ("gaussian", "ensemble") else []) + members]
         for mode in ("hard", "soft"):
             rounded = [b.rounded(delta, mode, lo, levels) for b in bases]
             jobs.append((name, f"discrete, {mode} rounding", ensemble(bases + rounded, wide),
                          _discrete(npoints, seed, grid)))
 
-    rows = []
+    rows, per_sample = [], {}
     batches = range(0, len(x_score), batch_size)
-    bar = _progress(len(jobs) * len(batches), progress)
+    bar = _progress(sum(model is not None for _, _, model, _ in jobs) * len(batches), progress)
     for name, estimate, model, fn in jobs:
-        parts = []
-        for start in batches:
-            parts.append(fn(model, x_score[start:start + batch_size].to(device), start).double().cpu())
-            bar.update()
-        nll = t.cat(parts)
+        if model is None:
+            source, constant = fn
+            nll = per_sample[source] + constant
+        else:
+            parts = []
+            for start in batches:
+                xb = x_score[start:start + batch_size].to(device)
+                parts.append(fn(model, xb, start).double().cpu())
+                bar.update()
+            nll = t.cat(parts)
+        per_sample[(name, estimate)] = nll
         mean, stderr = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item()
         rows.append(dict(model=name, estimate=estimate, nats=mean, nats_stderr=stderr,
                          bpd=nats_to_bpd(mean, d), bpd_stderr=nats_to_bpd(stderr, d)))
     bar.close()
-    return rows, dict(n_scored=len(x_score), n_selection=n_select, x_score=x_score)
+    return rows, dict(n_scored=len(x_score), n_selection=n_select, x_score=x_score,
+                      per_sample=per_sample)
 
 
 def _range(model):
@@ -805,8 +817,13 @@ def _widened(model, hi):
     return wide
 
 
-def _generator(seed, device):
-    return t.Generator(device).manual_seed(seed)
+_SELECTION_STREAM = 1 << 40  # seed offset of the ensemble choice's random numbers
+
+
+def _generator(seed):
+    """A CPU generator: the stream seed drawn from it (utils.stream_seed) is then the same on
+    every device, so a table depends on --seed, not on where it was computed."""
+    return t.Generator().manual_seed(seed)
 
 
 def _continuous(npoints, seed, shift=0., dequantize_width=None):
@@ -816,7 +833,7 @@ def _continuous(npoints, seed, shift=0., dequantize_width=None):
             coord = t.arange(x[0].numel(), device=x.device)
             u = counter_uniform(seed, index, coord, 2 ** 40, device=x.device).view_as(x)
             x = x + dequantize_width * (u.to(x.dtype) - 0.5)
-        return model.nll_points(x, npoints, generator=_generator(seed, x.device), index=start)[0] + shift
+        return model.nll_points(x, npoints, generator=_generator(seed), index=start)[0] + shift
     return fn
 
 
@@ -825,7 +842,7 @@ def _discrete(npoints, seed, grid):
 
     def fn(model, x, start):
         return model.nll_discrete_points(x, delta, npoints, lo=lo, levels=levels,
-                                         generator=_generator(seed, x.device), index=start)[0]
+                                         generator=_generator(seed), index=start)[0]
     return fn
 
 
@@ -843,11 +860,24 @@ def format_results(rows):
     return "\n".join(lines)
 
 
-def write_results(path, results):
-    """JSON, written to a new file (the caller picks a free name with results_path)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "x") as f:
-        json.dump(results, f, indent=1)
+def claim_results_file(path):
+    """Creates the results file now, empty, so that a bad path fails before the evaluation and
+    no other evaluation can take the name meanwhile."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "x").close()
+    except OSError as err:
+        raise UserError(f"cannot write the results to {path}: {err.strerror or err}") from None
+
+
+def eval_device(accelerator):
+    """The device --eval_only computes on, from --accelerator: CUDA when asked for ("gpu",
+    "cuda") or available ("auto"), else the CPU."""
+    if accelerator in ("gpu", "cuda") and not t.cuda.is_available():
+        raise UserError(f"--accelerator {accelerator}, but no CUDA device is available")
+    if accelerator not in ("auto", "gpu", "cuda", "cpu"):
+        raise UserError(f"--eval_only runs on cpu or cuda, not --accelerator {accelerator}")
+    return t.device("cuda" if accelerator != "cpu" and t.cuda.is_available() else "cpu")
 
 
 def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
@@ -855,30 +885,34 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
     """--eval_only for either script: the table of `evaluate` on x, printed and written as JSON
     (see results_path; never over an existing file)."""
     start = time.time()
-    device = t.device("cuda" if args.accelerator in ("auto", "gpu", "cuda")
-                      and t.cuda.is_available() else "cpu")
+    device = eval_device(args.accelerator)
     models = [m.to(device) for m in models]
     path = results_path(args, names, results_dir)
-    rows, split = evaluate(models, names, x, args.seed,
-                           args.npoints, args.select_fraction, args.eval_batch_size, grid)
-    if exact_nll is not None:  # on the same scored points
-        exact = exact_nll(split.pop("x_score").cpu()).double()
-        rows.insert(0, dict(model="exact", estimate="continuous", nats=exact.mean().item(),
-                            nats_stderr=(exact.std() / math.sqrt(len(exact))).item()))
-    split.pop("x_score", None)
+    claim_results_file(path)
+    try:
+        rows, split = evaluate(models, names, x, args.seed, args.npoints, args.select_fraction,
+                               args.eval_batch_size, grid)
+    except BaseException:
+        os.remove(path)  # nothing half-written stays behind
+        raise
+    x_score, per_sample = split.pop("x_score"), split.pop("per_sample")
     d = models[0].d
-    for r in rows:
-        r["bpd"], r["bpd_stderr"] = nats_to_bpd(r["nats"], d), nats_to_bpd(r["nats_stderr"], d)
+    if exact_nll is not None:  # on the same scored points
+        exact = exact_nll(x_score.cpu()).double()
+        mean, stderr = exact.mean().item(), (exact.std() / math.sqrt(len(exact))).item()
+        rows.insert(0, dict(model="exact", estimate="continuous", nats=mean, nats_stderr=stderr,
+                            bpd=nats_to_bpd(mean, d), bpd_stderr=nats_to_bpd(stderr, d)))
     results = dict(schema=RESULTS_SCHEMA, **(info or {}),
                    checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
                    x_shape=list(models[0].x_shape), d=d, npoints=args.npoints, seed=args.seed,
                    select_fraction=args.select_fraction, **split,
                    grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),
                    rows=rows, wall_time_s=time.time() - start)
-    write_results(path, results)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
     print(format_results(rows))
     print(f"written to {path}")
-    return results
+    return dict(results, per_sample=per_sample)
 
 
 def checkpoint_names(paths):

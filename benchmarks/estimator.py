@@ -5,9 +5,10 @@ estimator below spends the same number of denoiser evaluations per point and is 
 independent randomness; printed are the spread over repeats (std), the error of the mean against
 the exact -log p (bias), the calibration of the reported standard error, and the wall time.
 
-1. seed-style: iid logistic log SNR (loc 0, scale 3, clip 3), one noise draw each, N(0, I)
+1. original-style (the original ITD code's estimator): iid logistic log SNR (loc 0, scale 3,
+   clip 3), one noise draw each, N(0, I)
    reference and the integrand mse - d s(a).
-2. ours, seed settings: data-matched reference, control variate, shifted Sobol (u, eps) points,
+2. ours, original settings: data-matched reference, control variate, shifted Sobol (u, eps) points,
    loc 0, scale 3, clip 4.
 3. ours, gap rule: (loc, scale, clip) from utils.gap_logsnr_params on the denoiser's MSE curve.
 
@@ -65,13 +66,13 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
           f"per point ==")
 
     plain = DiffusionModel(mix, x_shape=mix.x_shape).double()
-    rows = [run("1 seed-style  (iid, N(0,I), scale 3 clip 3)",
+    rows = [run("1 original-style (iid, N(0,I), scale 3 clip 3)",
                 lambda s: (seed_style(plain, x, n, gen(s)), None), truth, repeats)]
 
     data = mix.sample(fit_n, generator=gen(1))
     ours = DiffusionModel(mix, x_shape=mix.x_shape, logsnr_loc=0., logsnr_scale=3., clip=4.)
     ours = ours.double().fit_reference(data)
-    rows.append(run("2 ours, seed settings (loc 0, scale 3, clip 4)",
+    rows.append(run("2 ours, original settings (loc 0, scale 3, clip 4)",
                     lambda s: ours.nll_points(x, n, replicates=4, generator=gen(s)), truth, repeats))
 
     start = time.perf_counter()

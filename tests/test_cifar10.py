@@ -95,7 +95,7 @@ def test_small_unet_starts_at_the_gaussian_predictor():
 
 
 def test_seed_result_in_bits_per_dim():
-    # The seed README: about -8400 nats per CIFAR-10 image is -3.94 bits/dim.
+    # The original ITD code's README: about -8400 nats per CIFAR-10 image is -3.94 bits/dim.
     assert utils.nats_to_bpd(-8400, 3 * 32 * 32) == pytest.approx(-3.945, abs=1e-3)
 
 

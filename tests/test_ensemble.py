@@ -7,12 +7,9 @@ but the weights (0.05, 0.15, 0.8) (wrong at low and middle SNR, right at high SN
 posterior settles on the right component). All comparisons are paired: every model is scored
 with the same seed, so the same (log SNR, noise) points (tests/checks.py).
 """
-import math
-
 import pytest
 import torch as t
 
-import utils
 from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser
 from tests.analytic import GaussianMixture, mixture_2d, reference_nll
 from tests.checks import gen, paired_difference, repeated

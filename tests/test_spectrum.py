@@ -4,7 +4,6 @@ c = 3/pi and the moment-matching c = 3/pi^2 in scale = sqrt(1 + c Var(log lambda
 """
 import math
 
-import numpy as np
 import pytest
 import torch as t
 

@@ -36,7 +36,7 @@ def test_schedule_range_matches_ddpm():
 
 def test_timestep_round_trip_below_1e_3():
     # Every integer timestep's log SNR (float32, as the model receives it) maps back to that
-    # timestep to < 1e-3: the accuracy the continuous mapping promises. The seed's 10,000-step
+    # timestep to < 1e-3: the accuracy the continuous mapping promises. The original ITD code's 10,000-step
     # argmin table was off by 1.4 at t = 500 and 3.3 at t = 900.
     denoiser = tiny_denoiser()
     logsnr = ddpm_logsnr()
