@@ -78,23 +78,13 @@ class MLPDenoiser(nn.Module):
         return self.net(t.cat(features, -1))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" only where the help does not already say it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is None:
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         description="Information-theoretic diffusion on a 2-D toy density: trains a denoiser, "
                     "reports E[-log p] in nats, and draws the MSE curve, density contours and "
                     "samples (TensorBoard, and PNGs in <log_dir>/<dataset>-<experiment_name>/"
                     "figures/).",
-        formatter_class=_HelpFormatter)
+        formatter_class=utils.HelpFormatter)
     per_dataset = lambda key, fmt="{}": ", ".join(f"{k} {fmt.format(v[key])}"  # noqa: E731
                                                   for k, v in DEFAULTS.items())
     group = p.add_argument_group("data")
@@ -375,14 +365,7 @@ def evaluate(args):
     if args.dataset is not None and args.dataset != data["dataset"]:
         raise utils.UserError(f"--dataset {args.dataset}, but {paths[0]} was trained on "
                               f"{data['dataset']}")
-    models = []
-    for ckpt in ckpts:
-        a = ckpt["run_args"]
-        denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
-                               a["input_embedding_scale"])
-        model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
-        model.load_state_dict(ckpt["state_dict"])
-        models.append(model.eval())
+    models = [model_from_checkpoint(ckpt) for ckpt in ckpts]
     points = datasets.get_2d_dataset(data["dataset"], n=data["num_points"])
     _, val = datasets.split_2d(points, VAL_FRACTION, seed=data["seed"])
     return utils.run_evaluation(args, models, utils.checkpoint_names(paths), val,
@@ -390,17 +373,23 @@ def evaluate(args):
                                 info=dict(script="train_2d.py", dataset=data["dataset"]))
 
 
-def load_run(run_dir, checkpoint="last.ckpt"):
-    """The trained DiffusionModel of a finished run (its MLP rebuilt from the run's summary.json),
-    in eval mode, with the run's summary."""
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
-    a = summary["args"]
+def model_from_checkpoint(ckpt):
+    """The trained DiffusionModel of a loaded checkpoint (its MLP rebuilt from the run's saved
+    arguments), in eval mode."""
+    a = ckpt["run_args"]
     denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
                            a["input_embedding_scale"])
-    model = DiffusionModel.load_from_checkpoint(
-        os.path.join(run_dir, "checkpoints", checkpoint), denoiser=denoiser, map_location="cpu")
-    return model.eval(), summary
+    model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def load_run(run_dir, checkpoint="last.ckpt"):
+    """The trained DiffusionModel of a finished run and the run's summary."""
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    path = os.path.join(run_dir, "checkpoints", checkpoint)
+    return model_from_checkpoint(utils.load_checkpoint(path, "train_2d.py")), summary
 
 
 def print_summary(s):

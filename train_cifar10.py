@@ -181,6 +181,9 @@ class UNetDenoiser(t.nn.Module):
     def set_extra_state(self, state):
         if state["unet_config"] != _plain_config(self.unet.config):
             raise ValueError("the checkpoint's U-Net config differs from this model's")
+        if state.get("outside", self.outside) != self.outside:
+            raise ValueError(f"the checkpoint's U-Net was trained with --outside "
+                             f"{state['outside']}, not {self.outside}")
         self._set_schedule(state["alphas_cumprod"])
 
 
@@ -309,20 +312,13 @@ DEFAULTS = {  # per dataset; any of them can be overridden on the command line
 }
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # unless the help already says it (per-dataset defaults)
-        if action.default is None or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def per_dataset(key, text=""):
     return (text + "; " if text else "") + "default: " + ", ".join(
         f"{name} {values[key]}" for name, values in DEFAULTS.items())
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=utils.HelpFormatter)
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=None, choices=("cifar10", "digits", "fake"),
                        help="cifar10 (torchvision), digits (scikit-learn's bundled 8x8 digits, 17 "

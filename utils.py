@@ -78,27 +78,6 @@ def logistic_from_uniform(u, loc, scale, clip=4., dtype=t.float32):
     return logsnr.to(dtype), logistic_weight(logsnr, loc, scale, clip).to(dtype)
 
 
-def shifted_sobol(sets, n, dim, generator=None, device=None):
-    """`sets` independent randomisations of one n-point Sobol set in [0, 1)^dim, shape (sets, n, dim).
-
-    Each set XORs the points' 30-bit binary expansions with its own random digits (a random
-    digital shift, which keeps the Sobol net structure) and adds uniform noise within the finest
-    cell: every point is then exactly uniform, so averages stay unbiased, while each set keeps the
-    even spread that makes its average far less noisy than n iid points for smooth integrands.
-    Use n a power of two. Dimensions beyond what SobolEngine supports are iid uniforms.
-    """
-    qdim = min(dim, t.quasirandom.SobolEngine.MAXDIM)
-    bits = t.quasirandom.SobolEngine.MAXBIT
-    points = t.quasirandom.SobolEngine(qdim).draw(n, dtype=t.float64).to(device)
-    digits = t.randint(0, 2 ** bits, (sets, 1, qdim), generator=generator, device=device)
-    fine = t.rand(sets, n, qdim, generator=generator, device=device, dtype=t.float64)
-    u = (((points * 2 ** bits).long() ^ digits) + fine) / 2 ** bits
-    if qdim < dim:
-        rest = t.rand(sets, n, dim - qdim, generator=generator, device=device, dtype=t.float64)
-        u = t.cat([u, rest], -1)
-    return u.clamp(2 ** -53, 1 - 2 ** -53)
-
-
 # ---------------------------------------------------------------------------------------------
 # Counter-based random numbers: draws named by (seed, sample index, ...), not by batch layout
 # ---------------------------------------------------------------------------------------------
@@ -158,9 +137,10 @@ def keyed_sobol(seed, set_keys, point, n, dims, device=None):
     set_keys: tuple of int64 tensors (rows,) naming each row's set (e.g. sample index, replicate);
     point: (rows,) point indices in [0, n); dims: (k,) dimension indices. Returns (rows, k) float64.
 
-    The randomisation is that of shifted_sobol (a random digital shift per set and dimension, plus
-    uniform noise within the finest cell, so every point is exactly uniform and each set keeps the
-    net structure), but every random digit is counter_hash(seed, *set_keys, dim, ...): a set's
+    The randomisation is a random digital shift per set and dimension (XOR of the points' binary
+    expansions with random digits, which keeps the Sobol net structure) plus uniform noise within
+    the finest cell, so every point is exactly uniform; every random digit is
+    counter_hash(seed, *set_keys, dim, ...): a set's
     points are the same whatever other sets are drawn alongside, so estimates built on them do not
     depend on batch or chunk sizes. Dimensions beyond SobolEngine.MAXDIM are iid uniforms.
     """
@@ -541,6 +521,17 @@ def gap_logsnr_params(logsnrs, mse, mmse_ref, tail=1e-3, min_clip=4.):
 # ---------------------------------------------------------------------------------------------
 # Pieces the training scripts share
 # ---------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help does not already say the default (the
+    per-dataset ones)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def str2bool(value):
     """argparse type for booleans that parse: 'False', 'no', '0' are false."""
     if isinstance(value, bool):

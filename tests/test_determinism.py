@@ -54,7 +54,7 @@ def sobol():
 
 
 def test_keyed_sobol_keeps_the_net_and_is_uniform(sobol):
-    # as for utils.shifted_sobol: each set keeps one point per interval [j/n, (j+1)/n) in every
+    # each set keeps one point per interval [j/n, (j+1)/n) in every
     # dimension, and one point index across sets is iid U(0, 1)
     cells = (sobol * N).long().sort(dim=1).values
     assert t.equal(cells, t.arange(N).view(1, N, 1).expand_as(cells))

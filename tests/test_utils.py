@@ -144,24 +144,31 @@ def test_bad_scale_or_clip_raise(scale, clip, match):
 SETS, N, DIM = 2000, 64, 5
 
 
+def keyed(seed, sets, n, dims):
+    """utils.keyed_sobol as the estimators use it: `sets` randomised n-point sets, (sets, n, dims)."""
+    names = t.arange(sets).repeat_interleave(n)
+    point = t.arange(n).repeat(sets)
+    return utils.keyed_sobol(seed, (names,), point, n, t.arange(dims)).view(sets, n, dims)
+
+
 @pytest.fixture(scope="module")
 def sobol():
-    return utils.shifted_sobol(SETS, N, DIM, gen(0))
+    return keyed(0, SETS, N, DIM)
 
 
-def test_shifted_sobol_shape_and_range(sobol):
+def test_keyed_sobol_shape_and_range(sobol):
     assert sobol.shape == (SETS, N, DIM) and sobol.dtype == t.float64
     assert sobol.min() > 0 and sobol.max() < 1
 
 
-def test_shifted_sobol_keeps_the_net(sobol):
+def test_keyed_sobol_keeps_the_net(sobol):
     # every 1-D projection of 2^m Sobol points has one point in each interval [j/2^m, (j+1)/2^m);
     # a digital shift permutes those intervals, so each set keeps the property
     cells = (sobol * N).long().sort(dim=1).values
     assert t.equal(cells, t.arange(N).view(1, N, 1).expand_as(cells))
 
 
-def test_shifted_sobol_points_are_uniform(sobol):
+def test_keyed_sobol_points_are_uniform(sobol):
     # one point index across the independent sets is an iid U(0, 1) sample in every dimension
     for k in (0, 1, 37):
         for j in range(DIM):
@@ -170,7 +177,7 @@ def test_shifted_sobol_points_are_uniform(sobol):
     assert abs(sobol.mean().item() - 0.5) < 4 * math.sqrt(1 / 12 / sobol.numel())
 
 
-def test_shifted_sobol_sets_are_independent(sobol):
+def test_keyed_sobol_sets_are_independent(sobol):
     # correlation of the same point between consecutive sets, and between dimensions of one
     # point, is 0 within 4/sqrt(n) (the null standard error of a correlation)
     for k in (0, 5):
@@ -181,20 +188,20 @@ def test_shifted_sobol_sets_are_independent(sobol):
         assert abs(r) < 4 / math.sqrt(SETS)
 
 
-def test_shifted_sobol_reduces_variance(sobol):
+def test_keyed_sobol_reduces_variance(sobol):
     # the set mean of a smooth function has variance O(1/n^2) vs 1/(12 n) per dimension for iid
     set_means = sobol.sum(-1).mean(1)
     assert set_means.var().item() < 0.1 * DIM / 12 / N
 
 
-def test_shifted_sobol_generator_and_high_dimension():
-    assert t.equal(utils.shifted_sobol(3, 8, 4, gen(1)), utils.shifted_sobol(3, 8, 4, gen(1)))
-    assert not t.equal(utils.shifted_sobol(3, 8, 4, gen(1)), utils.shifted_sobol(3, 8, 4, gen(2)))
-    state = t.random.get_rng_state()
-    utils.shifted_sobol(3, 8, 4, gen(1))
+def test_keyed_sobol_seed_and_high_dimension():
+    assert t.equal(keyed(1, 3, 8, 4), keyed(1, 3, 8, 4))
+    assert not t.equal(keyed(1, 3, 8, 4), keyed(2, 3, 8, 4))
+    state = t.random.get_rng_state()  # counter-based: the global generator is never touched
+    keyed(1, 3, 8, 4)
     assert t.equal(state, t.random.get_rng_state())
-    dim = t.quasirandom.SobolEngine.MAXDIM + 3
-    u = utils.shifted_sobol(2, 4, dim, gen(3))
+    dim = t.quasirandom.SobolEngine.MAXDIM + 3  # iid uniforms beyond Sobol's dimensions
+    u = keyed(3, 2, 4, dim)
     assert u.shape == (2, 4, dim) and u.min() > 0 and u.max() < 1
 
 
