@@ -670,7 +670,8 @@ def load_checkpoint(path, script):
     if (saved.get("script") != script or not isinstance(ckpt.get("state_dict"), dict)
             or not isinstance(ckpt.get("hyper_parameters"), dict)):
         raise UserError(f"{path} is not a checkpoint written by {script}"
-                        + (f" (it comes from {saved['script']})" if saved.get("script") else ""))
+                        + (f" (it comes from {saved['script']})" if saved.get("script")
+                           else " (it holds no saved run arguments)"))
     return ckpt
 
 
