@@ -85,7 +85,7 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
     rows.append(run(name, lambda s: gap.nll_points(x, n, replicates=4, generator=gen(s)),
                     truth, repeats))
 
-    print(f"{'estimator':<52} {'std':>7} {'bias +- se':>18} {'seed/ours':>9} "
+    print(f"{'estimator':<52} {'std':>7} {'bias +- se':>18} {'orig/ours':>9} "
           f"{'stderr':>7} {'stderr/std':>10} {'wall s':>7}")
     for row in rows:
         ratio = f"{rows[0]['std'] / row['std']:9.1f}" if row is not rows[0] else f"{'-':>9}"
