@@ -174,3 +174,22 @@ def discretised_gaussian(mean, std, delta, lo=-1., width=8.):
     normal = t.distributions.Normal(t.tensor(mean, dtype=t.float64), t.tensor(std, dtype=t.float64))
     mass = normal.cdf(grid + delta / 2) - normal.cdf(grid - delta / 2)
     return DiscreteAtoms(grid.view(-1, 1), mass)
+
+
+class Zero(t.nn.Module):
+    """eps_hat = 0: the optimal predictor of nothing, a valid (bad) denoiser."""
+
+    def forward(self, z, logsnr):
+        return t.zeros_like(z)
+
+
+class Recorder(t.nn.Module):
+    """Passes through to a denoiser and keeps the (z, logsnr) it was called with."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, z, logsnr):
+        self.calls.append((z.detach().clone(), logsnr.detach().clone()))
+        return self.inner(z, logsnr)

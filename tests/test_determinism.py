@@ -11,16 +11,11 @@ import torch as t
 
 import utils
 from diffusionmodel import DiffusionModel, Ensemble
-from tests.analytic import DiscreteAtoms, GaussianMixture, mixture_2d
+from tests.analytic import DiscreteAtoms, GaussianMixture, Recorder, Zero, mixture_2d
 from tests.checks import gen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,21 +154,6 @@ def test_the_points_are_identical_whatever_the_batching():
     split = points([(0, 3), (3, 6), (6, 9), (9, 11)], chunk_size=5)
     assert t.equal(whole[1], split[1])
     assert t.allclose(whole[0], split[0], rtol=0, atol=4e-16)
-
-
-class Zero(t.nn.Module):
-    def forward(self, z, logsnr):
-        return t.zeros_like(z)
-
-
-class Recorder(t.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, z, logsnr):
-        self.calls.append((z.clone(), logsnr.clone()))
-        return self.inner(z, logsnr)
 
 
 def test_models_scored_with_one_seed_see_the_same_points():

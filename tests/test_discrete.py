@@ -17,16 +17,12 @@ import torch as t
 
 import utils
 from diffusionmodel import DiffusionModel, Ensemble, GridRounding
-from tests.analytic import DiscreteAtoms, GaussianMixture, discretised_gaussian, gaussian
+from tests.analytic import (DiscreteAtoms, GaussianMixture, Zero, discretised_gaussian,
+                            gaussian)
 from tests.checks import assert_unbiased_and_calibrated, gen, paired_difference, repeated
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def atoms_1d():
@@ -174,7 +170,12 @@ def test_grid_resolved_logsnr():
     for delta, tail in ((2 / 255, 1e-5), (2 / 16, 1e-5), (0.5, 1e-8)):
         a = utils.grid_resolved_logsnr(delta, tail)
         assert utils.rounding_tail(one, delta, a, 0.).item() == pytest.approx(tail, rel=1e-6)
+    # 14.18 is where the j = 1 term below falls to 1e-5 (the loop above checks the level itself);
+    # pinned because the docs quote it
     assert utils.grid_resolved_logsnr(2 / 255) == pytest.approx(14.18, abs=0.01)
+    # by hand: r0 = delta e^(12/2) = 3.164; of the two-sided sum only j = 1 (c = 1/2) matters:
+    # 2 * 1/2 * (4 / c) G(r0 / 2), G(u) = ((1 - u^2) Q(u) + u phi(u)) / 2 at u = 1.582:
+    # Q = 0.0568, phi = 0.1141, G = 0.0476, so 8 * 0.0476 = 0.381 (j = 2 adds < 1e-5)
     assert utils.rounding_tail(one, 2 / 255, 12., 0.).item() == pytest.approx(0.381, abs=1e-3)
 
 
@@ -282,11 +283,6 @@ def test_tails_are_right_when_the_range_is_cut_short():
 # ---------------------------------------------------------------------------------------------
 # Rounding to the grid
 # ---------------------------------------------------------------------------------------------
-class Zero(t.nn.Module):
-    def forward(self, z, logsnr):
-        return t.zeros_like(z)
-
-
 def test_soft_rounding_of_z_is_the_optimal_denoiser_of_a_uniform_grid():
     # eps_hat = 0 means x_hat = z / sqrt(s(a)) = x + e^{-a/2} eps, and with temperature 1 soft
     # rounding is the posterior mean over grid values under a uniform prior: exactly the optimal

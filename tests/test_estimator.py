@@ -30,23 +30,13 @@ import torch as t
 
 import utils
 from diffusionmodel import DiffusionModel
-from tests.analytic import gaussian, mixture_2d, reference_nll
+from tests.analytic import Recorder, Zero, gaussian, mixture_2d, reference_nll
+from tests.checks import gen
 
 LOC, SCALE, CLIP = 0., 3., 4.
 
 
-def gen(seed):
-    return t.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are small: extra threads only add overhead, and on a busy machine
-    # oversubscribed threads make the tests many times slower.
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_cov(d, seed, floor=0.05):
@@ -227,18 +217,6 @@ class MLP(t.nn.Module):
         return self.net(h).view_as(z)
 
 
-class Recorder(t.nn.Module):
-    """Passes through to a denoiser and keeps the (z, logsnr) it was called with."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, z, logsnr):
-        self.calls.append((z.detach(), logsnr.detach()))
-        return self.inner(z, logsnr)
-
-
 def test_training_gradient_is_the_plain_weighted_loss():
     # The control variate has no parameters, so for every draw the gradient of nll equals that of
     # the plain importance-weighted loss mean_i 1/2 w(a_i) ||eps_i - eps_hat(z_i, a_i)||^2, and the
@@ -268,9 +246,6 @@ def test_training_gradient_is_the_plain_weighted_loss():
 
 def test_gaussian_residual_with_a_zero_net_is_the_reference():
     # eps_hat = eps_G + 0: every gap term vanishes, so -log p = -log q exactly with zero stderr
-    class Zero(t.nn.Module):
-        def forward(self, z, logsnr):
-            return t.zeros_like(z)
     dist = mixture_2d()
     dm = DiffusionModel(Zero(), x_shape=(2,), gaussian_residual=True).double()
     dm.fit_reference(dist.sample(500, generator=gen(0)))

@@ -28,12 +28,7 @@ TINY_DIGITS = ["--dataset", "digits", "--batch_size", "300", "--max_steps", "2",
                "--num_samples", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

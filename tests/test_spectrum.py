@@ -13,12 +13,7 @@ from tests.analytic import gaussian, reference_nll
 from tests.checks import gen
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rotated(eigvals, seed):

@@ -13,20 +13,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import torch as t
 
 import train_2d
 
 TENSORBOARD = os.path.join(os.path.dirname(sys.executable), "tensorboard")
 TIMEOUT = 90  # seconds for TensorBoard to start and load the run
-
-
-@pytest.fixture
-def one_thread():
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
 
 
 def get(base, path, **query):

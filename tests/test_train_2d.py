@@ -25,14 +25,7 @@ SEED_FLAGS = ["--dataset", "--experiment_name", "--train_batch_size", "--eval_ba
               "--embedding_size", "--hidden_size", "--hidden_layers"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # what the script does by default (--num_threads 1), set here once for the module so that the
-    # runs below (--num_threads 0) leave the rest of the test session's setting alone
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logged(run_dir):

@@ -13,20 +13,10 @@ import scipy.stats
 import torch as t
 
 import utils
+from tests.checks import gen
 
 
-def gen(seed):
-    return t.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are small: extra threads only add overhead, and on a busy machine
-    # oversubscribed threads make the tests many times slower.
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def softplus(v):

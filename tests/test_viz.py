@@ -17,13 +17,7 @@ from tests.analytic import mixture_2d
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small tensors: extra threads only add overhead (and oversubscribe a busy machine)
-    threads = t.get_num_threads()
-    t.set_num_threads(1)
-    yield
-    t.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def is_png(path):
