@@ -1,6 +1,6 @@
-"""Figures: MSE curves (model vs Gaussian MMSE), shared by both training scripts; for 2-D data,
-density contours, samples beside the data and the validation NLL against epoch; for images, a
-callback showing model samples in TensorBoard."""
+"""Figures: MSE curves (model vs Gaussian MMSE) and the callback that logs them, shared by both
+scripts; for 2-D data, density contours, samples beside the data and the validation NLL against
+epoch; for images, a callback showing model samples in TensorBoard."""
 import math
 
 import matplotlib
@@ -162,3 +162,42 @@ class SampleImages(pl.Callback):
         zoom = max(1, 128 // grid.shape[-1])  # tiny images (digits: 8x8) are enlarged
         grid = grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
         trainer.logger.experiment.add_image("samples", grid.cpu(), trainer.global_step)
+
+
+class MSECurve(pl.Callback):
+    """After each validation: the MSE curve of the first `samples` validation points (one noise
+    draw each, a fixed seed) against the reference's MMSE, with the suggested (logsnr_loc,
+    logsnr_scale) logged and the figure sent to TensorBoard. The last curve is kept in `last`
+    for the run's summary, so the summary and TensorBoard show the same one. Global rank 0 only
+    (no collectives: the other ranks are not waited for)."""
+
+    def __init__(self, samples=256, points=48, seed=0):
+        self.samples, self.points, self.seed = samples, points, seed
+        self._x, self.last = None, None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if batch_idx == 0:
+            self._x = pl_module._data(batch)[:self.samples]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero or self._x is None:
+            return
+        self.last = self.measure(pl_module, self._x)
+        loc, scale = self.last["suggested"]
+        if math.isfinite(loc) and math.isfinite(scale):
+            pl_module.log_dict({"suggested_logsnr_loc": loc, "suggested_logsnr_scale": scale},
+                               rank_zero_only=True)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            fig = plot_mse_curve(self.last["logsnrs"], self.last["mse"], self.last["mmse"],
+                                 pl_module.d)
+            trainer.logger.experiment.add_figure("mse_curve", fig, trainer.global_step)
+
+    def measure(self, model, x):
+        """{logsnrs, mse, mmse (the reference's), suggested (loc, scale)} of `model` on x."""
+        logsnrs = model.curve_logsnrs(self.points).to(model.device)
+        generator = t.Generator(model.device).manual_seed(self.seed)
+        mse, mmse = model.mse_curve(x.to(model.device), logsnrs, generator=generator)
+        logsnrs, mse, mmse = logsnrs.cpu(), mse.cpu(), mmse.cpu()
+        return dict(logsnrs=logsnrs, mse=mse, mmse=mmse,
+                    suggested=utils.suggest_logsnr_params(logsnrs, mse, model.d))

@@ -10,7 +10,7 @@ the exact -log p (bias), the calibration of the reported standard error, and the
    reference and the integrand mse - d s(a).
 2. ours, original settings: data-matched reference, control variate, shifted Sobol (u, eps) points,
    loc 0, scale 3, clip 4.
-3. ours, gap rule: (loc, scale, clip) from utils.gap_logsnr_params on the denoiser's MSE curve.
+3. ours, gap rule: (loc, scale, clip) from gap_logsnr_params (below) on the denoiser's MSE curve.
 
 Run from the repository root: python benchmarks/estimator.py
 """
@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch as t
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,10 +34,29 @@ def gen(seed):
     return t.Generator().manual_seed(seed)
 
 
+def gap_logsnr_params(logsnrs, mse, mmse_ref, tail=1e-3, min_clip=4.):
+    """(logsnr_loc, logsnr_scale, clip) for the control-variate estimator, from a measured MSE curve.
+
+    Its integrand is the gap between the model's MSE and the Gaussian reference's MMSE, so
+    |mmse_ref(a) - mse(a)| is treated as a density over a: loc is its median, scale its
+    interquartile range / (2 ln 3) (as for a logistic), and clip makes loc +- clip * scale cover
+    its [tail, 1 - tail] quantiles, so truncating the integral there costs no visible bias.
+    The grid must extend past both ends of the gap.
+    """
+    a = np.asarray(logsnrs, dtype=float)
+    gap = np.abs(np.asarray(mmse_ref, dtype=float) - np.asarray(mse, dtype=float))
+    if not gap.sum() > 0:
+        raise ValueError("the MSE curve equals the Gaussian MMSE everywhere: no gap to place points on")
+    cdf = np.cumsum(gap) / gap.sum()
+    lo, q25, loc, q75, hi = np.interp([tail, 0.25, 0.5, 0.75, 1 - tail], cdf, a)
+    scale = (q75 - q25) / (2 * math.log(3))
+    return float(loc), float(scale), float(max(min_clip, (loc - lo) / scale, (hi - loc) / scale))
+
+
 def seed_style(dm, x, n, generator):
     """d/2 log(2 pi e) + 1/2 mean_k w_k (mse_k - d s(a_k)), iid a_k, one eps each."""
-    a, w = utils.logistic_logsnr((len(x), n), 0., 3., clip=3., stratified=False,
-                                 generator=generator, dtype=x.dtype)
+    a, w = utils.LogisticProposal(0., 3., clip=3.).sample((len(x), n), stratified=False,
+                                                          generator=generator, dtype=x.dtype)
     mse = dm.mse(x.repeat_interleave(n, 0), a.flatten(), generator=generator).view(len(x), n)
     return 0.5 * dm.d * math.log(2 * math.pi * math.e) + 0.5 * (w * (mse - dm.d * t.sigmoid(a))).mean(1)
 
@@ -77,7 +97,7 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
 
     start = time.perf_counter()
     mse, mmse_ref = ours.mse_curve(data[:curve_n], grid, generator=gen(2))
-    loc, scale, clip = utils.gap_logsnr_params(grid, mse, mmse_ref)
+    loc, scale, clip = gap_logsnr_params(grid, mse, mmse_ref)
     curve_wall = time.perf_counter() - start
     gap = DiffusionModel(mix, x_shape=mix.x_shape, logsnr_loc=loc, logsnr_scale=scale, clip=clip)
     gap = gap.double().fit_reference(data)

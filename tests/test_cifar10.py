@@ -13,6 +13,7 @@ import torch as t
 from diffusers import UNet2DModel
 
 import datasets
+import experiment
 import train_cifar10
 import utils
 from diffusionmodel import DiffusionModel
@@ -42,7 +43,7 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
             "--pretrained", folder, "--outside", "gaussian", "--log_dir", logs, *FAST]
     trainer, model = train_cifar10.main(args + ["--num_epochs", "1"])
     assert trainer.global_step == 3  # 24 images, batches of 8
-    run_dir = os.path.join(logs, "fake")
+    run_dir = os.path.join(logs, "fake-base")
     scalars, images = logged(run_dir)
     assert {"mse_curve", "samples"} <= set(images)
     # bits/dim = nats / (d ln 2), d = 3 * 16 * 16.
@@ -51,12 +52,12 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
 
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     trainer, resumed = train_cifar10.main(args + ["--num_epochs", "2", "--resume", last])
-    assert trainer.global_step == 6 and os.listdir(logs) == ["fake"]  # continued in its run
+    assert trainer.global_step == 6 and os.listdir(logs) == ["fake-base"]  # continued in its run
     assert logged(run_dir)[0]["val_loss"][-1] != nats  # a second validation was logged there
     # The reference came from the checkpoint (not refit): it equals the first run's.
     assert t.equal(resumed.reference.eigvals, model.reference.eigvals)
 
-    with pytest.raises(utils.UserError, match="trained on images of shape"):
+    with pytest.raises(experiment.UserError, match="trained on images of shape"):
         train_cifar10.main(["--dataset", "digits", "--resume", last, "--log_dir", logs, *FAST])
 
 
@@ -67,7 +68,7 @@ def test_digits_run_bf16(tmp_path, capsys):
          "--log_dir", logs, "--precision", "bf16-mixed", "--unet_width", "8", *FAST])
     assert trainer.global_step == 4  # 1497 training digits, batches of 300
     assert model.x_shape == (1, 8, 8) and model.hparams.gaussian_residual
-    scalars, images = logged(os.path.join(logs, "digits"))
+    scalars, images = logged(os.path.join(logs, "digits-base"))
     assert math.isfinite(scalars["val_loss"][-1]) and "mse_curve" in images
     # The baseline logged beside val_loss: -log q of the validation digits under the Gaussian.
     _, val = datasets.load_image_dataset("digits", dequantize=True, seed=0)
@@ -75,9 +76,9 @@ def test_digits_run_bf16(tmp_path, capsys):
         model.reference.nll(val.tensor()).mean().item(), rel=1e-5)
     # The closing summary repeats the final val_loss beside that baseline.
     out = capsys.readouterr().out
-    assert f"validation E[-log p] = {scalars['val_loss'][-1]:.2f} +- " in out
-    assert f"data-matched Gaussian: {scalars['gaussian_val_loss'][0]:.2f} nats" in out
-    assert "MSE curve (8 validation images): below the Gaussian MMSE at " in out
+    assert f"validation E[-log p] = {scalars['val_loss'][-1]:.4f} +- " in out
+    assert f"data-matched Gaussian: {scalars['gaussian_val_loss'][0]:.4f} nats" in out
+    assert "MSE curve below the Gaussian MMSE at " in out
 
 
 def test_small_unet_starts_at_the_gaussian_predictor():
@@ -143,7 +144,7 @@ def test_offline_cifar10_and_weights_missing(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets, "reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(experiment.UserError) as err:
         train_cifar10.main(offline_args(tmp_path))
     message = str(err.value)
     # What is missing, where it was looked for, and how to provide it, for both inputs.
@@ -177,13 +178,12 @@ def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError("connection reset")
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", interrupted)
-    with pytest.raises(utils.UserError, match="connection reset"):
-        datasets.load_image_dataset("cifar10", str(tmp_path / "new" / "data"),
-                                    download=lambda: True)
+    with pytest.raises(ConnectionError, match="connection reset"):
+        datasets.download_cifar10(str(tmp_path / "new" / "data"))
     assert os.listdir(tmp_path) == []
     (tmp_path / "mine.txt").write_text("kept")
-    with pytest.raises(utils.UserError):
-        datasets.load_image_dataset("cifar10", str(tmp_path), download=lambda: True)
+    with pytest.raises(ConnectionError):
+        datasets.download_cifar10(str(tmp_path))
     assert os.listdir(tmp_path) == ["mine.txt"]
 
 
@@ -198,7 +198,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert os.listdir(logs) == ["fake"]
-    scalars, images = logged(os.path.join(logs, "fake"))
+    assert os.listdir(logs) == ["fake-base"]
+    scalars, images = logged(os.path.join(logs, "fake-base"))
     assert "samples" in images and math.isfinite(scalars["val_loss"][-1])
-    assert os.path.isfile(os.path.join(logs, "fake", "checkpoints", "last.ckpt"))
+    assert os.path.isfile(os.path.join(logs, "fake-base", "checkpoints", "last.ckpt"))

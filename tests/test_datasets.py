@@ -72,7 +72,6 @@ def test_scg_exact_density_and_entropy():
     nll = datasets.scg_nll(datasets.get_2d_dataset("scg", n=100000, seed=1))
     assert abs(nll.mean().item() - datasets.SCG_ENTROPY) < 4 / math.sqrt(100000)
     assert datasets.exact_nll_2d("scg") is datasets.scg_nll
-    assert datasets.exact_nll_2d("moons") is None
 
 
 def _local_flatness(x, k=200, n=200):

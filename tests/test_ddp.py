@@ -1,5 +1,6 @@
 """Two DDP processes on CPU (Lightning's `ddp` strategy re-launches the script, so these run in
-subprocesses): train_2d.py end to end, and val_loss reduced over both processes' shards."""
+subprocesses): train_2d.py end to end, val_loss reduced over both processes' shards, evaluation
+tables equal to one process's, and a datamodule that downloads once."""
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch as t
 
 import utils
@@ -58,6 +60,7 @@ SCRIPT = textwrap.dedent("""
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         json.dump(metrics, open(sys.argv[1], "w"))
+    t.distributed.destroy_process_group()  # else gloo's threads can abort the exit
 """)
 
 
@@ -79,3 +82,112 @@ def test_val_loss_is_reduced_over_processes(tmp_path):
     # rank 0's shard alone would be far off (0.76 nats, against a tolerance of 4e-5 above): the
     # test tells a reduced value from a local one
     assert abs(nll[0::2].mean().item() - nll.mean().item()) > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation across processes: the same table for 1 and 2 processes
+# ---------------------------------------------------------------------------------------------
+def evaluate_in(script, processes, ckpts, results, *flags):
+    """Runs `script --eval_only` on the checkpoints with 1 or 2 CPU processes; the JSON results."""
+    devices = ["--devices", "1"] if processes == 1 else ["--devices", "2", "--strategy", "ddp"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), "--eval_only", "--ckpt",
+                           *ckpts, "--accelerator", "cpu", *devices, "--results", str(results),
+                           *flags], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("written to") == 1  # rank 0 alone prints and writes
+    with open(results) as f:
+        return json.load(f)
+
+
+def assert_same_tables(one, two):
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # every row, ensembles and rounding choices included: each sample's points are named by
+    # (seed, sample index), and the per-sample values are gathered in index order. What may
+    # differ is float32 rounding in the denoiser, whose kernels block differently for other
+    # batches (measured: relative differences of 1e-8).
+    assert [(r["model"], r["estimate"]) for r in one["rows"]] == \
+        [(r["model"], r["estimate"]) for r in two["rows"]]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert a["nats"] == pytest.approx(b["nats"], rel=1e-6), (a, b)
+        assert a["nats_stderr"] == pytest.approx(b["nats_stderr"], rel=1e-6), (a, b)
+
+
+def test_2d_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
+    import train_2d
+    ckpts = []
+    for seed in (0, 1):  # two checkpoints, so the ensemble row is there too
+        s = train_2d.main(["--dataset", "scg", "--num_epochs", "2", "--num_points", "300",
+                           "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
+                           "--train_batch_size", "64", "--seed", "0", "--experiment_name", str(seed),
+                           "--learning_rate", str(3e-3 * (1 + seed)), "--log_dir", str(tmp_path),
+                           "--accelerator", "cpu", "--devices", "1", "--num_threads", "0"])
+        ckpts.append(os.path.abspath(s["checkpoint"]))
+    one = evaluate_in("train_2d.py", 1, ckpts, tmp_path / "one.json", "--npoints", "16",
+                      "--eval_batch_size", "7")
+    two = evaluate_in("train_2d.py", 2, ckpts, tmp_path / "two.json", "--npoints", "16")
+    assert {r["model"] for r in one["rows"]} == {"exact", "gaussian", "scg-0/last.ckpt",
+                                                 "scg-1/last.ckpt", "ensemble"}
+    assert_same_tables(one, two)
+
+
+def test_image_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
+    import train_cifar10
+    train_cifar10.main(["--dataset", "fake", "--image_size", "8", "--fake_size", "36",
+                        "--batch_size", "12", "--unet_width", "8", "--num_epochs", "1",
+                        "--val_npoints", "2", "--curve_samples", "4", "--num_samples", "0",
+                        "--num_workers", "0", "--accelerator", "cpu", "--devices", "1",
+                        "--log_dir", str(tmp_path)])
+    ckpt = str(tmp_path / "fake-base" / "checkpoints" / "last.ckpt")
+    flags = ("--npoints", "8", "--eval_batch_size", "3")
+    one = evaluate_in("train_cifar10.py", 1, [ckpt], tmp_path / "one.json", *flags)
+    two = evaluate_in("train_cifar10.py", 2, [ckpt], tmp_path / "two.json", *flags)
+    estimates = {e for _, e in ((r["model"], r["estimate"]) for r in one["rows"])}
+    assert {"continuous", "dequantized", "discrete, no rounding", "discrete, hard rounding",
+            "discrete, soft rounding"} <= estimates
+    assert "ensemble" in {r["model"] for r in one["rows"]}
+    assert_same_tables(one, two)
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads happen once per node, in prepare_data
+# ---------------------------------------------------------------------------------------------
+DOWNLOAD_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import pytorch_lightning as pl
+    import torch as t
+    import datasets
+    from diffusionmodel import DiffusionModel
+
+    log, data_dir = sys.argv[1], sys.argv[2]
+
+    def fake_download(root):  # stands in for torchvision's download: records who called it
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        os.makedirs(os.path.join(root, datasets.CIFAR10_FOLDER), exist_ok=True)
+
+    def fake_files(root):  # and for reading the extracted files
+        g = t.Generator().manual_seed(0)
+        return [t.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=t.uint8) for n in (8, 8)]
+
+    datasets.download_cifar10, datasets._cifar10 = fake_download, fake_files
+
+    class Zero(t.nn.Module):
+        def forward(self, z, logsnr):
+            return t.zeros_like(z)
+
+    data = datasets.Images("cifar10", data_dir, eval_batch_size=4)
+    model = DiffusionModel(Zero(), x_shape=data.x_shape, val_npoints=2)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, datamodule=data, verbose=False)
+    t.distributed.destroy_process_group()
+""")
+
+
+def test_datamodule_downloads_once_for_two_processes(tmp_path):
+    script, log = tmp_path / "download.py", tmp_path / "calls.txt"
+    script.write_text(DOWNLOAD_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(log), str(tmp_path / "data")],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(log.read_text().split()) == 1  # two processes, one download

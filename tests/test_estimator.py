@@ -77,7 +77,7 @@ def assert_unbiased_and_calibrated(est, se, truth, band=(0.7, 1.4)):
 
 
 def test_one_dimensional_formula_by_hand():
-    # itd-math.md: for x ~ N(0, lam) in 1-D with its optimal denoiser eps_hat = g z,
+    # docs/maths.md: for x ~ N(0, lam) in 1-D with its optimal denoiser eps_hat = g z,
     # g = sqrt(s(-a)) / (s(a) lam + s(-a)), the pointwise mse is
     # E(eps - g z)^2 = (1 - g sqrt(s(-a)))^2 + g^2 s(a) x^2, and
     # 1/2 log(2 pi e) + 1/2 Int [mse - s(a)] da = 1/2 log(2 pi lam) + x^2 / (2 lam).
@@ -115,7 +115,7 @@ def expected_sq_error(ref, x, a):
 
 @pytest.mark.parametrize("reference", ["standard", "fitted"])
 def test_control_variate_identity_by_quadrature(reference):
-    # itd-math.md: -log p(x) = -log q(x) + 1/2 Int E_eps[||eps - eps_hat||^2 - ||eps - eps_G||^2] da,
+    # docs/maths.md: -log p(x) = -log q(x) + 1/2 Int E_eps[||eps - eps_hat||^2 - ||eps - eps_G||^2] da,
     # exact for the optimal eps_hat. For Gaussian data both expectations are closed-form, so the
     # integral is done by scipy quadrature and must give the exact -log p (torch.distributions) to
     # quadrature accuracy, with eps_G from the model's reference (N(0, I) or a fitted one).
@@ -235,7 +235,7 @@ def test_training_gradient_is_the_plain_weighted_loss():
     (z, a), = rec.calls
     s = t.sigmoid(a)[:, None]
     eps = (z - s.sqrt() * x) / (1 - s).sqrt()
-    w = utils.logistic_weight(a, LOC, SCALE, CLIP)
+    w = utils.LogisticProposal(LOC, SCALE, CLIP).weight(a)
     plain = (0.5 * w * (eps - rec.inner(z, a)).pow(2).sum(1)).mean()
     plain_grads = t.autograd.grad(plain, list(rec.parameters()))
     for g1, g2 in zip(grads, plain_grads):
@@ -449,8 +449,7 @@ def test_non_finite_loss_stops_training():
 def test_checkpoint_round_trip_keeps_the_fitted_reference(tmp_path):
     dist = mixture_2d()
     x = dist.sample(512, generator=gen(0)).float()
-    dm = DiffusionModel(MLP(2), x_shape=(2,), logsnr_loc=1.5, clip=5., val_npoints=8,
-                        curve_points=8, curve_samples=32)
+    dm = DiffusionModel(MLP(2), x_shape=(2,), logsnr_loc=1.5, clip=5., val_npoints=8)
     dm.fit_reference(x)
     trainer = lightning_trainer(limit_train_batches=4, limit_val_batches=1)
     trainer.fit(dm, loader(x), loader(x[:128], 128))

@@ -57,7 +57,7 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     with open(written) as f:
         saved = json.load(f)
     # The schema a reader of the file relies on.
-    assert saved["schema"] == "itd-eval/1" and saved["script"] == "train_2d.py"
+    assert saved["schema"] == "itd-eval/2" and saved["script"] == "train_2d.py"
     assert saved["dataset"] == "scg" and saved["x_shape"] == [2] and saved["d"] == 2
     assert saved["npoints"] == 16 and saved["grid"] is None
     assert saved["n_scored"] + saved["n_selection"] == 40  # 10% of the 400 points
@@ -132,19 +132,19 @@ def test_eval_errors_are_one_clear_message(scg_runs, tmp_path):
 def test_digits_discrete_rows(tmp_path):
     logs = str(tmp_path / "exps")
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
-    ckpt = os.path.join(logs, "digits", "checkpoints", "last.ckpt")
+    ckpt = os.path.join(logs, "digits-base", "checkpoints", "last.ckpt")
     results = train_cifar10.main(["--eval_only", "--ckpt", ckpt, "--npoints", "8",
                                   "--eval_batch_size", "64"])
     assert results["grid"] == {"delta": 0.125, "lo": -1.0, "levels": 17}  # 17 levels on [-1, 1]
     rows = rows_by(results)
     estimates = {"continuous", "discrete limit", "dequantized", "discrete, no rounding",
                  "discrete, hard rounding", "discrete, soft rounding"}
-    for model in ("gaussian", "digits/last.ckpt", "ensemble"):
+    for model in ("gaussian", "digits-base/last.ckpt", "ensemble"):
         assert {e for m, e in rows if m == model} == estimates
         for e in estimates:
             assert math.isfinite(rows[(model, e)]["nats"])
     # discrete limit = continuous + log2(1 / delta) bits/dim, delta = 1/8: +3 bits/dim
-    for model in ("gaussian", "digits/last.ckpt"):
+    for model in ("gaussian", "digits-base/last.ckpt"):
         assert rows[(model, "discrete limit")]["bpd"] == pytest.approx(
             rows[(model, "continuous")]["bpd"] + 3)
     # The data-matched Gaussian alone already beats a uniform distribution over the 17 levels
@@ -156,7 +156,7 @@ def test_digits_discrete_rows(tmp_path):
     assert rows[("gaussian", "discrete, no rounding")]["bpd"] > math.log2(17)
     # The rounded estimates choose per log SNR among x_hat, its rounding and the Gaussian on held-out
     # data, so they cannot be much worse than the unrounded one (here they are far better).
-    for model in ("gaussian", "digits/last.ckpt", "ensemble"):
+    for model in ("gaussian", "digits-base/last.ckpt", "ensemble"):
         for mode in ("hard", "soft"):
             assert (rows[(model, f"discrete, {mode} rounding")]["nats"]
                     < rows[(model, "discrete, no rounding")]["nats"])
@@ -165,7 +165,7 @@ def test_digits_discrete_rows(tmp_path):
 def test_image_checkpoint_shape_mismatch(tmp_path):
     logs = str(tmp_path / "exps")
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
-    ckpt = os.path.join(logs, "digits", "checkpoints", "last.ckpt")
+    ckpt = os.path.join(logs, "digits-base", "checkpoints", "last.ckpt")
     saved = t.load(ckpt, weights_only=False)
     saved["run_args"]["dataset"] = "fake"  # a digits U-Net pointed at 3x32x32 images
     saved["run_args"]["fake_size"], saved["run_args"]["image_size"] = 8, 16

@@ -1,5 +1,5 @@
-"""Tests of the log-SNR range from the data covariance spectrum (utils.data_spectrum,
-utils.spectrum_logsnr_params), including the test that decides between the paper code's
+"""Tests of the log-SNR range from the data covariance spectrum (the fitted GaussianReference's
+eigenvalues, utils.spectrum_logsnr_params), including the test that decides between the paper code's
 c = 3/pi and the moment-matching c = 3/pi^2 in scale = sqrt(1 + c Var(log lambda)).
 """
 import math
@@ -45,7 +45,7 @@ def test_params_from_data_with_a_known_covariance():
     lam = t.linspace(-5, 1, 6, dtype=t.float64).exp()
     n = 20000
     x = t.distributions.MultivariateNormal(t.zeros(6, dtype=t.float64), rotated(lam, 0)).sample((n,))
-    est = utils.data_spectrum(x)
+    est = utils.GaussianReference(6).double().fit(x).eigvals
     tol = 5 * math.sqrt(2 / n)
     assert ((est.log() - lam.log()).abs() < tol).all()
     for rule in ("paper", "moment"):
@@ -53,40 +53,24 @@ def test_params_from_data_with_a_known_covariance():
         assert got[0] == pytest.approx(true[0], abs=tol) and got[1] == pytest.approx(true[1], abs=tol)
 
 
-def test_spectrum_methods():
+def test_spectrum_with_fewer_samples_than_dimensions_is_ledoit_wolfs():
+    # n <= d: the sample covariance is singular; the reference uses scikit-learn's Ledoit-Wolf
+    # shrinkage, whose spectrum is positive, and the range derived from it is finite
     from sklearn.covariance import ledoit_wolf
-    x = t.randn(40, 6, generator=gen(1), dtype=t.float64) @ t.randn(6, 6, generator=gen(2),
-                                                                    dtype=t.float64)
-    xc = x - x.mean(0)
-    assert t.allclose(utils.data_spectrum(x, "full"), t.linalg.eigvalsh(x.T.cov()))
-    assert t.equal(utils.data_spectrum(x), utils.data_spectrum(x, "full"))
-    assert t.allclose(utils.data_spectrum(x, "diagonal"), x.var(0).sort().values)
-    for data in (xc, xc[:5], xc[:6]):   # n > d, n < d, n = d
-        lw = t.linalg.eigvalsh(t.from_numpy(ledoit_wolf(data.numpy(), assume_centered=True)[0]))
-        assert t.allclose(utils._ledoit_wolf_spectrum(data), lw, rtol=1e-10, atol=1e-12)
-    # n <= d: auto uses Ledoit-Wolf, as GaussianReference.fit does, without a d x d matrix
-    scales = t.linspace(0.1, 2, 3000, dtype=t.float64)
-    wide = t.randn(20, 3000, generator=gen(3), dtype=t.float64) * scales
-    eig = utils.data_spectrum(wide)
-    assert eig.shape == (3000,) and t.isfinite(eig).all() and (eig > 0).all()
-    assert t.allclose(eig, utils.data_spectrum(wide, "ledoit_wolf"))
-    ref = utils.GaussianReference(12).double().fit(x[:5].repeat(1, 2))
-    assert t.allclose(utils.data_spectrum(x[:5].repeat(1, 2)), ref.eigvals.sort().values)
-    loc, scale, clip = utils.spectrum_logsnr_params(eig)
-    assert all(math.isfinite(v) for v in (loc, scale, clip))
+    x = t.randn(5, 12, generator=gen(1), dtype=t.float64)
+    lw = t.linalg.eigvalsh(t.from_numpy(ledoit_wolf((x - x.mean(0)).numpy(), assume_centered=True)[0]))
+    eig = utils.GaussianReference(12).double().fit(x).eigvals
+    assert t.allclose(eig, lw) and (eig > 0).all()
+    assert all(math.isfinite(v) for v in utils.spectrum_logsnr_params(eig))
 
 
 def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="at least 2"):
-        utils.data_spectrum(t.randn(1, 4))
-    with pytest.raises(ValueError, match="never varies"):
-        utils.data_spectrum(t.full((10, 4), 0.3))
+        utils.GaussianReference(4).fit(t.randn(1, 4))
     bad = t.randn(10, 4)
     bad[3, 2] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
-        utils.data_spectrum(bad)
-    with pytest.raises(ValueError, match="method"):
-        utils.data_spectrum(t.randn(10, 4), "pca")
+        utils.GaussianReference(4).fit(bad)
     for eig in ([], [1., 0.], [1., -2.], [float("nan")]):
         with pytest.raises(ValueError, match="eigenvalues"):
             utils.spectrum_logsnr_params(eig)

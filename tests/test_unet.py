@@ -3,15 +3,17 @@ policies, and loading a UNet2DModel from a local folder or the hub cache without
 import math
 import os
 
+import numpy as np
+
 import pytest
 import torch as t
 from diffusers import DDPMScheduler, UNet2DModel
 
-import utils
+import experiment
 from diffusionmodel import DiffusionModel
 from train_cifar10 import (DDPM_CIFAR10, UNetDenoiser, _plain_config, load_unet, logsnr_schedule,
                            logsnr_to_timestep, schedule_logsnr, small_unet_config,
-                           timestep_to_logsnr, unet_from_state_dict)
+                           unet_from_state_dict)
 
 TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
 
@@ -29,7 +31,7 @@ def tiny_denoiser(outside="clamp", seed=0):
 
 
 def test_schedule_range_matches_ddpm():
-    # itd-math.md: DDPM's log SNR runs from +9.21 (t = 0) to -10.12 (t = 999).
+    # DDPM (docs/maths.md)'s log SNR runs from +9.21 (t = 0) to -10.12 (t = 999).
     lo, hi = tiny_denoiser().logsnr_range
     assert hi == pytest.approx(9.21, abs=5e-3) and lo == pytest.approx(-10.12, abs=5e-3)
 
@@ -62,10 +64,13 @@ def test_timestep_memory_is_linear_in_batch():
     assert steps.shape == a.shape and t.isfinite(steps).all()
 
 
-def test_inverse_of_timestep_to_logsnr():
+def test_inverse_of_linear_interpolation():
+    # The table's linear interpolation at continuous timesteps (numpy's interp, independently of
+    # the adapter) maps back to those timesteps.
     table = schedule_logsnr(DDPMScheduler().alphas_cumprod)
     steps = t.rand(1000, dtype=t.float64) * 999
-    back = logsnr_to_timestep(timestep_to_logsnr(steps, table), table)
+    logsnr = t.from_numpy(np.interp(steps.numpy(), np.arange(1000), table.numpy()))
+    back = logsnr_to_timestep(logsnr, table)
     assert (back - steps).abs().max() < 1e-9
 
 
@@ -177,7 +182,7 @@ def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     asked = []
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(experiment.UserError) as err:
         load_unet("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
     message = str(err.value)
     assert asked == [1]  # the network is consulted once, after the cache
@@ -188,7 +193,7 @@ def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
 
 
 def test_bad_pretrained_path():
-    with pytest.raises(utils.UserError, match="no such directory"):
+    with pytest.raises(experiment.UserError, match="no such directory"):
         load_unet("./no/such/folder/")
 
 

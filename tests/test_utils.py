@@ -51,11 +51,11 @@ def test_logistic_weight_is_one_over_a_normalised_density():
     import scipy.integrate
     for loc, scale, clip in ((0., 3., 4.), (LOC, SCALE, CLIP), (-2., 0.7, 9.)):
         def q(a):
-            return 1 / utils.logistic_weight(t.tensor(a, dtype=t.float64), loc, scale, clip).item()
+            return 1 / utils.LogisticProposal(loc, scale, clip).weight(t.tensor(a, dtype=t.float64)).item()
         total, _ = scipy.integrate.quad(q, loc - clip * scale, loc + clip * scale, epsabs=1e-12)
         assert total == pytest.approx(1.0, abs=1e-9)
     # at the centre: q(loc) = 1/4 / (scale tanh(c/2))
-    w0 = utils.logistic_weight(t.tensor(0.), 0., 3., 4.)
+    w0 = utils.LogisticProposal(0., 3., 4.).weight(t.tensor(0.))
     assert w0.item() == pytest.approx(4 * 3 * math.tanh(2), rel=1e-6)
 
 
@@ -65,8 +65,8 @@ def test_logistic_logsnr_is_unbiased(stratified):
     # their average must sit within 4 standard errors (from the spread of the K sets) of the
     # closed form.
     k, n = 4000, 32
-    a, w = utils.logistic_logsnr((k, n), LOC, SCALE, CLIP, stratified=stratified,
-                                 generator=gen(0), dtype=t.float64)
+    a, w = utils.LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
+                                                           generator=gen(0), dtype=t.float64)
     assert a.min() >= LOC - CLIP * SCALE and a.max() <= LOC + CLIP * SCALE
     est = (w * f_test(a)).mean(1)
     se = est.std() / math.sqrt(k)
@@ -81,8 +81,8 @@ def test_stratified_has_lower_variance():
     k, n = 2000, 32
     variances = []
     for stratified in (False, True):
-        a, w = utils.logistic_logsnr((k, n), LOC, SCALE, CLIP, stratified=stratified,
-                                     generator=gen(1), dtype=t.float64)
+        a, w = utils.LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
+                                                               generator=gen(1), dtype=t.float64)
         variances.append((w * f_test(a)).mean(1).var().item())
     assert variances[1] < 0.05 * variances[0]
 
@@ -91,29 +91,39 @@ def test_logistic_quadrature_converges_at_second_order():
     # midpoint rule in quantile space: the error ratio between n and 2n tends to 4
     errors = []
     for n in (16, 32, 64, 128):
-        a, w = utils.logistic_quadrature(n, LOC, SCALE, CLIP, dtype=t.float64)
+        a, w = utils.LogisticProposal(LOC, SCALE, CLIP).quadrature(n, dtype=t.float64)
         errors.append((w * f_test(a)).mean().item() - clipped_integral())
     ratios = [errors[i] / errors[i + 1] for i in range(3)]
     assert all(3.6 < r < 4.4 for r in ratios), ratios
     # deterministic
-    assert t.equal(a, utils.logistic_quadrature(128, LOC, SCALE, CLIP, dtype=t.float64)[0])
+    assert t.equal(a, utils.LogisticProposal(LOC, SCALE, CLIP).quadrature(128, dtype=t.float64)[0])
 
 
 def test_logistic_from_uniform_endpoints():
     # u = 0, 1/2, 1 -> the clipped range's ends and the centre
-    a, w = utils.logistic_from_uniform(t.tensor([0., 0.5, 1.], dtype=t.float64), LOC, SCALE, CLIP,
-                                       dtype=t.float64)
+    q = utils.LogisticProposal(LOC, SCALE, CLIP)
+    a, w = q.from_uniform(t.tensor([0., 0.5, 1.], dtype=t.float64), dtype=t.float64)
     expected = [LOC - CLIP * SCALE, LOC, LOC + CLIP * SCALE]
     assert a.tolist() == pytest.approx(expected, abs=1e-9)
-    assert t.allclose(w, utils.logistic_weight(a, LOC, SCALE, CLIP))
+    assert list(q.range) == pytest.approx([expected[0], expected[2]])
+    assert t.allclose(w, q.weight(a))
+
+
+def test_widened_reaches_the_top_with_the_same_logistic():
+    q = utils.LogisticProposal(LOC, SCALE, CLIP)
+    assert q.widened(q.range[1] - 1) is q  # already reaches it
+    wide = q.widened(14.2)
+    assert (wide.loc, wide.scale) == (q.loc, q.scale) and wide.range[1] == pytest.approx(14.2)
+    assert wide.range[0] == pytest.approx(2 * LOC - 14.2)
 
 
 def test_logistic_respects_generator_and_dtype():
-    a1, w1 = utils.logistic_logsnr((3, 8), 0., 2., generator=gen(5))
-    a2, w2 = utils.logistic_logsnr((3, 8), 0., 2., generator=gen(5))
+    q = utils.LogisticProposal(0., 2.)
+    a1, w1 = q.sample((3, 8), generator=gen(5))
+    a2, w2 = q.sample((3, 8), generator=gen(5))
     assert t.equal(a1, a2) and t.equal(w1, w2)
     assert a1.dtype == w1.dtype == t.float32
-    assert not t.equal(a1, utils.logistic_logsnr((3, 8), 0., 2., generator=gen(6))[0])
+    assert not t.equal(a1, q.sample((3, 8), generator=gen(6))[0])
 
 
 @pytest.mark.parametrize("scale, clip, match", [(0., 4., "logsnr_scale"), (-1., 4., "logsnr_scale"),
@@ -121,11 +131,7 @@ def test_logistic_respects_generator_and_dtype():
                                                 (3., 0., "clip"), (3., -2., "clip")])
 def test_bad_scale_or_clip_raise(scale, clip, match):
     with pytest.raises(ValueError, match=match):
-        utils.logistic_logsnr((4,), 0., scale, clip)
-    with pytest.raises(ValueError, match=match):
-        utils.logistic_quadrature(4, 0., scale, clip)
-    with pytest.raises(ValueError, match=match):
-        utils.logistic_from_uniform(t.rand(4), 0., scale, clip)
+        utils.LogisticProposal(0., scale, clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +234,7 @@ def test_default_reference_is_standard_normal():
     mvn = t.distributions.MultivariateNormal(t.zeros(3, dtype=t.float64), t.eye(3, dtype=t.float64))
     assert t.allclose(ref.nll(x), -mvn.log_prob(x))
     a = t.linspace(-5, 5, 11, dtype=t.float64)
-    assert t.allclose(ref.mmse(a), 3 * t.sigmoid(a))  # d s(a), itd-math.md
+    assert t.allclose(ref.mmse(a), 3 * t.sigmoid(a))  # d s(a), docs/maths.md
     assert t.allclose(ref.eps(x, a[:5]), t.sigmoid(-a[:5]).sqrt().view(-1, 1) * x)
 
 
@@ -243,7 +249,7 @@ def test_reference_nll_and_entropy_match_torch(gaussian):
 
 
 def test_reference_eps_matches_textbook_formula(gaussian):
-    # itd-math.md: x_hat = mu + sqrt(s) Sigma (s Sigma + s(-a) I)^-1 (z - sqrt(s) mu),
+    # docs/maths.md: x_hat = mu + sqrt(s) Sigma (s Sigma + s(-a) I)^-1 (z - sqrt(s) mu),
     # eps = (z - sqrt(s) x_hat) / sqrt(s(-a)), with an explicit matrix inverse
     mean, cov, ref = gaussian
     logsnrs = t.tensor([-9., -2., 0., 1.5, 10.], dtype=t.float64)
@@ -391,50 +397,6 @@ def test_mse_quantiles_nan_when_a_level_is_never_reached():
     assert all(math.isnan(v) for v in utils.suggest_logsnr_params(a, mse, d))
     # a curve already above a level at the first grid point gives that point
     assert utils.mse_quantiles(a, np.full_like(a, d * 0.9), d)[0] == a[0]
-
-
-def test_gap_logsnr_params_on_a_synthetic_gap():
-    # gap = mmse_ref - mse shaped as a logistic density with (loc, scale): its median is loc,
-    # its quartiles loc -+ scale ln 3 and its [1e-3, 1 - 1e-3] quantiles loc -+ scale logit(1 - 1e-3)
-    loc, scale, d = -1.2, 1.8, 3
-    a = np.linspace(-40, 40, 8001)
-    v = (a - loc) / scale
-    density = 1 / (np.exp(v / 2) + np.exp(-v / 2)) ** 2
-    mmse_ref = d / (1 + np.exp(-a))
-    got = utils.gap_logsnr_params(a, mmse_ref - 0.7 * density, mmse_ref, tail=1e-3)
-    assert got[0] == pytest.approx(loc, abs=0.02)
-    assert got[1] == pytest.approx(scale, abs=0.02)
-    assert got[2] == pytest.approx(math.log(999), abs=0.02)
-    # a gap of either sign counts; a short tail gives the minimum clip
-    got = utils.gap_logsnr_params(a, mmse_ref + 0.7 * density, mmse_ref, tail=0.05)
-    assert got[0] == pytest.approx(loc, abs=0.02) and got[2] == 4.0
-    with pytest.raises(ValueError, match="no gap"):
-        utils.gap_logsnr_params(a, mmse_ref, mmse_ref)
-
-
-def test_gap_logsnr_params_asymmetric_gap():
-    # a gap with a heavy upper tail (two logistic bumps): the quantiles of its closed-form CDF
-    # F(a) = 0.8 s((a - 0)/1) + 0.2 s((a - 6)/2), found by root finding, give the expected
-    # loc = median, scale = IQR / (2 ln 3) and clip = the larger of the two tail distances / scale
-    import scipy.optimize
-    from scipy.special import expit
-
-    def cdf(v):
-        return 0.8 * expit(v) + 0.2 * expit((v - 6) / 2)
-
-    def quantile(q):
-        return scipy.optimize.brentq(lambda v: cdf(v) - q, -60, 80, xtol=1e-12)
-
-    a = np.linspace(-40, 60, 20001)
-    density = 0.8 * expit(a) * expit(-a) + 0.2 / 2 * expit((a - 6) / 2) * expit(-(a - 6) / 2)
-    mmse_ref = 2 / (1 + np.exp(-a))
-    loc, scale, clip = utils.gap_logsnr_params(a, mmse_ref - density, mmse_ref, tail=1e-3)
-    exp_loc, exp_scale = quantile(0.5), (quantile(0.75) - quantile(0.25)) / (2 * math.log(3))
-    assert loc == pytest.approx(exp_loc, abs=0.01)
-    assert scale == pytest.approx(exp_scale, abs=0.01)
-    upper, lower = (quantile(1 - 1e-3) - exp_loc) / exp_scale, (exp_loc - quantile(1e-3)) / exp_scale
-    assert upper > lower + 1
-    assert clip == pytest.approx(upper, abs=0.02)
 
 
 def test_nats_to_bpd():

@@ -1,0 +1,735 @@
+"""The spine both scripts share: command-line flags, the Trainer, run folders, checkpoints, the
+evaluation of checkpoints through the Trainer, and the error path. A script adds only its own
+denoiser, data and figures (see the README's layout table)."""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import pytorch_lightning as pl
+import torch as t
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+import utils
+from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser, GridRounding, bin_edges
+from diffusionmodel import heldout_errors
+
+RESULTS_SCHEMA = "itd-eval/2"
+SELECTION_STREAM = 1 << 40  # seed offset of the ensemble choice's random numbers
+HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (missing data, weights or files): printed without a traceback."""
+
+
+def run_cli(main):
+    """Runs main(); a user error ends with one line on stderr and exit status 2. A process group
+    left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if t.distributed.is_available() and t.distributed.is_initialized():
+            t.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" only where the help does not already say the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
+def str2bool(value):
+    """argparse type for booleans that parse: 'False', 'no', '0' are false."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def positive(kind):
+    """argparse type: a number of the given kind that must be > 0."""
+    def parse(value):
+        number = kind(value)
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return number
+    return parse
+
+
+def per_dataset(defaults, key, text=""):
+    """Help text naming a flag's per-dataset defaults."""
+    return (text + "; " if text else "") + "default: " + ", ".join(
+        f"{name} {values[key]:g}" if isinstance(values[key], float) else f"{name} {values[key]}"
+        for name, values in defaults.items())
+
+
+def build_parser(description, datasets, defaults):
+    """A parser with the flags both scripts share; `defaults` maps each dataset to the values of
+    the flags left at None (apply_defaults)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", default=None, choices=datasets,
+                   help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
+    group = p.add_argument_group("log-SNR importance distribution (logistic, truncated)")
+    group.add_argument("--logsnr_loc", type=float, default=None,
+                       help=per_dataset(defaults, "logsnr_loc", "its location; the run's summary "
+                                        "and MSE-curve figure suggest a value"))
+    group.add_argument("--logsnr_scale", type=positive(float), default=None,
+                       help=per_dataset(defaults, "logsnr_scale", "its scale"))
+    group.add_argument("--clip", type=positive(float), default=4.,
+                       help="the log-SNR integral covers loc +- clip * scale")
+    group = p.add_argument_group("training")
+    group.add_argument("--num_epochs", type=positive(int), default=None,
+                       help=per_dataset(defaults, "num_epochs"))
+    group.add_argument("--learning_rate", type=positive(float), default=None,
+                       help=per_dataset(defaults, "learning_rate", "peak learning rate of Adam"))
+    group = p.add_argument_group("validation and figures")
+    group.add_argument("--eval_batch_size", type=positive(int), default=None,
+                       help=per_dataset(defaults, "eval_batch_size", "samples per evaluation batch"))
+    group.add_argument("--val_npoints", type=positive(int), default=None,
+                       help=per_dataset(defaults, "val_npoints", "(log SNR, noise) points per "
+                                        "validation sample (a power of two)"))
+    group.add_argument("--val_every", type=positive(int), default=None,
+                       help="validate every this many epochs, and after the last one "
+                            "(default: num_epochs // 10)")
+    group.add_argument("--num_samples", type=int, default=None,
+                       help=per_dataset(defaults, "num_samples", "model samples drawn for the "
+                                        "figures (0: none)"))
+    group.add_argument("--sample_steps", type=positive(int), default=100,
+                       help="steps of the deterministic sampler")
+    group = p.add_argument_group("output")
+    group.add_argument("--log_dir", default="exps",
+                       help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
+    group.add_argument("--experiment_name", default="base", help="the run's name")
+    group = p.add_argument_group("trainer (PyTorch Lightning)")
+    group.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto")
+    group.add_argument("--devices", default="auto",
+                       help="number of devices, a list like 0,1, or auto")
+    group.add_argument("--strategy", default="auto", help="e.g. ddp")
+    group.add_argument("--num_nodes", type=positive(int), default=1, help="machines for multi-node DDP")
+    group.add_argument("--precision", default="32-true",
+                       help="32-true, 64-true, bf16-mixed or 16-mixed (losses stay float32)")
+    group.add_argument("--seed", type=int, default=0, help="seeds data splits, init and noise")
+    group = p.add_argument_group("evaluation of trained checkpoints (instead of training)")
+    group.add_argument("--eval_only", action="store_true",
+                       help="evaluate --ckpt on the validation data: a table of E[-log p] (nats, "
+                            "bits/dim, standard errors), printed and written as JSON")
+    group.add_argument("--ckpt", nargs="+", default=None, metavar="PATH",
+                       help="checkpoint(s) written by this script; with several, their ensemble "
+                            "(with the data-matched Gaussian) is scored too")
+    group.add_argument("--npoints", type=positive(int), default=128,
+                       help="(log SNR, noise) points per sample and estimate: 4 independent "
+                            "randomised Sobol sets of npoints / 4 (a power of 2, >= 8)")
+    group.add_argument("--select_fraction", type=float, default=0.5,
+                       help="part of the validation data held out to choose, per log SNR, between "
+                            "ensemble members and rounded variants; every row is scored on the rest")
+    group.add_argument("--results", default=None, metavar="JSON",
+                       help="where the table goes (default: eval-<checkpoint name>.json next to the "
+                            "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
+    return p
+
+
+def apply_defaults(parser, args, defaults, without_ckpt=False):
+    """Fills the flags left at None from the dataset's defaults and checks the shared flags.
+    without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
+    if args.precision in HALF_TRUE:
+        parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
+                     "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
+    if args.eval_only:
+        if not args.ckpt and not without_ckpt:
+            parser.error("--eval_only needs --ckpt PATH [PATH ...]")
+        if args.npoints < 8 or args.npoints & (args.npoints - 1):
+            parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
+        if not 0 < args.select_fraction < 1:
+            parser.error(f"argument --select_fraction: must be in (0, 1), got {args.select_fraction}")
+        if args.ckpt:
+            return args  # everything else comes from the checkpoints
+    elif args.ckpt:
+        parser.error("argument --ckpt: only used with --eval_only")
+    args.dataset = args.dataset or list(defaults)[0]
+    for key, value in defaults[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.val_every is None:
+        args.val_every = max(1, args.num_epochs // 10)
+    return args
+
+
+def show_progress():
+    """The progress display: Lightning's bar on a terminal, one line at a time in a log."""
+    return TQDMProgressBar() if sys.stdout.isatty() else LineProgress()
+
+
+class LineProgress(ProgressBar):
+    """Progress for a log file: one line per training epoch with its metrics, and during
+    validation and evaluation at most one line every `every` seconds."""
+
+    def __init__(self, every=10.):
+        super().__init__()
+        self.every, self.enabled, self._last = every, True, time.time()
+
+    def disable(self):
+        self.enabled = False
+
+    def enable(self):
+        self.enabled = True
+
+    @rank_zero_only
+    def _say(self, text):
+        if self.enabled:
+            print(text, flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        shown = dict(self.get_metrics(trainer, pl_module))
+        shown.pop("v_num", None)
+        if "val_loss" in trainer.callback_metrics:
+            shown["val_loss"] = float(trainer.callback_metrics["val_loss"])
+        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in shown.items())
+        self._say(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {metrics}")
+
+    def _tick(self, label, batch_idx, total):
+        now = time.time()
+        if now - self._last >= self.every:
+            self._last = now
+            self._say(f"{label}: batch {batch_idx + 1} of {int(total)}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        self._tick("validation", batch_idx, trainer.num_val_batches[dataloader_idx])
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._tick(getattr(pl_module, "phase", "test"), batch_idx,
+                   trainer.num_test_batches[dataloader_idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer and run folders
+# ---------------------------------------------------------------------------------------------
+class RunLogger(TensorBoardLogger):
+    """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ... : a run never overwrites another.
+    The free name is chosen when the folder is first needed, by global rank 0 (Lightning shares
+    rank 0's log_dir with the other processes), so failed starts leave nothing behind."""
+
+    def __init__(self, log_dir, run, resume=False):
+        super().__init__(log_dir, name="", version=run if resume else None, default_hp_metric=False)
+        self.run = run
+
+    def _get_next_version(self):
+        path, k = self.run, 1
+        while os.path.exists(os.path.join(self.root_dir, path)):
+            k += 1
+            path = f"{self.run}-{k}"
+        return path
+
+
+def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
+    """A Trainer from the shared flags, or a UserError for settings Lightning rejects; nothing is
+    written yet. With `run` (a name, or the folder of a run to resume) it logs to TensorBoard and
+    checkpoints the best val_loss and the last epoch into <run folder>/checkpoints, each with the
+    run's arguments ("run_args"), so a checkpoint alone rebuilds its model and data."""
+    class RunArgs(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            checkpoint["run_args"] = dict(vars(args), script=script)
+
+    logger = False
+    if run is not None:
+        resume = os.path.isdir(run)
+        logger = (RunLogger(os.path.dirname(os.path.abspath(run)), os.path.basename(run), True)
+                  if resume else RunLogger(args.log_dir, run))
+        callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}", save_last=True),
+                     RunArgs(), ValidateLastEpoch(), *callbacks]
+    try:
+        return pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
+                          strategy=args.strategy, num_nodes=args.num_nodes,
+                          precision=args.precision, logger=logger,
+                          callbacks=[show_progress(), *callbacks], **kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
+                        f"{args.devices} --strategy {args.strategy} --precision "
+                        f"{args.precision}): {str(err).splitlines()[0]}") from None
+
+
+class ValidateLastEpoch(pl.Callback):
+    """Validation after the last epoch whatever the interval, so the final val_loss (and the
+    summary) belongs to the final model; `step` is the step of the last validation."""
+
+    step = -1
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def fit(trainer, model, data, ckpt_path=None):
+    """trainer.fit, then a validation of the final model if training stopped elsewhere than at
+    the end of an epoch that validated (--max_steps)."""
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    last = next((c for c in trainer.callbacks if isinstance(c, ValidateLastEpoch)), None)
+    if last is not None and last.step != trainer.global_step:
+        trainer.validate(model, datamodule=data, verbose=False)
+
+
+class FitReference(pl.Callback):
+    """The data-matched Gaussian reference, fitted at the start of training on the datamodule's
+    reference_data() (a resumed run keeps its checkpoint's); its -log q of the validation data
+    is logged as gaussian_val_loss / gaussian_val_bpd, the numbers val_loss and val_bpd must beat,
+    and kept in `baseline`. describe(trainer, model, baseline) -> text is printed then (rank 0)."""
+
+    def __init__(self, describe=None):
+        self.describe, self.baseline = describe, None
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and trainer.ckpt_path is None:
+            pl_module.fit_reference(trainer.datamodule.reference_data())
+
+    def on_fit_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        val = trainer.datamodule.val_data().to(pl_module.reference.mean)
+        nats = pl_module.reference.nll(val).mean().item()
+        self.baseline = {"gaussian_val_loss": nats,
+                         "gaussian_val_bpd": utils.nats_to_bpd(nats, pl_module.d)}
+        if trainer.logger:
+            trainer.logger.log_metrics(self.baseline, step=0)
+        if self.describe is not None:
+            print(self.describe(trainer, pl_module, self.baseline), flush=True)
+
+
+def summarize(trainer, model, curve, baseline, start):
+    """The end of a run as a dict: validation E[-log p] beside the Gaussian baseline, where the
+    last MSE curve stands against the Gaussian MMSE and what it suggests, where things went."""
+    metrics, log_dir = trainer.callback_metrics, trainer.logger.log_dir
+    s = dict(epochs=trainer.current_epoch, steps=trainer.global_step,
+             wall_time_s=time.time() - start, run_dir=shown_path(log_dir),
+             checkpoint=shown_path(trainer.checkpoint_callback.last_model_path),
+             best_checkpoint=shown_path(trainer.checkpoint_callback.best_model_path),
+             val_nll=float(metrics["val_loss"]), val_nll_stderr=float(metrics["val_loss_stderr"]),
+             d=model.d, **baseline)
+    if curve.last is not None:
+        c = curve.last
+        s.update(suggested_logsnr_loc=c["suggested"][0], suggested_logsnr_scale=c["suggested"][1],
+                 curve_below=int((c["mse"] <= c["mmse"]).sum()), curve_points=len(c["logsnrs"]),
+                 curve_range=[float(c["logsnrs"][0]), float(c["logsnrs"][-1])])
+    return s
+
+
+def summary_lines(s):
+    """The lines of a summarize() dict that both scripts print."""
+    lines = [f"{s['epochs']} epochs ({s['steps']} steps) in {s['wall_time_s']:.1f} s",
+             f"  validation E[-log p] = {s['val_nll']:.4f} +- {s['val_nll_stderr']:.4f} nats = "
+             f"{utils.nats_to_bpd(s['val_nll'], s['d']):.4f} bits/dim",
+             f"  (data-matched Gaussian: {s['gaussian_val_loss']:.4f} nats = "
+             f"{s['gaussian_val_bpd']:.4f} bits/dim)"]
+    if "curve_below" in s:
+        lines.append(f"  MSE curve below the Gaussian MMSE at {s['curve_below']} of "
+                     f"{s['curve_points']} log SNRs in [{s['curve_range'][0]:.1f}, "
+                     f"{s['curve_range'][1]:.1f}]")
+        if math.isfinite(s["suggested_logsnr_loc"]) and math.isfinite(s["suggested_logsnr_scale"]):
+            lines.append(f"  MSE curve suggests --logsnr_loc {s['suggested_logsnr_loc']:.2f} "
+                         f"--logsnr_scale {s['suggested_logsnr_scale']:.2f}")
+    return lines + [f"  logs:        {s['run_dir']}", f"  checkpoint:  {s['checkpoint']}",
+                    f"  view with:   tensorboard --logdir {os.path.dirname(s['run_dir']) or '.'}"]
+
+
+def shown_path(path):
+    """A path as printed: relative to the working directory when inside it, else absolute."""
+    if not path:
+        return path
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
+def _devices(value):
+    """--devices as Lightning takes it: 'auto', a count, or a list like '0,1'."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def load_checkpoint(path, script):
+    """A checkpoint written by `script` (its run arguments are saved with it), or a UserError
+    saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = t.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, not a torch file, ...: all mean the same to the user
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from None
+    saved = ckpt.get("run_args") if isinstance(ckpt, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    if (saved.get("script") != script or not isinstance(ckpt.get("state_dict"), dict)
+            or not isinstance(ckpt.get("hyper_parameters"), dict)):
+        raise UserError(f"{path} is not a checkpoint written by {script}"
+                        + (f" (it comes from {saved['script']})" if saved.get("script")
+                           else " (it holds no saved run arguments)"))
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, denoiser):
+    """The trained DiffusionModel of a loaded checkpoint around `denoiser` (rebuilt by the
+    script from the checkpoint), in eval mode."""
+    model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def checkpoints_data(args, ckpts, keys, defaults):
+    """The run arguments that fix the evaluation data, checked to agree across checkpoints and
+    with --dataset; flags left unset take the checkpoints' dataset's defaults."""
+    first = {k: ckpts[0]["run_args"].get(k) for k in keys}
+    for path, ckpt in zip(args.ckpt[1:], ckpts[1:]):
+        other = {k: ckpt["run_args"].get(k) for k in keys}
+        if other != first:
+            diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in keys if first[k] != other[k])
+            raise UserError(f"{args.ckpt[0]} and {path} were trained on different data ({diff}): "
+                            "an ensemble needs one data set")
+    if args.dataset is not None and args.dataset != first["dataset"]:
+        raise UserError(f"--dataset {args.dataset}, but {args.ckpt[0]} was trained on "
+                        f"{first['dataset']}")
+    for key, value in defaults[first["dataset"]].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return first
+
+
+def checkpoint_names(paths):
+    """Short unique names for the table: RUN/last.ckpt for RUN/checkpoints/last.ckpt."""
+    names = []
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if os.path.basename(folder) == "checkpoints":
+            name = f"{os.path.basename(os.path.dirname(folder))}/{name}"
+        names.append(name if name not in names else f"{name} ({len(names) + 1})")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation through the Trainer
+# ---------------------------------------------------------------------------------------------
+class Evaluation(pl.LightningModule):
+    """The evaluation table of trained DiffusionModels as two Trainer.test passes.
+
+    "select" scores every candidate denoiser (the data-matched Gaussian, each model and, for grid
+    data, their hard and soft roundings) per log-SNR bin on the selection samples; the ensembles
+    and rounding choices follow from those held-out errors. "score" computes every row on the
+    scoring samples. Samples are sharded across processes; every draw is named by (seed, sample
+    index), and the per-sample values are gathered in index order, so the table is the same for
+    any number of processes and any batch size.
+
+    Rows, per model (the Gaussian, each model, their ensemble): continuous, -log p(x); and for
+    grid data (delta, lo, levels): discrete limit (a unit change, not a bound), dequantized (an
+    upper bound on -log P), and the direct discrete estimate without rounding and with hard or
+    soft rounding chosen per log SNR, over a range extended to utils.grid_resolved_logsnr.
+    """
+
+    def __init__(self, models, names, x_select, x_score, seed=0, npoints=128, grid=None,
+                 batch_size=256, bins=48):
+        super().__init__()
+        self.models, self.names = t.nn.ModuleList(models), list(names)
+        first = models[0]
+        self.gaussian = first.with_denoiser(GaussianDenoiser(first.reference))
+        self.data = {"select": x_select, "score": x_score}
+        self.seed, self.npoints, self.grid, self.batch_size = seed, npoints, grid, batch_size
+        self.edges = {"continuous": bin_edges(first.proposal.range, bins)}
+        if grid is not None:
+            top = utils.grid_resolved_logsnr(grid[0])
+            ranges = [m.proposal.widened(top).range for m in models]
+            self.edges["discrete"] = bin_edges((min(r[0] for r in ranges),
+                                                max(r[1] for r in ranges)), bins)
+        self.phase, self.parts, self.heldout, self.rows, self.per_sample = "select", [], {}, [], {}
+
+    # -- the candidates and the rows
+    def _bases(self):
+        return [GaussianDenoiser(self.models[0].reference)] + list(self.models)
+
+    def _candidates(self, kind):
+        """(z, a) -> candidate predictions: the bases, then (discrete) their hard and soft roundings."""
+        bases = self._bases()
+        if kind == "continuous":
+            return lambda z, a: [b(z, a) for b in bases]
+        delta, lo, levels = self.grid
+        hard, soft = (GridRounding(None, delta, mode, lo, levels) for mode in ("hard", "soft"))
+
+        def predict(z, a):
+            eps = [b(z, a) for b in bases]
+            return (eps + [hard.round_eps(z, a, e) for e in eps]
+                    + [soft.round_eps(z, a, e) for e in eps])
+        return predict
+
+    def _ensemble(self, kind, columns, like):
+        """The Ensemble of the candidate columns, chosen on the held-out errors, as a model."""
+        bases = self._bases()
+        modules = bases
+        if kind == "discrete":
+            delta, lo, levels = self.grid
+            modules = bases + [GridRounding(b, delta, mode, lo, levels)
+                               for mode in ("hard", "soft") for b in bases]
+        return Ensemble.from_heldout([modules[c] for c in columns], self.edges[kind],
+                                     self.heldout[kind][columns]).as_model(like)
+
+    def _jobs(self):
+        """(model name, estimate, fn(x, index) -> per-sample nats) for every computed row."""
+        n, seed, grid = len(self.models), self.seed, self.grid
+        # (row, model, the bases it may round: columns of the held-out errors)
+        entries = [("gaussian", self.gaussian, [0])]
+        entries += [(name, m, [1 + i]) for i, (name, m) in enumerate(zip(self.names, self.models))]
+        entries.append(("ensemble", self._ensemble("continuous", list(range(n + 1)),
+                                                    self.models[0]), list(range(n + 1))))
+        jobs = []
+        for name, model, bases in entries:
+            jobs.append((name, "continuous", _continuous(model, self.npoints, seed)))
+            if grid is None:
+                continue
+            delta, lo, levels = grid
+            like = self.models[0] if name in ("gaussian", "ensemble") else model
+            wide = like.proposal.widened(utils.grid_resolved_logsnr(delta))
+            jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, delta)))
+            plain = model if name != "ensemble" else self._ensemble("discrete", bases, like)
+            # the rounded rows choose per log SNR among the Gaussian, the bases and their roundings
+            jobs.append((name, "discrete, no rounding",
+                         _discrete(plain, self.npoints, seed, grid, wide)))
+            for k, mode in enumerate(("hard", "soft"), 1):
+                columns = sorted(set([0] + bases + [c + k * (n + 1) for c in bases]))
+                jobs.append((name, f"discrete, {mode} rounding",
+                             _discrete(self._ensemble("discrete", columns, like), self.npoints,
+                                       seed, grid, wide)))
+        return jobs
+
+    # -- Lightning hooks
+    def test_dataloader(self):
+        x = self.data[self.phase]
+        shard = range(self.global_rank, len(x), self.trainer.world_size)
+        return t.utils.data.DataLoader(_Keyed(x, shard), batch_size=self.batch_size)
+
+    def on_test_epoch_start(self):
+        self.parts, self._start = [], time.time()
+        if self.phase == "score":
+            self.jobs = self._jobs()
+
+    def test_step(self, batch, batch_idx):
+        index, x = batch
+        if self.phase == "select":
+            seed = utils.stream_seed(t.Generator().manual_seed(self.seed + SELECTION_STREAM))
+            values = [heldout_errors(self._candidates(kind), x, index, seed, edges).flatten(1)
+                      for kind, edges in self.edges.items()]
+        else:
+            values = [fn(x, index).double().view(-1, 1) for _, _, fn in self.jobs]
+        self.parts.append((index, t.cat(values, 1)))
+        if batch_idx == 1 and self.trainer.num_test_batches[0] > 2 and self.trainer.is_global_zero:
+            left = (time.time() - self._start) / 2 * (self.trainer.num_test_batches[0] - 2)
+            print(f"{self.phase}: about {left:.0f} s left for this part", flush=True)
+
+    def on_test_epoch_end(self):
+        x = self.data[self.phase]
+        values = _gather_rows(self, self.parts, len(x))
+        if self.phase == "select":
+            start = 0
+            for kind, edges in self.edges.items():
+                bins = len(edges) - 1
+                m = (len(self.models) + 1) * (1 if kind == "continuous" else 3)
+                block = values[:, start:start + bins * m].view(len(x), bins, m)
+                self.heldout[kind] = block.mean(0).T  # candidates x bins
+                start += bins * m
+            return
+        d = self.models[0].d
+        for j, (name, estimate, _) in enumerate(self.jobs):
+            self.per_sample[(name, estimate)] = values[:, j]
+        rows = []
+        for name, estimate, _ in self.jobs:
+            rows.append((name, estimate, self.per_sample[(name, estimate)]))
+            if estimate == "continuous" and self.grid is not None:
+                limit = utils.discrete_limit_nats(self.per_sample[(name, estimate)], self.grid[0], d)
+                self.per_sample[(name, "discrete limit")] = limit
+                rows.append((name, "discrete limit", limit))
+        self.rows = [table_row(name, estimate, nll, d) for name, estimate, nll in rows]
+
+    def evaluations_per_sample(self):
+        """Denoiser evaluations per selection sample and per scored sample (for the log)."""
+        n = len(self.models)  # the Gaussian's evaluations cost next to nothing
+        select = sum((len(e) - 1) * n for e in self.edges.values())
+        per_row = 5 if self.grid is not None else 1  # continuous, dequantized, 3 discrete
+        return select, self.npoints * per_row * (n + 1)
+
+
+class _Keyed(t.utils.data.Dataset):
+    """(index, x[index]) for the indices of one shard."""
+
+    def __init__(self, x, indices):
+        self.x, self.indices = x, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.indices[i], self.x[self.indices[i]]
+
+
+def _gather_rows(module, parts, n):
+    """Every process's (index, values) rows as one (n, k) float64 CPU tensor in index order."""
+    world = module.trainer.world_size
+    if parts:
+        index = t.cat([p[0] for p in parts]).to(module.device)
+        values = t.cat([p[1] for p in parts]).to(module.device, t.float64)
+    else:
+        index = t.zeros(0, dtype=t.int64, device=module.device)
+        values = t.zeros(0, 0, dtype=t.float64, device=module.device)
+    if world > 1:
+        size = -(-n // world)  # shard sizes differ by at most one
+        width = int(module.trainer.strategy.reduce(t.tensor(values.shape[1], device=module.device),
+                                                   reduce_op="max"))
+        padded = t.full((size,), -1, dtype=t.int64, device=module.device)
+        padded[:len(index)] = index
+        rows = t.zeros(size, width, dtype=t.float64, device=module.device)
+        rows[:len(values), :values.shape[1]] = values
+        index, values = module.all_gather(padded).flatten(0, 1), module.all_gather(rows).flatten(0, 1)
+    keep = index >= 0
+    out = t.zeros(n, values.shape[1], dtype=t.float64)
+    out[index[keep].cpu()] = values[keep].cpu()
+    return out
+
+
+def _continuous(model, npoints, seed, dequantize=None):
+    """fn(x, index): -log p(x), or with a bin width the dequantized estimate -log p(x + delta
+    (U - 1/2)) - d log delta (U named by (seed, index))."""
+    def fn(x, index):
+        if dequantize is None:
+            return model.nll_points(x, npoints, generator=t.Generator().manual_seed(seed),
+                                    index=index)[0]
+        x = utils.dequantize(x, dequantize, seed, index)
+        nll = model.nll_points(x, npoints, generator=t.Generator().manual_seed(seed), index=index)[0]
+        return utils.discrete_limit_nats(nll, dequantize, model.d)
+    return fn
+
+
+def _discrete(model, npoints, seed, grid, proposal):
+    delta, lo, levels = grid
+
+    def fn(x, index):
+        return model.nll_discrete_points(x, delta, npoints, lo=lo, levels=levels, index=index,
+                                         generator=t.Generator().manual_seed(seed),
+                                         proposal=proposal)[0]
+    return fn
+
+
+def table_row(model, estimate, nll, d):
+    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr} from per-sample values: the
+    standard error sqrt(Var_i(nll_i) / N) covers the data and the log-SNR integral together."""
+    nll = nll.double()
+    mean, stderr = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item()
+    return dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
+                bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d))
+
+
+def format_results(rows):
+    """The table as text: one line per (model, estimate)."""
+    lines = [f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} {'+-':>7}"]
+    for r in rows:
+        lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
+                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}")
+    return "\n".join(lines)
+
+
+def results_path(args, names, results_dir=None):
+    """--results, or eval-<first checkpoint's name>.json next to it (in results_dir when there is
+    no checkpoint), made unique: an existing file is never overwritten."""
+    if args.results:
+        path = args.results
+    elif args.ckpt:
+        stem = os.path.splitext(os.path.basename(args.ckpt[0]))[0]
+        path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt[0])), f"eval-{stem}.json")
+    else:
+        stem = names[0].replace("/", "-").replace(" ", "_")
+        path = os.path.join(results_dir or ".", f"eval-{stem}.json")
+    root, ext = os.path.splitext(path)
+    k = 2
+    while os.path.exists(path):
+        path, k = f"{root}-{k}{ext}", k + 1
+    return path
+
+
+def claim_results_file(path):
+    """Creates the results file now, empty, so a bad path fails before the evaluation."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "x").close()
+    except OSError as err:
+        raise UserError(f"cannot write the results to {path}: {err.strerror or err}") from None
+
+
+def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None, results_dir=None):
+    """--eval_only for either script: the Evaluation table of `models` on x (split once, seeded,
+    into selection and scoring parts), through a Trainer built from the device flags; printed and
+    written as JSON by global rank 0 (never over an existing file)."""
+    start = time.time()
+    trainer = make_trainer(args, inference_mode=True, enable_model_summary=False,
+                           enable_checkpointing=False, use_distributed_sampler=False)
+    if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+        raise UserError(f"--strategy {args.strategy}: evaluation keeps its selection between two "
+                        "passes, which spawned processes lose; use --strategy ddp (or torchrun, "
+                        "SLURM)")
+    n_select = int(round(args.select_fraction * len(x)))
+    perm = t.randperm(len(x), generator=t.Generator().manual_seed(args.seed))
+    x_select, x_score = x[perm[:n_select]], x[perm[n_select:]]
+    if len(x_score) < 2 or n_select < 2:
+        raise UserError(f"{len(x)} samples are too few to split into selection and scoring parts")
+    evaluation = Evaluation(models, names, x_select, x_score, args.seed, args.npoints, grid,
+                            args.eval_batch_size)
+    path = results_path(args, names, results_dir)
+    if trainer.is_global_zero:
+        claim_results_file(path)
+        select, score = evaluation.evaluations_per_sample()
+        print(f"evaluating {len(names)} model(s) on {len(x_score)} scored samples "
+              f"({n_select} for selection) with {trainer.world_size} process(es): "
+              f"{select} + {score} denoiser evaluations per sample, "
+              f"{select * n_select + score * len(x_score):,} in all", flush=True)
+    try:
+        for phase in ("select", "score"):
+            evaluation.phase = phase
+            trainer.test(evaluation, verbose=False)
+    except BaseException:
+        if trainer.is_global_zero and os.path.exists(path):
+            os.remove(path)  # nothing half-written stays behind
+        raise
+    rows, d = evaluation.rows, models[0].d
+    if exact_nll is not None:  # on the same scored points
+        rows.insert(0, table_row("exact", "continuous", exact_nll(x_score.cpu()), d))
+    results = dict(schema=RESULTS_SCHEMA, **(info or {}),
+                   checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
+                   x_shape=list(models[0].x_shape), d=d, units="nats per sample; bits/dim",
+                   npoints=args.npoints, seed=args.seed, select_fraction=args.select_fraction,
+                   n_scored=len(x_score), n_selection=n_select,
+                   grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),
+                   world_size=trainer.world_size, rows=rows, wall_time_s=time.time() - start)
+    if trainer.is_global_zero:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(format_results(rows))
+        print(f"written to {shown_path(path)}")
+    return dict(results, per_sample=evaluation.per_sample, path=path)
