@@ -62,7 +62,7 @@ def test_split_is_seeded_disjoint_and_complete():
 
 def test_scg_exact_density_and_entropy():
     # -log p against scipy's multivariate normal, and the entropy against the reference value
-    # log(2 pi e) + 1/2 log(1 - rho^2) = 1.2185 nats (itd-math.md)
+    # log(2 pi e) + 1/2 log(1 - rho^2) = 1.2185 nats (docs/maths.md)
     rho = -0.495 / 0.505
     x = datasets.get_2d_dataset("scg", n=4000)
     truth = -scipy.stats.multivariate_normal([0, 0], [[1, rho], [rho, 1]]).logpdf(x.double().numpy())
