@@ -593,25 +593,15 @@ class _Keyed(t.utils.data.Dataset):
 
 def _gather_rows(module, parts, n):
     """Every process's (index, values) rows as one (n, k) float64 CPU tensor in index order."""
-    world = module.trainer.world_size
-    if parts:
-        index = t.cat([p[0] for p in parts]).to(module.device)
-        values = t.cat([p[1] for p in parts]).to(module.device, t.float64)
-    else:
-        index = t.zeros(0, dtype=t.int64, device=module.device)
-        values = t.zeros(0, 0, dtype=t.float64, device=module.device)
-    if world > 1:
-        size = -(-n // world)  # shard sizes differ by at most one
-        width = int(module.trainer.strategy.reduce(t.tensor(values.shape[1], device=module.device),
-                                                   reduce_op="max"))
-        padded = t.full((size,), -1, dtype=t.int64, device=module.device)
-        padded[:len(index)] = index
-        rows = t.zeros(size, width, dtype=t.float64, device=module.device)
-        rows[:len(values), :values.shape[1]] = values
-        index, values = module.all_gather(padded).flatten(0, 1), module.all_gather(rows).flatten(0, 1)
-    keep = index >= 0
+    index = t.cat([p[0] for p in parts]).to(module.device)
+    values = t.cat([p[1] for p in parts]).to(module.device, t.float64)
+    if module.trainer.world_size > 1:  # shards differ in size by at most one: pad, then gather
+        size = -(-n // module.trainer.world_size)
+        index = t.cat([index, index.new_full((size - len(index),), -1)])
+        values = t.cat([values, values.new_zeros(size - len(values), values.shape[1])])
+        index, values = module.all_gather(index).flatten(0, 1), module.all_gather(values).flatten(0, 1)
     out = t.zeros(n, values.shape[1], dtype=t.float64)
-    out[index[keep].cpu()] = values[keep].cpu()
+    out[index[index >= 0].cpu()] = values[index >= 0].cpu()
     return out
 
 
@@ -697,8 +687,9 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
     n_select = int(round(args.select_fraction * len(x)))
     perm = t.randperm(len(x), generator=t.Generator().manual_seed(args.seed))
     x_select, x_score = x[perm[:n_select]], x[perm[n_select:]]
-    if len(x_score) < 2 or n_select < 2:
-        raise UserError(f"{len(x)} samples are too few to split into selection and scoring parts")
+    if min(len(x_score), n_select) < max(2, trainer.world_size):
+        raise UserError(f"{len(x)} samples are too few to split into selection and scoring parts "
+                        f"for {trainer.world_size} process(es)")
     evaluation = Evaluation(models, names, x_select, x_score, args.seed, args.npoints, grid,
                             args.eval_batch_size)
     path = results_path(args, names, results_dir)
