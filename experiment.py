@@ -3,10 +3,14 @@ evaluation of checkpoints through the Trainer, and the error path. A script adds
 denoiser, data and figures (see the README's layout table)."""
 import argparse
 import json
+import logging
 import math
 import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 
 import pytorch_lightning as pl
 import torch as t
@@ -22,20 +26,54 @@ from diffusionmodel import heldout_errors
 RESULTS_SCHEMA = "itd-eval/2"
 SELECTION_STREAM = 1 << 40  # seed offset of the ensemble choice's random numbers
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
+# With --resume, flags not given take the checkpoint's values, except these, which belong to
+# the invocation; the given ones may differ from the checkpoint's only if they are RESUME_MAY_CHANGE.
+PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
+                  "num_workers", "num_threads", "offline", "data_dir", "log_dir", "eval_only",
+                  "ckpt", "results", "npoints", "select_fraction"}
+RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "max_steps", "eval_batch_size", "val_every",
+                                      "num_samples", "sample_steps", "curve_samples", "grid_size"}
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
 
 
 class UserError(RuntimeError):
     """A problem the user can fix (missing data, weights or files): printed without a traceback."""
 
 
+class Interrupted(pl.Callback):
+    """Ctrl-C during training: the state is saved to <run>/checkpoints/interrupted.ckpt and
+    run_cli ends with one line naming it and the command that resumes (exit status 130)."""
+
+    message = None
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt) and trainer.logger:
+            path = os.path.join(trainer.logger.log_dir, "checkpoints", "interrupted.ckpt")
+            trainer.save_checkpoint(path)
+            Interrupted.message = (f"interrupted at epoch {trainer.current_epoch + 1}, step "
+                                   f"{trainer.global_step}: kept {shown_path(path)}; resume with "
+                                   f"python {sys.argv[0]} --resume {shown_path(path)}")
+
+
 def run_cli(main):
-    """Runs main(); a user error ends with one line on stderr and exit status 2. A process group
-    left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
+    """Runs main(); a user error ends with one line on stderr and exit status 2, Ctrl-C during
+    training with one line saying what was kept (exit status 130). A process group left by DDP is
+    closed first: gloo's threads abort the interpreter's exit otherwise."""
+    # Lightning's own lines on Ctrl-C: ours (Interrupted) says what was kept
+    for name in ("pytorch_lightning.utilities.rank_zero",
+                 "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+        logging.getLogger(name).addFilter(lambda record: not re.search(
+            "KeyboardInterrupt|weights_only", record.getMessage()))
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+        if Interrupted.message is None:
+            raise
+        print(Interrupted.message, file=sys.stderr)
+        sys.exit(130)
     finally:
         if t.distributed.is_available() and t.distributed.is_initialized():
             t.distributed.destroy_process_group()
@@ -86,6 +124,8 @@ def build_parser(description, datasets, defaults):
     """A parser with the flags both scripts share; `defaults` maps each dataset to the values of
     the flags left at None (apply_defaults)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     p.add_argument("--dataset", default=None, choices=datasets,
                    help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
     group = p.add_argument_group("log-SNR importance distribution (logistic, truncated)")
@@ -115,6 +155,11 @@ def build_parser(description, datasets, defaults):
                                         "figures (0: none)"))
     group.add_argument("--sample_steps", type=positive(int), default=100,
                        help="steps of the deterministic sampler")
+    group.add_argument("--resume", default=None, metavar="CKPT",
+                       help="continue a run from its checkpoint (e.g. exps/moons-base/checkpoints/"
+                            "last.ckpt) in its folder, with its dataset and settings; of those only "
+                            + ", ".join(f"--{k}" for k in sorted(RESUME_MAY_CHANGE - PER_INVOCATION))
+                            + " may be changed (a one-cycle schedule keeps its planned length)")
     group = p.add_argument_group("output")
     group.add_argument("--log_dir", default="exps",
                        help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
@@ -147,6 +192,35 @@ def build_parser(description, datasets, defaults):
     return p
 
 
+def parse(parser, argv, defaults, script, without_ckpt=False):
+    """The parsed arguments: with --resume the checkpoint's (a flag given here that contradicts
+    it is an error naming both values), then the dataset's defaults for flags left at None."""
+    args = parser.parse_args(argv)
+    if args.resume:
+        given = {a.dest for a in parser._actions for opt in a.option_strings
+                 for word in (sys.argv[1:] if argv is None else argv)
+                 if word == opt or word.startswith(opt + "=")}
+        saved = load_checkpoint(args.resume, script)["run_args"]
+        for key, value in saved.items():
+            if key not in vars(args):
+                continue
+            if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
+                parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
+                             f"--{key} {value} (--resume continues a run with its settings)")
+            if key not in given and key not in PER_INVOCATION:
+                setattr(args, key, value)
+    return apply_defaults(parser, args, defaults, without_ckpt)
+
+
+def check_fits(parser, flag, value, nbytes):
+    """parser.error unless `nbytes` (what a flag's value would hold in memory) fits in half of
+    this machine's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > memory / 2:
+        parser.error(f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.0f} GiB of memory; "
+                     f"this machine has {memory / 2 ** 30:.0f} GiB")
+
+
 def apply_defaults(parser, args, defaults, without_ckpt=False):
     """Fills the flags left at None from the dataset's defaults and checks the shared flags.
     without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
@@ -170,6 +244,10 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
             setattr(args, key, value)
     if args.val_every is None:
         args.val_every = max(1, args.num_epochs // 10)
+    if args.val_npoints & (args.val_npoints - 1):
+        parser.error(f"argument --val_npoints: must be a power of 2, got {args.val_npoints}")
+    if args.eval_only and args.resume:
+        parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
     return args
 
 
@@ -253,16 +331,18 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
     logger = False
     if run is not None:
         resume = os.path.isdir(run)
+        check_writable(os.path.dirname(os.path.abspath(run)) if resume else args.log_dir,
+                       "--log_dir")
         logger = (RunLogger(os.path.dirname(os.path.abspath(run)), os.path.basename(run), True)
                   if resume else RunLogger(args.log_dir, run))
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}", save_last=True),
-                     RunArgs(), ValidateLastEpoch(), *callbacks]
+                     RunArgs(), ValidateLastEpoch(), Interrupted(), RunSize(), *callbacks]
     try:
         return pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
                           strategy=args.strategy, num_nodes=args.num_nodes,
                           precision=args.precision, logger=logger,
                           callbacks=[show_progress(), *callbacks], **kwargs)
-    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
                         f"{args.devices} --strategy {args.strategy} --precision "
                         f"{args.precision}): {str(err).splitlines()[0]}") from None
@@ -360,6 +440,55 @@ def shown_path(path):
         return path
     rel = os.path.relpath(path)
     return os.path.abspath(path) if rel.startswith("..") else rel
+
+
+def check_writable(folder, flag):
+    """A UserError unless `folder` exists or can be created, and can be written; the folders the
+    check creates are removed again (the run creates its own when it starts)."""
+    created, path = [], os.path.abspath(folder)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(dir=folder))
+    except OSError as err:
+        reason = f"{path} is a file" if not os.path.isdir(path) else err.strerror or str(err)
+        raise UserError(f"{flag} {folder} cannot be written: {reason}") from None
+    finally:
+        for path in created:
+            if os.path.isdir(path):
+                os.rmdir(path)
+
+
+class RunSize(pl.Callback):
+    """Says how many steps a run takes, and after the first epoch how long it should take."""
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = time.time()
+        if trainer.is_global_zero:
+            print(f"training: {trainer.max_epochs - trainer.current_epoch} epochs of "
+                  f"{trainer.num_training_batches} steps, {trainer.estimated_stepping_batches} "
+                  "steps in all", flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        epochs = trainer.max_epochs - trainer.current_epoch - 1
+        if trainer.is_global_zero and epochs > 0 and not hasattr(self, "_said"):
+            self._said = True
+            left = (time.time() - self._start) * epochs
+            print(f"expected: about {left / 60:.1f} more minutes for the remaining {epochs} "
+                  "epochs (without validation)", flush=True)
+
+
+def resumed_run_dir(checkpoint):
+    """The run a checkpoint of RUN/checkpoints/ belongs to, so that a resumed run continues its
+    TensorBoard curves and checkpoints there; None for a checkpoint found elsewhere."""
+    if not checkpoint:
+        return None
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    run = os.path.dirname(folder)
+    in_run = os.path.isfile(os.path.join(run, "hparams.yaml"))
+    return run if os.path.basename(folder) == "checkpoints" and in_run else None
 
 
 def _devices(value):
@@ -670,7 +799,12 @@ def claim_results_file(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         open(path, "x").close()
     except OSError as err:
-        raise UserError(f"cannot write the results to {path}: {err.strerror or err}") from None
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        reason = f"{parent} is a file, not a folder" if not os.path.isdir(parent) else (
+            err.strerror or str(err))
+        raise UserError(f"cannot write the results to {path}: {reason}") from None
 
 
 def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None, results_dir=None):

@@ -122,7 +122,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = experiment.apply_defaults(parser, parser.parse_args(argv), DEFAULTS)
+    args = experiment.parse(parser, argv, DEFAULTS, "train_2d.py")
     if args.eval_only:
         return args
     if args.input_embedding_scale < 0:
@@ -131,6 +131,8 @@ def parse_args(argv=None):
         parser.error(f"argument --embedding_size: must be even, got {args.embedding_size}")
     if args.num_points < 20:
         parser.error(f"argument --num_points: must be at least 20, got {args.num_points}")
+    # generated in float64, standardised, kept in float32: about 48 bytes a point at the peak
+    experiment.check_fits(parser, "--num_points", args.num_points, 48 * args.num_points)
     if args.num_threads < 0:
         parser.error(f"argument --num_threads: must be >= 0, got {args.num_threads}")
     return args
@@ -260,10 +262,11 @@ def main(argv=None):
     figures = Figures2D(args, curve)
     n_train = args.num_points - max(1, round(args.num_points * VAL_FRACTION))
     trainer = experiment.make_trainer(
-        args, "train_2d.py", [reference, curve, figures], run=f"{args.dataset}-{args.experiment_name}",
+        args, "train_2d.py", [reference, curve, figures],
+        run=experiment.resumed_run_dir(args.resume) or f"{args.dataset}-{args.experiment_name}",
         max_epochs=args.num_epochs, check_val_every_n_epoch=args.val_every, num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(10, n_train // args.train_batch_size)))
-    experiment.fit(trainer, model, data)
+    experiment.fit(trainer, model, data, args.resume)
     if not trainer.is_global_zero:
         return None
     summary = dict(dataset=args.dataset,

@@ -345,17 +345,16 @@ def parse_args(argv=None):
                                                    "or a one-cycle learning rate"))
     group.add_argument("--num_workers", type=int, default=default_num_workers(),
                        help="data loader workers per process")
-    group.add_argument("--resume", default=None, metavar="CKPT",
-                       help="continue from a checkpoint (e.g. exps/cifar10-base/checkpoints/"
-                            "last.ckpt), logging into its run directory; a one-cycle schedule "
-                            "keeps the length it was planned with, so keep --num_epochs")
     group.add_argument("--curve_samples", type=experiment.positive(int), default=64,
                        help="validation images the MSE curve is averaged over")
-    args = parser.parse_args(argv)
-    pretrained = args.pretrained or DEFAULTS[args.dataset or "cifar10"]["pretrained"]
-    args = experiment.apply_defaults(parser, args, DEFAULTS, without_ckpt=pretrained != "none")
+    args = experiment.parse(parser, argv, DEFAULTS, SCRIPT, without_ckpt=True)
     if args.eval_only and args.ckpt:
         return args
+    if args.dataset == "fake":  # PIL images, uint8 and float copies: about 6 bytes a pixel
+        experiment.check_fits(parser, "--fake_size", args.fake_size,
+                              6 * 3 * args.image_size ** 2 * args.fake_size * 5 // 4)
+    if args.eval_only and args.pretrained.lower() == "none":
+        parser.error("--eval_only needs --ckpt PATH [PATH ...] or a --pretrained U-Net")
     if args.pretrained.lower() == "none":
         args.pretrained = None
     if args.gaussian_residual is None:
@@ -454,7 +453,7 @@ def main(argv=None):
                                                         args.seed)] if args.num_samples > 0 else [])
     steps = max(1, data.train_size // args.batch_size)
     trainer = experiment.make_trainer(
-        args, SCRIPT, callbacks, run=resumed_run_dir(args.resume) or
+        args, SCRIPT, callbacks, run=experiment.resumed_run_dir(args.resume) or
         f"{args.dataset}-{args.experiment_name}", max_epochs=args.num_epochs,
         max_steps=args.max_steps, log_every_n_steps=min(50, steps),
         check_val_every_n_epoch=args.val_every)
@@ -509,17 +508,6 @@ def model_from_checkpoint(path, ckpt, data):
     if saved["outside"] == "gaussian":
         denoiser.set_fallback(None if hparams["gaussian_residual"] else model.reference)
     return model
-
-
-def resumed_run_dir(checkpoint):
-    """The run a checkpoint of RUN/checkpoints/ belongs to, so that a resumed run continues its
-    TensorBoard curves and checkpoints there; None for a checkpoint found elsewhere."""
-    if not checkpoint:
-        return None
-    folder = os.path.dirname(os.path.abspath(checkpoint))
-    run = os.path.dirname(folder)
-    in_run = os.path.isfile(os.path.join(run, "hparams.yaml"))
-    return run if os.path.basename(folder) == "checkpoints" and in_run else None
 
 
 def describe(args, denoiser, source, trainer, model, baseline):

@@ -1,0 +1,95 @@
+"""The command line as a user meets it: every mistake ends with one `error:` line, exit status 2,
+no traceback and nothing written; Ctrl-C keeps a checkpoint and says how to resume; --resume
+takes the run's settings from the checkpoint.
+
+The mistakes run in-process through experiment.run_cli (the scripts' entry point), which is what
+`python train_2d.py ...` runs; test_train_2d.py and test_cifar10.py run a few as real processes.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import experiment
+import train_2d
+import train_cifar10
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINER = "error: cannot set up the Trainer"
+MISTAKES = [  # (script, flags, what the last line of stderr says)
+    (train_2d, ["--dataset", "spiral"], "invalid choice: 'spiral'"),
+    (train_2d, ["--devices", "two"], TRAINER),
+    (train_2d, ["--devices", "0"], TRAINER),
+    (train_2d, ["--accelerator", "gpu"], TRAINER),
+    (train_2d, ["--devices", "2", "--accelerator", "gpu"], TRAINER),
+    (train_2d, ["--accelerator", "tpu"], TRAINER),
+    (train_2d, ["--strategy", "bogus"], TRAINER),
+    (train_2d, ["--precision", "bf16-true"], "would cast the Gaussian reference"),
+    (train_2d, ["--log_dir", "afile/exps"], "afile/exps cannot be written: "),
+    (train_2d, ["--learning_rate", "-1e-3"], "--learning_rate: must be > 0, got -1e-3"),
+    (train_2d, ["--val_npoints", "100"], "--val_npoints: must be a power of 2, got 100"),
+    (train_2d, ["--num_points", "1000000000"], "GiB of memory"),
+    (train_2d, ["--num_epochs", "0"], "--num_epochs: must be > 0"),
+    (train_2d, ["--resume", "nope.ckpt"], "error: checkpoint nope.ckpt not found"),
+    (train_2d, ["--resume", "afile"], "error: cannot read checkpoint afile"),
+    (train_2d, ["--eval_only"], "--eval_only needs --ckpt"),
+    (train_2d, ["--ckpt", "x.ckpt"], "--ckpt: only used with --eval_only"),
+    (train_2d, ["--eval_only", "--ckpt", "nope.ckpt"], "error: checkpoint nope.ckpt not found"),
+    (train_cifar10, ["--dataset", "digits", "--val_npoints", "100"], "must be a power of 2"),
+    (train_cifar10, ["--dataset", "digits", "--log_dir", "afile/x", "--unet_width", "8"],
+     "afile/x cannot be written: "),
+    (train_cifar10, ["--dataset", "fake", "--fake_size", "100000000"], "GiB of memory"),
+    (train_cifar10, ["--eval_only", "--dataset", "digits"], "or a --pretrained U-Net"),
+    (train_cifar10, ["--dataset", "digits", "--precision", "16-true"], "would cast"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", MISTAKES,
+                         ids=[" ".join(m[1]) for m in MISTAKES])
+def test_a_mistake_is_one_line_and_leaves_nothing(script, flags, message, tmp_path, monkeypatch,
+                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: script.main(flags + ["--num_epochs", "1"]
+                                               if "--num_epochs" not in flags else flags))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1], err
+    assert os.listdir(tmp_path) == ["afile"]
+
+
+def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
+    common = ["--dataset", "scg", "--num_points", "2000", "--grid_size", "4", "--num_samples",
+              "10", "--sample_steps", "4", "--val_npoints", "8", "--num_threads", "1"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_2d.py"), *common,
+                             "--num_epochs", "500"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # not a terminal: one line per epoch
+        if line.startswith("epoch 2/500"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    kept = os.path.join("exps", "scg-base", "checkpoints", "interrupted.ckpt")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at epoch ") and f"kept {kept}" in last
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    command = last.split("resume with ")[1].split()
+    assert command[1:] == [os.path.join(REPO, "train_2d.py"), "--resume", kept]
+    assert os.path.isfile(tmp_path / kept)
+
+    # a flag that contradicts the checkpoint is an error naming both values
+    bad = subprocess.run([sys.executable, *command[1:], "--dataset", "moons"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--dataset: moons contradicts the checkpoint's --dataset scg" \
+        in bad.stderr
+    # the resume command, with a shorter run: the same folder, the checkpoint's settings
+    done = subprocess.run([sys.executable, *command[1:], "--num_epochs", "4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scg: 4 epochs" in done.stdout and "exact value on the validation set" in done.stdout
+    assert os.listdir(tmp_path / "exps") == ["scg-base"]
+    assert os.path.isfile(tmp_path / "exps" / "scg-base" / "checkpoints" / "last.ckpt")
