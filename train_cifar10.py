@@ -11,7 +11,9 @@ samples. Nothing is downloaded unless a dataset or the weights are missing local
 answers within seconds (never with --offline or HF_HUB_OFFLINE=1).
 
 The U-Net adapter (below) makes a diffusers UNet2DModel a denoiser eps_hat = denoiser(z, logsnr):
-a log SNR becomes the continuous timestep at which the model's own schedule has it (docs/maths.md).
+a log SNR becomes the continuous timestep at which the model's own schedule has it (docs/maths.md),
+and the output, whatever the scheduler's prediction_type (epsilon, v_prediction or sample), becomes
+the noise prediction.
 Outside the trained range (DDPM: -10.12 ... +9.21) the timestep is clamped ("clamp": the U-Net
 still sees how noisy z is, and fine-tuning teaches it those SNRs) or the data-matched Gaussian's
 optimal predictor takes over ("gaussian"); both are denoisers, so estimates stay upper bounds.
@@ -70,6 +72,18 @@ def schedule_logsnr(alphas_cumprod):
     return logsnr
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler prediction_type
+LEARNED_VARIANCES = ("learned", "learned_range")  # scheduler variance_types we refuse
+
+
+def check_prediction_type(prediction_type):
+    """prediction_type, if it is one of PREDICTION_TYPES; otherwise a ValueError."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError("prediction_type must be 'epsilon', 'v_prediction' or 'sample', got "
+                         f"{prediction_type!r}")
+    return prediction_type
+
+
 def logsnr_schedule(lo, hi, steps=1000):
     """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo (t = steps-1):
     for U-Nets trained from scratch, so that timesteps cover exactly the integration range."""
@@ -89,25 +103,32 @@ def logsnr_to_timestep(logsnr, table):
 
 
 class UNetDenoiser(t.nn.Module):
-    """denoiser(z, logsnr) -> eps_hat for an epsilon-predicting UNet2DModel with positional timestep
-    embeddings, trained on the schedule `alphas_cumprod` (default: DDPM, linear betas 1e-4..0.02,
-    T = 1000).
+    """denoiser(z, logsnr) -> eps_hat for a UNet2DModel with positional timestep embeddings, trained
+    on the schedule `alphas_cumprod` (default: DDPM, linear betas 1e-4..0.02, T = 1000) to predict
+    `prediction_type` (diffusers' scheduler names), converted to the noise with
+    alpha = sqrt(s(a)), sigma = sqrt(s(-a)) at the channel's own log SNR a:
 
-    The U-Net's config and the schedule travel in the module's state dict (extra state), so a
-    checkpoint alone rebuilds the architecture (`unet_from_state_dict`).
+    - "epsilon": eps_hat = output;
+    - "v_prediction": v = alpha eps - sigma x, so eps_hat = sigma z + alpha v;
+    - "sample": x_hat = output, eps_hat = (z - alpha x_hat) / sigma (utils.eps_from_x).
+
+    The U-Net's config, the schedule and the prediction type travel in the module's state dict
+    (extra state), so a checkpoint alone rebuilds the architecture (`unet_from_state_dict`).
     """
 
-    def __init__(self, unet, alphas_cumprod=None, outside="clamp"):
+    def __init__(self, unet, alphas_cumprod=None, outside="clamp", prediction_type="epsilon"):
         super().__init__()
         if outside not in ("clamp", "gaussian"):
             raise ValueError(f"outside must be 'clamp' or 'gaussian', got {outside!r}")
+        self.prediction_type = check_prediction_type(prediction_type)
         if unet.config.time_embedding_type != "positional":
             raise ValueError("only U-Nets with positional timestep embeddings are supported, got "
                              f"time_embedding_type={unet.config.time_embedding_type!r}")
         if unet.config.in_channels != unet.config.out_channels:
-            raise ValueError("the U-Net must predict noise of the input's shape "
-                             f"(in_channels {unet.config.in_channels} != out_channels "
-                             f"{unet.config.out_channels})")
+            raise ValueError("the U-Net's output must have the input's shape (in_channels "
+                             f"{unet.config.in_channels} != out_channels "
+                             f"{unet.config.out_channels}; learned-variance U-Nets are not "
+                             "supported)")
         if alphas_cumprod is None:
             from diffusers import DDPMScheduler
             alphas_cumprod = DDPMScheduler().alphas_cumprod
@@ -149,7 +170,7 @@ class UNetDenoiser(t.nn.Module):
         return logsnr_to_timestep(logsnr, self._table(logsnr.device)).float()
 
     def forward(self, z, logsnr):
-        eps = self.unet(z, self.timestep(logsnr), return_dict=False)[0]
+        eps = self.to_eps(z, logsnr, self.unet(z, self.timestep(logsnr), return_dict=False)[0])
         if self.outside == "gaussian":
             if self.fallback is None:
                 raise RuntimeError("outside='gaussian' needs set_fallback(reference) first")
@@ -160,9 +181,22 @@ class UNetDenoiser(t.nn.Module):
             eps = t.where(inside, eps, self.fallback(z, logsnr).to(eps.dtype))
         return eps
 
+    def to_eps(self, z, logsnr, out):
+        """The noise prediction from the U-Net's output, in z's dtype (float32 under autocast)
+        unless it is already the noise. It uses the channel's log SNR a even where the timestep
+        was clamped: z is at log SNR a, whatever noise level the U-Net assumed."""
+        if self.prediction_type == "epsilon":
+            return out
+        out = out.to(z.dtype)
+        if self.prediction_type == "sample":
+            return utils.eps_from_x(z, logsnr, out)
+        a = utils.append_dims(logsnr.to(z.dtype), z.dim())  # v_prediction
+        return t.sigmoid(-a).sqrt() * z + t.sigmoid(a).sqrt() * out
+
     def get_extra_state(self):
         return {"unet_config": _plain_config(self.unet.config),
-                "alphas_cumprod": self.alphas_cumprod.clone(), "outside": self.outside}
+                "alphas_cumprod": self.alphas_cumprod.clone(), "outside": self.outside,
+                "prediction_type": self.prediction_type}
 
     def set_extra_state(self, state):
         if state["unet_config"] != _plain_config(self.unet.config):
@@ -170,6 +204,10 @@ class UNetDenoiser(t.nn.Module):
         if state.get("outside", self.outside) != self.outside:
             raise ValueError(f"the checkpoint's U-Net was trained with --outside "
                              f"{state['outside']}, not {self.outside}")
+        saved = state.get("prediction_type", "epsilon")  # older checkpoints: epsilon
+        if saved != self.prediction_type:
+            raise ValueError(f"the checkpoint's U-Net predicts {saved!r}, this model's "
+                             f"{self.prediction_type!r}")
         self._set_schedule(state["alphas_cumprod"])
 
 
@@ -184,15 +222,17 @@ def _plain_config(config):
 
 
 def unet_from_state_dict(state_dict, prefix="model."):
-    """(U-Net with random weights, alphas_cumprod) from a DiffusionModel state dict saved with a
-    UNetDenoiser; the caller then loads the weights."""
+    """(U-Net with random weights, alphas_cumprod, prediction_type) from a DiffusionModel state
+    dict saved with a UNetDenoiser (checkpoints from before prediction types: "epsilon"); the
+    caller then loads the weights."""
     from diffusers import UNet2DModel
     try:
         state = state_dict[prefix + "_extra_state"]
     except KeyError:
         raise experiment.UserError("the checkpoint holds no U-Net config (was it written by "
                               "train_cifar10.py?)") from None
-    return UNet2DModel.from_config(state["unet_config"]), state["alphas_cumprod"]
+    return (UNet2DModel.from_config(state["unet_config"]), state["alphas_cumprod"],
+            state.get("prediction_type", "epsilon"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +250,9 @@ def _layout(directory):
 
 
 def _fetch(source, from_scratch, unet_sub=None, sched_sub=None, **kwargs):
-    """(U-Net, alphas_cumprod or None) through diffusers' from_pretrained / load_config."""
+    """(U-Net, alphas_cumprod or None, prediction_type) through diffusers' from_pretrained /
+    load_config; the scheduler config, when there is one, gives the schedule and what the U-Net
+    predicts (else DDPM's schedule and "epsilon"). Learned-variance U-Nets are refused."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     with warnings.catch_warnings():
@@ -223,20 +265,37 @@ def _fetch(source, from_scratch, unet_sub=None, sched_sub=None, **kwargs):
                                                **kwargs)
         try:
             scheduler = DDPMScheduler.from_pretrained(source, subfolder=sched_sub, **kwargs)
-            schedule = scheduler.alphas_cumprod
-        except (OSError, ValueError):  # no scheduler_config.json: DDPM's schedule
-            schedule = None
-    return unet.train(), schedule  # from_pretrained returns the model in eval mode
+        except (OSError, ValueError):  # no scheduler_config.json: DDPM's schedule, epsilon
+            scheduler = None
+    schedule, prediction_type = None, "epsilon"
+    if scheduler is not None:
+        schedule, prediction_type = scheduler.alphas_cumprod, scheduler.config.prediction_type
+        variance_type = scheduler.config.get("variance_type")
+        if prediction_type not in PREDICTION_TYPES:
+            raise experiment.UserError(f"the U-Net {source} predicts {prediction_type!r} (its "
+                                       "scheduler's prediction_type); supported: "
+                                       f"{', '.join(PREDICTION_TYPES)}")
+        if variance_type in LEARNED_VARIANCES:
+            raise experiment.UserError(f"the U-Net {source} learns its variance (its scheduler's "
+                                       f"variance_type is {variance_type!r}): not supported")
+    cfg = unet.config
+    if cfg.out_channels != cfg.in_channels:
+        raise experiment.UserError(f"the U-Net {source} has {cfg.out_channels} output channels for "
+                                   f"{cfg.in_channels} input channels (a learned variance?): only "
+                                   "U-Nets whose output has the input's shape are supported")
+    return unet.train(), schedule, prediction_type  # from_pretrained returns it in eval mode
 
 
 def load_unet(source, from_scratch=False, online=None):
-    """(UNet2DModel, alphas_cumprod or None, where it came from) for a local directory or a hub id.
+    """(UNet2DModel, alphas_cumprod or None, prediction_type, where it came from) for a local
+    directory or a hub id.
 
     A directory is read as it is. A hub id is looked up in the local Hugging Face cache first and
     downloaded only if `online()` says the hub is reachable; otherwise a experiment.UserError explains
     what is missing and how to provide it. `from_scratch` reads only the config (random weights);
     for google/ddpm-cifar10-32 the config is built in, so that needs no network.
-    The schedule is None when the source has no scheduler_config.json (then DDPM's is used).
+    The schedule is None and the prediction type "epsilon" when the source has no
+    scheduler_config.json (then DDPM's schedule is used).
     """
     if os.path.isdir(source):
         unet_sub, sched_sub = _layout(source)
@@ -254,7 +313,8 @@ def load_unet(source, from_scratch=False, online=None):
                               "form owner/name")
     if from_scratch and source == DDPM_CIFAR10:
         from diffusers import UNet2DModel
-        return UNet2DModel.from_config(DDPM_CIFAR10_CONFIG), None, f"{source} config (built in)"
+        return (UNet2DModel.from_config(DDPM_CIFAR10_CONFIG), None, "epsilon",
+                f"{source} config (built in)")
     try:
         return (*_fetch(source, from_scratch, local_files_only=True), f"{source} (hub cache)")
     except OSError:
@@ -391,7 +451,7 @@ def load_denoiser(args, x_shape=None, ckpt=None):
         if x_shape and saved != tuple(x_shape):
             raise experiment.UserError(f"{args.resume} was trained on images of shape {saved}; "
                                        f"{args.dataset} images are {tuple(x_shape)}")
-        net, schedule = unet_from_state_dict(ckpt["state_dict"])
+        net, schedule, prediction_type = unet_from_state_dict(ckpt["state_dict"])
         source = args.resume
     elif args.pretrained is None:  # sized for the data, which then exists (digits, fake)
         from diffusers import UNet2DModel
@@ -400,13 +460,14 @@ def load_denoiser(args, x_shape=None, ckpt=None):
         # Its timesteps span the integration range linearly in log SNR: nothing is clamped.
         schedule = logsnr_schedule(*utils.LogisticProposal(args.logsnr_loc, args.logsnr_scale,
                                                            args.clip).range)
-        source = "small U-Net, random weights"
+        source, prediction_type = "small U-Net, random weights", "epsilon"
     else:
         def can_download():
             from huggingface_hub import constants
             return (not args.offline and not constants.HF_HUB_OFFLINE
                     and datasets.reachable(constants.ENDPOINT))
-        net, schedule, source = load_unet(args.pretrained, args.from_scratch, can_download)
+        net, schedule, prediction_type, source = load_unet(args.pretrained, args.from_scratch,
+                                                           can_download)
     if args.gaussian_residual and ckpt is None:  # start exactly at the Gaussian predictor
         t.nn.init.zeros_(net.conv_out.weight)
         t.nn.init.zeros_(net.conv_out.bias)
@@ -416,7 +477,7 @@ def load_denoiser(args, x_shape=None, ckpt=None):
         raise experiment.UserError(f"the U-Net ({source}) takes {cfg.in_channels}-channel images "
                                    f"with sides divisible by {levels}; {args.dataset} images are "
                                    f"{x_shape}")
-    return UNetDenoiser(net, schedule, args.outside), source
+    return UNetDenoiser(net, schedule, args.outside, prediction_type), source
 
 
 def build_model(args, data, ckpt=None):
@@ -502,8 +563,8 @@ def model_from_checkpoint(path, ckpt, data):
         raise experiment.UserError(f"{path} was trained on images of shape "
                                    f"{tuple(hparams['x_shape'])}; {data.name} images are "
                                    f"{data.x_shape}")
-    net, schedule = unet_from_state_dict(ckpt["state_dict"])
-    denoiser = UNetDenoiser(net, schedule, saved["outside"])
+    net, schedule, prediction_type = unet_from_state_dict(ckpt["state_dict"])
+    denoiser = UNetDenoiser(net, schedule, saved["outside"], prediction_type)
     model = experiment.model_from_checkpoint(ckpt, denoiser)
     if saved["outside"] == "gaussian":
         denoiser.set_fallback(None if hparams["gaussian_residual"] else model.reference)

@@ -1,7 +1,10 @@
 """The U-Net adapter: log SNR <-> timestep against diffusers' own schedule, the out-of-range
-policies, and loading a UNet2DModel from a local folder or the hub cache without network."""
+policies, the prediction types (epsilon, v_prediction, sample), and loading a UNet2DModel from a
+local folder or the hub cache without network."""
+import functools
 import math
 import os
+import types
 
 import numpy as np
 
@@ -10,9 +13,12 @@ import torch as t
 from diffusers import DDPMScheduler, UNet2DModel
 
 import experiment
+import utils
 from diffusionmodel import DiffusionModel
-from train_cifar10 import (DDPM_CIFAR10, UNetDenoiser, _plain_config, load_unet, logsnr_schedule,
-                           logsnr_to_timestep, schedule_logsnr, small_unet_config,
+from tests.analytic import gaussian, reference_nll
+from tests.checks import assert_unbiased_and_calibrated, gen
+from train_cifar10 import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, load_unet,
+                           logsnr_schedule, logsnr_to_timestep, schedule_logsnr, small_unet_config,
                            unet_from_state_dict)
 
 TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
@@ -124,13 +130,15 @@ def test_zero_fallback_for_a_gaussian_residual():
     assert (out[0] == 0).all() and (out[1] != 0).any()
 
 
-def save_tiny(folder, beta_end=0.01, pipeline=False):
+def save_tiny(folder, beta_end=0.01, pipeline=False, scheduler=True, unet_config=TINY,
+              **scheduler_config):
     """A tiny U-Net and a non-default scheduler saved with save_pretrained; returns the U-Net."""
     t.manual_seed(1)
-    net = UNet2DModel.from_config(TINY)
+    net = UNet2DModel.from_config(unet_config)
     net.save_pretrained(os.path.join(folder, "unet") if pipeline else folder)
-    DDPMScheduler(beta_end=beta_end).save_pretrained(
-        os.path.join(folder, "scheduler") if pipeline else folder)
+    if scheduler:
+        DDPMScheduler(beta_end=beta_end, **scheduler_config).save_pretrained(
+            os.path.join(folder, "scheduler") if pipeline else folder)
     return net
 
 
@@ -144,11 +152,12 @@ def same_weights(a, b):
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_load_local_directory(tmp_path, pipeline):
     saved = save_tiny(str(tmp_path), pipeline=pipeline)
-    net, schedule, source = load_unet(str(tmp_path))
+    net, schedule, prediction_type, source = load_unet(str(tmp_path))
     assert same_weights(net, saved) and source == str(tmp_path)
     # The schedule is the folder's own (beta_end 0.01), not DDPM's default.
     assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
-    scratch, _, _ = load_unet(str(tmp_path), from_scratch=True)
+    assert prediction_type == "epsilon"  # DDPMScheduler's default
+    scratch, _, _, _ = load_unet(str(tmp_path), from_scratch=True)
     assert _plain_config(scratch.config) == _plain_config(net.config)
     assert not same_weights(scratch, saved)
 
@@ -173,7 +182,7 @@ def test_load_hub_id_from_cache_without_network(tmp_path, monkeypatch):
     def no_network():
         raise AssertionError("the cache must be used before any network check")
 
-    net, schedule, source = load_unet("itd-test/tiny-unet", online=no_network)
+    net, schedule, _, source = load_unet("itd-test/tiny-unet", online=no_network)
     assert same_weights(net, saved) and "hub" in source
     assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
 
@@ -199,23 +208,36 @@ def test_bad_pretrained_path():
 
 def test_builtin_ddpm_cifar10_config():
     # The DDPM paper (Ho et al. 2020): "Our CIFAR10 model has 35.7 million parameters".
-    net, schedule, _ = load_unet(DDPM_CIFAR10, from_scratch=True, online=lambda: False)
-    assert schedule is None  # DDPM's default schedule
+    net, schedule, prediction_type, _ = load_unet(DDPM_CIFAR10, from_scratch=True,
+                                                  online=lambda: False)
+    assert schedule is None and prediction_type == "epsilon"  # DDPM's schedule, noise prediction
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 35.7
 
 
 def test_checkpoint_rebuilds_the_unet(tmp_path):
     schedule = DDPMScheduler(beta_end=0.01).alphas_cumprod
-    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), schedule)
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), schedule, prediction_type="v_prediction")
     model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
     path = str(tmp_path / "model.pt")
     t.save(model.state_dict(), path)
     state = t.load(path, weights_only=True)  # the extra state must be plain data
-    net, schedule = unet_from_state_dict(state)
-    rebuilt = DiffusionModel(UNetDenoiser(net, schedule), x_shape=(3, 8, 8))
+    net, schedule, prediction_type = unet_from_state_dict(state)
+    assert prediction_type == "v_prediction"  # the prediction type travels in the checkpoint
+    rebuilt = DiffusionModel(UNetDenoiser(net, schedule, prediction_type=prediction_type),
+                             x_shape=(3, 8, 8))
     rebuilt.load_state_dict(state)
     assert same_weights(rebuilt, model)
     assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
+    # The same U-Net read as a noise predictor would give wrong numbers: refused.
+    as_eps = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(TINY), schedule),
+                            x_shape=(3, 8, 8))
+    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
+        as_eps.load_state_dict(state)
+    # A checkpoint from before prediction types (no key in the extra state) predicts the noise.
+    old = dict(state, **{"model._extra_state": {k: v for k, v in state["model._extra_state"].items()
+                                                 if k != "prediction_type"}})
+    assert unet_from_state_dict(old)[2] == "epsilon"
+    as_eps.load_state_dict(old)
     # Same parameter shapes, different architecture: caught by the config in the extra state.
     other = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
                            x_shape=(3, 8, 8))
@@ -228,13 +250,130 @@ def test_rejects_unsupported_unets():
         UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
     with pytest.raises(ValueError, match="outside"):
         UNetDenoiser(UNet2DModel.from_config(TINY), outside="extrapolate")
+    with pytest.raises(ValueError, match="learned-variance"):
+        UNetDenoiser(UNet2DModel.from_config(dict(TINY, out_channels=6)))
+    with pytest.raises(ValueError) as err:
+        UNetDenoiser(UNet2DModel.from_config(TINY), prediction_type="mean")
+    assert str(err.value) == ("prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
+                              "got 'mean'")
 
 
-def test_training_step_runs_in_bf16_autocast():
-    # The loss stays float32 under bf16 autocast (DiffusionModel casts eps_hat to z's dtype).
-    model = DiffusionModel(tiny_denoiser(), x_shape=(3, 8, 8), logsnr_loc=2.)
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_load_reads_the_prediction_type(tmp_path, prediction_type):
+    # The scheduler saved next to the U-Net says what it predicts; a folder without one: epsilon.
+    save_tiny(str(tmp_path / "with"), prediction_type=prediction_type)
+    assert load_unet(str(tmp_path / "with"))[2] == prediction_type
+    save_tiny(str(tmp_path / "without"), scheduler=False)
+    net, schedule, kind, _ = load_unet(str(tmp_path / "without"))
+    assert schedule is None and kind == "epsilon"
+
+
+@pytest.mark.parametrize("folder, match", [
+    (dict(variance_type="learned_range"), "learns its variance.*'learned_range'"),
+    (dict(variance_type="learned"), "learns its variance.*'learned'"),
+    (dict(prediction_type="mean"), "predicts 'mean'"),
+    (dict(unet_config=dict(TINY, out_channels=6)), "6 output channels for 3 input channels"),
+])
+def test_load_refuses_unsupported_unets(tmp_path, folder, match):
+    save_tiny(str(tmp_path), **folder)
+    with pytest.raises(experiment.UserError, match=match) as err:
+        load_unet(str(tmp_path))
+    assert "\n" not in str(err.value)  # one line
+
+
+@pytest.mark.parametrize("a", [-20., -10., -3., 0., 4., 9., 20.])
+def test_conversions_recover_the_noise(a):
+    # From the definitions alone: z = alpha x + sigma eps, v = alpha eps - sigma x (alpha^2 +
+    # sigma^2 = 1), so sigma z + alpha v = eps and (z - alpha x) / sigma = eps. a = +-20 lie outside
+    # DDPM's timesteps (clamped there): the conversion still uses the channel's a.
+    x, eps = t.randn(2, 3, 8, 8, dtype=t.float64, generator=gen(5)).unbind()
+    logsnr = t.tensor([a], dtype=t.float64)
+    alpha, sigma = math.sqrt(1 / (1 + math.exp(-a))), math.sqrt(1 / (1 + math.exp(a)))
+    z = alpha * x + sigma * eps
+    outputs = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x, "sample": x}
+    for kind, out in outputs.items():
+        denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), prediction_type=kind)
+        got = denoiser.to_eps(z[None], logsnr, out[None])[0]
+        assert (got - eps).abs().max() < 1e-12 * max(1., 1 / sigma), kind
+
+
+class FakeUNet(t.nn.Module):
+    """A "U-Net" that outputs the optimal prediction of `dist` in one of the three
+    parametrisations: it maps the timestep back to its log SNR a by linear interpolation of the
+    same `table` (log SNR at t = 0 .. T-1) the adapter inverts, takes eps = dist(z, a) and gives
+    eps, v = alpha eps - sigma x_hat or x_hat = (z - sigma eps) / alpha at that a."""
+
+    def __init__(self, dist, table, prediction_type):
+        super().__init__()
+        channels = dist.x_shape[0]
+        self.config = types.SimpleNamespace(time_embedding_type="positional",
+                                            in_channels=channels, out_channels=channels)
+        self.dist, self.table, self.prediction_type = dist, table, prediction_type
+
+    def forward(self, z, timestep, return_dict=True):
+        steps = timestep.double()
+        k = steps.floor().long().clamp(0, len(self.table) - 2)
+        a = self.table[k] + (steps - k) * (self.table[k + 1] - self.table[k])
+        eps = self.dist(z, a)
+        x = utils.x_from_eps(z, a, eps)
+        alpha = utils.append_dims(t.sigmoid(a).sqrt(), z.dim())
+        sigma = utils.append_dims(t.sigmoid(-a).sqrt(), z.dim())
+        out = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x, "sample": x}
+        return (out[self.prediction_type],)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_three_parametrisations_give_the_same_density():
+    # The optimal denoiser of a 4-D Gaussian (1 x 2 x 2 images, tests/analytic.py), expressed as
+    # noise, velocity and sample prediction, must give the exact -log p of torch.distributions
+    # within the estimator's standard error (tests/checks.py), and the same nll_points on the same
+    # random points. The schedule is linear in log SNR over the proposal's range (+-12), so no
+    # timestep is clamped.
+    dist = gaussian(t.tensor([0.4, -0.3, 0.1, 0.6]).view(1, 2, 2),
+                    t.tensor([[1.0, 0.3, 0.0, 0.1], [0.3, 0.5, 0.1, 0.0],
+                              [0.0, 0.1, 0.2, 0.05], [0.1, 0.0, 0.05, 0.08]]))
+    loc, scale, clip = 0., 3., 4.
+    schedule = logsnr_schedule(*utils.LogisticProposal(loc, scale, clip).range)
+    x = dist.sample(6, generator=gen(1))
+    truth = reference_nll(dist, x)
+
+    def estimates(kind, float64_timesteps=False):
+        denoiser = UNetDenoiser(FakeUNet(dist, schedule_logsnr(schedule), kind), schedule,
+                                prediction_type=kind)
+        assert denoiser.logsnr_range == pytest.approx((-12., 12.))
+        if float64_timesteps:  # the fake then recovers a to float64 rounding
+            denoiser.timestep = functools.partial(logsnr_to_timestep, table=denoiser.logsnr_table)
+        dm = DiffusionModel(denoiser, x_shape=(1, 2, 2), logsnr_loc=loc, logsnr_scale=scale,
+                            clip=clip).double()
+        runs = [dm.nll_points(x, 256, generator=gen(100 + r)) for r in range(24)]
+        return tuple(t.stack(v) for v in zip(*runs))
+
+    est, se = estimates("epsilon")
+    assert_unbiased_and_calibrated(est, se, truth)
+    for kind in ("v_prediction", "sample"):
+        # The adapter's timesteps are float32: the fake's a is off by up to half an ulp of t
+        # (3e-5 steps near t = 999, 0.024 log SNR per step: 7e-7), and v and x at a slightly
+        # wrong a convert back to a slightly different eps; measured 1.2e-7 nats at most.
+        assert (estimates(kind)[0] - est).abs().max() < 1e-6, kind
+    # With float64 timesteps only the conversions' rounding is left: measured 6e-14 nats.
+    exact = estimates("epsilon", float64_timesteps=True)[0]
+    assert (exact - est).abs().max() < 1e-6
+    for kind in ("v_prediction", "sample"):
+        assert (estimates(kind, float64_timesteps=True)[0] - exact).abs().max() < 1e-11, kind
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_training_step_runs_in_bf16_autocast(prediction_type):
+    # The loss stays float32 under bf16 autocast (DiffusionModel casts eps_hat to z's dtype; the
+    # v and x conversions are done in z's dtype).
+    t.manual_seed(0)
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), prediction_type=prediction_type)
+    model = DiffusionModel(denoiser, x_shape=(3, 8, 8), logsnr_loc=2.)
     x = t.rand(8, 3, 8, 8) * 2 - 1
     with t.autocast("cpu", dtype=t.bfloat16):
+        if prediction_type != "epsilon":
+            z, a = t.randn(2, 3, 8, 8), t.tensor([0., 3.])
+            assert denoiser(z, a).dtype == t.float32
         loss = model.nll(x)
     loss.backward()
     assert loss.dtype == t.float32 and math.isfinite(loss.item())
