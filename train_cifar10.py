@@ -468,6 +468,9 @@ def load_denoiser(args, x_shape=None, ckpt=None):
                     and datasets.reachable(constants.ENDPOINT))
         net, schedule, prediction_type, source = load_unet(args.pretrained, args.from_scratch,
                                                            can_download)
+    if args.gaussian_residual and prediction_type != "epsilon":
+        raise experiment.UserError(f"--gaussian_residual adds the U-Net's output to the Gaussian's "
+                                   f"noise prediction, but {source} predicts {prediction_type}")
     if args.gaussian_residual and ckpt is None:  # start exactly at the Gaussian predictor
         t.nn.init.zeros_(net.conv_out.weight)
         t.nn.init.zeros_(net.conv_out.bias)

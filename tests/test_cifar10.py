@@ -33,7 +33,7 @@ def logged(run_dir):
     return scalars, events.Tags()["images"]
 
 
-def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
+def test_fake_run_from_a_saved_unet_then_resume(tmp_path, capsys):
     folder = str(tmp_path / "tiny-unet")
     t.manual_seed(0)
     UNet2DModel.from_config(TINY16).save_pretrained(folder)
@@ -57,8 +57,10 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path):
     # The reference came from the checkpoint (not refit): it equals the first run's.
     assert t.equal(resumed.reference.eigvals, model.reference.eigvals)
 
-    with pytest.raises(experiment.UserError, match="trained on images of shape"):
+    # --resume takes the dataset from the checkpoint; another one given with it is an error
+    with pytest.raises(SystemExit):
         train_cifar10.main(["--dataset", "digits", "--resume", last, "--log_dir", logs, *FAST])
+    assert "--dataset: digits contradicts the checkpoint's --dataset fake" in capsys.readouterr().err
 
 
 def test_digits_run_bf16(tmp_path, capsys):
