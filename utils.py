@@ -212,8 +212,8 @@ class GaussianReference(t.nn.Module):
     def fit(self, x, min_eigval=1e-6, diagonal=False):
         """Moment-match q to data x (n, ...): mean and covariance eigen-decomposition, in float64.
 
-        With n <= d the sample covariance is singular, so Ledoit-Wolf shrinkage (scikit-learn) is
-        used instead; eigenvalues are floored at min_eigval * their mean so that directions in
+        With n < 10 d the sample covariance is noisy (singular for n <= d), so Ledoit-Wolf
+        shrinkage (scikit-learn) is used instead (tests/test_spectrum.py measures the difference); eigenvalues are floored at min_eigval * their mean so that directions in
         which the data does not vary (a pixel always black) keep a finite density.
         """
         x = x.detach().flatten(1).to("cpu", t.float64)
@@ -229,7 +229,7 @@ class GaussianReference(t.nn.Module):
         if diagonal:
             eigvals, eigvecs = xc.var(0), t.zeros(0, dtype=t.float64)
         else:
-            if n <= d:
+            if n < 10 * d:
                 from sklearn.covariance import ledoit_wolf
                 cov = t.from_numpy(ledoit_wolf(xc.numpy(), assume_centered=True)[0])
             else:
