@@ -624,7 +624,8 @@ class Evaluation(pl.LightningModule):
                                      self.heldout[kind][columns]).as_model(like)
 
     def _jobs(self):
-        """(model name, estimate, fn(x, index) -> per-sample nats) for every computed row."""
+        """(model name, estimate, fn(x, index) -> per-sample nats, log-SNR range) for every
+        computed row."""
         n, seed, grid = len(self.models), self.seed, self.grid
         # (row, model, the bases it may round: columns of the held-out errors)
         entries = [("gaussian", self.gaussian, [0])]
@@ -633,22 +634,24 @@ class Evaluation(pl.LightningModule):
                                                     self.models[0]), list(range(n + 1))))
         jobs = []
         for name, model, bases in entries:
-            jobs.append((name, "continuous", _continuous(model, self.npoints, seed)))
+            like = self.models[0] if name in ("gaussian", "ensemble") else model
+            jobs.append((name, "continuous", _continuous(model, self.npoints, seed),
+                         like.proposal.range))
             if grid is None:
                 continue
             delta, lo, levels = grid
-            like = self.models[0] if name in ("gaussian", "ensemble") else model
             wide = like.proposal.widened(utils.grid_resolved_logsnr(delta))
-            jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, delta)))
+            jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, delta),
+                         like.proposal.range))
             plain = model if name != "ensemble" else self._ensemble("discrete", bases, like)
             # the rounded rows choose per log SNR among the Gaussian, the bases and their roundings
             jobs.append((name, "discrete, no rounding",
-                         _discrete(plain, self.npoints, seed, grid, wide)))
+                         _discrete(plain, self.npoints, seed, grid, wide), wide.range))
             for k, mode in enumerate(("hard", "soft"), 1):
                 columns = sorted(set([0] + bases + [c + k * (n + 1) for c in bases]))
                 jobs.append((name, f"discrete, {mode} rounding",
                              _discrete(self._ensemble("discrete", columns, like), self.npoints,
-                                       seed, grid, wide)))
+                                       seed, grid, wide), wide.range))
         return jobs
 
     # -- Lightning hooks
@@ -669,11 +672,12 @@ class Evaluation(pl.LightningModule):
             values = [heldout_errors(self._candidates(kind), x, index, seed, edges).flatten(1)
                       for kind, edges in self.edges.items()]
         else:
-            values = [fn(x, index).double().view(-1, 1) for _, _, fn in self.jobs]
+            values = [fn(x, index).double().view(-1, 1) for _, _, fn, _ in self.jobs]
         self.parts.append((index, t.cat(values, 1)))
-        if batch_idx == 1 and self.trainer.num_test_batches[0] > 2 and self.trainer.is_global_zero:
-            left = (time.time() - self._start) / 2 * (self.trainer.num_test_batches[0] - 2)
-            print(f"{self.phase}: about {left:.0f} s left for this part", flush=True)
+        batches = self.trainer.num_test_batches[0]
+        if batch_idx == 0 and batches > 1 and self.trainer.is_global_zero:
+            left = (time.time() - self._start) * (batches - 1)
+            print(f"{self.phase}: about {left:.0f} s left for this pass", flush=True)
 
     def on_test_epoch_end(self):
         x = self.data[self.phase]
@@ -687,17 +691,14 @@ class Evaluation(pl.LightningModule):
                 self.heldout[kind] = block.mean(0).T  # candidates x bins
                 start += bins * m
             return
-        d = self.models[0].d
-        for j, (name, estimate, _) in enumerate(self.jobs):
+        d, self.rows = self.models[0].d, []
+        for j, (name, estimate, _, logsnr_range) in enumerate(self.jobs):
             self.per_sample[(name, estimate)] = values[:, j]
-        rows = []
-        for name, estimate, _ in self.jobs:
-            rows.append((name, estimate, self.per_sample[(name, estimate)]))
+            self.rows.append(table_row(name, estimate, values[:, j], d, logsnr_range))
             if estimate == "continuous" and self.grid is not None:
-                limit = utils.discrete_limit_nats(self.per_sample[(name, estimate)], self.grid[0], d)
+                limit = utils.discrete_limit_nats(values[:, j], self.grid[0], d)
                 self.per_sample[(name, "discrete limit")] = limit
-                rows.append((name, "discrete limit", limit))
-        self.rows = [table_row(name, estimate, nll, d) for name, estimate, nll in rows]
+                self.rows.append(table_row(name, "discrete limit", limit, d, logsnr_range))
 
     def evaluations_per_sample(self):
         """Denoiser evaluations per selection sample and per scored sample (for the log)."""
@@ -757,22 +758,44 @@ def _discrete(model, npoints, seed, grid, proposal):
     return fn
 
 
-def table_row(model, estimate, nll, d):
-    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr} from per-sample values: the
-    standard error sqrt(Var_i(nll_i) / N) covers the data and the log-SNR integral together."""
+MEANING = {  # what each row's number is
+    "continuous": "estimate of E[-log p(x)] of the data as they are: an upper bound in expectation "
+                  "for the hybrid denoiser (the model over logsnr_range, the Gaussian's optimal "
+                  "predictor outside); for grid data it depends on the range's top",
+    "discrete limit": "continuous - d log(delta): a change of units, not a bound",
+    "dequantized": "upper bound on E[-log P(x)]: the continuous estimate of x + delta (U - 1/2), "
+                   "- d log(delta)",
+    "discrete": "upper bound on E[-log P(x)]: 1/2 Int E||eps - eps_hat||^2 da over logsnr_range, "
+                "the tails in closed form",
+    "exact": "the exact value on the same points",
+}
+
+
+def table_row(model, estimate, nll, d, logsnr_range=None):
+    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, logsnr_range, meaning} from
+    per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored samples covers
+    the data and the log-SNR integral together."""
     nll = nll.double()
     mean, stderr = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item()
+    meaning = MEANING["exact" if model == "exact" else estimate.split(",")[0]]
     return dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
-                bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d))
+                bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d),
+                logsnr_range=None if logsnr_range is None else [round(v, 3) for v in logsnr_range],
+                meaning=meaning)
 
 
-def format_results(rows):
-    """The table as text: one line per (model, estimate)."""
-    lines = [f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} {'+-':>7}"]
+def format_results(rows, header):
+    """The table as text: a header line, then one line per (model, estimate) with its log-SNR
+    range, then what each kind of estimate means."""
+    lines = [header, f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} "
+                     f"{'+-':>7}  log SNR"]
     for r in rows:
+        span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
         lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
-                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}")
-    return "\n".join(lines)
+                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span}")
+    kinds = dict.fromkeys(("exact" if r["model"] == "exact" else r["estimate"].split(",")[0])
+                          for r in rows)
+    return "\n".join(lines + [f"  {kind}: {MEANING[kind]}" for kind in kinds])
 
 
 def results_path(args, names, results_dir=None):
@@ -829,6 +852,10 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
     path = results_path(args, names, results_dir)
     if trainer.is_global_zero:
         claim_results_file(path)
+        for ckpt in args.ckpt or []:
+            if os.path.basename(ckpt).startswith("best"):
+                print(f"warning: {ckpt} was chosen by its validation loss on the images it is "
+                      "now scored on, so its numbers are optimistic; last.ckpt is not", flush=True)
         select, score = evaluation.evaluations_per_sample()
         print(f"evaluating {len(names)} model(s) on {len(x_score)} scored samples "
               f"({n_select} for selection) with {trainer.world_size} process(es): "
@@ -845,9 +872,15 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
     rows, d = evaluation.rows, models[0].d
     if exact_nll is not None:  # on the same scored points
         rows.insert(0, table_row("exact", "continuous", exact_nll(x_score.cpu()), d))
-    results = dict(schema=RESULTS_SCHEMA, **(info or {}),
+    header = (f"E[-log p] on {len(x_score)} scored samples: nats per sample and bits/dim; +- is the "
+              "standard error over the samples (data and log-SNR integral together)")
+    if grid is not None:
+        delta, lo, levels = grid
+        header += (f"; grid data lo + k delta, lo = {lo:g}, delta = {delta:.5g}, "
+                   f"{levels or 'unbounded'} levels")
+    results = dict(schema=RESULTS_SCHEMA, **(info or {}), header=header,
                    checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
-                   x_shape=list(models[0].x_shape), d=d, units="nats per sample; bits/dim",
+                   x_shape=list(models[0].x_shape), d=d,
                    npoints=args.npoints, seed=args.seed, select_fraction=args.select_fraction,
                    n_scored=len(x_score), n_selection=n_select,
                    grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),
@@ -855,6 +888,6 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
     if trainer.is_global_zero:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
-        print(format_results(rows))
+        print(format_results(rows, header))
         print(f"written to {shown_path(path)}")
     return dict(results, per_sample=evaluation.per_sample, path=path)
