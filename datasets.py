@@ -513,6 +513,10 @@ class Points2D(pl.LightningDataModule):
     def val_data(self):
         return self.val
 
+    def eval_data(self):
+        """What --eval_only scores: the validation points (no grid)."""
+        return self.val, None
+
     def train_dataloader(self):
         return DataLoader(TensorDataset(self.train), batch_size=self.batch_size, shuffle=True,
                           drop_last=len(self.train) > self.batch_size)
@@ -522,8 +526,9 @@ class Points2D(pl.LightningDataModule):
 
 
 class Images(pl.LightningDataModule):
-    """An image dataset (load_image_dataset). CIFAR-10 is downloaded in prepare_data, which
-    Lightning runs once per node, only when missing and download() allows it."""
+    """An image dataset (load_image_dataset). CIFAR-10 is downloaded in prepare_data (Lightning
+    runs it once per node, for training and evaluation alike) when missing; `missing()` says
+    beforehand whether it is there or may be downloaded (download() allows it)."""
 
     def __init__(self, name, data_dir="data", dequantize=False, seed=0, image_size=32,
                  fake_size=512, batch_size=64, eval_batch_size=100, num_workers=0,
@@ -555,14 +560,17 @@ class Images(pl.LightningDataModule):
                                                       self.seed, self.image_size, self.fake_size)
 
     def reference_data(self):
-        return self.train.tensor(self.reference_size)
+        """The first reference_size training images, dequantised (if so) with seeded noise, so
+        that every process fits the same reference."""
+        train = ImageSet(self.train.images, self.levels, self.dequantize, seed=self.seed + 1)
+        return train.tensor(self.reference_size)
 
     def val_data(self):
         return self.val.tensor()
 
-    def grid_data(self):
-        """The validation images as the grid data they are (never dequantised), and the grid
-        (delta, lo, levels)."""
+    def eval_data(self):
+        """What --eval_only scores: the validation images as the grid data they are (never
+        dequantised), and the grid (delta, lo, levels)."""
         return ImageSet(self.val.images, self.levels).tensor(), (self.bin_width, -1., self.levels)
 
     def _loader(self, data, batch_size, shuffle):

@@ -263,8 +263,7 @@ class DiffusionModel(pl.LightningModule):
         total, total_sq, n = (m.compute() for m in self.val_sums)
         for m in self.val_sums:
             m.reset()
-        mean = total / n
-        stderr = ((total_sq / n - mean ** 2).clamp_min(0) / n).sqrt()
+        mean, stderr = total / n, utils.stderr_from_sums(total, total_sq, n)
         self.log_dict({"val_loss": mean.float(), "val_loss_stderr": stderr.float(),
                        "val_bpd": utils.nats_to_bpd(mean, self.d).float()}, sync_dist=True)
 
@@ -450,7 +449,7 @@ def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     n, bins, dev = len(x), len(edges) - 1, x.device
-    d = x[0].numel()
+    d, edges = x[0].numel(), edges.to(dev)
     sample, k, j = (v.flatten() for v in t.meshgrid(
         t.arange(n, device=dev), t.arange(bins, device=dev), t.arange(draws, device=dev),
         indexing="ij"))

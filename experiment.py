@@ -23,7 +23,7 @@ import utils
 from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser, GridRounding, bin_edges
 from diffusionmodel import heldout_errors
 
-RESULTS_SCHEMA = "itd-eval/2"
+RESULTS_SCHEMA = "itd-eval/3"
 SELECTION_STREAM = 1 << 40  # seed offset of the ensemble choice's random numbers
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
 # With --resume, flags not given take the checkpoint's values, except these, which belong to
@@ -41,18 +41,33 @@ class UserError(RuntimeError):
 
 
 class Interrupted(pl.Callback):
-    """Ctrl-C during training: the state is saved to <run>/checkpoints/interrupted.ckpt and
-    run_cli ends with one line naming it and the command that resumes (exit status 130)."""
+    """Ctrl-C: during training the state is saved to <run>/checkpoints/interrupted.ckpt, and
+    run_cli ends with one line (global rank 0) naming it and the command that resumes, exit
+    status 130; during an evaluation nothing is written."""
 
-    message = None
+    message, log_dir = None, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.log_dir = trainer.log_dir  # rank 0's, shared with every process
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.logger:
-            path = os.path.join(trainer.logger.log_dir, "checkpoints", "interrupted.ckpt")
-            trainer.save_checkpoint(path)
-            Interrupted.message = (f"interrupted at epoch {trainer.current_epoch + 1}, step "
-                                   f"{trainer.global_step}: kept {shown_path(path)}; resume with "
-                                   f"python {sys.argv[0]} --resume {shown_path(path)}")
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        if self.log_dir is None:
+            Interrupted.message = "interrupted: nothing was written"
+            return
+        path = os.path.join(self.log_dir, "checkpoints", "interrupted.ckpt")
+        trainer.save_checkpoint(path)
+        argv, skip = [], False  # the command as given, resuming from the checkpoint
+        for word in sys.argv[1:]:
+            if skip or word == "--resume" or word.startswith("--resume="):
+                skip = word == "--resume"
+                continue
+            argv.append(word)
+        Interrupted.message = (f"interrupted at epoch {trainer.current_epoch + 1}, step "
+                               f"{trainer.global_step}: kept {shown_path(path)}; resume with "
+                               f"python {' '.join([sys.argv[0], *argv])} --resume "
+                               f"{shown_path(path)}")
 
 
 def run_cli(main):
@@ -67,12 +82,15 @@ def run_cli(main):
     try:
         main()
     except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
+        if os.environ.get("ITD_TRACEBACK"):  # to tell a bug from a mistake
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (SystemExit, KeyboardInterrupt):
         if Interrupted.message is None:
             raise
-        print(Interrupted.message, file=sys.stderr)
+        if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
+            print(Interrupted.message, file=sys.stderr)
         sys.exit(130)
     finally:
         if t.distributed.is_available() and t.distributed.is_initialized():
@@ -123,7 +141,8 @@ def per_dataset(defaults, key, text=""):
 def build_parser(description, datasets, defaults):
     """A parser with the flags both scripts share; `defaults` maps each dataset to the values of
     the flags left at None (apply_defaults)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
+                                allow_abbrev=False)
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     p.add_argument("--dataset", default=None, choices=datasets,
@@ -196,6 +215,8 @@ def parse(parser, argv, defaults, script, without_ckpt=False):
     """The parsed arguments: with --resume the checkpoint's (a flag given here that contradicts
     it is an error naming both values), then the dataset's defaults for flags left at None."""
     args = parser.parse_args(argv)
+    if args.eval_only and args.resume:
+        parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
     if args.resume:
         given = {a.dest for a in parser._actions for opt in a.option_strings
                  for word in (sys.argv[1:] if argv is None else argv)
@@ -207,6 +228,10 @@ def parse(parser, argv, defaults, script, without_ckpt=False):
             if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
+            if (key == "num_epochs" and key in given and getattr(args, key) > value
+                    and saved.get("lr_schedule", "onecycle") == "onecycle"):
+                parser.error(f"argument --num_epochs: {getattr(args, key)} is longer than the "
+                             f"{value} epochs the resumed run's one-cycle schedule was planned for")
             if key not in given and key not in PER_INVOCATION:
                 setattr(args, key, value)
     return apply_defaults(parser, args, defaults, without_ckpt)
@@ -246,8 +271,6 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
         args.val_every = max(1, args.num_epochs // 10)
     if args.val_npoints & (args.val_npoints - 1):
         parser.error(f"argument --val_npoints: must be a power of 2, got {args.val_npoints}")
-    if args.eval_only and args.resume:
-        parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
     return args
 
 
@@ -304,8 +327,8 @@ class LineProgress(ProgressBar):
 # ---------------------------------------------------------------------------------------------
 class RunLogger(TensorBoardLogger):
     """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ... : a run never overwrites another.
-    The free name is chosen when the folder is first needed, by global rank 0 (Lightning shares
-    rank 0's log_dir with the other processes), so failed starts leave nothing behind."""
+    The free name is chosen when the folder is first needed, so failed starts leave nothing
+    behind. Global rank 0's is the run's: use trainer.log_dir (broadcast) or rank 0's logger."""
 
     def __init__(self, log_dir, run, resume=False):
         super().__init__(log_dir, name="", version=run if resume else None, default_hp_metric=False)
@@ -328,24 +351,25 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint["run_args"] = dict(vars(args), script=script)
 
-    logger = False
+    logger, folder = False, None
     if run is not None:
         resume = os.path.isdir(run)
-        check_writable(os.path.dirname(os.path.abspath(run)) if resume else args.log_dir,
-                       "--log_dir")
-        logger = (RunLogger(os.path.dirname(os.path.abspath(run)), os.path.basename(run), True)
-                  if resume else RunLogger(args.log_dir, run))
+        folder = os.path.dirname(os.path.abspath(run)) if resume else args.log_dir
+        logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}", save_last=True),
                      RunArgs(), ValidateLastEpoch(), Interrupted(), RunSize(), *callbacks]
     try:
-        return pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
-                          strategy=args.strategy, num_nodes=args.num_nodes,
-                          precision=args.precision, logger=logger,
-                          callbacks=[show_progress(), *callbacks], **kwargs)
+        trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
+                             strategy=args.strategy, num_nodes=args.num_nodes,
+                             precision=args.precision, logger=logger,
+                             callbacks=[show_progress(), *callbacks], **kwargs)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
                         f"{args.devices} --strategy {args.strategy} --precision "
                         f"{args.precision}): {str(err).splitlines()[0]}") from None
+    if folder is not None and trainer.is_global_zero:
+        check_writable(folder, "--log_dir")
+    return trainer
 
 
 class ValidateLastEpoch(pl.Callback):
@@ -578,25 +602,51 @@ class Evaluation(pl.LightningModule):
     soft rounding chosen per log SNR, over a range extended to utils.grid_resolved_logsnr.
     """
 
-    def __init__(self, models, names, x_select, x_score, seed=0, npoints=128, grid=None,
-                 batch_size=256, bins=48):
+    def __init__(self, models, names, source, seed=0, npoints=128, batch_size=256,
+                 select_fraction=0.5, fit_reference=False, bins=48):
         super().__init__()
-        self.models, self.names = t.nn.ModuleList(models), list(names)
-        first = models[0]
+        self.models, self.names, self.source = t.nn.ModuleList(models), list(names), source
+        self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
+        self.select_fraction, self.fit_reference = select_fraction, fit_reference
+        self.data, self.phase, self.heldout, self.rows, self.per_sample = None, "select", {}, [], {}
+
+    def prepare_data(self):  # Lightning calls it once per node: downloads
+        self.source.prepare_data()
+
+    def setup(self, stage):
+        """The data (source.eval_data() -> (x, grid)), split once (seeded) into the selection and
+        scoring parts, and the log-SNR bins of the held-out choice."""
+        if self.data is not None:
+            return
+        self.source.setup()
+        first = self.models[0]
+        if self.fit_reference:  # a pretrained model evaluated as it is: the data-matched Gaussian
+            first.fit_reference(self.source.reference_data())
+        x, self.grid = self.source.eval_data()
+        n_select = int(round(self.select_fraction * len(x)))
+        perm = t.randperm(len(x), generator=t.Generator().manual_seed(self.seed))
+        if min(n_select, len(x) - n_select) < max(2, self.trainer.world_size):
+            raise UserError(f"{len(x)} samples are too few to split into selection and scoring "
+                            f"parts for {self.trainer.world_size} process(es)")
+        self.data = {"select": x[perm[:n_select]], "score": x[perm[n_select:]]}
         self.gaussian = first.with_denoiser(GaussianDenoiser(first.reference))
-        self.data = {"select": x_select, "score": x_score}
-        self.seed, self.npoints, self.grid, self.batch_size = seed, npoints, grid, batch_size
-        self.edges = {"continuous": bin_edges(first.proposal.range, bins)}
-        if grid is not None:
-            top = utils.grid_resolved_logsnr(grid[0])
-            ranges = [m.proposal.widened(top).range for m in models]
+        self.edges = {"continuous": bin_edges(first.proposal.range, self.bins)}
+        if self.grid is not None:
+            top = utils.grid_resolved_logsnr(self.grid[0])
+            ranges = [m.proposal.widened(top).range for m in self.models]
             self.edges["discrete"] = bin_edges((min(r[0] for r in ranges),
-                                                max(r[1] for r in ranges)), bins)
-        self.phase, self.parts, self.heldout, self.rows, self.per_sample = "select", [], {}, [], {}
+                                                max(r[1] for r in ranges)), self.bins)
+        if self.trainer.is_global_zero:
+            select, score = self.evaluations_per_sample()
+            print(f"evaluating {len(self.names)} model(s) on {len(x) - n_select} scored samples "
+                  f"({n_select} for selection) with {self.trainer.world_size} process(es): "
+                  f"{select} + {score} denoiser evaluations per sample, "
+                  f"{select * n_select + score * (len(x) - n_select):,} in all", flush=True)
 
     # -- the candidates and the rows
-    def _bases(self):
-        return [GaussianDenoiser(self.models[0].reference)] + list(self.models)
+    def _bases(self, like=None):
+        """The Gaussian (`like`'s reference, default the first model's), then the models."""
+        return [GaussianDenoiser((like or self.models[0]).reference)] + list(self.models)
 
     def _candidates(self, kind):
         """(z, a) -> candidate predictions: the bases, then (discrete) their hard and soft roundings."""
@@ -613,8 +663,9 @@ class Evaluation(pl.LightningModule):
         return predict
 
     def _ensemble(self, kind, columns, like):
-        """The Ensemble of the candidate columns, chosen on the held-out errors, as a model."""
-        bases = self._bases()
+        """The Ensemble of the candidate columns, chosen on the held-out errors, as a model with
+        `like`'s proposal and reference."""
+        bases = self._bases(like)
         modules = bases
         if kind == "discrete":
             delta, lo, levels = self.grid
@@ -776,7 +827,7 @@ def table_row(model, estimate, nll, d, logsnr_range=None):
     per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored samples covers
     the data and the log-SNR integral together."""
     nll = nll.double()
-    mean, stderr = nll.mean().item(), (nll.std() / math.sqrt(len(nll))).item()
+    mean, stderr = nll.mean().item(), utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
     meaning = MEANING["exact" if model == "exact" else estimate.split(",")[0]]
     return dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
                 bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d),
@@ -830,25 +881,21 @@ def claim_results_file(path):
         raise UserError(f"cannot write the results to {path}: {reason}") from None
 
 
-def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None, results_dir=None):
-    """--eval_only for either script: the Evaluation table of `models` on x (split once, seeded,
-    into selection and scoring parts), through a Trainer built from the device flags; printed and
-    written as JSON by global rank 0 (never over an existing file)."""
+def run_evaluation(args, models, names, source, exact_nll=None, info=None, results_dir=None,
+                   fit_reference=False):
+    """--eval_only for either script: the Evaluation table of `models` on source.eval_data()
+    (a datamodule: prepare_data runs once per node), through a Trainer built from the device
+    flags; printed and written as JSON by global rank 0 (never over an existing file)."""
     start = time.time()
     trainer = make_trainer(args, inference_mode=True, enable_model_summary=False,
-                           enable_checkpointing=False, use_distributed_sampler=False)
+                           enable_checkpointing=False, use_distributed_sampler=False,
+                           callbacks=[Interrupted()])
     if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
         raise UserError(f"--strategy {args.strategy}: evaluation keeps its selection between two "
                         "passes, which spawned processes lose; use --strategy ddp (or torchrun, "
                         "SLURM)")
-    n_select = int(round(args.select_fraction * len(x)))
-    perm = t.randperm(len(x), generator=t.Generator().manual_seed(args.seed))
-    x_select, x_score = x[perm[:n_select]], x[perm[n_select:]]
-    if min(len(x_score), n_select) < max(2, trainer.world_size):
-        raise UserError(f"{len(x)} samples are too few to split into selection and scoring parts "
-                        f"for {trainer.world_size} process(es)")
-    evaluation = Evaluation(models, names, x_select, x_score, args.seed, args.npoints, grid,
-                            args.eval_batch_size)
+    evaluation = Evaluation(models, names, source, args.seed, args.npoints, args.eval_batch_size,
+                            args.select_fraction, fit_reference)
     path = results_path(args, names, results_dir)
     if trainer.is_global_zero:
         claim_results_file(path)
@@ -856,11 +903,6 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
             if os.path.basename(ckpt).startswith("best"):
                 print(f"warning: {ckpt} was chosen by its validation loss on the images it is "
                       "now scored on, so its numbers are optimistic; last.ckpt is not", flush=True)
-        select, score = evaluation.evaluations_per_sample()
-        print(f"evaluating {len(names)} model(s) on {len(x_score)} scored samples "
-              f"({n_select} for selection) with {trainer.world_size} process(es): "
-              f"{select} + {score} denoiser evaluations per sample, "
-              f"{select * n_select + score * len(x_score):,} in all", flush=True)
     try:
         for phase in ("select", "score"):
             evaluation.phase = phase
@@ -869,7 +911,8 @@ def run_evaluation(args, models, names, x, grid=None, exact_nll=None, info=None,
         if trainer.is_global_zero and os.path.exists(path):
             os.remove(path)  # nothing half-written stays behind
         raise
-    rows, d = evaluation.rows, models[0].d
+    rows, d, x_score, grid = evaluation.rows, models[0].d, evaluation.data["score"], evaluation.grid
+    n_select = len(evaluation.data["select"])
     if exact_nll is not None:  # on the same scored points
         rows.insert(0, table_row("exact", "continuous", exact_nll(x_score.cpu()), d))
     header = (f"E[-log p] on {len(x_score)} scored samples: nats per sample and bits/dim; +- is the "

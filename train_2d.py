@@ -288,10 +288,9 @@ def evaluate(args):
     data = experiment.checkpoints_data(args, ckpts, ("dataset", "num_points", "seed"), DEFAULTS)
     models = [experiment.model_from_checkpoint(c, build_denoiser(c["run_args"])) for c in ckpts]
     points = datasets.Points2D(data["dataset"], data["num_points"], data["seed"], VAL_FRACTION)
-    points.setup()
     exact = datasets.exact_nll_2d(data["dataset"], n=data["num_points"])
-    return experiment.run_evaluation(args, models, experiment.checkpoint_names(args.ckpt),
-                                     points.val_data(), exact_nll=exact,
+    return experiment.run_evaluation(args, models, experiment.checkpoint_names(args.ckpt), points,
+                                     exact_nll=exact,
                                      info=dict(script="train_2d.py", dataset=data["dataset"]))
 
 

@@ -291,7 +291,7 @@ def load_unet(source, from_scratch=False, online=None):
     directory or a hub id.
 
     A directory is read as it is. A hub id is looked up in the local Hugging Face cache first and
-    downloaded only if `online()` says the hub is reachable; otherwise a experiment.UserError explains
+    downloaded only if `online()` says the hub is reachable; otherwise an experiment.UserError explains
     what is missing and how to provide it. `from_scratch` reads only the config (random weights);
     for google/ddpm-cifar10-32 the config is built in, so that needs no network.
     The schedule is None and the prediction type "epsilon" when the source has no
@@ -415,10 +415,9 @@ def parse_args(argv=None):
                               6 * 3 * args.image_size ** 2 * args.fake_size * 5 // 4)
     if args.eval_only and args.pretrained.lower() == "none":
         parser.error("--eval_only needs --ckpt PATH [PATH ...] or a --pretrained U-Net")
-    if args.pretrained.lower() == "none":
-        args.pretrained = None
+    args.pretrained = "none" if args.pretrained.lower() == "none" else args.pretrained
     if args.gaussian_residual is None:
-        args.gaussian_residual = args.pretrained is None
+        args.gaussian_residual = args.pretrained == "none"
     if args.eval_only and args.gaussian_residual:
         parser.error("argument --gaussian_residual: a pretrained U-Net is evaluated as it is, "
                      "not as a residual on the Gaussian")
@@ -453,7 +452,7 @@ def load_denoiser(args, x_shape=None, ckpt=None):
                                        f"{args.dataset} images are {tuple(x_shape)}")
         net, schedule, prediction_type = unet_from_state_dict(ckpt["state_dict"])
         source = args.resume
-    elif args.pretrained is None:  # sized for the data, which then exists (digits, fake)
+    elif args.pretrained == "none":  # sized for the data, which then exists (digits, fake)
         from diffusers import UNet2DModel
         channels, size = x_shape[0], x_shape[-1]
         net = UNet2DModel.from_config(small_unet_config(channels, size, args.unet_width))
@@ -535,13 +534,14 @@ def evaluate(args):
     if args.ckpt:
         ckpts = [experiment.load_checkpoint(path, SCRIPT) for path in args.ckpt]
         saved = experiment.checkpoints_data(args, ckpts, ("dataset", "image_size", "fake_size",
-                                                          "seed"), DEFAULTS)
+                                                          "seed", "dequantize", "reference_size"),
+                                            DEFAULTS)
         data = image_data(args, **saved, dequantize=False)
         models, names = [model_from_checkpoint(path, c, data) for path, c in zip(args.ckpt, ckpts)], \
             experiment.checkpoint_names(args.ckpt)
         info = dict(script=SCRIPT, dataset=saved["dataset"])
     else:
-        data = image_data(args)
+        data = image_data(args, dequantize=False)  # the grid data; a seeded reference
         model, _, _ = build_model(args, data)
         models = [model.eval()]
         names = [os.path.basename(os.path.normpath(args.pretrained))
@@ -550,13 +550,9 @@ def evaluate(args):
     problem = data.missing()
     if problem:
         raise experiment.UserError(problem)
-    data.prepare_data()
-    data.setup()
-    if not args.ckpt:
-        models[0].fit_reference(data.reference_data())
-    x, grid = data.grid_data()
-    return experiment.run_evaluation(args, models, names, x, grid=grid, info=info,
-                                     results_dir=None if args.ckpt else args.log_dir)
+    return experiment.run_evaluation(args, models, names, data, info=info,
+                                     results_dir=None if args.ckpt else args.log_dir,
+                                     fit_reference=not args.ckpt)
 
 
 def model_from_checkpoint(path, ckpt, data):

@@ -213,7 +213,7 @@ class GaussianReference(t.nn.Module):
         """Moment-match q to data x (n, ...): mean and covariance eigen-decomposition, in float64.
 
         With n < 10 d the sample covariance is noisy (singular for n <= d), so Ledoit-Wolf
-        shrinkage (scikit-learn) is used instead (tests/test_spectrum.py measures the difference); eigenvalues are floored at min_eigval * their mean so that directions in
+        shrinkage (scikit-learn) is used instead (docs/maths.md); eigenvalues are floored at min_eigval * their mean so that directions in
         which the data does not vary (a pixel always black) keep a finite density.
         """
         x = x.detach().flatten(1).to("cpu", t.float64)
@@ -305,6 +305,13 @@ class GaussianReference(t.nn.Module):
         return t.sigmoid(a).sqrt() * self.mean + self._unrotate(e * std)
 
 
+def stderr_from_sums(total, total_sq, n):
+    """The standard error of a mean from the sums of n values and of their squares:
+    sqrt(s^2 / n) with the unbiased variance s^2 (so sums reduced across processes suffice)."""
+    var = (total_sq - total ** 2 / n) / (n - 1)
+    return (var.clamp_min(0) if t.is_tensor(var) else max(var, 0.)) ** 0.5 / n ** 0.5
+
+
 def nats_to_bpd(nats, d):
     """bits/dim = nats / (d ln 2)."""
     return nats / (d * math.log(2))
@@ -315,8 +322,11 @@ def nats_to_bpd(nats, d):
 # ---------------------------------------------------------------------------------------------
 def dequantize(x, delta, seed, index):
     """x + delta * (U - 1/2): uniform noise over each bin, with U named by (seed, the sample's
-    index, coordinate), so a sample gets the same noise in any batch. index: (B,) or an int."""
-    index = append_dims(t.as_tensor(index, dtype=t.int64, device=x.device).view(-1), 2)
+    index, coordinate), so a sample gets the same noise in any batch. index: (B,) positions."""
+    index = t.as_tensor(index, dtype=t.int64, device=x.device).view(-1)
+    if len(index) != len(x):
+        raise ValueError(f"index has {len(index)} entries for {len(x)} samples")
+    index = append_dims(index, 2)
     coord = t.arange(x[0].numel(), device=x.device)
     u = counter_uniform(seed, index, coord, 2 ** 40, device=x.device).view_as(x)
     return x + delta * (u.to(x.dtype) - 0.5)

@@ -165,8 +165,8 @@ class SampleImages(pl.Callback):
 
 
 class MSECurve(pl.Callback):
-    """After each validation: the MSE curve of the first `samples` validation points (one noise
-    draw each, a fixed seed) against the reference's MMSE, with the suggested (logsnr_loc,
+    """After each validation: the MSE curve of the first `samples` points of global rank 0's first
+    validation batch (one noise draw each, a fixed seed) against the reference's MMSE, with the suggested (logsnr_loc,
     logsnr_scale) logged and the figure sent to TensorBoard. The last curve is kept in `last`
     for the run's summary, so the summary and TensorBoard show the same one. Global rank 0 only
     (no collectives: the other ranks are not waited for)."""

@@ -36,7 +36,8 @@ TARGET_GAP, TARGET_NOISE, TARGET_CELL = 0.03, 0.01, 0.1
 
 
 def run(name, log_dir, extra):
-    """Runs the default command; returns (wall seconds, CPU seconds, summary)."""
+    """Runs the default command (its output to a pipe, as in a batch job); returns (wall seconds,
+    CPU seconds, summary with the log's size)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join(REPO, "train_2d.py"), "--dataset", name,
@@ -49,7 +50,7 @@ def run(name, log_dir, extra):
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     run_dir = os.path.join(log_dir, f"{name}-base")
     with open(os.path.join(run_dir, "summary.json")) as f:
-        return wall, cpu, json.load(f)
+        return wall, cpu, dict(json.load(f), log_bytes=len(proc.stdout) + len(proc.stderr))
 
 
 def validation_noise(run_dir, repeats):
@@ -91,7 +92,8 @@ def main():
             wall, cpu, s = run(name, log_dir, args.extra)
             noise, mean = validation_noise(os.path.join(log_dir, f"{name}-base"), args.repeats)
             line = [f"{name}: python train_2d.py --dataset {name} {' '.join(args.extra)}".rstrip(),
-                    f"  wall {wall:.1f} s end to end, CPU {cpu:.1f} s; {s['steps']} steps",
+                    f"  wall {wall:.1f} s end to end, CPU {cpu:.1f} s; {s['steps']} steps; "
+                    f"log (stdout + stderr) {s['log_bytes'] / 1024:.1f} KB",
                     f"  final val E[-log p] = {s['val_nll']:.4f} +- {s['val_nll_stderr']:.4f} nats"]
             checks = []
             if name in TARGET_SECONDS:

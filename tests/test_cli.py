@@ -77,8 +77,9 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted at epoch ") and f"kept {kept}" in last
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    command = last.split("resume with ")[1].split()
-    assert command[1:] == [os.path.join(REPO, "train_2d.py"), "--resume", kept]
+    command = last.split("resume with ")[1].split()  # the command as given, resuming
+    assert command[1] == os.path.join(REPO, "train_2d.py") and command[-2:] == ["--resume", kept]
+    assert " ".join(command[2:-2]) == " ".join(common + ["--num_epochs", "500"])
     assert os.path.isfile(tmp_path / kept)
 
     # a flag that contradicts the checkpoint is an error naming both values

@@ -15,6 +15,7 @@ import pytest
 import torch as t
 
 import datasets
+import experiment
 import train_2d
 import train_cifar10
 
@@ -109,12 +110,13 @@ def test_ensemble_is_no_worse_than_its_members(scg_runs, tmp_path):
         assert diff.mean() <= 3 * diff.std() / math.sqrt(len(diff)), member
 
 
-def test_eval_errors_are_one_clear_message(scg_runs, tmp_path):
-    def run(*flags):
-        proc = subprocess.run([sys.executable, "train_2d.py", "--eval_only", *flags], cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        return proc.stderr.strip()
+def test_eval_errors_are_one_clear_message(scg_runs, tmp_path, capsys):
+    def run(*flags):  # in-process through the scripts' entry point (tests/test_cli.py)
+        with pytest.raises(SystemExit) as exit_:
+            experiment.run_cli(lambda: train_2d.main(["--eval_only", *flags]))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
 
     missing = str(tmp_path / "nope.ckpt")
     assert run("--ckpt", missing) == f"error: checkpoint {missing} not found"
