@@ -504,7 +504,7 @@ class VBSchedule:
         self.T, self.posterior_variance = len(ab), posterior_variance
         ab = t.cat([t.ones(1, dtype=t.float64), ab])
         log_ab = ab.log()
-        a = log_ab - t.log1p(-ab)                                  # a_0 = +inf, unused
+        a = t.cat([t.full((1,), float("inf"), dtype=t.float64), utils.schedule_logsnr(ab[1:])])
         beta = t.cat([t.zeros(1, dtype=t.float64), -t.expm1(log_ab[1:] - log_ab[:-1])])
         beta_tilde = t.cat([t.zeros(1, dtype=t.float64), (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])
         sigma2 = (beta_tilde if posterior_variance == "fixed_small" else beta).clone()

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import utils
 from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser, GridRounding, bin_edges
-from diffusionmodel import heldout_errors
+from diffusionmodel import heldout_errors, variational_bound
 
 RESULTS_SCHEMA = "itd-eval/3"
 SELECTION_STREAM = 1 << 40  # seed offset of the ensemble choice's random numbers
@@ -205,6 +205,9 @@ def build_parser(description, datasets, defaults):
     group.add_argument("--select_fraction", type=float, default=0.5,
                        help="part of the validation data held out to choose, per log SNR, between "
                             "ensemble members and rounded variants; every row is scored on the rest")
+    group.add_argument("--vb_steps", type=int, default=100,
+                       help="grid data: timesteps per sample of the variational-bound rows (an "
+                            "unbiased subsample of the schedule's T; 0: all T)")
     group.add_argument("--results", default=None, metavar="JSON",
                        help="where the table goes (default: eval-<checkpoint name>.json next to the "
                             "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
@@ -603,8 +606,9 @@ class Evaluation(pl.LightningModule):
     """
 
     def __init__(self, models, names, source, seed=0, npoints=128, batch_size=256,
-                 select_fraction=0.5, fit_reference=False, bins=48):
+                 select_fraction=0.5, fit_reference=False, bins=48, vb_steps=100):
         super().__init__()
+        self.vb_steps = vb_steps or None
         self.models, self.names, self.source = t.nn.ModuleList(models), list(names), source
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
         self.select_fraction, self.fit_reference = select_fraction, fit_reference
@@ -695,6 +699,9 @@ class Evaluation(pl.LightningModule):
             jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, delta),
                          like.proposal.range))
             plain = model if name != "ensemble" else self._ensemble("discrete", bases, like)
+            schedule = self._schedule(like)
+            jobs.append((name, "variational bound", _vb(plain, seed, grid, schedule, self.vb_steps),
+                         tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())))
             # the rounded rows choose per log SNR among the Gaussian, the bases and their roundings
             jobs.append((name, "discrete, no rounding",
                          _discrete(plain, self.npoints, seed, grid, wide), wide.range))
@@ -704,6 +711,13 @@ class Evaluation(pl.LightningModule):
                              _discrete(self._ensemble("discrete", columns, like), self.npoints,
                                        seed, grid, wide), wide.range))
         return jobs
+
+    @staticmethod
+    def _schedule(model):
+        """The T-step schedule of the variational bound: the denoiser's own (a U-Net's), else
+        1000 steps linear in log SNR over the model's proposal range."""
+        own = getattr(model.model, "alphas_cumprod", None)
+        return own if own is not None else utils.logsnr_schedule(*model.proposal.range)
 
     # -- Lightning hooks
     def test_dataloader(self):
@@ -756,7 +770,8 @@ class Evaluation(pl.LightningModule):
         n = len(self.models)  # the Gaussian's evaluations cost next to nothing
         select = sum((len(e) - 1) * n for e in self.edges.values())
         per_row = 5 if self.grid is not None else 1  # continuous, dequantized, 3 discrete
-        return select, self.npoints * per_row * (n + 1)
+        vb = (self.vb_steps or 1000) + 2 if self.grid is not None else 0
+        return select, (self.npoints * per_row + vb) * (n + 1)
 
 
 class _Keyed(t.utils.data.Dataset):
@@ -799,6 +814,15 @@ def _continuous(model, npoints, seed, dequantize=None):
     return fn
 
 
+def _vb(model, seed, grid, schedule, steps):
+    delta, lo, levels = grid
+
+    def fn(x, index):
+        return variational_bound(model, x, delta, schedule, lo, levels, steps, index=index,
+                                 generator=t.Generator().manual_seed(seed))[0]
+    return fn
+
+
 def _discrete(model, npoints, seed, grid, proposal):
     delta, lo, levels = grid
 
@@ -818,6 +842,9 @@ MEANING = {  # what each row's number is
                    "- d log(delta)",
     "discrete": "upper bound on E[-log P(x)]: 1/2 Int E||eps - eps_hat||^2 da over logsnr_range, "
                 "the tails in closed form",
+    "variational bound": "upper bound on E[-log P(x)]: the -ELBO of the T-step schedule over "
+                         "logsnr_range (DDPM's, fixed_small variances, discretised Gaussian "
+                         "decoder; timesteps subsampled, unbiased)",
     "exact": "the exact value on the same points",
 }
 
@@ -895,7 +922,7 @@ def run_evaluation(args, models, names, source, exact_nll=None, info=None, resul
                         "passes, which spawned processes lose; use --strategy ddp (or torchrun, "
                         "SLURM)")
     evaluation = Evaluation(models, names, source, args.seed, args.npoints, args.eval_batch_size,
-                            args.select_fraction, fit_reference)
+                            args.select_fraction, fit_reference, vb_steps=args.vb_steps)
     path = results_path(args, names, results_dir)
     if trainer.is_global_zero:
         claim_results_file(path)

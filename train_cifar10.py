@@ -61,17 +61,6 @@ def small_unet_config(channels=3, size=32, width=32):
     }
 
 
-def schedule_logsnr(alphas_cumprod):
-    """log SNR of every integer timestep, log(alpha_bar / (1 - alpha_bar)), float64, decreasing."""
-    ab = t.as_tensor(alphas_cumprod).to("cpu", t.float64)
-    if ab.dim() != 1 or len(ab) < 2 or not ((ab > 0) & (ab < 1)).all():
-        raise ValueError("alphas_cumprod must be a 1-D schedule with values in (0, 1)")
-    logsnr = ab.log() - (-ab).log1p()
-    if not (logsnr[1:] < logsnr[:-1]).all():
-        raise ValueError("the schedule's log SNR must decrease strictly with the timestep")
-    return logsnr
-
-
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' scheduler prediction_type
 LEARNED_VARIANCES = ("learned", "learned_range")  # scheduler variance_types we refuse
 
@@ -82,14 +71,6 @@ def check_prediction_type(prediction_type):
         raise ValueError("prediction_type must be 'epsilon', 'v_prediction' or 'sample', got "
                          f"{prediction_type!r}")
     return prediction_type
-
-
-def logsnr_schedule(lo, hi, steps=1000):
-    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo (t = steps-1):
-    for U-Nets trained from scratch, so that timesteps cover exactly the integration range."""
-    if not -36 < lo < hi < 36:  # beyond, alpha_bar rounds to 0 or 1 in float64
-        raise ValueError(f"log SNR range must lie within (-36, 36), got [{lo}, {hi}]")
-    return t.sigmoid(t.linspace(hi, lo, steps, dtype=t.float64))
 
 
 def logsnr_to_timestep(logsnr, table):
@@ -141,7 +122,7 @@ class UNetDenoiser(t.nn.Module):
         # A plain attribute, not a buffer: "16-true"/"bf16-true" precision would otherwise round
         # the table to 8 bits of mantissa. Device copies are cached on first use.
         self.alphas_cumprod = t.as_tensor(alphas_cumprod).to("cpu", t.float64)
-        self.logsnr_table = schedule_logsnr(self.alphas_cumprod)
+        self.logsnr_table = utils.schedule_logsnr(self.alphas_cumprod)
         self._tables = {}
 
     def set_fallback(self, reference):
@@ -457,7 +438,7 @@ def load_denoiser(args, x_shape=None, ckpt=None):
         channels, size = x_shape[0], x_shape[-1]
         net = UNet2DModel.from_config(small_unet_config(channels, size, args.unet_width))
         # Its timesteps span the integration range linearly in log SNR: nothing is clamped.
-        schedule = logsnr_schedule(*utils.LogisticProposal(args.logsnr_loc, args.logsnr_scale,
+        schedule = utils.logsnr_schedule(*utils.LogisticProposal(args.logsnr_loc, args.logsnr_scale,
                                                            args.clip).range)
         source, prediction_type = "small U-Net, random weights", "epsilon"
     else:
@@ -536,7 +517,7 @@ def evaluate(args):
         saved = experiment.checkpoints_data(args, ckpts, ("dataset", "image_size", "fake_size",
                                                           "seed", "dequantize", "reference_size"),
                                             DEFAULTS)
-        data = image_data(args, **saved, dequantize=False)
+        data = image_data(args, **dict(saved, dequantize=False))
         models, names = [model_from_checkpoint(path, c, data) for path, c in zip(args.ckpt, ckpts)], \
             experiment.checkpoint_names(args.ckpt)
         info = dict(script=SCRIPT, dataset=saved["dataset"])

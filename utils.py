@@ -112,6 +112,26 @@ class LogisticProposal:
         return LogisticProposal(self.loc, self.scale, (hi - self.loc) / self.scale)
 
 
+def logsnr_schedule(lo, hi, steps=1000):
+    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo (t = steps-1):
+    timesteps that cover exactly an integration range (U-Nets trained from scratch; the
+    variational bound of a model without a schedule of its own)."""
+    if not -36 < lo < hi < 36:  # beyond, alpha_bar rounds to 0 or 1 in float64
+        raise ValueError(f"log SNR range must lie within (-36, 36), got [{lo}, {hi}]")
+    return t.sigmoid(t.linspace(hi, lo, steps, dtype=t.float64))
+
+
+def schedule_logsnr(alphas_cumprod):
+    """log SNR of every integer timestep, log(alpha_bar / (1 - alpha_bar)), float64, decreasing."""
+    ab = t.as_tensor(alphas_cumprod).to("cpu", t.float64)
+    if ab.dim() != 1 or len(ab) < 2 or not ((ab > 0) & (ab < 1)).all():
+        raise ValueError("alphas_cumprod must be a 1-D schedule with values in (0, 1)")
+    logsnr = ab.log() - (-ab).log1p()
+    if not (logsnr[1:] < logsnr[:-1]).all():
+        raise ValueError("the schedule's log SNR must decrease strictly with the timestep")
+    return logsnr
+
+
 # ---------------------------------------------------------------------------------------------
 # Counter-based random numbers: draws named by (seed, sample index, ...), not by batch layout
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     with open(written) as f:
         saved = json.load(f)
     # The schema a reader of the file relies on.
-    assert saved["schema"] == "itd-eval/2" and saved["script"] == "train_2d.py"
+    assert saved["schema"] == "itd-eval/3" and saved["script"] == "train_2d.py"
     assert saved["dataset"] == "scg" and saved["x_shape"] == [2] and saved["d"] == 2
     assert saved["npoints"] == 16 and saved["grid"] is None
     assert saved["n_scored"] + saved["n_selection"] == 40  # 10% of the 400 points
@@ -136,15 +136,18 @@ def test_digits_discrete_rows(tmp_path):
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
     ckpt = os.path.join(logs, "digits-base", "checkpoints", "last.ckpt")
     results = train_cifar10.main(["--eval_only", "--ckpt", ckpt, "--npoints", "8",
-                                  "--eval_batch_size", "64"])
+                                  "--eval_batch_size", "64", "--vb_steps", "8"])
     assert results["grid"] == {"delta": 0.125, "lo": -1.0, "levels": 17}  # 17 levels on [-1, 1]
     rows = rows_by(results)
     estimates = {"continuous", "discrete limit", "dequantized", "discrete, no rounding",
-                 "discrete, hard rounding", "discrete, soft rounding"}
+                 "discrete, hard rounding", "discrete, soft rounding", "variational bound"}
     for model in ("gaussian", "digits-base/last.ckpt", "ensemble"):
         assert {e for m, e in rows if m == model} == estimates
         for e in estimates:
             assert math.isfinite(rows[(model, e)]["nats"])
+    # the variational bound runs over the small U-Net's own schedule: its timesteps span the
+    # integration range 4 +- 4 * 2 (train_cifar10.py's digits defaults)
+    assert rows[("digits-base/last.ckpt", "variational bound")]["logsnr_range"] == [-4.0, 12.0]
     # discrete limit = continuous + log2(1 / delta) bits/dim, delta = 1/8: +3 bits/dim
     for model in ("gaussian", "digits-base/last.ckpt"):
         assert rows[(model, "discrete limit")]["bpd"] == pytest.approx(

@@ -18,7 +18,7 @@ from diffusionmodel import DiffusionModel
 from tests.analytic import gaussian, reference_nll
 from tests.checks import assert_unbiased_and_calibrated, gen
 from train_cifar10 import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, load_unet,
-                           logsnr_schedule, logsnr_to_timestep, schedule_logsnr, small_unet_config,
+                           logsnr_to_timestep, small_unet_config,
                            unet_from_state_dict)
 
 TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
@@ -73,7 +73,7 @@ def test_timestep_memory_is_linear_in_batch():
 def test_inverse_of_linear_interpolation():
     # The table's linear interpolation at continuous timesteps (numpy's interp, independently of
     # the adapter) maps back to those timesteps.
-    table = schedule_logsnr(DDPMScheduler().alphas_cumprod)
+    table = utils.schedule_logsnr(DDPMScheduler().alphas_cumprod)
     steps = t.rand(1000, dtype=t.float64) * 999
     logsnr = t.from_numpy(np.interp(steps.numpy(), np.arange(1000), table.numpy()))
     back = logsnr_to_timestep(logsnr, table)
@@ -114,12 +114,12 @@ def test_gaussian_outside_the_trained_range():
 
 def test_from_scratch_schedule_covers_a_given_range():
     # A schedule linear in log SNR from +12 (t = 0) to -4 (t = 999): t(a) = 999 (12 - a) / 16.
-    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), logsnr_schedule(-4., 12.))
+    denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), utils.logsnr_schedule(-4., 12.))
     assert denoiser.logsnr_range == pytest.approx((-4., 12.))
     a = t.tensor([12., 4., -4., 0.])
     assert denoiser.timestep(a).tolist() == pytest.approx([0., 499.5, 999., 749.25], abs=1e-3)
     with pytest.raises(ValueError):
-        logsnr_schedule(-50., 50.)
+        utils.logsnr_schedule(-50., 50.)
 
 
 def test_zero_fallback_for_a_gaussian_residual():
@@ -333,12 +333,12 @@ def test_the_three_parametrisations_give_the_same_density():
                     t.tensor([[1.0, 0.3, 0.0, 0.1], [0.3, 0.5, 0.1, 0.0],
                               [0.0, 0.1, 0.2, 0.05], [0.1, 0.0, 0.05, 0.08]]))
     loc, scale, clip = 0., 3., 4.
-    schedule = logsnr_schedule(*utils.LogisticProposal(loc, scale, clip).range)
+    schedule = utils.logsnr_schedule(*utils.LogisticProposal(loc, scale, clip).range)
     x = dist.sample(6, generator=gen(1))
     truth = reference_nll(dist, x)
 
     def estimates(kind, float64_timesteps=False):
-        denoiser = UNetDenoiser(FakeUNet(dist, schedule_logsnr(schedule), kind), schedule,
+        denoiser = UNetDenoiser(FakeUNet(dist, utils.schedule_logsnr(schedule), kind), schedule,
                                 prediction_type=kind)
         assert denoiser.logsnr_range == pytest.approx((-12., 12.))
         if float64_timesteps:  # the fake then recovers a to float64 rounding
