@@ -167,7 +167,7 @@ def test_digits_discrete_rows(tmp_path):
                     < rows[(model, "discrete, no rounding")]["nats"])
 
 
-def test_image_checkpoint_shape_mismatch(tmp_path):
+def test_image_checkpoint_shape_mismatch(tmp_path, capsys):
     logs = str(tmp_path / "exps")
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
     ckpt = os.path.join(logs, "digits-base", "checkpoints", "last.ckpt")
@@ -175,11 +175,12 @@ def test_image_checkpoint_shape_mismatch(tmp_path):
     saved["run_args"]["dataset"] = "fake"  # a digits U-Net pointed at 3x32x32 images
     saved["run_args"]["fake_size"], saved["run_args"]["image_size"] = 8, 16
     t.save(saved, tmp_path / "moved.ckpt")
-    proc = subprocess.run([sys.executable, "train_cifar10.py", "--eval_only", "--ckpt",
-                           str(tmp_path / "moved.ckpt")], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "trained on images of shape (1, 8, 8); fake images are (3, 16, 16)" in proc.stderr
+    with pytest.raises(SystemExit):
+        experiment.run_cli(lambda: train_cifar10.main(["--eval_only", "--ckpt",
+                                                       str(tmp_path / "moved.ckpt")]))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "trained on images of shape (1, 8, 8); fake images are (3, 16, 16)" in err
 
 
 def test_pretrained_unet_evaluated_as_it_is(tmp_path):
