@@ -8,8 +8,6 @@ where that number comes from.
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch as t
