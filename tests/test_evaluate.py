@@ -17,7 +17,6 @@ import experiment
 import train_2d
 import train_cifar10
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_2D = ["--num_points", "400", "--grid_size", "6", "--num_samples", "50", "--sample_steps", "5",
            "--val_npoints", "8", "--train_batch_size", "128", "--accelerator", "cpu",
            "--devices", "1", "--num_threads", "0", "--hidden_size", "32", "--hidden_layers", "2"]
