@@ -8,7 +8,13 @@ in, the weights are random: speed does not depend on them). Training: one Adam s
 -log p(x) loss (DiffusionModel.nll, one log SNR per image) per batch. Evaluation:
 DiffusionModel.nll_points with --npoints denoiser calls per image and the model's default chunk
 size, as in validation. bf16-mixed runs under torch.autocast, as Lightning's bf16-mixed does.
+Each precision also estimates -log p of the same images at the same (log SNR, noise) points (keyed
+by seed and image index), so their paired difference is the effect of the precision alone;
+--json PATH writes everything.
+
+    python benchmarks/images.py --arch ddpm --accelerator gpu --precision 32-true bf16-mixed --json gpu.json
 """
+import json
 import argparse
 import os
 import sys
@@ -67,7 +73,10 @@ def measure(args, precision, device):
     model.eval()
     eval_s = timed(eval_step, max(1, args.steps // 2), 1, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return params, args.batch_size / train_s, args.eval_batch_size / eval_s
+    with autocast:  # the same images and points for every precision: a paired comparison
+        nll = model.nll_points(xe, npoints=max(args.npoints, 8), replicates=2,
+                               generator=t.Generator().manual_seed(1))[0]
+    return params, args.batch_size / train_s, args.eval_batch_size / eval_s, nll.double().cpu()
 
 
 def main():
@@ -87,6 +96,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps (cpu 5, gpu 30)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     device = t.device("cuda" if args.accelerator in ("gpu", "cuda") else args.accelerator)
     on_cpu = device.type == "cpu"
@@ -100,10 +110,24 @@ def main():
     print(f"| arch | params | device | precision | train images/s (batch {args.batch_size}) "
           f"| eval images/s ({args.npoints} points, batch {args.eval_batch_size}) |")
     print("|---|---|---|---|---|---|")
+    rows, nll = [], {}
     for precision in args.precision:
-        params, train_ips, eval_ips = measure(args, precision, device)
+        params, train_ips, eval_ips, nll[precision] = measure(args, precision, device)
+        rows.append(dict(arch=args.arch, params_m=params, device=name, precision=precision,
+                         train_images_per_s=train_ips, eval_images_per_s=eval_ips,
+                         nll_nats=nll[precision].mean().item()))
         print(f"| {args.arch} | {params:.2f}M | {name} | {precision} | {train_ips:.1f} "
               f"| {eval_ips:.1f} |", flush=True)
+    result = dict(rows=rows, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                  npoints=args.npoints)
+    if "32-true" in nll and "bf16-mixed" in nll:
+        diff = nll["bf16-mixed"] - nll["32-true"]
+        result["bf16_minus_fp32_nats"] = dict(mean=diff.mean().item(), max_abs=diff.abs().max().item())
+        print(f"bf16-mixed - 32-true on the same {len(diff)} images and points: mean "
+              f"{diff.mean().item():+.4f} nats per image, max |diff| {diff.abs().max().item():.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
