@@ -25,13 +25,23 @@ from diffusionmodel import DiffusionModel
 # Per-dataset defaults, used where a flag is not given; the first is the default dataset. Sharp
 # sets (a density on a curve, sharp edges, tight clusters) need high-frequency input features;
 # for the smooth Gaussian they only slow training down. Their validation estimates are noisier
-# too: 256 evaluations per point keep val_loss's noise under 0.01 nats (64 suffice for scg).
-SHARP = dict(num_epochs=150, input_embedding_scale=25.0, val_npoints=256)
-COMMON = dict(logsnr_loc=0.0, logsnr_scale=3.0, learning_rate=3e-3, eval_batch_size=1024,
-              num_samples=2000)
+# too: 256 evaluations per point keep val_loss's noise under 0.01 nats (64 suffice for scg), so
+# they validate 5 times, not 10. Their log-SNR range, loc +- 4 scale, reaches 13.5: the density's
+# detail sits at high SNR (a jitter of std s at log SNR -2 log s: 8 for dino), and the NLL above
+# the range, h(X + e^(-a/2) N) - h(X), is 0.002 nats for dino and moons at 13.5 against 0.009 at
+# 12. circle's 1/r peaks make it decay only as e^(-a/2): 0.11 nats above 12, 0.015 above 16;
+# its discs (radius 0.042) want input frequencies up to 100.
+SHARP = dict(num_epochs=300, val_every=60, input_embedding_scale=25.0, embedding_size=64,
+             learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25, val_npoints=256)
+COMMON = dict(eval_batch_size=1024, num_samples=2000)
 DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
-            "scg": dict(COMMON, num_epochs=60, input_embedding_scale=0.0, val_npoints=64),
-            "line": dict(COMMON, **SHARP), "circle": dict(COMMON, **SHARP)}
+            "scg": dict(COMMON, num_epochs=60, input_embedding_scale=0.0, embedding_size=32,
+                        learning_rate=3e-3, logsnr_loc=0.0, logsnr_scale=3.0, val_npoints=64),
+            "line": dict(COMMON, **SHARP),
+            "circle": dict(COMMON, **dict(SHARP, input_embedding_scale=100.0, logsnr_loc=5.0,
+                                          logsnr_scale=2.75))}
+GRAD_CLIP = 1.0         # gradient norm clip: a safeguard, lr 1e-2 is near where runs collapse
+                        # to the Gaussian (2e-2, or width 256, did without it)
 VAL_FRACTION = 0.1
 CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
 CONTOUR_STDERR = 0.1    # target standard error (nats) of every cell it shows
@@ -49,13 +59,16 @@ def sinusoidal(v, size, max_period):
 class MLPDenoiser(nn.Module):
     """eps_hat(z, a) for 2-D data: an MLP (SiLU) on the raw z, the log SNR (raw and as a sinusoidal
     embedding) and, if input_embedding_scale > 0, a sinusoidal embedding of each coordinate of
-    input_embedding_scale * z (frequencies up to that scale, for sharp densities)."""
+    input_embedding_scale * z (frequencies from that scale down to it / input_embedding_period,
+    for sharp densities)."""
 
-    def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32, input_embedding_scale=0.):
+    def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32, input_embedding_scale=0.,
+                 input_embedding_period=1e4):
         super().__init__()
         if embedding_size < 2 or embedding_size % 2:
             raise ValueError(f"embedding_size must be an even number >= 2, got {embedding_size}")
         self.embedding_size, self.input_embedding_scale = embedding_size, input_embedding_scale
+        self.input_embedding_period = input_embedding_period
         width = 2 + 1 + embedding_size + (2 * embedding_size if input_embedding_scale > 0 else 0)
         layers = []
         for _ in range(hidden_layers):
@@ -69,8 +82,9 @@ class MLPDenoiser(nn.Module):
         features = [z, (a / 10).unsqueeze(-1), sinusoidal(a, self.embedding_size, 100.)]
         if self.input_embedding_scale > 0:
             scaled = self.input_embedding_scale * z
-            features += [sinusoidal(scaled[:, 0], self.embedding_size, 1e4),
-                         sinusoidal(scaled[:, 1], self.embedding_size, 1e4)]
+            period = self.input_embedding_period
+            features += [sinusoidal(scaled[:, 0], self.embedding_size, period),
+                         sinusoidal(scaled[:, 1], self.embedding_size, period)]
         return self.net(t.cat(features, -1))
 
 
@@ -78,7 +92,7 @@ def build_denoiser(a):
     """The MLP of a run's arguments (a dict), its output layer zeroed with a Gaussian residual so
     that training starts exactly at the Gaussian predictor."""
     denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
-                           a["input_embedding_scale"])
+                           a["input_embedding_scale"], a.get("input_embedding_period", 1e4))
     if a["gaussian_residual"]:
         nn.init.zeros_(denoiser.net[-1].weight)
         nn.init.zeros_(denoiser.net[-1].bias)
@@ -98,13 +112,17 @@ def build_parser():
     group.add_argument("--hidden_size", type=experiment.positive(int), default=128, help="MLP width")
     group.add_argument("--hidden_layers", type=experiment.positive(int), default=3,
                        help="number of hidden layers")
-    group.add_argument("--embedding_size", type=experiment.positive(int), default=32,
-                       help="size of each sinusoidal embedding (of the log SNR, and of each input "
-                            "coordinate); even")
+    group.add_argument("--embedding_size", type=experiment.positive(int), default=None,
+                       help=experiment.per_dataset(DEFAULTS, "embedding_size",
+                                                   "size of each sinusoidal embedding (of the log "
+                                                   "SNR, and of each input coordinate); even"))
     group.add_argument("--input_embedding_scale", type=float, default=None,
                        help=experiment.per_dataset(DEFAULTS, "input_embedding_scale",
                                                    "highest frequency of the sinusoidal input "
                                                    "embedding; 0 feeds the raw coordinates only"))
+    group.add_argument("--input_embedding_period", type=experiment.positive(float), default=100.,
+                       help="ratio of the input embedding's highest frequency to its lowest "
+                            "(checkpoints from before this flag used 1e4)")
     group.add_argument("--gaussian_residual", type=experiment.str2bool, default=True,
                        help="true: the MLP adds to the data-matched Gaussian's optimal noise "
                             "predictor, so training starts at the Gaussian bound; false: the MLP "
@@ -125,6 +143,9 @@ def parse_args(argv=None):
     args = experiment.parse(parser, argv, DEFAULTS, "train_2d.py")
     if args.eval_only:
         return args
+    if args.resume and "input_embedding_period" not in experiment.load_checkpoint(
+            args.resume, "train_2d.py")["run_args"]:
+        args.input_embedding_period = 1e4  # a checkpoint from before the flag
     if args.input_embedding_scale < 0:
         parser.error(f"argument --input_embedding_scale: must be >= 0, got {args.input_embedding_scale}")
     if args.embedding_size % 2:
@@ -183,6 +204,10 @@ class Figures2D(pl.Callback):
         nll, stderr, shown = grid_nll(pl_module, grid, generator=generator)
         show("density", viz.plot_density(xs, ys, nll.cpu(), title=f"{name}: model density",
                                          depth=CONTOUR_DEPTH))
+        exact = datasets.exact_nll_2d(name, n=args.num_points)(grid.double().cpu())
+        show("density_gap", viz.plot_density_gap(
+            xs, ys, nll.cpu(), exact, depth=CONTOUR_DEPTH,
+            title=f"{name}: exact and model density, and the pointwise gap in nats"))
         samples = t.zeros(0, 2)
         if args.num_samples > 0:
             samples = pl_module.sample(args.num_samples, steps=args.sample_steps,
@@ -265,6 +290,7 @@ def main(argv=None):
         args, "train_2d.py", [reference, curve, figures],
         run=experiment.resumed_run_dir(args.resume) or f"{args.dataset}-{args.experiment_name}",
         max_epochs=args.num_epochs, check_val_every_n_epoch=args.val_every, num_sanity_val_steps=0,
+        gradient_clip_val=GRAD_CLIP,
         log_every_n_steps=max(1, min(10, n_train // args.train_batch_size)))
     experiment.fit(trainer, model, data, args.resume)
     if not trainer.is_global_zero:

@@ -85,6 +85,59 @@ def plot_density(xs, ys, nll, data=None, title=None, depth=8.0):
     return fig
 
 
+def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=8.0, gap_range=None):
+    """Three panels on a grid (nll_* of shape (len(ys), len(xs)) or flat, in nats): the exact log
+    density, the model's on the same colour scale (both floored `depth` nats below the exact
+    peak), and the pointwise gap -log p_model(x) - (-log p(x)) with a diverging colour map (red:
+    the model puts too little density there, blue: too much), symmetric about 0 over +-gap_range
+    (default: the 95th percentile of |gap| where it is shown, at most 2 nats). The gap is shown
+    where either density is within `depth` of the exact peak (the dashed line: the exact
+    density's floor); cells where the exact density is 0 (-log p = +inf) are masked dark grey,
+    cells where both are below the floor light grey (their gap is large and says little)."""
+    from matplotlib.ticker import MaxNLocator
+
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    shape = (len(ys), len(xs))
+    exact = -np.asarray(nll_exact, dtype=float).reshape(shape)   # log p, -inf outside the support
+    model = -np.asarray(nll_model, dtype=float).reshape(shape)
+    top = np.max(np.where(np.isfinite(exact), exact, -np.inf))   # a singular peak (+inf) left out
+    levels = MaxNLocator(nbins=16).tick_values(top - depth, top)
+    support = exact > -np.inf
+    shown = support & np.isfinite(model) & (np.maximum(exact, model) >= top - depth)
+    gap = np.ma.masked_where(~shown, exact - model)
+    if gap_range is None:
+        gap_range = (min(2.0, float(np.percentile(np.abs((exact - model)[shown]), 95)))
+                     if shown.any() else 1.0)
+    gap_range = max(gap_range, 1e-3)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True,
+                             layout="constrained")
+    for ax, logp, name in zip(axes, (exact, model), ("exact", "model")):
+        cs = ax.contourf(xs, ys, np.clip(np.nan_to_num(logp, posinf=levels[-1]), levels[0],
+                                         levels[-1]), levels=levels, cmap="Blues")
+        ax.set_title(f"{name} log density", fontsize=10)
+    bar = fig.colorbar(cs, ax=axes[:2], ticks=MaxNLocator(nbins=8).tick_values(levels[0], levels[-1]))
+    bar.set_label(r"$\log p(x)$ (nats)")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad=(0, 0, 0, 0))
+    axes[2].set_facecolor("0.9")
+    axes[2].pcolormesh(xs, ys, np.ma.masked_where(support, np.ones(shape)), cmap="Greys",
+                       vmin=0, vmax=1.7, shading="nearest")
+    mesh = axes[2].pcolormesh(xs, ys, gap, cmap=cmap, vmin=-gap_range, vmax=gap_range,
+                              shading="nearest")
+    axes[2].contour(xs, ys, np.where(support, exact, top - 2 * depth), levels=[top - depth],
+                    colors="k", linewidths=0.6, linestyles="--")
+    bar = fig.colorbar(mesh, ax=axes[2], extend="both")
+    bar.set_label(r"$-\log p_{model}(x) + \log p(x)$ (nats)")
+    axes[2].set_title("pointwise gap\ndark grey: exact density 0, light: both below the floor",
+                      fontsize=9)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+    axes[0].set_ylabel("$x_2$")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
 def plot_samples(data, samples, title=None):
     """Model samples beside the data, on the same axes limits."""
     data, samples = np.asarray(data, dtype=float), np.asarray(samples, dtype=float)

@@ -129,7 +129,7 @@ def test_one_epoch_of_every_dataset(name, tmp_path, capsys):
     run_dir = os.path.join(str(tmp_path), f"{name}-base")
     assert summary["run_dir"] == run_dir and summary["epochs"] == 1
     assert summary["steps"] == 2  # 360 training points in batches of 128, the last one dropped
-    for figure in ("density", "samples", "mse_curve", "val_loss"):
+    for figure in ("density", "density_gap", "samples", "mse_curve", "val_loss"):
         assert os.path.getsize(os.path.join(run_dir, "figures", figure + ".png")) > 1000
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt"))
     with open(os.path.join(run_dir, "summary.json")) as f:
@@ -155,7 +155,7 @@ def test_scg_run_logs_and_reports_the_exact_value(tmp_path, capsys):
             "suggested_logsnr_loc", "suggested_logsnr_scale"} <= set(scalars)
     assert scalars["val_loss"] == pytest.approx([h[1] for h in summary["history"]])
     assert scalars["val_loss_exact"] == pytest.approx([exact, exact])
-    assert {"mse_curve", "density", "samples", "val_loss_history"} <= set(images)
+    assert {"mse_curve", "density", "density_gap", "samples", "val_loss_history"} <= set(images)
 
 
 def test_runs_never_overwrite_each_other(tmp_path):

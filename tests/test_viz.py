@@ -61,6 +61,15 @@ def test_figures_are_written(tmp_path):
              viz.save(viz.plot_samples(data, samples, title="t"), tmp_path / "samples.png"),
              viz.save(viz.plot_val_history({"run": ([1, 2, 3], [1.5, 1.3, 1.25], [.1, .1, .1])},
                                            {"exact": 1.2185}), tmp_path / "val.png")]
+    # the density gap: exact -log p of the uniform square [-1, 1]^2 (+inf outside: masked cells)
+    exact = np.where(np.abs(grid).max(1) <= 1, math.log(4), np.inf)
+    fig = viz.plot_density_gap(xs, ys, nll, exact, title="normal vs uniform")
+    gap = next(m for m in fig.axes[2].collections if m.get_cmap().name == "RdBu_r").get_array()
+    inside = np.abs(grid).max(1) <= 1
+    assert gap.mask.ravel()[~inside].all() and not gap.mask.ravel()[inside].any()
+    assert np.allclose(gap.ravel()[inside], (nll - exact)[inside])
+    assert fig.axes[-1].get_ylabel().startswith(r"$-\log p_{model}(x)")
+    paths.append(viz.save(fig, tmp_path / "density_gap.png"))
     a = np.linspace(-12, 12, 30)
     mse = 2 / (1 + np.exp(-a))
     paths.append(viz.save(viz.plot_mse_curve(a, mse, mse * 1.01, 2), tmp_path / "mse.png"))
