@@ -9,6 +9,7 @@ each one named on stdout):
 
 - density_<name>.png, samples_<name>.png for dino, moons, scg, line, circle;
 - mse_curve_<name>.png, the MSE curve with its 25/50/75% quantiles and suggested (loc, scale);
+- density_gap_<name>.png, the exact and model log densities beside the pointwise gap;
 - scg_val_nll.png, the validation NLL of both scg runs against epoch, with the exact value on the
   validation points and the entropy 1.2185.
 
@@ -51,7 +52,7 @@ def main():
             with open(os.path.join(run_dir, "summary.json")) as f:
                 summaries[(name, experiment)] = json.load(f)
             if experiment == "base":
-                for figure in ("density", "samples", "mse_curve"):
+                for figure in ("density", "samples", "mse_curve", "density_gap"):
                     copy(os.path.join(run_dir, "figures", f"{figure}.png"),
                          os.path.join(args.out, f"{figure}_{name}.png"))
         convergence_figure(summaries[("scg", "base")], summaries[("scg", "no-residual")],
