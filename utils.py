@@ -3,7 +3,7 @@ project). Notation (docs/maths.md): s = sigmoid, a = log SNR, z = sqrt(s(a)) x +
 
 - The Gaussian channel and its inverses (`noisy_channel`, `x_from_eps`, `eps_from_x`).
 - `LogisticProposal`: the importance distribution over log SNR (range, weights, sampling,
-  quadrature, widening).
+  quadrature, widening); `FittedProposal`: a logistic mixed with bins fitted to the integrand.
 - `GaussianReference`: q = N(mean, Sigma) with its entropy, -log q, MMSE curve and optimal noise
   predictor in closed form: the control variate and the baseline.
 - Counter-based random numbers and randomised Sobol points named by (seed, sample index, ...).
@@ -110,6 +110,107 @@ class LogisticProposal:
         if self.range[1] >= hi:
             return self
         return LogisticProposal(self.loc, self.scale, (hi - self.loc) / self.scale)
+
+
+class FittedProposal(LogisticProposal):
+    """q(a) = (1 - mix) q_logistic(a) + mix q_bins(a), over the logistic's range (docs/maths.md).
+
+    q_logistic is LogisticProposal(loc, scale, clip); q_bins is piecewise constant on len(weights)
+    equal-width bins over `bins_range` (default: the logistic's range), bin k holding probability
+    weights[k] / sum(weights). The logistic part keeps q > 0 over the whole range (so w = 1/q stays
+    bounded where the bins put nothing), the bins follow the integrand (DiffusionModel.fit_proposal).
+    from_uniform inverts the mixture CDF exactly (bisection in float64, monotone in u), so
+    stratified, quasi-Monte Carlo and quadrature points keep their structure.
+    """
+
+    BISECTIONS = 60
+
+    def __init__(self, loc, scale, clip, weights, mix=0.5, bins_range=None):
+        super().__init__(loc, scale, clip)
+        weights = [float(v) for v in weights]
+        if not weights or not all(math.isfinite(v) and v >= 0 for v in weights) or not sum(weights) > 0:
+            raise ValueError("bin weights must be finite, non-negative and not all zero, "
+                             f"got {weights}")
+        if not 0 <= mix < 1:
+            raise ValueError(f"mix must be in [0, 1), got {mix}")
+        lo, hi = (float(v) for v in (bins_range if bins_range is not None else self.range))
+        if not (self.range[0] <= lo < hi <= self.range[1]):
+            raise ValueError(f"bins_range {[lo, hi]} must lie within the range {list(self.range)}")
+        self.weights, self.mix, self.bins_range = weights, float(mix), (lo, hi)
+        probs = t.tensor(weights, dtype=t.float64)
+        self._probs = probs / probs.sum()
+        self._cum = t.cat([t.zeros(1, dtype=t.float64), self._probs.cumsum(0)])
+        self._width = (hi - lo) / len(weights)
+
+    def __repr__(self):
+        return (f"FittedProposal(loc={self.loc:g}, scale={self.scale:g}, clip={self.clip:g}, "
+                f"bins={len(self.weights)}, mix={self.mix:g})")
+
+    def state(self):
+        """Plain floats and lists (for a checkpoint); FittedProposal.from_state rebuilds it."""
+        return {"kind": "fitted", "loc": self.loc, "scale": self.scale, "clip": self.clip,
+                "weights": list(self.weights), "mix": self.mix, "bins_range": list(self.bins_range)}
+
+    @classmethod
+    def from_state(cls, state):
+        state = dict(state)
+        if state.pop("kind", "fitted") != "fitted":
+            raise ValueError(f"not a FittedProposal state: {state}")
+        return cls(**state)
+
+    def _bin(self, a):
+        """(bin index clamped to the bins, inside the bins' range) of float64 log SNRs a."""
+        lo, hi = self.bins_range
+        k = ((a - lo) / self._width).floor().clamp(0, len(self.weights) - 1).long()
+        return k, (a >= lo) & (a <= hi)
+
+    def density(self, logsnr):
+        """q(a) in float64 (0 outside the range)."""
+        a = t.as_tensor(logsnr).to(t.float64)
+        v = (a - self.loc) / self.scale
+        q_l = t.sigmoid(v) * t.sigmoid(-v) / (self.scale * math.tanh(self.clip / 2))
+        k, inside = self._bin(a)
+        q_b = t.where(inside, self._probs.to(a.device)[k] / self._width, t.zeros_like(a))
+        lo, hi = self.range
+        return t.where((a >= lo) & (a <= hi), (1 - self.mix) * q_l + self.mix * q_b, t.zeros_like(a))
+
+    def cdf(self, logsnr):
+        """Q(a) = Int_lo^a q, float64, clamped to [0, 1] outside the range."""
+        a = t.as_tensor(logsnr).to(t.float64).clamp(*self.range)
+        s_c = 1 / (1 + math.exp(self.clip))
+        cdf_l = (t.sigmoid((a - self.loc) / self.scale) - s_c) / math.tanh(self.clip / 2)
+        lo, hi = self.bins_range
+        k, _ = self._bin(a)
+        frac = ((a - lo) / self._width - k).clamp(0, 1)
+        cdf_b = self._cum.to(a.device)[k] + self._probs.to(a.device)[k] * frac
+        cdf_b = t.where(a < lo, t.zeros_like(a), t.where(a > hi, t.ones_like(a), cdf_b))
+        return ((1 - self.mix) * cdf_l + self.mix * cdf_b).clamp(0, 1)
+
+    def weight(self, logsnr):
+        """w(a) = 1 / q(a), in logsnr's dtype (computed in float64)."""
+        logsnr = t.as_tensor(logsnr)
+        return (1 / self.density(logsnr)).to(logsnr.dtype)
+
+    def from_uniform(self, u, dtype=t.float32):
+        """(a(u), w(a(u))) for uniforms u in [0, 1]: a = Q^-1(u) by bisection in float64 (its
+        bracket shrinks to ~1e-17 of the range), w = 1/q at the returned a (after the cast)."""
+        u = u.to(t.float64)
+        lo = t.full_like(u, self.range[0])
+        hi = t.full_like(u, self.range[1])
+        for _ in range(self.BISECTIONS):
+            mid = 0.5 * (lo + hi)
+            below = self.cdf(mid) < u
+            lo, hi = t.where(below, mid, lo), t.where(below, hi, mid)
+        logsnr = (0.5 * (lo + hi)).to(dtype)
+        return logsnr, (1 / self.density(logsnr)).to(dtype)
+
+    def widened(self, hi):
+        """The same mixture with the logistic's clip grown so the range reaches at least `hi`
+        (the bins keep their range; above it only the logistic part puts points)."""
+        if self.range[1] >= hi:
+            return self
+        return FittedProposal(self.loc, self.scale, (hi - self.loc) / self.scale, self.weights,
+                              self.mix, self.bins_range)
 
 
 def logsnr_schedule(lo, hi, steps=1000):

@@ -11,10 +11,13 @@ the exact -log p (bias), the calibration of the reported standard error, and the
 2. ours, original settings: data-matched reference, control variate, shifted Sobol (u, eps) points,
    loc 0, scale 3, clip 4.
 3. ours, gap rule: (loc, scale, clip) from gap_logsnr_params (below) on the denoiser's MSE curve.
+4. ours, fitted proposal: DiffusionModel.fit_proposal on the `data` samples, starting from row 3's
+   logistic: the mixture (1 - mix) logistic + mix bins, bin weights the pilot's rms integrand.
 
 Run from the repository root: python benchmarks/estimator.py
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -79,7 +82,7 @@ def run(name, estimate, truth, repeats):
     return row
 
 
-def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
+def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal_n):
     x = mix.sample(points, generator=gen(0))
     truth = mix.nll(x)
     print(f"\n== {label}: {points} test points x {repeats} repeats, {n} denoiser evaluations "
@@ -105,6 +108,14 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
     rows.append(run(name, lambda s: gap.nll_points(x, n, replicates=4, generator=gen(s)),
                     truth, repeats))
 
+    start = time.perf_counter()
+    fitted = copy.deepcopy(gap).fit_proposal(data[:fit_proposal_n], generator=gen(3))
+    fit_wall = time.perf_counter() - start
+    rows.append(run(f"4 ours, fitted proposal (gap rule + {len(fitted.weights)} bins, mix "
+                    f"{fitted.mix:g})",
+                    lambda s: gap.nll_points(x, n, replicates=4, generator=gen(s), proposal=fitted),
+                    truth, repeats))
+
     print(f"{'estimator':<52} {'std':>7} {'bias +- se':>18} {'orig/ours':>9} "
           f"{'stderr':>7} {'stderr/std':>10} {'wall s':>7}")
     for row in rows:
@@ -115,7 +126,8 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid):
               f"{ratio} {calib} {row['wall']:7.2f}")
     print(f"(std: rms over points of the spread over repeats; bias: mean error vs the exact -log p, "
           f"+- its standard error; stderr: rms reported standard error; the MSE curve for the gap "
-          f"rule, {curve_n} samples x {len(grid)} log SNRs, took {curve_wall:.2f} s)")
+          f"rule, {curve_n} samples x {len(grid)} log SNRs, took {curve_wall:.2f} s; fitting the proposal "
+          f"({fit_proposal_n} samples x {len(fitted.weights)} bins x 4 pilot points) took {fit_wall:.2f} s)")
 
 
 def main():
@@ -130,7 +142,7 @@ def main():
     t.set_num_threads(args.threads)
     grid = t.linspace(-20, 25, 451, dtype=t.float64)
     common = dict(points=args.points, repeats=args.repeats, n=args.npoints, fit_n=20000,
-                  curve_n=4000, grid=grid)
+                  curve_n=4000, grid=grid, fit_proposal_n=4000)
     benchmark("mixture_2d (3 Gaussians, one nearly degenerate)", mixture_2d(), **common)
     benchmark("ring (8 Gaussians, radius 1.3, covariance 0.02 I)", ring_2d(), **common)
 
