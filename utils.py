@@ -128,7 +128,8 @@ class FittedProposal(LogisticProposal):
     def __init__(self, loc, scale, clip, weights, mix=0.5, bins_range=None):
         super().__init__(loc, scale, clip)
         weights = [float(v) for v in weights]
-        if not weights or not all(math.isfinite(v) and v >= 0 for v in weights) or not sum(weights) > 0:
+        valid = all(math.isfinite(v) and v >= 0 for v in weights)
+        if not weights or not valid or not sum(weights) > 0:
             raise ValueError("bin weights must be finite, non-negative and not all zero, "
                              f"got {weights}")
         if not 0 <= mix < 1:

@@ -126,8 +126,9 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal
               f"{ratio} {calib} {row['wall']:7.2f}")
     print(f"(std: rms over points of the spread over repeats; bias: mean error vs the exact -log p, "
           f"+- its standard error; stderr: rms reported standard error; the MSE curve for the gap "
-          f"rule, {curve_n} samples x {len(grid)} log SNRs, took {curve_wall:.2f} s; fitting the proposal "
-          f"({fit_proposal_n} samples x {len(fitted.weights)} bins x 4 pilot points) took {fit_wall:.2f} s)")
+          f"rule, {curve_n} samples x {len(grid)} log SNRs, took {curve_wall:.2f} s; fitting the "
+          f"proposal ({fit_proposal_n} samples x {len(fitted.weights)} bins x 4 pilot points) took "
+          f"{fit_wall:.2f} s)")
 
 
 def main():

@@ -111,7 +111,8 @@ def test_bad_inputs_refused_and_state_round_trips():
     assert q.widened(q.range[1] - 1) is q
     f = lambda a: wide.density(t.tensor([a], dtype=t.float64)).item()  # noqa: E731
     edges = [wide.range[0]] + list(np.linspace(*q.bins_range, len(WEIGHTS) + 1)) + [wide.range[1]]
-    total = sum(scipy.integrate.quad(f, e0, e1, epsabs=1e-13)[0] for e0, e1 in zip(edges[:-1], edges[1:]))
+    total = sum(scipy.integrate.quad(f, e0, e1, epsabs=1e-13)[0]
+                for e0, e1 in zip(edges[:-1], edges[1:]))
     assert total == pytest.approx(1, abs=1e-10)
 
 
