@@ -202,12 +202,14 @@ class DiffusionModel(pl.LightningModule):
 
     def with_denoiser(self, denoiser, reference=None):
         """A DiffusionModel around `denoiser` (used as it is: no Gaussian residual) with this one's
-        hyperparameters and a copy of `reference` (default: this one's)."""
+        hyperparameters and proposal and a copy of `reference` (default: this one's)."""
         source = self.reference if reference is None else reference
         copy = utils.GaussianReference(self.d)
         copy.load_state_dict(source.state_dict())
         hparams = dict(self.hparams, gaussian_residual=False)
-        return DiffusionModel(denoiser, reference=copy, **hparams).to(source.mean.device)
+        model = DiffusionModel(denoiser, reference=copy, **hparams).to(source.mean.device)
+        model.proposal = self.proposal
+        return model
 
     # ------------------------------------------------------------------ curves and samples
     @t.no_grad()

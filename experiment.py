@@ -553,6 +553,7 @@ def model_from_checkpoint(ckpt, denoiser):
     script from the checkpoint), in eval mode."""
     model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
+    model.on_load_checkpoint(ckpt)  # a fitted proposal, if it has one
     return model.eval()
 
 
