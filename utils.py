@@ -168,8 +168,7 @@ class FittedProposal(LogisticProposal):
     def density(self, logsnr):
         """q(a) in float64 (0 outside the range)."""
         a = t.as_tensor(logsnr).to(t.float64)
-        v = (a - self.loc) / self.scale
-        q_l = t.sigmoid(v) * t.sigmoid(-v) / (self.scale * math.tanh(self.clip / 2))
+        q_l = 1 / LogisticProposal.weight(self, a)
         k, inside = self._bin(a)
         q_b = t.where(inside, self._probs.to(a.device)[k] / self._width, t.zeros_like(a))
         lo, hi = self.range
