@@ -214,9 +214,10 @@ def build_parser(description, datasets, defaults):
     return p
 
 
-def parse(parser, argv, defaults, script, without_ckpt=False):
+def parse(parser, argv, defaults, script, without_ckpt=False, older=None):
     """The parsed arguments: with --resume the checkpoint's (a flag given here that contradicts
-    it is an error naming both values), then the dataset's defaults for flags left at None."""
+    it is an error naming both values; `older` gives the values of flags a checkpoint predates),
+    then the dataset's defaults for flags left at None."""
     args = parser.parse_args(argv)
     if args.eval_only and args.resume:
         parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
@@ -224,7 +225,7 @@ def parse(parser, argv, defaults, script, without_ckpt=False):
         given = {a.dest for a in parser._actions for opt in a.option_strings
                  for word in (sys.argv[1:] if argv is None else argv)
                  if word == opt or word.startswith(opt + "=")}
-        saved = load_checkpoint(args.resume, script)["run_args"]
+        saved = dict(older or {}, **load_checkpoint(args.resume, script)["run_args"])
         for key, value in saved.items():
             if key not in vars(args):
                 continue

@@ -40,6 +40,7 @@ DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
             "line": dict(COMMON, **SHARP),
             "circle": dict(COMMON, **dict(SHARP, input_embedding_scale=100.0, logsnr_loc=5.0,
                                           logsnr_scale=2.75))}
+OLDER = {"input_embedding_period": 1e4}  # what checkpoints written before a flag existed used
 GRAD_CLIP = 1.0         # gradient norm clip: a safeguard, lr 1e-2 is near where runs collapse
                         # to the Gaussian (2e-2, or width 256, did without it)
 VAL_FRACTION = 0.1
@@ -92,7 +93,8 @@ def build_denoiser(a):
     """The MLP of a run's arguments (a dict), its output layer zeroed with a Gaussian residual so
     that training starts exactly at the Gaussian predictor."""
     denoiser = MLPDenoiser(a["hidden_size"], a["hidden_layers"], a["embedding_size"],
-                           a["input_embedding_scale"], a.get("input_embedding_period", 1e4))
+                           a["input_embedding_scale"],
+                           a.get("input_embedding_period", OLDER["input_embedding_period"]))
     if a["gaussian_residual"]:
         nn.init.zeros_(denoiser.net[-1].weight)
         nn.init.zeros_(denoiser.net[-1].bias)
@@ -140,12 +142,9 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args = experiment.parse(parser, argv, DEFAULTS, "train_2d.py")
+    args = experiment.parse(parser, argv, DEFAULTS, "train_2d.py", older=OLDER)
     if args.eval_only:
         return args
-    if args.resume and "input_embedding_period" not in experiment.load_checkpoint(
-            args.resume, "train_2d.py")["run_args"]:
-        args.input_embedding_period = 1e4  # a checkpoint from before the flag
     if args.input_embedding_scale < 0:
         parser.error(f"argument --input_embedding_scale: must be >= 0, got {args.input_embedding_scale}")
     if args.embedding_size % 2:

@@ -94,3 +94,19 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     assert "scg: 4 epochs" in done.stdout and "exact value on the validation set" in done.stdout
     assert os.listdir(tmp_path / "exps") == ["scg-base"]
     assert os.path.isfile(tmp_path / "exps" / "scg-base" / "checkpoints" / "last.ckpt")
+
+
+def test_resume_gives_flags_a_checkpoint_predates_their_old_values(tmp_path):
+    # a checkpoint written before --input_embedding_period existed used a period of 1e4
+    # (train_2d.OLDER); resuming it must rebuild that network, not the new default's (100)
+    import torch as t
+    s = train_2d.main(["--dataset", "scg", "--num_epochs", "1", "--num_points", "200",
+                       "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
+                       "--log_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "1"])
+    ckpt = t.load(s["checkpoint"], weights_only=False)
+    assert ckpt["run_args"]["input_embedding_period"] == 100.
+    del ckpt["run_args"]["input_embedding_period"]
+    old = tmp_path / "old.ckpt"
+    t.save(ckpt, old)
+    assert train_2d.parse_args(["--resume", str(old)]).input_embedding_period == 1e4
+    assert train_2d.parse_args(["--resume", s["checkpoint"]]).input_embedding_period == 100.
