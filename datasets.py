@@ -28,8 +28,7 @@ import torch as t
 from torch.utils.data import DataLoader, TensorDataset
 
 import utils
-
-DATASETS_2D = ("dino", "moons", "scg", "line", "circle")
+from cli import DATASETS_2D, IMAGE_DATASETS  # the names the scripts accept
 
 SCG_RHO = -0.495 / 0.505
 SCG_ENTROPY = math.log(2 * math.pi * math.e) + 0.5 * math.log(1 - SCG_RHO ** 2)  # 1.2185 nats
@@ -324,7 +323,6 @@ _MAKERS = {"dino": _dino, "moons": _moons, "scg": _scg, "line": _line, "circle":
 # ---------------------------------------------------------------------------------------------
 # Image datasets (train_cifar10.py): integer pixel levels served as float32 in [-1, 1]
 # ---------------------------------------------------------------------------------------------
-IMAGE_DATASETS = ("cifar10", "digits", "fake")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"  # what torchvision extracts into --data_dir
 

@@ -13,14 +13,7 @@ import math
 import os
 import time
 
-import pytorch_lightning as pl
-import torch as t
-import torch.nn as nn
-
-import datasets
-import experiment
-import viz
-from diffusionmodel import DiffusionModel
+import cli
 
 # Per-dataset defaults, used where a flag is not given; the first is the default dataset. Sharp
 # sets (a density on a curve, sharp edges, tight clusters) need high-frequency input features;
@@ -41,9 +34,80 @@ DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
             "circle": dict(COMMON, **dict(SHARP, input_embedding_scale=100.0, logsnr_loc=5.0,
                                           logsnr_scale=2.75))}
 OLDER = {"input_embedding_period": 1e4}  # what checkpoints written before a flag existed used
+VAL_FRACTION = 0.1
+
+
+def build_parser():
+    p = cli.build_parser(
+        "Information-theoretic diffusion on a 2-D toy density: trains a denoiser, reports "
+        "E[-log p] in nats, and draws the MSE curve, density contours and samples (TensorBoard, "
+        "and PNGs in <log_dir>/<dataset>-<experiment_name>/figures/).", cli.DATASETS_2D,
+        DEFAULTS)
+    group = p.add_argument_group("data and model: an MLP denoiser")
+    group.add_argument("--num_points", type=cli.positive(int), default=8000,
+                       help=f"points drawn from the density; {VAL_FRACTION * 100:.0f}%% are held "
+                            "out for validation")
+    group.add_argument("--hidden_size", type=cli.positive(int), default=128, help="MLP width")
+    group.add_argument("--hidden_layers", type=cli.positive(int), default=3,
+                       help="number of hidden layers")
+    group.add_argument("--embedding_size", type=cli.positive(int), default=None,
+                       help=cli.per_dataset(DEFAULTS, "embedding_size",
+                                                   "size of each sinusoidal embedding (of the log "
+                                                   "SNR, and of each input coordinate); even"))
+    group.add_argument("--input_embedding_scale", type=float, default=None,
+                       help=cli.per_dataset(DEFAULTS, "input_embedding_scale",
+                                                   "highest frequency of the sinusoidal input "
+                                                   "embedding; 0 feeds the raw coordinates only"))
+    group.add_argument("--input_embedding_period", type=cli.positive(float), default=100.,
+                       help="ratio of the input embedding's highest frequency to its lowest "
+                            "(checkpoints from before this flag used 1e4)")
+    group.add_argument("--gaussian_residual", type=cli.str2bool, default=True,
+                       help="true: the MLP adds to the data-matched Gaussian's optimal noise "
+                            "predictor, so training starts at the Gaussian bound; false: the MLP "
+                            "alone predicts the noise")
+    group.add_argument("--train_batch_size", type=cli.positive(int), default=512,
+                       help="training points per step")
+    group.add_argument("--num_threads", type=int, default=1,
+                       help="PyTorch CPU threads per process: this MLP is too small to gain from "
+                            "more, and extra threads slow it down on a busy machine (0: PyTorch's "
+                            "default)")
+    group.add_argument("--grid_size", type=cli.positive(int), default=40,
+                       help="the density contours are computed on a grid_size x grid_size grid")
+    return p
+
+
+def parse_args(argv=None, checkpoint_args=None):
+    """The run's arguments (cli.parse; None for a --resume before checkpoint_args is given)."""
+    parser = build_parser()
+    args = cli.parse(parser, argv, DEFAULTS, checkpoint_args, older=OLDER)
+    if args is None or args.eval_only:
+        return args
+    if args.input_embedding_scale < 0:
+        parser.error(f"argument --input_embedding_scale: must be >= 0, got {args.input_embedding_scale}")
+    if args.embedding_size % 2:
+        parser.error(f"argument --embedding_size: must be even, got {args.embedding_size}")
+    if args.num_points < 20:
+        parser.error(f"argument --num_points: must be at least 20, got {args.num_points}")
+    # generated in float64, standardised, kept in float32: about 48 bytes a point at the peak
+    cli.check_fits(parser, "--num_points", args.num_points, 48 * args.num_points)
+    if args.num_threads < 0:
+        parser.error(f"argument --num_threads: must be >= 0, got {args.num_threads}")
+    return args
+
+
+cli.answer_early(__name__, parse_args)
+# torch and Lightning load only once the arguments are known to be good (hence noqa: E402)
+import pytorch_lightning as pl  # noqa: E402
+import torch as t  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import datasets  # noqa: E402
+import experiment  # noqa: E402
+import viz  # noqa: E402
+from diffusionmodel import DiffusionModel  # noqa: E402
+
 GRAD_CLIP = 1.0         # gradient norm clip: a safeguard, lr 1e-2 is near where runs collapse
                         # to the Gaussian (2e-2, or width 256, did without it)
-VAL_FRACTION = 0.1
 CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
 CONTOUR_STDERR = 0.1    # target standard error (nats) of every cell it shows
 GRID_CHUNK = 16384      # rows per denoiser call on the grid: cache-sized blocks run fastest on CPU
@@ -99,63 +163,6 @@ def build_denoiser(a):
         nn.init.zeros_(denoiser.net[-1].weight)
         nn.init.zeros_(denoiser.net[-1].bias)
     return denoiser
-
-
-def build_parser():
-    p = experiment.build_parser(
-        "Information-theoretic diffusion on a 2-D toy density: trains a denoiser, reports "
-        "E[-log p] in nats, and draws the MSE curve, density contours and samples (TensorBoard, "
-        "and PNGs in <log_dir>/<dataset>-<experiment_name>/figures/).", datasets.DATASETS_2D,
-        DEFAULTS)
-    group = p.add_argument_group("data and model: an MLP denoiser")
-    group.add_argument("--num_points", type=experiment.positive(int), default=8000,
-                       help=f"points drawn from the density; {VAL_FRACTION * 100:.0f}%% are held "
-                            "out for validation")
-    group.add_argument("--hidden_size", type=experiment.positive(int), default=128, help="MLP width")
-    group.add_argument("--hidden_layers", type=experiment.positive(int), default=3,
-                       help="number of hidden layers")
-    group.add_argument("--embedding_size", type=experiment.positive(int), default=None,
-                       help=experiment.per_dataset(DEFAULTS, "embedding_size",
-                                                   "size of each sinusoidal embedding (of the log "
-                                                   "SNR, and of each input coordinate); even"))
-    group.add_argument("--input_embedding_scale", type=float, default=None,
-                       help=experiment.per_dataset(DEFAULTS, "input_embedding_scale",
-                                                   "highest frequency of the sinusoidal input "
-                                                   "embedding; 0 feeds the raw coordinates only"))
-    group.add_argument("--input_embedding_period", type=experiment.positive(float), default=100.,
-                       help="ratio of the input embedding's highest frequency to its lowest "
-                            "(checkpoints from before this flag used 1e4)")
-    group.add_argument("--gaussian_residual", type=experiment.str2bool, default=True,
-                       help="true: the MLP adds to the data-matched Gaussian's optimal noise "
-                            "predictor, so training starts at the Gaussian bound; false: the MLP "
-                            "alone predicts the noise")
-    group.add_argument("--train_batch_size", type=experiment.positive(int), default=512,
-                       help="training points per step")
-    group.add_argument("--num_threads", type=int, default=1,
-                       help="PyTorch CPU threads per process: this MLP is too small to gain from "
-                            "more, and extra threads slow it down on a busy machine (0: PyTorch's "
-                            "default)")
-    group.add_argument("--grid_size", type=experiment.positive(int), default=40,
-                       help="the density contours are computed on a grid_size x grid_size grid")
-    return p
-
-
-def parse_args(argv=None):
-    parser = build_parser()
-    args = experiment.parse(parser, argv, DEFAULTS, "train_2d.py", older=OLDER)
-    if args.eval_only:
-        return args
-    if args.input_embedding_scale < 0:
-        parser.error(f"argument --input_embedding_scale: must be >= 0, got {args.input_embedding_scale}")
-    if args.embedding_size % 2:
-        parser.error(f"argument --embedding_size: must be even, got {args.embedding_size}")
-    if args.num_points < 20:
-        parser.error(f"argument --num_points: must be at least 20, got {args.num_points}")
-    # generated in float64, standardised, kept in float32: about 48 bytes a point at the peak
-    experiment.check_fits(parser, "--num_points", args.num_points, 48 * args.num_points)
-    if args.num_threads < 0:
-        parser.error(f"argument --num_threads: must be >= 0, got {args.num_threads}")
-    return args
 
 
 class Figures2D(pl.Callback):
@@ -227,7 +234,8 @@ class Figures2D(pl.Callback):
         self.results = dict(
             contour_cells=int(shown.sum()), contour_stderr_median=float(stderr[shown].median()),
             contour_stderr_max=float(stderr[shown].max()), figures=experiment.shown_path(folder),
-            samples_mean=samples.mean(0).tolist(), samples_cov=t.cov(samples.T).tolist())
+            samples_mean=samples.mean(0).tolist(),
+            samples_cov=t.cov(samples.T).tolist() if len(samples) > 1 else None)
 
 
 def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=64,
@@ -269,7 +277,7 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
 
 def main(argv=None):
     start = time.time()
-    args = parse_args(argv)
+    args = parse_args(argv, experiment.checkpoint_args("train_2d.py"))
     if args.num_threads > 0:
         t.set_num_threads(args.num_threads)
     if args.eval_only:

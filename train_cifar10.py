@@ -25,14 +25,110 @@ import re
 import time
 import warnings
 
-import pytorch_lightning as pl
-import torch as t
+import cli
 
-import datasets
-import experiment
-import utils
-import viz
-from diffusionmodel import DiffusionModel
+SCRIPT = "train_cifar10.py"
+DEFAULTS = {  # per dataset; the first is the default dataset
+    # CIFAR-10: the paper's continuous density of the 8-bit pixels scaled to [-1, 1]; the original
+    # ITD code's (loc, scale) = (6, 3); a small constant learning rate for fine-tuning.
+    "cifar10": dict(pretrained="google/ddpm-cifar10-32", dequantize=False, logsnr_loc=6.,
+                    logsnr_scale=3., learning_rate=1e-4, lr_schedule="constant", batch_size=64,
+                    num_epochs=50, val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16),
+    # digits: 17 grey levels, and border pixels that are always 0 in the training set: without
+    # dequantisation the data-matched Gaussian is degenerate there.
+    # loc, scale: the crossings of its MSE curve (suggested_logsnr_loc/scale) after one run.
+    "digits": dict(pretrained="none", dequantize=True, logsnr_loc=4., logsnr_scale=2.,
+                   learning_rate=2e-3, lr_schedule="onecycle", batch_size=64, num_epochs=30,
+                   val_every=5, val_npoints=16, eval_batch_size=100, num_samples=16),
+    "fake": dict(pretrained="none", dequantize=False, logsnr_loc=2., logsnr_scale=3.,
+                 learning_rate=1e-3, lr_schedule="constant", batch_size=32, num_epochs=1,
+                 val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16),
+}
+
+
+def parse_args(argv=None, checkpoint_args=None):
+    """The run's arguments (cli.parse; None for a --resume before checkpoint_args is given)."""
+    parser = cli.build_parser(__doc__.split("\n\n")[0], cli.IMAGE_DATASETS, DEFAULTS)
+    group = parser.add_argument_group("images")
+    group.add_argument("--data_dir", default="data",
+                       help="folder holding cifar-10-batches-py (CIFAR-10 is downloaded there if "
+                            "missing and the server is reachable)")
+    group.add_argument("--offline", action="store_true",
+                       help="never download; also implied by HF_HUB_OFFLINE=1 for the weights")
+    group.add_argument("--dequantize", type=cli.str2bool, default=None,
+                       help=cli.per_dataset(DEFAULTS, "dequantize", "add uniform noise "
+                                                   "within each pixel's bin, making the data a "
+                                                   "genuine continuous density"))
+    group.add_argument("--image_size", type=cli.positive(int), default=32,
+                       help="fake: image side")
+    group.add_argument("--fake_size", type=cli.positive(int), default=512,
+                       help="fake: training images (a quarter as many for validation)")
+    group.add_argument("--reference_size", type=cli.positive(int), default=5000,
+                       help="training images the data-matched Gaussian reference is fit on")
+    group = parser.add_argument_group("the U-Net")
+    group.add_argument("--pretrained", default=None, metavar="ID|DIR|none",
+                       help=cli.per_dataset(DEFAULTS, "pretrained", "U-Net weights: a "
+                                                   "Hugging Face hub id, a local folder written by "
+                                                   "save_pretrained, or none (a small U-Net sized "
+                                                   "for the data, random weights); with "
+                                                   "--eval_only and no --ckpt, evaluated as it is"))
+    group.add_argument("--from_scratch", action="store_true",
+                       help="use only the --pretrained config, with random weights")
+    group.add_argument("--unet_width", type=cli.positive(int), default=32,
+                       help="channels of the small U-Net (--pretrained none)")
+    group.add_argument("--gaussian_residual", type=cli.str2bool, default=None,
+                       help="eps_hat = Gaussian optimal predictor + U-Net, the U-Net's output "
+                            "layer zeroed at the start (training starts at the Gaussian bound); "
+                            "default: true with --pretrained none, else false")
+    group.add_argument("--outside", default="clamp", choices=("clamp", "gaussian"),
+                       help="log SNRs outside the U-Net's trained range: clamp the timestep, or "
+                            "use the data-matched Gaussian's optimal predictor")
+    group = parser.add_argument_group("image training")
+    group.add_argument("--batch_size", type=cli.positive(int), default=None,
+                       help=cli.per_dataset(DEFAULTS, "batch_size"))
+    group.add_argument("--max_steps", type=int, default=-1,
+                       help="stop after this many steps (-1: no limit)")
+    group.add_argument("--lr_schedule", default=None, choices=("constant", "onecycle"),
+                       help=cli.per_dataset(DEFAULTS, "lr_schedule", "Adam with a constant "
+                                                   "or a one-cycle learning rate"))
+    group.add_argument("--num_workers", type=int, default=default_num_workers(),
+                       help="data loader workers per process")
+    group.add_argument("--curve_samples", type=cli.positive(int), default=64,
+                       help="validation images the MSE curve is averaged over")
+    args = cli.parse(parser, argv, DEFAULTS, checkpoint_args, without_ckpt=True)
+    if args is None or args.eval_only and args.ckpt:
+        return args
+    if args.dataset == "fake":  # PIL images, uint8 and float copies: about 6 bytes a pixel
+        cli.check_fits(parser, "--fake_size", args.fake_size,
+                              6 * 3 * args.image_size ** 2 * args.fake_size * 5 // 4)
+    if args.eval_only and args.pretrained.lower() == "none":
+        parser.error("--eval_only needs --ckpt PATH [PATH ...] or a --pretrained U-Net")
+    args.pretrained = "none" if args.pretrained.lower() == "none" else args.pretrained
+    if args.gaussian_residual is None:
+        args.gaussian_residual = args.pretrained == "none"
+    if args.eval_only and args.gaussian_residual:
+        parser.error("argument --gaussian_residual: a pretrained U-Net is evaluated as it is, "
+                     "not as a residual on the Gaussian")
+    return args
+
+
+def default_num_workers():
+    """Half the CPUs this process may use, at most 4: the images are decoded once and held in
+    memory, so workers only index and scale them."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cpus // 2)
+
+
+cli.answer_early(__name__, parse_args)
+# torch and Lightning load only once the arguments are known to be good (hence noqa: E402)
+import pytorch_lightning as pl  # noqa: E402
+import torch as t  # noqa: E402
+
+import datasets  # noqa: E402
+import experiment  # noqa: E402
+import utils  # noqa: E402
+import viz  # noqa: E402
+from diffusionmodel import DiffusionModel  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The U-Net adapter: a diffusers UNet2DModel as denoiser(z, logsnr)
@@ -321,97 +417,6 @@ def load_unet(source, from_scratch=False, online=None):
 # ---------------------------------------------------------------------------------------------
 # The script
 # ---------------------------------------------------------------------------------------------
-SCRIPT = "train_cifar10.py"
-DEFAULTS = {  # per dataset; the first is the default dataset
-    # CIFAR-10: the paper's continuous density of the 8-bit pixels scaled to [-1, 1]; the original
-    # ITD code's (loc, scale) = (6, 3); a small constant learning rate for fine-tuning.
-    "cifar10": dict(pretrained="google/ddpm-cifar10-32", dequantize=False, logsnr_loc=6.,
-                    logsnr_scale=3., learning_rate=1e-4, lr_schedule="constant", batch_size=64,
-                    num_epochs=50, val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16),
-    # digits: 17 grey levels, and border pixels that are always 0 in the training set: without
-    # dequantisation the data-matched Gaussian is degenerate there.
-    # loc, scale: the crossings of its MSE curve (suggested_logsnr_loc/scale) after one run.
-    "digits": dict(pretrained="none", dequantize=True, logsnr_loc=4., logsnr_scale=2.,
-                   learning_rate=2e-3, lr_schedule="onecycle", batch_size=64, num_epochs=30,
-                   val_every=5, val_npoints=16, eval_batch_size=100, num_samples=16),
-    "fake": dict(pretrained="none", dequantize=False, logsnr_loc=2., logsnr_scale=3.,
-                 learning_rate=1e-3, lr_schedule="constant", batch_size=32, num_epochs=1,
-                 val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16),
-}
-
-
-def parse_args(argv=None):
-    parser = experiment.build_parser(__doc__.split("\n\n")[0], datasets.IMAGE_DATASETS, DEFAULTS)
-    group = parser.add_argument_group("images")
-    group.add_argument("--data_dir", default="data",
-                       help="folder holding cifar-10-batches-py (CIFAR-10 is downloaded there if "
-                            "missing and the server is reachable)")
-    group.add_argument("--offline", action="store_true",
-                       help="never download; also implied by HF_HUB_OFFLINE=1 for the weights")
-    group.add_argument("--dequantize", type=experiment.str2bool, default=None,
-                       help=experiment.per_dataset(DEFAULTS, "dequantize", "add uniform noise "
-                                                   "within each pixel's bin, making the data a "
-                                                   "genuine continuous density"))
-    group.add_argument("--image_size", type=experiment.positive(int), default=32,
-                       help="fake: image side")
-    group.add_argument("--fake_size", type=experiment.positive(int), default=512,
-                       help="fake: training images (a quarter as many for validation)")
-    group.add_argument("--reference_size", type=experiment.positive(int), default=5000,
-                       help="training images the data-matched Gaussian reference is fit on")
-    group = parser.add_argument_group("the U-Net")
-    group.add_argument("--pretrained", default=None, metavar="ID|DIR|none",
-                       help=experiment.per_dataset(DEFAULTS, "pretrained", "U-Net weights: a "
-                                                   "Hugging Face hub id, a local folder written by "
-                                                   "save_pretrained, or none (a small U-Net sized "
-                                                   "for the data, random weights); with "
-                                                   "--eval_only and no --ckpt, evaluated as it is"))
-    group.add_argument("--from_scratch", action="store_true",
-                       help="use only the --pretrained config, with random weights")
-    group.add_argument("--unet_width", type=experiment.positive(int), default=32,
-                       help="channels of the small U-Net (--pretrained none)")
-    group.add_argument("--gaussian_residual", type=experiment.str2bool, default=None,
-                       help="eps_hat = Gaussian optimal predictor + U-Net, the U-Net's output "
-                            "layer zeroed at the start (training starts at the Gaussian bound); "
-                            "default: true with --pretrained none, else false")
-    group.add_argument("--outside", default="clamp", choices=("clamp", "gaussian"),
-                       help="log SNRs outside the U-Net's trained range: clamp the timestep, or "
-                            "use the data-matched Gaussian's optimal predictor")
-    group = parser.add_argument_group("image training")
-    group.add_argument("--batch_size", type=experiment.positive(int), default=None,
-                       help=experiment.per_dataset(DEFAULTS, "batch_size"))
-    group.add_argument("--max_steps", type=int, default=-1,
-                       help="stop after this many steps (-1: no limit)")
-    group.add_argument("--lr_schedule", default=None, choices=("constant", "onecycle"),
-                       help=experiment.per_dataset(DEFAULTS, "lr_schedule", "Adam with a constant "
-                                                   "or a one-cycle learning rate"))
-    group.add_argument("--num_workers", type=int, default=default_num_workers(),
-                       help="data loader workers per process")
-    group.add_argument("--curve_samples", type=experiment.positive(int), default=64,
-                       help="validation images the MSE curve is averaged over")
-    args = experiment.parse(parser, argv, DEFAULTS, SCRIPT, without_ckpt=True)
-    if args.eval_only and args.ckpt:
-        return args
-    if args.dataset == "fake":  # PIL images, uint8 and float copies: about 6 bytes a pixel
-        experiment.check_fits(parser, "--fake_size", args.fake_size,
-                              6 * 3 * args.image_size ** 2 * args.fake_size * 5 // 4)
-    if args.eval_only and args.pretrained.lower() == "none":
-        parser.error("--eval_only needs --ckpt PATH [PATH ...] or a --pretrained U-Net")
-    args.pretrained = "none" if args.pretrained.lower() == "none" else args.pretrained
-    if args.gaussian_residual is None:
-        args.gaussian_residual = args.pretrained == "none"
-    if args.eval_only and args.gaussian_residual:
-        parser.error("argument --gaussian_residual: a pretrained U-Net is evaluated as it is, "
-                     "not as a residual on the Gaussian")
-    return args
-
-
-def default_num_workers():
-    """Half the CPUs this process may use, at most 4: the images are decoded once and held in
-    memory, so workers only index and scale them."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(4, cpus // 2)
-
-
 def image_data(args, **overrides):
     """The Images datamodule of the run's arguments; downloads only when allowed and reachable."""
     a = dict(vars(args), **overrides)
@@ -484,7 +489,7 @@ def build_model(args, data, ckpt=None):
 
 def main(argv=None):
     start = time.time()
-    args = parse_args(argv)
+    args = parse_args(argv, experiment.checkpoint_args(SCRIPT))
     if args.eval_only:
         return evaluate(args)
     ckpt = experiment.load_checkpoint(args.resume, SCRIPT) if args.resume else None

@@ -108,5 +108,25 @@ def test_resume_gives_flags_a_checkpoint_predates_their_old_values(tmp_path):
     del ckpt["run_args"]["input_embedding_period"]
     old = tmp_path / "old.ckpt"
     t.save(ckpt, old)
-    assert train_2d.parse_args(["--resume", str(old)]).input_embedding_period == 1e4
-    assert train_2d.parse_args(["--resume", s["checkpoint"]]).input_embedding_period == 100.
+    resume = experiment.checkpoint_args("train_2d.py")
+    assert train_2d.parse_args(["--resume", str(old)], resume).input_embedding_period == 1e4
+    assert train_2d.parse_args(["--resume", s["checkpoint"]], resume).input_embedding_period == 100.
+
+
+@pytest.mark.parametrize("script, flags, code", [
+    ("train_2d.py", ["--help"], 0), ("train_2d.py", ["--learning_rate", "-1e-3"], 2),
+    ("train_2d.py", ["--embedding_size", "7"], 2), ("train_cifar10.py", ["--help"], 0),
+    ("train_cifar10.py", ["--dataset", "digits", "--val_npoints", "100"], 2)])
+def test_help_and_argument_mistakes_answer_before_torch_loads(script, flags, code):
+    # the scripts parse in cli.answer_early, before their heavy imports: --help and a bad flag
+    # must exit without torch (or Lightning) in sys.modules -- that is what makes them answer
+    # in a fraction of a second instead of the ~5 s the imports take
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{script!r}] + {flags!r}\n"
+             "try:\n"
+             f"    runpy.run_path({script!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    heavy = sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules)\n"
+             "    print('EXIT', e.code, heavy)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert f"EXIT {code} []" in out.stdout, out.stdout + out.stderr
