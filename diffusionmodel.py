@@ -258,12 +258,12 @@ class DiffusionModel(pl.LightningModule):
         is smallest for q proportional to sqrt(E f^2); among densities constant on equal-width
         bins, for q_k proportional to the rms of f over the bin (docs/maths.md). The pilot draws,
         for every sample, bin and one of `pilot_points` draws, a log SNR uniform in the bin and a
-        noise vector (one batched, chunked pass), and the bin weights are rms * bin width. The
-        result mixes them with the current logistic: q = (1 - mix) q_logistic + mix q_bins.
+        noise vector (one batched, chunked pass; utils.FittedProposal.from_terms). The result
+        mixes the bins with the current logistic: q = (1 - mix) q_logistic + mix q_bins.
         Fit the reference first (the integrand is the gap to it), and score other samples than x.
         """
         x = self._data(x)
-        if len(x) < 8:
+        if len(x) < 8:  # pilot_points draws of one sample are not independent samples
             raise ValueError(f"fit_proposal needs at least 8 held-out samples, got {len(x)}")
         if pilot_points < 1 or bins < 1:
             raise ValueError(f"need pilot_points >= 1 and bins >= 1, got {pilot_points}, {bins}")
@@ -277,12 +277,8 @@ class DiffusionModel(pl.LightningModule):
         eps = t.randn((len(k),) + self.x_shape, generator=generator, dtype=x.dtype).to(dev)
         terms = _in_chunks(lambda rows: 0.5 * self.mse_gap(x[sample[rows]], a[rows], eps[rows]),
                            chunk_size or self._default_chunk(), t.arange(len(k), device=dev))
-        if not t.isfinite(terms).all():
-            raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
-                             "over the proposal's range")
-        rms = terms.double().pow(2).view(n, bins, pilot_points).mean((0, 2)).sqrt()
-        weights = (rms * (hi - lo) / bins).tolist()
-        self.proposal = utils.FittedProposal(old.loc, old.scale, old.clip, weights, mix)
+        pilot = terms.view(n, bins, pilot_points).transpose(1, 2).reshape(-1, bins)
+        self.proposal = utils.FittedProposal.from_terms(old, pilot, mix)
         return self.proposal
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import utils
+import viz
 from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser, GridRounding, bin_edges
 from diffusionmodel import heldout_errors, variational_bound
 
@@ -160,7 +161,8 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
     """A Trainer from the shared flags, or a UserError for settings Lightning rejects; nothing is
     written yet. With `run` (a name, or the folder of a run to resume) it logs to TensorBoard and
     checkpoints the best val_loss and the last epoch into <run folder>/checkpoints, each with the
-    run's arguments ("run_args"), so a checkpoint alone rebuilds its model and data."""
+    run's arguments ("run_args"), so a checkpoint alone rebuilds its model and data; with
+    --fit_proposal, FitProposal refits the log-SNR proposal 20 times during training."""
     class RunArgs(pl.Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint["run_args"] = dict(vars(args), script=script)
@@ -172,6 +174,8 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}", save_last=True),
                      RunArgs(), ValidateLastEpoch(), Interrupted(), RunSize(), *callbacks]
+        if getattr(args, "fit_proposal", 0):
+            callbacks.append(FitProposal(args.fit_proposal, max(1, args.num_epochs // 20), args.seed))
     try:
         trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
                              strategy=args.strategy, num_nodes=args.num_nodes,
@@ -234,6 +238,37 @@ class FitReference(pl.Callback):
             trainer.logger.log_metrics(self.baseline, step=0)
         if self.describe is not None:
             print(self.describe(trainer, pl_module, self.baseline), flush=True)
+
+
+class FitProposal(pl.Callback):
+    """--fit_proposal N: the model's log-SNR proposal refitted to the model
+    (DiffusionModel.fit_proposal) on N training samples at the start of every `every`-th epoch,
+    so that the training loss and val_loss are estimated with it. Both stay unbiased (every point
+    keeps its exact weight, and the pilot never sees the validation data); a checkpoint carries
+    the proposal. The pilot is seeded by (seed, epoch), so every process fits the same one. Logs
+    proposal_moved (the mass moved from the logistic) and, on TensorBoard, the proposal's shape."""
+
+    def __init__(self, samples, every, seed=0):
+        self.samples, self.every, self.seed = samples, every, seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        if epoch == 0 or epoch % self.every:  # epoch 0: the model starts at the Gaussian
+            return
+        x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            proposal = pl_module.fit_proposal(
+                x, generator=t.Generator().manual_seed(self.seed * 100003 + epoch))
+        except ValueError:  # a model still equal to the Gaussian everywhere: nothing to follow
+            return
+        finally:
+            pl_module.train(was_training)
+        trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
+        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_figure("proposal", viz.plot_proposal(proposal),
+                                                 trainer.global_step)
 
 
 def summarize(trainer, model, curve, baseline, start):

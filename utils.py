@@ -159,6 +159,30 @@ class FittedProposal(LogisticProposal):
             raise ValueError(f"not a FittedProposal state: {state}")
         return cls(**state)
 
+    @classmethod
+    def from_terms(cls, base, terms, mix=0.5, bins_range=None):
+        """The mixture with `base` (a LogisticProposal) whose bins follow pilot terms of the
+        integrand: terms (n, bins) are f(a) at one log SNR uniform in each equal-width bin of
+        bins_range (default: base's range) per row, and bin k gets probability proportional to
+        the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md)."""
+        terms = t.as_tensor(terms).to(t.float64)
+        if terms.dim() != 2 or len(terms) < 8:
+            raise ValueError("fitting a proposal needs pilot terms of at least 8 samples per bin, "
+                             f"got shape {tuple(terms.shape)}")
+        if not t.isfinite(terms).all():
+            raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
+                             "over the proposal's range")
+        return cls(base.loc, base.scale, base.clip, terms.pow(2).mean(0).sqrt().tolist(), mix,
+                   bins_range)
+
+    def moved(self, points=20000):
+        """The probability mass the bins moved away from the logistic: the total variation
+        1/2 Int |q - q_logistic| da (midpoint rule)."""
+        lo, hi = self.range
+        a = lo + (hi - lo) * (t.arange(points, dtype=t.float64) + 0.5) / points
+        q_l = 1 / LogisticProposal.weight(self, a)
+        return 0.5 * float((self.density(a) - q_l).abs().sum()) * (hi - lo) / points
+
     def _bin(self, a):
         """(bin index clamped to the bins, inside the bins' range) of float64 log SNRs a."""
         lo, hi = self.bins_range

@@ -41,6 +41,23 @@ def plot_mse_curve(logsnrs, mse, mmse_ref, d, title=None):
     return fig
 
 
+def plot_proposal(proposal, title=None, points=400):
+    """A fitted log-SNR importance density q against the logistic it was mixed with, with the
+    mass it moved (utils.FittedProposal.moved)."""
+    a = t.linspace(*proposal.range, points, dtype=t.float64)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(a, 1 / utils.LogisticProposal.weight(proposal, a), "--", label="logistic")
+    ax.plot(a, proposal.density(a), label=f"fitted (mix {proposal.mix:g})")
+    ax.set_title((title + "\n" if title else "") +
+                 f"log-SNR proposal: {100 * proposal.moved():.0f}% of the mass moved", fontsize=10)
+    ax.set_xlabel(r"log SNR $\alpha$")
+    ax.set_ylabel(r"$q(\alpha)$")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def _data_limits(data, margin=0.15):
     """A square-ish window around 2-D data: its bounding box grown by `margin` of its size."""
     data = np.asarray(data, dtype=float)
