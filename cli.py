@@ -16,7 +16,7 @@ HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
 # the invocation; the given ones may differ from the checkpoint's only if they are RESUME_MAY_CHANGE.
 PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
                   "num_workers", "num_threads", "offline", "data_dir", "log_dir", "eval_only",
-                  "ckpt", "results", "npoints", "select_fraction"}
+                  "ckpt", "results", "npoints", "select_fraction", "eval_proposal"}
 RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "max_steps", "eval_batch_size", "val_every",
                                       "num_samples", "sample_steps", "curve_samples", "grid_size"}
 
@@ -131,6 +131,10 @@ def build_parser(description, datasets, defaults):
     group.add_argument("--select_fraction", type=float, default=0.5,
                        help="part of the validation data held out to choose, per log SNR, between "
                             "ensemble members and rounded variants; every row is scored on the rest")
+    group.add_argument("--eval_proposal", default="fitted", choices=("fitted", "logistic"),
+                       help="the log-SNR importance distribution of every row: fitted to the row "
+                            "on the selection samples' errors (no extra evaluations), or the "
+                            "checkpoint's own")
     group.add_argument("--vb_steps", type=int, default=100,
                        help="grid data: timesteps per sample of the variational-bound rows (an "
                             "unbiased subsample of the schedule's T; 0: all T)")

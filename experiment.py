@@ -455,16 +455,23 @@ class Evaluation(pl.LightningModule):
     grid data (delta, lo, levels): discrete limit (a unit change, not a bound), dequantized (an
     upper bound on -log P), and the direct discrete estimate without rounding and with hard or
     soft rounding chosen per log SNR, over a range extended to utils.grid_resolved_logsnr.
+    With proposal="fitted" every row's log-SNR importance distribution is fitted to that row's
+    integrand from the selection pass's errors (no extra evaluations; utils.FittedProposal).
     """
 
     def __init__(self, models, names, source, seed=0, npoints=128, batch_size=256,
-                 select_fraction=0.5, fit_reference=False, bins=48, vb_steps=100):
+                 select_fraction=0.5, fit_reference=False, bins=48, vb_steps=100,
+                 proposal="fitted"):
         super().__init__()
+        if proposal not in ("fitted", "logistic"):
+            raise ValueError(f"proposal must be 'fitted' or 'logistic', got {proposal!r}")
+        self.proposal = proposal
         self.vb_steps = vb_steps or None
         self.models, self.names, self.source = t.nn.ModuleList(models), list(names), source
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
         self.select_fraction, self.fit_reference = select_fraction, fit_reference
         self.data, self.phase, self.heldout, self.rows, self.per_sample = None, "select", {}, [], {}
+        self.errors = {}  # kind -> the selection samples' errors, samples x bins x candidates
 
     def prepare_data(self):  # Lightning calls it once per node: downloads
         self.source.prepare_data()
@@ -530,9 +537,27 @@ class Evaluation(pl.LightningModule):
         return Ensemble.from_heldout([modules[c] for c in columns], self.edges[kind],
                                      self.heldout[kind][columns]).as_model(like)
 
+    def _fitted(self, kind, columns, proposal):
+        """`proposal` fitted to the row whose denoiser takes, per log-SNR bin, the held-out best
+        of the candidate `columns` (one column: that candidate), from its errors on the selection
+        samples: the integrand is 1/2 (error - the Gaussian's) for continuous rows, 1/2 error for
+        discrete ones. `proposal` itself where there is nothing to follow (the Gaussian's row),
+        under 8 selection samples, or where its range does not hold the bins."""
+        edges = self.edges[kind]
+        lo, hi = max(edges[0].item(), proposal.range[0]), min(edges[-1].item(), proposal.range[1])
+        too_few = len(self.errors[kind]) < 8  # FittedProposal.from_terms' minimum
+        if self.proposal == "logistic" or too_few or hi - lo < 0.99 * (edges[-1] - edges[0]).item():
+            return proposal
+        errors, columns = self.errors[kind], t.as_tensor(columns)
+        chosen = errors[:, t.arange(errors.shape[1]), columns[self.heldout[kind][columns].argmin(0)]]
+        terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
+        if not terms.abs().sum() > 0:
+            return proposal
+        return utils.FittedProposal.from_terms(proposal, terms, bins_range=(lo, hi))
+
     def _jobs(self):
-        """(model name, estimate, fn(x, index) -> per-sample nats, log-SNR range) for every
-        computed row."""
+        """(model name, estimate, fn(x, index) -> per-sample nats, its log-SNR proposal or
+        range) for every computed row."""
         n, seed, grid = len(self.models), self.seed, self.grid
         # (row, model, the bases it may round: columns of the held-out errors)
         entries = [("gaussian", self.gaussian, [0])]
@@ -542,26 +567,29 @@ class Evaluation(pl.LightningModule):
         jobs = []
         for name, model, bases in entries:
             like = self.models[0] if name in ("gaussian", "ensemble") else model
-            jobs.append((name, "continuous", _continuous(model, self.npoints, seed),
-                         like.proposal.range))
+            fitted = self._fitted("continuous", bases, like.proposal)
+            jobs.append((name, "continuous", _continuous(model, self.npoints, seed, fitted),
+                         fitted))
             if grid is None:
                 continue
             delta, lo, levels = grid
-            wide = like.proposal.widened(utils.grid_resolved_logsnr(delta))
-            jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, delta),
-                         like.proposal.range))
+            jobs.append((name, "dequantized", _continuous(model, self.npoints, seed, fitted, delta),
+                         fitted))
             plain = model if name != "ensemble" else self._ensemble("discrete", bases, like)
             schedule = self._schedule(like)
             jobs.append((name, "variational bound", _vb(plain, seed, grid, schedule, self.vb_steps),
                          tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())))
             # the rounded rows choose per log SNR among the Gaussian, the bases and their roundings
-            jobs.append((name, "discrete, no rounding",
-                         _discrete(plain, self.npoints, seed, grid, wide), wide.range))
-            for k, mode in enumerate(("hard", "soft"), 1):
-                columns = sorted(set([0] + bases + [c + k * (n + 1) for c in bases]))
-                jobs.append((name, f"discrete, {mode} rounding",
-                             _discrete(self._ensemble("discrete", columns, like), self.npoints,
-                                       seed, grid, wide), wide.range))
+            wide = like.proposal.widened(utils.grid_resolved_logsnr(delta))
+            for mode in ("none", "hard", "soft"):
+                k = ("none", "hard", "soft").index(mode)
+                columns = bases if mode == "none" else sorted(
+                    set([0] + bases + [c + k * (n + 1) for c in bases]))
+                row = plain if mode == "none" else self._ensemble("discrete", columns, like)
+                fitted = self._fitted("discrete", columns, wide)
+                jobs.append((name, "discrete, no rounding" if mode == "none" else
+                             f"discrete, {mode} rounding",
+                             _discrete(row, self.npoints, seed, grid, fitted), fitted))
         return jobs
 
     @staticmethod
@@ -606,16 +634,17 @@ class Evaluation(pl.LightningModule):
                 m = (len(self.models) + 1) * (1 if kind == "continuous" else 3)
                 block = values[:, start:start + bins * m].view(len(x), bins, m)
                 self.heldout[kind] = block.mean(0).T  # candidates x bins
+                self.errors[kind] = block
                 start += bins * m
             return
         d, self.rows = self.models[0].d, []
-        for j, (name, estimate, _, logsnr_range) in enumerate(self.jobs):
+        for j, (name, estimate, _, span) in enumerate(self.jobs):
             self.per_sample[(name, estimate)] = values[:, j]
-            self.rows.append(table_row(name, estimate, values[:, j], d, logsnr_range))
+            self.rows.append(table_row(name, estimate, values[:, j], d, span))
             if estimate == "continuous" and self.grid is not None:
                 limit = utils.discrete_limit_nats(values[:, j], self.grid[0], d)
                 self.per_sample[(name, "discrete limit")] = limit
-                self.rows.append(table_row(name, "discrete limit", limit, d, logsnr_range))
+                self.rows.append(table_row(name, "discrete limit", limit, d, span))
 
     def evaluations_per_sample(self):
         """Denoiser evaluations per selection sample and per scored sample (for the log)."""
@@ -653,16 +682,15 @@ def _gather_rows(module, parts, n):
     return out
 
 
-def _continuous(model, npoints, seed, dequantize=None):
+def _continuous(model, npoints, seed, proposal, dequantize=None):
     """fn(x, index): -log p(x), or with a bin width the dequantized estimate -log p(x + delta
     (U - 1/2)) - d log delta (U named by (seed, index))."""
     def fn(x, index):
-        if dequantize is None:
-            return model.nll_points(x, npoints, generator=t.Generator().manual_seed(seed),
-                                    index=index)[0]
-        x = utils.dequantize(x, dequantize, seed, index)
-        nll = model.nll_points(x, npoints, generator=t.Generator().manual_seed(seed), index=index)[0]
-        return utils.discrete_limit_nats(nll, dequantize, model.d)
+        if dequantize is not None:
+            x = utils.dequantize(x, dequantize, seed, index)
+        nll = model.nll_points(x, npoints, generator=t.Generator().manual_seed(seed), index=index,
+                               proposal=proposal)[0]
+        return nll if dequantize is None else utils.discrete_limit_nats(nll, dequantize, model.d)
     return fn
 
 
@@ -701,17 +729,24 @@ MEANING = {  # what each row's number is
 }
 
 
-def table_row(model, estimate, nll, d, logsnr_range=None):
-    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, logsnr_range, meaning} from
-    per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored samples covers
-    the data and the log-SNR integral together."""
+def table_row(model, estimate, nll, d, span=None):
+    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, logsnr_range, proposal,
+    meaning} from per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored
+    samples covers the data and the log-SNR integral together. span: the row's log-SNR proposal
+    (its range and kind are reported) or range."""
+    proposal = None
+    if isinstance(span, utils.LogisticProposal):
+        proposal = {"kind": "logistic", "loc": span.loc, "scale": span.scale, "clip": span.clip}
+        if isinstance(span, utils.FittedProposal):
+            proposal.update(kind="fitted", mix=span.mix, moved=round(span.moved(), 4))
+        span = span.range
+    logsnr_range = None if span is None else [round(v, 3) for v in span]
     nll = nll.double()
     mean, stderr = nll.mean().item(), utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
     meaning = MEANING["exact" if model == "exact" else estimate.split(",")[0]]
     return dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
                 bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d),
-                logsnr_range=None if logsnr_range is None else [round(v, 3) for v in logsnr_range],
-                meaning=meaning)
+                logsnr_range=logsnr_range, proposal=proposal, meaning=meaning)
 
 
 def format_results(rows, header):
@@ -725,7 +760,13 @@ def format_results(rows, header):
                      f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span}")
     kinds = dict.fromkeys(("exact" if r["model"] == "exact" else r["estimate"].split(",")[0])
                           for r in rows)
-    return "\n".join(lines + [f"  {kind}: {MEANING[kind]}" for kind in kinds])
+    lines += [f"  {kind}: {MEANING[kind]}" for kind in kinds]
+    moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]
+    if moved:
+        lines.append(f"  log-SNR proposal: fitted to each row's integrand on the selection samples "
+                     f"({len(moved)} rows; {100 * min(moved):.0f}-{100 * max(moved):.0f}% of the "
+                     "logistic's mass moved; unbiased, every point keeps its exact weight)")
+    return "\n".join(lines)
 
 
 def results_path(args, names, results_dir=None):
@@ -774,7 +815,8 @@ def run_evaluation(args, models, names, source, exact_nll=None, info=None, resul
                         "passes, which spawned processes lose; use --strategy ddp (or torchrun, "
                         "SLURM)")
     evaluation = Evaluation(models, names, source, args.seed, args.npoints, args.eval_batch_size,
-                            args.select_fraction, fit_reference, vb_steps=args.vb_steps)
+                            args.select_fraction, fit_reference, vb_steps=args.vb_steps,
+                            proposal=args.eval_proposal)
     path = results_path(args, names, results_dir)
     if trainer.is_global_zero:
         claim_results_file(path)
@@ -804,6 +846,7 @@ def run_evaluation(args, models, names, source, exact_nll=None, info=None, resul
                    checkpoints=[os.path.abspath(p) for p in args.ckpt or []],
                    x_shape=list(models[0].x_shape), d=d,
                    npoints=args.npoints, seed=args.seed, select_fraction=args.select_fraction,
+                   proposal=args.eval_proposal,
                    n_scored=len(x_score), n_selection=n_select,
                    grid=None if grid is None else dict(zip(("delta", "lo", "levels"), grid)),
                    world_size=trainer.world_size, rows=rows, wall_time_s=time.time() - start)
