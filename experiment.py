@@ -281,6 +281,8 @@ def summarize(trainer, model, curve, baseline, start):
              best_checkpoint=shown_path(trainer.checkpoint_callback.best_model_path),
              val_nll=float(metrics["val_loss"]), val_nll_stderr=float(metrics["val_loss_stderr"]),
              d=model.d, **baseline)
+    if isinstance(model.proposal, utils.FittedProposal):  # --fit_proposal
+        s["proposal"] = dict(model.proposal.state(), moved=model.proposal.moved())
     if curve.last is not None:
         c = curve.last
         s.update(suggested_logsnr_loc=c["suggested"][0], suggested_logsnr_scale=c["suggested"][1],
@@ -303,6 +305,9 @@ def summary_lines(s):
         if math.isfinite(s["suggested_logsnr_loc"]) and math.isfinite(s["suggested_logsnr_scale"]):
             lines.append(f"  MSE curve suggests --logsnr_loc {s['suggested_logsnr_loc']:.2f} "
                          f"--logsnr_scale {s['suggested_logsnr_scale']:.2f}")
+    if "proposal" in s:
+        lines.append(f"  log-SNR proposal fitted to the model: {100 * s['proposal']['moved']:.0f}% "
+                     "of the logistic's mass moved")
     return lines + [f"  logs:        {s['run_dir']}", f"  checkpoint:  {s['checkpoint']}",
                     f"  view with:   tensorboard --logdir {os.path.dirname(s['run_dir']) or '.'}"]
 

@@ -103,6 +103,7 @@ import torch.nn as nn  # noqa: E402
 
 import datasets  # noqa: E402
 import experiment  # noqa: E402
+import utils  # noqa: E402
 import viz  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
 
@@ -219,6 +220,9 @@ class Figures2D(pl.Callback):
             samples = pl_module.sample(args.num_samples, steps=args.sample_steps,
                                        generator=generator).cpu()
             show("samples", viz.plot_samples(train[:args.num_samples], samples, title=name))
+        if isinstance(pl_module.proposal, utils.FittedProposal):  # --fit_proposal
+            viz.save(viz.plot_proposal(pl_module.proposal, title=name),
+                     os.path.join(folder, "proposal.png"))
         if self.curve.last is not None:
             c = self.curve.last
             viz.save(viz.plot_mse_curve(c["logsnrs"], c["mse"], c["mmse"], 2,

@@ -185,3 +185,18 @@ def test_samples_of_the_scg_model_have_its_covariance(tmp_path):
     samples_cov = t.tensor(summary["samples_cov"], dtype=t.float64)
     assert ((samples_cov - cov).abs() < tol).all(), samples_cov
     assert (t.tensor(summary["samples_mean"]).abs() < 5 / math.sqrt(n) + 0.05).all()
+
+
+def test_fit_proposal_during_training_is_logged_checkpointed_and_evaluated(tmp_path, capsys):
+    # --fit_proposal 64 with 3 epochs refits at the start of epochs 2 and 3 (every 3 // 20 -> 1)
+    s = train_2d.main(["--dataset", "moons", "--num_epochs", "3", "--fit_proposal", "64",
+                       "--log_dir", str(tmp_path), *TINY])
+    assert 0 < s["proposal"]["moved"] < 0.5  # the mixture keeps half of the logistic
+    assert "of the logistic's mass moved" in capsys.readouterr().out
+    scalars, images = logged(os.path.join(tmp_path, "moons-base"))
+    assert len(scalars["proposal_moved"]) == 2 and "proposal" in images
+    assert os.path.isfile(os.path.join(tmp_path, "moons-base", "figures", "proposal.png"))
+    # the checkpoint carries it, and the rebuilt model (evaluation, resume) uses it
+    ckpt = experiment.load_checkpoint(s["checkpoint"], "train_2d.py")
+    model = experiment.model_from_checkpoint(ckpt, train_2d.build_denoiser(ckpt["run_args"]))
+    assert model.proposal.state() == {k: v for k, v in s["proposal"].items() if k != "moved"}
