@@ -33,12 +33,7 @@ def plot_mse_curve(logsnrs, mse, mmse_ref, d, title=None):
                      f"suggested logsnr_loc={loc:.2f}, logsnr_scale={scale:.2f}", fontsize=10)
     elif title:
         ax.set_title(title, fontsize=10)
-    ax.set_xlabel(r"log SNR $\alpha$")
-    ax.set_ylabel(r"$E\|\epsilon - \hat\epsilon(z_\alpha, \alpha)\|^2$")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    return _over_logsnr(fig, ax, r"$E\|\epsilon - \hat\epsilon(z_\alpha, \alpha)\|^2$")
 
 
 def plot_proposal(proposal, title=None, points=400):
@@ -50,8 +45,13 @@ def plot_proposal(proposal, title=None, points=400):
     ax.plot(a, proposal.density(a), label=f"fitted (mix {proposal.mix:g})")
     ax.set_title((title + "\n" if title else "") +
                  f"log-SNR proposal: {100 * proposal.moved():.0f}% of the mass moved", fontsize=10)
+    return _over_logsnr(fig, ax, r"$q(\alpha)$")
+
+
+def _over_logsnr(fig, ax, ylabel):
+    """Finishes a figure of curves over log SNR (non-negative values)."""
     ax.set_xlabel(r"log SNR $\alpha$")
-    ax.set_ylabel(r"$q(\alpha)$")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
