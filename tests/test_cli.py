@@ -32,6 +32,8 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_2d, ["--val_npoints", "100"], "--val_npoints: must be a power of 2, got 100"),
     (train_2d, ["--num_points", "1000000000"], "GiB of memory"),
     (train_2d, ["--num_epochs", "0"], "--num_epochs: must be > 0"),
+    (train_2d, ["--fit_proposal", "3"], "--fit_proposal: needs at least 8 samples"),
+    (train_2d, ["--eval_only", "--ckpt", "x.ckpt", "--eval_proposal", "flat"], "invalid choice: 'flat'"),
     (train_2d, ["--resume", "nope.ckpt"], "error: checkpoint nope.ckpt not found"),
     (train_2d, ["--resume", "afile"], "error: cannot read checkpoint afile"),
     (train_2d, ["--eval_only"], "--eval_only needs --ckpt"),
