@@ -546,19 +546,23 @@ class Evaluation(pl.LightningModule):
         """`proposal` fitted to the row whose denoiser takes, per log-SNR bin, the held-out best
         of the candidate `columns` (one column: that candidate), from its errors on the selection
         samples: the integrand is 1/2 (error - the Gaussian's) for continuous rows, 1/2 error for
-        discrete ones. `proposal` itself where there is nothing to follow (the Gaussian's row),
-        under 8 selection samples, or where its range does not hold the bins."""
-        edges = self.edges[kind]
-        lo, hi = max(edges[0].item(), proposal.range[0]), min(edges[-1].item(), proposal.range[1])
+        discrete ones, on the bins within the proposal's range (the logistic part alone covers
+        the rest). `proposal` itself where there is nothing to follow (the Gaussian's row), under
+        8 selection samples, or where its range holds fewer than half of the bins."""
+        edges, (lo, hi) = self.edges[kind].double(), proposal.range
+        tol = 1e-9 * (edges[-1] - edges[0]).item()
+        inside = ((edges[:-1] >= lo - tol) & (edges[1:] <= hi + tol)).nonzero().squeeze(1)
         too_few = len(self.errors[kind]) < 8  # FittedProposal.from_terms' minimum
-        if self.proposal == "logistic" or too_few or hi - lo < 0.99 * (edges[-1] - edges[0]).item():
+        if self.proposal == "logistic" or too_few or len(inside) < len(edges) // 2:
             return proposal
         errors, columns = self.errors[kind], t.as_tensor(columns)
         chosen = errors[:, t.arange(errors.shape[1]), columns[self.heldout[kind][columns].argmin(0)]]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
+        terms = terms[:, inside]  # the bins within the proposal's range (ranges of models differ)
         if not terms.abs().sum() > 0:
             return proposal
-        return utils.FittedProposal.from_terms(proposal, terms, bins_range=(lo, hi))
+        bins_range = (max(edges[inside[0]].item(), lo), min(edges[inside[-1] + 1].item(), hi))
+        return utils.FittedProposal.from_terms(proposal, terms, bins_range=bins_range)
 
     def _jobs(self):
         """(model name, estimate, fn(x, index) -> per-sample nats, its log-SNR proposal or

@@ -256,3 +256,21 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
             assert rows[("gaussian", "continuous")]["proposal"]["kind"] == "logistic"  # zero integrand
     # measured 0.70 / 0.42 = 1.7x at these 64 evaluations per point (and these seeds)
     assert errors["logistic"] > 1.4 * errors["fitted"], errors
+    # a model whose range is narrower than the bins (the first model's): fitted on the bins
+    # within its range, still unbiased
+    wide = model.with_denoiser(ring)
+    wide.proposal = utils.LogisticProposal(0., 3.3, 4.)
+    ev = experiment.Evaluation([wide, model], ["wide", "ring"], _Points(x), seed=1, npoints=64,
+                               batch_size=100)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=True,
+                         enable_progress_bar=False, enable_model_summary=False)
+    for phase in ("select", "score"):
+        ev.phase = phase
+        trainer.test(ev, verbose=False)
+    fitted = ev.jobs[2][3]  # (gaussian, wide, ring, ensemble): ring's continuous row
+    assert ev.jobs[2][0] == "ring" and isinstance(fitted, utils.FittedProposal)
+    assert fitted.range == (-12., 12.) and -12 <= fitted.bins_range[0] < fitted.bins_range[1] <= 12
+    # bins of width 26.4 / 48 = 0.55 from -13.2: numbers 3 to 44 lie within [-12, 12]
+    assert len(fitted.weights) == 42
+    err = ev.per_sample[("ring", "continuous")] - ring.nll(ev.data["score"]).double()
+    assert abs(err.mean()) < 4 * err.std() / math.sqrt(len(err))
