@@ -66,11 +66,12 @@ def test_a_mistake_is_one_line_and_leaves_nothing(script, flags, message, tmp_pa
 def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     common = ["--dataset", "scg", "--num_points", "2000", "--grid_size", "4", "--num_samples",
               "10", "--sample_steps", "4", "--val_npoints", "8", "--num_threads", "1"]
+    # 20000 epochs: the run must still be going when the signal arrives, on a fast machine too
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_2d.py"), *common,
-                             "--num_epochs", "500"], cwd=tmp_path, stdout=subprocess.PIPE,
+                             "--num_epochs", "20000"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:  # not a terminal: one line per epoch
-        if line.startswith("epoch 2/500"):
+        if line.startswith("epoch 2/20000"):
             proc.send_signal(signal.SIGINT)
             break
     out, err = proc.communicate(timeout=120)
@@ -81,7 +82,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     command = last.split("resume with ")[1].split()  # the command as given, resuming
     assert command[1] == os.path.join(REPO, "train_2d.py") and command[-2:] == ["--resume", kept]
-    assert " ".join(command[2:-2]) == " ".join(common + ["--num_epochs", "500"])
+    assert " ".join(command[2:-2]) == " ".join(common + ["--num_epochs", "20000"])
     assert os.path.isfile(tmp_path / kept)
 
     # a flag that contradicts the checkpoint is an error naming both values
