@@ -69,7 +69,10 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     # 20000 epochs: the run must still be going when the signal arrives, on a fast machine too
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_2d.py"), *common,
                              "--num_epochs", "20000"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a child inherits an ignored SIGINT (an earlier test's Lightning may
+                            # leave one): Ctrl-C must reach it as it reaches a user's run
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # not a terminal: one line per epoch
         if line.startswith("epoch 2/20000"):
             proc.send_signal(signal.SIGINT)
