@@ -252,7 +252,8 @@ class DiffusionModel(pl.LightningModule):
     @t.no_grad()
     def fit_proposal(self, x, pilot_points=4, bins=48, mix=0.5, generator=None, chunk_size=None):
         """Fit the log-SNR proposal to this model's integrand on held-out samples x; set and
-        return it (a utils.FittedProposal over the current proposal's range).
+        return it (a utils.FittedProposal over the current proposal's range; the current one
+        where the model equals the reference, as an untrained Gaussian residual does).
 
         The variance of the estimate per point, Int E f^2 / q - (Int f)^2 with f = 1/2 mse_gap,
         is smallest for q proportional to sqrt(E f^2); among densities constant on equal-width
@@ -263,8 +264,9 @@ class DiffusionModel(pl.LightningModule):
         Fit the reference first (the integrand is the gap to it), and score other samples than x.
         """
         x = self._data(x)
-        if len(x) < 8:  # pilot_points draws of one sample are not independent samples
-            raise ValueError(f"fit_proposal needs at least 8 held-out samples, got {len(x)}")
+        if len(x) < utils.FittedProposal.MIN_SAMPLES:  # draws of one sample are not independent
+            raise ValueError(f"fit_proposal needs at least {utils.FittedProposal.MIN_SAMPLES} "
+                             f"held-out samples, got {len(x)}")
         if pilot_points < 1 or bins < 1:
             raise ValueError(f"need pilot_points >= 1 and bins >= 1, got {pilot_points}, {bins}")
         old = self.proposal

@@ -258,13 +258,11 @@ class FitProposal(pl.Callback):
         x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        try:
-            proposal = pl_module.fit_proposal(
-                x, generator=t.Generator().manual_seed(self.seed * 100003 + epoch))
-        except ValueError:  # a model still equal to the Gaussian everywhere: nothing to follow
+        proposal = pl_module.fit_proposal(
+            x, generator=t.Generator().manual_seed(self.seed * 100003 + epoch))
+        pl_module.train(was_training)
+        if not isinstance(proposal, utils.FittedProposal):  # the model is still the Gaussian
             return
-        finally:
-            pl_module.train(was_training)
         trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
         if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_figure("proposal", viz.plot_proposal(proposal),
@@ -547,20 +545,18 @@ class Evaluation(pl.LightningModule):
         of the candidate `columns` (one column: that candidate), from its errors on the selection
         samples: the integrand is 1/2 (error - the Gaussian's) for continuous rows, 1/2 error for
         discrete ones, on the bins within the proposal's range (the logistic part alone covers
-        the rest). `proposal` itself where there is nothing to follow (the Gaussian's row), under
-        8 selection samples, or where its range holds fewer than half of the bins."""
+        the rest). `proposal` itself where there is nothing to follow (the Gaussian's row), with
+        too few selection samples, or where its range holds fewer than half of the bins."""
         edges, (lo, hi) = self.edges[kind].double(), proposal.range
         tol = 1e-9 * (edges[-1] - edges[0]).item()
         inside = ((edges[:-1] >= lo - tol) & (edges[1:] <= hi + tol)).nonzero().squeeze(1)
-        too_few = len(self.errors[kind]) < 8  # FittedProposal.from_terms' minimum
+        too_few = len(self.errors[kind]) < utils.FittedProposal.MIN_SAMPLES
         if self.proposal == "logistic" or too_few or len(inside) < len(edges) // 2:
             return proposal
         errors, columns = self.errors[kind], t.as_tensor(columns)
         chosen = errors[:, t.arange(errors.shape[1]), columns[self.heldout[kind][columns].argmin(0)]]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
         terms = terms[:, inside]  # the bins within the proposal's range (ranges of models differ)
-        if not terms.abs().sum() > 0:
-            return proposal
         bins_range = (max(edges[inside[0]].item(), lo), min(edges[inside[-1] + 1].item(), hi))
         return utils.FittedProposal.from_terms(proposal, terms, bins_range=bins_range)
 
@@ -590,8 +586,7 @@ class Evaluation(pl.LightningModule):
                          tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())))
             # the rounded rows choose per log SNR among the Gaussian, the bases and their roundings
             wide = like.proposal.widened(utils.grid_resolved_logsnr(delta))
-            for mode in ("none", "hard", "soft"):
-                k = ("none", "hard", "soft").index(mode)
+            for k, mode in enumerate(("none", "hard", "soft")):
                 columns = bases if mode == "none" else sorted(
                     set([0] + bases + [c + k * (n + 1) for c in bases]))
                 row = plain if mode == "none" else self._ensemble("discrete", columns, like)

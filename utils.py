@@ -159,19 +159,24 @@ class FittedProposal(LogisticProposal):
             raise ValueError(f"not a FittedProposal state: {state}")
         return cls(**state)
 
+    MIN_SAMPLES = 8  # pilot samples per bin a fit needs
+
     @classmethod
     def from_terms(cls, base, terms, mix=0.5, bins_range=None):
         """The mixture with `base` (a LogisticProposal) whose bins follow pilot terms of the
         integrand: terms (n, bins) are f(a) at one log SNR uniform in each equal-width bin of
         bins_range (default: base's range) per row, and bin k gets probability proportional to
-        the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md)."""
+        the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md).
+        All-zero terms (a model equal to the reference) leave nothing to follow: `base` itself."""
         terms = t.as_tensor(terms).to(t.float64)
-        if terms.dim() != 2 or len(terms) < 8:
-            raise ValueError("fitting a proposal needs pilot terms of at least 8 samples per bin, "
-                             f"got shape {tuple(terms.shape)}")
+        if terms.dim() != 2 or len(terms) < cls.MIN_SAMPLES:
+            raise ValueError(f"fitting a proposal needs pilot terms of at least {cls.MIN_SAMPLES} "
+                             f"samples per bin, got shape {tuple(terms.shape)}")
         if not t.isfinite(terms).all():
             raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
                              "over the proposal's range")
+        if not terms.abs().sum() > 0:
+            return base
         return cls(base.loc, base.scale, base.clip, terms.pow(2).mean(0).sqrt().tolist(), mix,
                    bins_range)
 

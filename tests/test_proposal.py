@@ -204,8 +204,7 @@ def test_from_terms_weights_are_the_rms_of_each_bin_and_bad_pilots_are_refused()
         utils.FittedProposal.from_terms(base, terms[:7])
     with pytest.raises(ValueError, match="non-finite pilot terms"):
         utils.FittedProposal.from_terms(base, terms.index_fill(0, t.tensor([3]), float("nan")))
-    with pytest.raises(ValueError, match="not all zero"):
-        utils.FittedProposal.from_terms(base, t.zeros(8, 6))
+    assert utils.FittedProposal.from_terms(base, t.zeros(8, 6)) is base  # nothing to follow
 
 
 class _Points:
