@@ -68,8 +68,8 @@ def build_parser(description, datasets, defaults):
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     p.add_argument("--dataset", default=None, choices=datasets,
                    help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
-    group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; --fit_proposal "
-                                "mixes it with bins fitted to the model)")
+    group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; "
+                                 "--fit_proposal mixes it with bins fitted to the model)")
     group.add_argument("--logsnr_loc", type=float, default=None,
                        help=per_dataset(defaults, "logsnr_loc", "its location; the run's summary "
                                         "and MSE-curve figure suggest a value"))
