@@ -493,9 +493,9 @@ def main(argv=None):
     if args.eval_only:
         return evaluate(args)
     ckpt = experiment.load_checkpoint(args.resume, SCRIPT) if args.resume else None
+    pl.seed_everything(args.seed, verbose=False)  # before the U-Net's random initialisation
     data = image_data(args)
     model, denoiser, source = build_model(args, data, ckpt)
-    pl.seed_everything(args.seed, verbose=False)
     curve = viz.MSECurve(args.curve_samples, seed=args.seed)
     reference = experiment.FitReference(functools.partial(describe, args, denoiser, source))
     callbacks = [reference, curve] + ([viz.SampleImages(args.num_samples, args.sample_steps,
@@ -509,7 +509,7 @@ def main(argv=None):
     experiment.fit(trainer, model, data, args.resume)
     if trainer.is_global_zero:
         s = experiment.summarize(trainer, model, curve, reference.baseline, start)
-        print("\n".join(experiment.summary_lines(dict(s, curve_samples=args.curve_samples))))
+        print("\n".join(experiment.summary_lines(s)))
     return trainer, model
 
 

@@ -151,7 +151,8 @@ def digits(path, images, repeats, n, fit_n):
         folder = tempfile.mkdtemp(prefix="itd-digits-")
         print(f"\ntraining a digits U-Net (python train_cifar10.py --dataset digits --log_dir "
               f"{folder}; about 4 minutes) ...", flush=True)
-        path = train_cifar10.main(["--dataset", "digits", "--log_dir", folder, "--offline"])["checkpoint"]
+        trainer, _ = train_cifar10.main(["--dataset", "digits", "--log_dir", folder, "--offline"])
+        path = trainer.checkpoint_callback.last_model_path
     ckpt = experiment.load_checkpoint(path, "train_cifar10.py")
     data = train_cifar10.image_data(argparse.Namespace(**ckpt["run_args"]), offline=True,
                                     num_workers=0)

@@ -83,6 +83,19 @@ def test_digits_run_bf16(tmp_path, capsys):
     assert "MSE curve below the Gaussian MMSE at " in out
 
 
+def test_seed_fixes_the_initial_unet(tmp_path):
+    # --seed seeds the U-Net's random initialisation: the same seed gives the same trained
+    # weights (one step), another seed other weights
+    def weights(seed, name):
+        trainer, model = train_cifar10.main(
+            ["--dataset", "digits", "--batch_size", "300", "--max_steps", "1", "--num_epochs", "1",
+             "--seed", str(seed), "--experiment_name", name, "--log_dir", str(tmp_path),
+             "--unet_width", "8", "--num_samples", "0", *FAST[:-2]])
+        return t.cat([p.detach().flatten() for p in model.model.parameters()])
+    first, again, other = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert t.equal(first, again) and not t.equal(first, other)
+
+
 def test_small_unet_starts_at_the_gaussian_predictor():
     # --pretrained none: a Gaussian residual with a zeroed output layer, and timesteps spanning
     # the integration range 4 +- 4 * 2, so the first loss is exactly the Gaussian's -log q.
