@@ -257,9 +257,10 @@ class DiffusionModel(pl.LightningModule):
 
         The variance of the estimate per point, Int E f^2 / q - (Int f)^2 with f = 1/2 mse_gap,
         is smallest for q proportional to sqrt(E f^2); among densities constant on equal-width
-        bins, for q_k proportional to the rms of f over the bin (docs/maths.md). The pilot draws,
-        for every sample, bin and one of `pilot_points` draws, a log SNR uniform in the bin and a
-        noise vector (one batched, chunked pass; utils.FittedProposal.from_terms). The result
+        bins, for q_k proportional to the rms of f over the bin (docs/maths.md). The pilot is
+        heldout_errors' (model and reference on common noise): for every sample, bin and one of
+        `pilot_points` draws, a log SNR uniform in the bin and a noise vector, named by (seed,
+        sample, draw), in one batched, chunked pass; utils.FittedProposal.from_terms. The result
         mixes the bins with the current logistic: q = (1 - mix) q_logistic + mix q_bins.
         Fit the reference first (the integrand is the gap to it), and score other samples than x.
         """
@@ -269,18 +270,13 @@ class DiffusionModel(pl.LightningModule):
                              f"held-out samples, got {len(x)}")
         if pilot_points < 1 or bins < 1:
             raise ValueError(f"need pilot_points >= 1 and bins >= 1, got {pilot_points}, {bins}")
-        old = self.proposal
-        lo, hi = old.range
-        n, dev = len(x), x.device
-        k = t.arange(bins, device=dev).repeat_interleave(pilot_points).repeat(n)
-        sample = t.arange(n, device=dev).repeat_interleave(bins * pilot_points)
-        u = t.rand(len(k), generator=generator, dtype=t.float64).to(dev)
-        a = (lo + (hi - lo) * (k + u) / bins).to(x.dtype)
-        eps = t.randn((len(k),) + self.x_shape, generator=generator, dtype=x.dtype).to(dev)
-        terms = _in_chunks(lambda rows: 0.5 * self.mse_gap(x[sample[rows]], a[rows], eps[rows]),
-                           chunk_size or self._default_chunk(), t.arange(len(k), device=dev))
-        pilot = terms.view(n, bins, pilot_points).transpose(1, 2).reshape(-1, bins)
-        self.proposal = utils.FittedProposal.from_terms(old, pilot, mix)
+        draws = x.repeat_interleave(pilot_points, 0)  # each draw keyed as a sample of its own
+        errors = heldout_errors(lambda z, a: [self(z, a), self.reference.eps(z, a)], draws,
+                                t.arange(len(draws), device=x.device), utils.stream_seed(generator),
+                                bin_edges(self.proposal.range, bins, x.device),
+                                chunk_size=chunk_size)
+        self.proposal = utils.FittedProposal.from_terms(
+            self.proposal, 0.5 * (errors[..., 0] - errors[..., 1]), mix)
         return self.proposal
 
     # ------------------------------------------------------------------ Lightning hooks
