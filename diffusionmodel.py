@@ -20,6 +20,9 @@ from torchmetrics import SumMetric
 import utils
 
 
+VAL_SEED = 0x7661  # the validation points' seed (keyed by sample index, so any fixed value)
+
+
 class DiffusionModel(pl.LightningModule):
     def __init__(self, denoiser, x_shape=(2,), reference=None, learning_rate=1e-3, logsnr_loc=0.,
                  logsnr_scale=3., clip=4., gaussian_residual=False, val_npoints=16,
@@ -46,6 +49,7 @@ class DiffusionModel(pl.LightningModule):
         self.proposal = utils.LogisticProposal(logsnr_loc, logsnr_scale, clip)
         self.reference = reference if reference is not None else utils.GaussianReference(self.d)
         self.val_sums = t.nn.ModuleList([SumMetric().set_dtype(t.float64) for _ in range(3)])
+        self.val_seed = VAL_SEED  # the validation points' seed: fixed, so epochs compare paired
 
     # ------------------------------------------------------------------ the Gaussian channel
     def noisy_channel(self, x, logsnr, eps=None, generator=None):
@@ -285,9 +289,19 @@ class DiffusionModel(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
+    def on_validation_epoch_start(self):
+        self._val_seen = 0
+
     def validation_step(self, batch, batch_idx):
+        """Sample j of this process's shard gets the points of global index j * world + rank
+        under val_seed: the same points every epoch (epochs compare paired), different points
+        for every sample (DDP too), and no draw from the global RNG (training's)."""
         x = self._data(batch)
-        _, g = self._rqmc_terms(x, self.hparams.val_npoints, 1, self.mse_gap)
+        index = (self._val_seen + t.arange(len(x), device=x.device)) * self.trainer.world_size
+        index = index + self.global_rank
+        self._val_seen += len(x)
+        _, g = self._rqmc_terms(x, self.hparams.val_npoints, 1, self.mse_gap,
+                                t.Generator().manual_seed(self.val_seed), index=index)
         nll = self.reference.nll(x) + g.flatten(1).mean(1)
         for metric, value in zip(self.val_sums, (nll, nll ** 2, t.ones_like(nll))):
             metric.update(value)

@@ -169,3 +169,25 @@ def test_models_scored_with_one_seed_see_the_same_points():
     (z1, a1), = seen[0]
     (z2, a2), = seen[1]
     assert t.equal(a1, a2) and t.equal(z1, z2)
+
+
+def test_validation_points_are_fixed_and_named_by_sample():
+    # val_loss of a fixed model: the same for every validation (epochs compare paired), whatever
+    # the global RNG's state, and for any batch size (points named by the sample's position);
+    # other with another val_seed
+    import pytorch_lightning as pl
+    mix = mixture_2d()
+    x = mix.sample(60, generator=gen(0)).float()
+    model = DiffusionModel(mix, x_shape=(2,), val_npoints=8).fit_reference(x)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+
+    def val_loss(batch_size):
+        loader = t.utils.data.DataLoader(x, batch_size=batch_size)
+        return trainer.validate(model, loader, verbose=False)[0]["val_loss"]
+    t.manual_seed(0)
+    first = val_loss(60)
+    t.manual_seed(1)
+    assert val_loss(60) == first and val_loss(7) == pytest.approx(first, rel=1e-6)
+    model.val_seed += 1
+    assert val_loss(60) != first
