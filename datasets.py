@@ -106,17 +106,6 @@ def _chunked(f, x):
     return t.cat([f(c) for c in x.split(_CHUNK)]) if len(x) else x.new_zeros(0)
 
 
-def _log_ndtr_diff(a, b):
-    """log(Phi(b) - Phi(a)) for a < b, stable in both tails: reflected (Phi(b) - Phi(a) =
-    Phi(-a) - Phi(-b)) so that the larger CDF is at most ~1/2 away from its tail, then
-    log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b)))."""
-    flip = a + b > 0
-    a, b = t.where(flip, -b, a), t.where(flip, -a, b)
-    log_b = t.special.log_ndtr(b)
-    d = t.special.log_ndtr(a) - log_b  # < 0
-    return log_b + t.where(d > -math.log(2), t.log(-t.expm1(d)), t.log1p(-t.exp(d)))
-
-
 def dino_nll(x):
     """Exact -log p(x) of `_dino` in the outline's units: uniform along the closed polyline
     DINO_OUTLINE (total length L) convolved with N(0, DINO_JITTER^2 I),
@@ -135,7 +124,7 @@ def dino_nll(x):
     def f(x):
         rel = x[:, None, :] - start[None]                 # (m, segments, 2)
         t_s, n_s = (rel * along).sum(-1) / sigma, (rel * across).sum(-1) / sigma
-        log_terms = -0.5 * n_s ** 2 + _log_ndtr_diff(t_s - length / sigma, t_s)
+        log_terms = -0.5 * n_s ** 2 + utils.log_ndtr_diff(t_s - length / sigma, t_s)
         return -(const + t.logsumexp(log_terms, 1))
     return _chunked(f, x)
 

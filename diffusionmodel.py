@@ -618,21 +618,15 @@ def vb_terms(model, x, timesteps, eps, schedule, delta=None, lo=-1., levels=None
 
 def _log_bin_mass(x, mean, std, delta, lo=-1., levels=None):
     """log of the mass of N(mean, std^2) over x's grid bin [x - delta/2, x + delta/2] (the
-    outermost bins reach -+inf when `levels` is given), elementwise, stably: the bin is reflected
-    to the lower tail, where log Phi(u) + log(1 - Phi(l) / Phi(u)) loses nothing."""
+    outermost bins reach -+inf when `levels` is given), elementwise, stably
+    (utils.log_ndtr_diff)."""
     below = (x - delta / 2 - mean) / std
     above = (x + delta / 2 - mean) / std
     if levels is not None:
         k = ((x - lo) / delta).round()
         below = below.masked_fill(k <= 0, float("-inf"))
         above = above.masked_fill(k >= levels - 1, float("inf"))
-    flip = x > mean
-    u = t.where(flip, -below, above)
-    l = t.where(flip, -above, below)
-    log_u = t.special.log_ndtr(u)
-    v = t.special.log_ndtr(l) - log_u                     # <= 0
-    log1mexp = t.where(v > -math.log(2), t.log(-t.expm1(v)), t.log1p(-t.exp(v)))
-    return log_u + log1mexp
+    return utils.log_ndtr_diff(below, above)
 
 
 @t.no_grad()

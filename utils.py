@@ -479,6 +479,17 @@ class GaussianReference(t.nn.Module):
         return t.sigmoid(a).sqrt() * self.mean + self._unrotate(e * std)
 
 
+def log_ndtr_diff(a, b):
+    """log(Phi(b) - Phi(a)) for a < b (either may be infinite), stable in both tails: reflected
+    (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)) so that the larger CDF is at most ~1/2 away from its
+    tail, then log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b)))."""
+    flip = a + b > 0
+    a, b = t.where(flip, -b, a), t.where(flip, -a, b)
+    log_b = t.special.log_ndtr(b)
+    d = t.special.log_ndtr(a) - log_b  # <= 0
+    return log_b + t.where(d > -math.log(2), t.log(-t.expm1(d)), t.log1p(-t.exp(d)))
+
+
 def stderr_from_sums(total, total_sq, n):
     """The standard error of a mean from the sums of n values and of their squares:
     sqrt(s^2 / n) with the unbiased variance s^2 (so sums reduced across processes suffice)."""

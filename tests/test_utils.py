@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch as t
 
@@ -106,7 +107,11 @@ def test_logistic_from_uniform_endpoints():
     expected = [LOC - CLIP * SCALE, LOC, LOC + CLIP * SCALE]
     assert a.tolist() == pytest.approx(expected, abs=1e-9)
     assert list(q.range) == pytest.approx([expected[0], expected[2]])
-    assert t.allclose(w, q.weight(a))
+    # w = 1/q with q the truncated logistic density, written out independently
+    v = (a.numpy() - LOC) / SCALE
+    norm = scipy.special.expit(CLIP) - scipy.special.expit(-CLIP)
+    pdf = scipy.special.expit(v) * scipy.special.expit(-v) / (SCALE * norm)
+    np.testing.assert_allclose(w.numpy(), 1 / pdf, rtol=1e-12)
 
 
 def test_widened_reaches_the_top_with_the_same_logistic():
@@ -403,3 +408,15 @@ def test_nats_to_bpd():
     # bits/dim = nats / (d ln 2): d ln 2 nats are one bit per dimension
     assert utils.nats_to_bpd(7 * math.log(2), 7) == pytest.approx(1.0)
     assert utils.nats_to_bpd(t.tensor(3.0), 3).item() == pytest.approx(1 / math.log(2))
+
+
+def test_log_ndtr_diff_in_both_tails():
+    # log(Phi(b) - Phi(a)) against scipy in the middle and, in the tails, against the asymptotic
+    # log Phi(-|z|) of the nearer end (the other end is e^-(huge) smaller)
+    a = t.tensor([-1.0, -3.0, 0.5, 30.0, -37.5, -500.0, 400.0], dtype=t.float64)
+    b = t.tensor([1.0, -2.0, 2.0, 37.5, -30.0, -492.5, 407.5], dtype=t.float64)
+    got = utils.log_ndtr_diff(a, b).numpy()
+    naive = np.log(scipy.stats.norm.cdf(b[:3]) - scipy.stats.norm.cdf(a[:3]))
+    assert np.allclose(got[:3], naive, rtol=1e-12)
+    tail = scipy.special.log_ndtr(-np.abs(np.array([30.0, -30.0, -492.5, 400.0])))
+    assert np.allclose(got[3:], tail, rtol=1e-12)
