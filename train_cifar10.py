@@ -482,9 +482,15 @@ def build_model(args, data, ckpt=None):
                            logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale,
                            clip=args.clip, gaussian_residual=args.gaussian_residual,
                            val_npoints=args.val_npoints, lr_schedule=args.lr_schedule)
-    if args.outside == "gaussian":  # a residual U-Net adds nothing to the Gaussian there
-        denoiser.set_fallback(None if args.gaussian_residual else model.reference)
-    return model, denoiser, source
+    return with_fallback(model, args.outside), denoiser, source
+
+
+def with_fallback(model, outside):
+    """The U-Net's fallback outside its trained range for outside="gaussian": the model's
+    data-matched Gaussian, or 0 for a residual U-Net (it adds nothing to the Gaussian there)."""
+    if outside == "gaussian":
+        model.model.set_fallback(None if model.hparams.gaussian_residual else model.reference)
+    return model
 
 
 def main(argv=None):
@@ -550,10 +556,7 @@ def model_from_checkpoint(path, ckpt, data):
                                    f"{data.x_shape}")
     net, schedule, prediction_type = unet_from_state_dict(ckpt["state_dict"])
     denoiser = UNetDenoiser(net, schedule, saved["outside"], prediction_type)
-    model = experiment.model_from_checkpoint(ckpt, denoiser)
-    if saved["outside"] == "gaussian":
-        denoiser.set_fallback(None if hparams["gaussian_residual"] else model.reference)
-    return model
+    return with_fallback(experiment.model_from_checkpoint(ckpt, denoiser), saved["outside"])
 
 
 def describe(args, denoiser, source, trainer, model, baseline):
