@@ -94,7 +94,8 @@ def parse_args(argv=None, checkpoint_args=None):
     group.add_argument("--num_workers", type=int, default=default_num_workers(),
                        help="data loader workers per process")
     group.add_argument("--curve_samples", type=cli.positive(int), default=64,
-                       help="validation images the MSE curve is averaged over")
+                       help="validation images the MSE curve is averaged over (at most the "
+                            "first validation batch: --eval_batch_size)")
     args = cli.parse(parser, argv, DEFAULTS, checkpoint_args, without_ckpt=True)
     if args is None or args.eval_only and args.ckpt:
         return args
