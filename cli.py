@@ -77,11 +77,12 @@ def build_parser(description, datasets, defaults):
                        help=per_dataset(defaults, "logsnr_scale", "its scale"))
     group.add_argument("--clip", type=positive(float), default=4.,
                        help="the log-SNR integral covers loc +- clip * scale")
-    group.add_argument("--fit_proposal", type=int, default=0, metavar="N",
-                       help="refit the distribution to the model on N training samples 20 times "
-                            "during training (a mixture of the logistic and bins that follow the "
-                            "integrand): lower-variance gradients and val_loss, unbiased either "
-                            "way; 0: keep the logistic")
+    group.add_argument("--fit_proposal", type=int, default=None, metavar="N",
+                       help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
+                                        "model on N training samples 20 times during training "
+                                        "(a mixture of the logistic and bins that follow the "
+                                        "integrand): lower-variance gradients and val_loss, "
+                                        "unbiased either way; 0: keep the logistic"))
     group = p.add_argument_group("training")
     group.add_argument("--num_epochs", type=positive(int), default=None,
                        help=per_dataset(defaults, "num_epochs"))
