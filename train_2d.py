@@ -28,7 +28,7 @@ import cli
 # its discs (radius 0.042) want input frequencies up to 100.
 SHARP = dict(num_points=32000, num_epochs=75, val_every=15, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
-             val_npoints=64, fit_proposal=512)
+             val_npoints=64, fit_proposal=256)
 COMMON = dict(eval_batch_size=1024, num_samples=2000)
 DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
             "scg": dict(COMMON, num_points=8000, num_epochs=60, input_embedding_scale=0.0,
