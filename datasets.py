@@ -1,6 +1,6 @@
 """Datasets.
 
-2-D toy densities (`DATASETS_2D`), each 8000 points by default, standardised to zero mean and unit
+2-D toy densities (`DATASETS_2D`), 8000 points unless asked for more, standardised to zero mean and unit
 variance per coordinate, and reproducible from a seed:
 
 - dino:   a dinosaur outline (a closed polyline drawn for this project) sampled uniformly along its
