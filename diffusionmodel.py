@@ -256,8 +256,8 @@ class DiffusionModel(pl.LightningModule):
     @t.no_grad()
     def fit_proposal(self, x, pilot_points=4, bins=48, mix=0.5, generator=None, chunk_size=None):
         """Fit the log-SNR proposal to this model's integrand on held-out samples x; set and
-        return it (a utils.FittedProposal over the current proposal's range; the current one
-        where the model equals the reference, as an untrained Gaussian residual does).
+        return it (a utils.FittedProposal over the current proposal's range; its logistic where
+        the model equals the reference, as an untrained Gaussian residual does).
 
         The variance of the estimate per point, Int E f^2 / q - (Int f)^2 with f = 1/2 mse_gap,
         is smallest for q proportional to sqrt(E f^2); among densities constant on equal-width

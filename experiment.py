@@ -767,9 +767,9 @@ def format_results(rows, header):
     lines += [f"  {kind}: {MEANING[kind]}" for kind in kinds]
     moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]
     if moved:
-        lines.append(f"  log-SNR proposal: fitted to each row's integrand on the selection samples "
-                     f"({len(moved)} rows; {100 * min(moved):.0f}-{100 * max(moved):.0f}% of the "
-                     "logistic's mass moved; unbiased, every point keeps its exact weight)")
+        lines.append(f"  log-SNR proposal: {len(moved)} rows use a fitted one ({100 * min(moved):.0f}-"
+                     f"{100 * max(moved):.0f}% of the logistic's mass moved; --eval_proposal fitted "
+                     "fits each row on the selection samples; unbiased either way)")
     return "\n".join(lines)
 
 

@@ -168,7 +168,7 @@ class FittedProposal(LogisticProposal):
         integrand: terms (n, bins) are f(a) at one log SNR uniform in each equal-width bin of
         bins_range (default: base's range) per row, and bin k gets probability proportional to
         the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md).
-        All-zero terms (a model equal to the reference) leave nothing to follow: `base` itself."""
+        All-zero terms (a model equal to the reference) leave nothing to follow: base's logistic."""
         terms = t.as_tensor(terms).to(t.float64)
         if terms.dim() != 2 or len(terms) < cls.MIN_SAMPLES:
             raise ValueError(f"fitting a proposal needs pilot terms of at least {cls.MIN_SAMPLES} "
@@ -177,7 +177,7 @@ class FittedProposal(LogisticProposal):
             raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
                              "over the proposal's range")
         if not terms.abs().sum() > 0:
-            return base
+            return LogisticProposal(base.loc, base.scale, base.clip)
         return cls(base.loc, base.scale, base.clip, terms.pow(2).mean(0).sqrt().tolist(), mix,
                    bins_range)
 

@@ -204,7 +204,11 @@ def test_from_terms_weights_are_the_rms_of_each_bin_and_bad_pilots_are_refused()
         utils.FittedProposal.from_terms(base, terms[:7])
     with pytest.raises(ValueError, match="non-finite pilot terms"):
         utils.FittedProposal.from_terms(base, terms.index_fill(0, t.tensor([3]), float("nan")))
-    assert utils.FittedProposal.from_terms(base, t.zeros(8, 6)) is base  # nothing to follow
+    # nothing to follow: the logistic, also from a fitted base (a refit of a trained model)
+    for b in (base, q):
+        plain = utils.FittedProposal.from_terms(b, t.zeros(8, 6))
+        assert type(plain) is utils.LogisticProposal
+        assert (plain.loc, plain.scale, plain.clip) == (LOC, SCALE, CLIP)
 
 
 class _Points:
