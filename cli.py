@@ -1,4 +1,5 @@
-"""The command line both scripts share: flags, per-dataset defaults, their checks and --resume.
+"""The command line both scripts share: flags, per-dataset defaults, their checks and --resume,
+and `UserError`, the mistakes a user can fix.
 
 Only the standard library is imported here, so a script can parse its arguments before torch
 and Lightning load (cli.answer_early): --help and argument mistakes answer at once.
@@ -8,17 +9,20 @@ import os
 import re
 import sys
 
-# the datasets the scripts accept (datasets.py makes them)
-DATASETS_2D = ("dino", "moons", "scg", "line", "circle")
-IMAGE_DATASETS = ("cifar10", "digits", "fake")
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
 # With --resume, flags not given take the checkpoint's values, except these, which belong to
-# the invocation; the given ones may differ from the checkpoint's only if they are RESUME_MAY_CHANGE.
+# the invocation; the given ones may differ from the checkpoint's only if they are in
+# RESUME_MAY_CHANGE or among the script's own (build_parser's may_change).
 PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
                   "num_workers", "num_threads", "offline", "data_dir", "log_dir", "eval_only",
                   "ckpt", "results", "npoints", "select_fraction", "eval_proposal"}
-RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "max_steps", "eval_batch_size", "val_every",
-                                      "num_samples", "sample_steps", "curve_samples", "grid_size"}
+RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "eval_batch_size", "val_every", "num_samples",
+                                      "sample_steps"}
+
+
+class UserError(RuntimeError):
+    """A problem the user can fix (missing data, weights or files): experiment.run_cli prints it
+    as one line, without a traceback."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -43,13 +47,43 @@ def str2bool(value):
 
 
 def positive(kind):
-    """argparse type: a number of the given kind that must be > 0."""
+    """argparse type: a number of the given kind (int: a whole number) that must be > 0."""
     def parse(value):
-        number = kind(value)
-        if not number > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not number > 0:
+            raise argparse.ArgumentTypeError(
+                f"must be a {'whole number' if kind is int else 'number'} > 0, got {value}")
         return number
     return parse
+
+
+def whole(low=None, high=None):
+    """argparse type: a whole number in [low, high) (either end may be open)."""
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or (low is not None and number < low) or (high is not None
+                                                                    and number >= high):
+            limits = " and ".join(([f">= {low}"] if low is not None else [])
+                                  + ([f"< {high}"] if high is not None else []))
+            raise argparse.ArgumentTypeError(f"must be a whole number{' ' + limits if limits else ''}"
+                                             f", got {value}")
+        return number
+    return parse
+
+
+def run_name(value):
+    """argparse type: one folder name under --log_dir (no separators, not '.' or '..')."""
+    if not value or value in (".", "..") or "/" in value or os.sep in value or (
+            os.altsep and os.altsep in value) or "\0" in value:
+        raise argparse.ArgumentTypeError(f"must be one folder name (no '/', not empty, '.' or "
+                                         f"'..'), got {value!r}")
+    return value
 
 
 def per_dataset(defaults, key, text=""):
@@ -59,14 +93,16 @@ def per_dataset(defaults, key, text=""):
         for name, values in defaults.items())
 
 
-def build_parser(description, datasets, defaults):
-    """A parser with the flags both scripts share; `defaults` maps each dataset to the values of
-    the flags left at None (apply_defaults)."""
+def build_parser(description, defaults, may_change=()):
+    """A parser with the flags both scripts share; `defaults` maps each dataset (the choices of
+    --dataset, the first the default) to the values of the flags left at None (apply_defaults);
+    may_change: the script's own flags a resumed run may change."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
+    p.may_change = RESUME_MAY_CHANGE | set(may_change)
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    p.add_argument("--dataset", default=None, choices=datasets,
+    p.add_argument("--dataset", default=None, choices=list(defaults),
                    help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
     group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; "
                                  "--fit_proposal mixes it with bins fitted to the model)")
@@ -77,7 +113,7 @@ def build_parser(description, datasets, defaults):
                        help=per_dataset(defaults, "logsnr_scale", "its scale"))
     group.add_argument("--clip", type=positive(float), default=4.,
                        help="the log-SNR integral covers loc +- clip * scale")
-    group.add_argument("--fit_proposal", type=int, default=None, metavar="N",
+    group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
                        help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
                                         "model on N training samples 20 times during training "
                                         "(a mixture of the logistic and bins that follow the "
@@ -97,20 +133,22 @@ def build_parser(description, datasets, defaults):
     group.add_argument("--val_every", type=positive(int), default=None,
                        help="validate every this many epochs, and after the last one "
                             "(default: num_epochs // 10)")
-    group.add_argument("--num_samples", type=int, default=None,
+    group.add_argument("--num_samples", type=whole(0), default=None,
                        help=per_dataset(defaults, "num_samples", "model samples drawn for the "
                                         "figures (0: none)"))
     group.add_argument("--sample_steps", type=positive(int), default=100,
                        help="steps of the deterministic sampler")
     group.add_argument("--resume", default=None, metavar="CKPT",
-                       help="continue a run from its checkpoint (e.g. exps/moons-base/checkpoints/"
-                            "last.ckpt) in its folder, with its dataset and settings; of those only "
-                            + ", ".join(f"--{k}" for k in sorted(RESUME_MAY_CHANGE - PER_INVOCATION))
+                       help=f"continue a run from its checkpoint (e.g. exps/{list(defaults)[0]}-"
+                            "base/checkpoints/last.ckpt) in its folder, with its dataset and "
+                            "settings; of those only " + ", ".join(
+                                f"--{k}" for k in sorted(p.may_change - PER_INVOCATION))
                             + " may be changed (a one-cycle schedule keeps its planned length)")
     group = p.add_argument_group("output")
     group.add_argument("--log_dir", default="exps",
                        help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
-    group.add_argument("--experiment_name", default="base", help="the run's name")
+    group.add_argument("--experiment_name", type=run_name, default="base",
+                       help="the run's name: one folder name")
     group = p.add_argument_group("trainer (PyTorch Lightning)")
     group.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto")
     group.add_argument("--devices", default="auto",
@@ -119,7 +157,8 @@ def build_parser(description, datasets, defaults):
     group.add_argument("--num_nodes", type=positive(int), default=1, help="machines for multi-node DDP")
     group.add_argument("--precision", default="32-true",
                        help="32-true, 64-true, bf16-mixed or 16-mixed (losses stay float32)")
-    group.add_argument("--seed", type=int, default=0, help="seeds data splits, init and noise")
+    group.add_argument("--seed", type=whole(0, 2 ** 32), default=0,
+                       help="seeds data splits, init and noise")
     group = p.add_argument_group("evaluation of trained checkpoints (instead of training)")
     group.add_argument("--eval_only", action="store_true",
                        help="evaluate --ckpt on the validation data: a table of E[-log p] (nats, "
@@ -137,7 +176,7 @@ def build_parser(description, datasets, defaults):
                        help="the log-SNR importance distribution of every row: fitted to the row "
                             "on the selection samples' errors (no extra evaluations), or the "
                             "checkpoint's own")
-    group.add_argument("--vb_steps", type=int, default=100,
+    group.add_argument("--vb_steps", type=whole(0), default=100,
                        help="grid data: timesteps per sample of the variational-bound rows (an "
                             "unbiased subsample of the schedule's T; 0: all T)")
     group.add_argument("--results", default=None, metavar="JSON",
@@ -168,7 +207,7 @@ def parse(parser, argv, defaults, checkpoint_args=None, without_ckpt=False, olde
         for key, value in saved.items():
             if key not in vars(args):
                 continue
-            if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
+            if key in given and key not in parser.may_change and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
             if (key == "num_epochs" and key in given and getattr(args, key) > value

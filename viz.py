@@ -1,33 +1,44 @@
 """Figures: MSE curves (model vs Gaussian MMSE) and the callback that logs them, shared by both
-scripts; for 2-D data, density contours, samples beside the data and the validation NLL against
-epoch; for images, a callback showing model samples in TensorBoard."""
+scripts; for 2-D data, density contours (and the refined pointwise estimates behind them),
+samples beside the data and the validation NLL against epoch; for images, a callback showing
+model samples in TensorBoard. Figures are matplotlib Figure objects, drawn without pyplot's global
+state, so no backend needs choosing."""
 import math
 
 import matplotlib
+import numpy as np
+import pytorch_lightning as pl
+import torch as t
+from matplotlib.figure import Figure
+from pytorch_lightning.loggers import TensorBoardLogger
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
-import torch as t  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+import proposals
+import utils
 
-import utils  # noqa: E402
+CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
+CONTOUR_STDERR = 0.1    # target standard error (nats) of every cell it shows
+GRID_CHUNK = 16384      # rows per denoiser call on the grid: cache-sized blocks run fastest on CPU
+
+
+def _subplots(*grid, figsize, layout=None, **kwargs):
+    """(figure, axes) as pyplot.subplots gives them, on a Figure of its own."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def plot_mse_curve(logsnrs, mse, mmse_ref, d, title=None):
     """Noise-prediction MSE of the model against the Gaussian reference's MMSE, over log SNR,
     with the 25/50/75% crossings of mse/d marked and the (loc, scale) they suggest."""
     logsnrs, mse, mmse_ref = (np.asarray(v, dtype=float) for v in (logsnrs, mse, mmse_ref))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.plot(logsnrs, mse, label="model MSE")
     ax.plot(logsnrs, mmse_ref, "--", label="Gaussian MMSE")
-    quantiles = utils.mse_quantiles(logsnrs, mse, d)
+    quantiles = proposals.mse_quantiles(logsnrs, mse, d)
     for level, a in zip((25, 50, 75), quantiles):
         if np.isfinite(a):
             ax.axvline(a, color="grey", lw=0.8, ls=":")
             ax.text(a, 0.02 * d, f"{level}%", rotation=90, va="bottom", ha="right", fontsize=8)
-    loc, scale = utils.suggest_logsnr_params(logsnrs, mse, d)
+    loc, scale = proposals.suggest_logsnr_params(logsnrs, mse, d)
     if np.isfinite(loc) and np.isfinite(scale):
         ax.set_title((title + "\n" if title else "") +
                      f"suggested logsnr_loc={loc:.2f}, logsnr_scale={scale:.2f}", fontsize=10)
@@ -38,10 +49,10 @@ def plot_mse_curve(logsnrs, mse, mmse_ref, d, title=None):
 
 def plot_proposal(proposal, title=None, points=400):
     """A fitted log-SNR importance density q against the logistic it was mixed with, with the
-    mass it moved (utils.FittedProposal.moved)."""
+    mass it moved (proposals.FittedProposal.moved)."""
     a = t.linspace(*proposal.range, points, dtype=t.float64)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(a, 1 / utils.LogisticProposal.weight(proposal, a), "--", label="logistic")
+    fig, ax = _subplots(figsize=(6, 3.5))
+    ax.plot(a, 1 / proposals.LogisticProposal.weight(proposal, a), "--", label="logistic")
     ax.plot(a, proposal.density(a), label=f"fitted (mix {proposal.mix:g})")
     ax.set_title((title + "\n" if title else "") +
                  f"log-SNR proposal: {100 * proposal.moved():.0f}% of the mass moved", fontsize=10)
@@ -75,7 +86,48 @@ def density_grid(data, size=50, margin=0.15):
     return xs, ys, np.stack([gx.ravel(), gy.ravel()], 1)
 
 
-def plot_density(xs, ys, nll, data=None, title=None, depth=8.0):
+def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=64,
+             max_npoints=8192, seed=None):
+    """-log p on grid points with the batched pointwise estimator, refined until every cell the
+    contour plot shows (within `depth` nats of the peak) has a standard error <= target.
+
+    A first pass gives every cell `npoints` evaluations, enough to tell the cells the plot shows
+    from those it floors (far from the data, where estimates are large and noisy). Each cell that
+    may be shown is then estimated afresh, so each estimate stays unbiased, with 16 independent
+    replicates (a standard error with 15 degrees of freedom, reliable enough to stop on) and as
+    many evaluations as its standard error asks for: it falls about as 1/n for these
+    quasi-Monte Carlo points, so n * (stderr / target)^1.2, at least 256, rounded up to a power
+    of 2 (at most max_npoints); cells with the same n share one batched call. Cells still above
+    the target are refined again.
+    Every pass draws its points from a seed of its own (utils.derive_seed), keyed by cell.
+    Returns (nll, stderr, shown), `shown` marking the cells within `depth` of the peak.
+    """
+    seed, passes = utils.fresh_seed(seed), 0
+    nll, stderr = model.nll_points(points, npoints, replicates=4, chunk_size=GRID_CHUNK,
+                                   seed=utils.derive_seed(seed, passes))
+    used = t.full_like(nll, npoints)
+    first = True
+    while True:
+        maybe_shown = nll - 3 * stderr <= nll.min() + depth
+        redo = maybe_shown & (used < max_npoints) & (first | (stderr > target))
+        redo = redo.nonzero().squeeze(1)
+        if len(redo) == 0:
+            break
+        wanted = used[redo] * (stderr[redo] / target).clamp_min(1).pow(1.2) * 1.3
+        wanted = t.maximum(wanted, 2 * used[redo]).clamp(256, max_npoints)
+        levels = 2 ** wanted.log2().ceil()
+        for n in levels.unique().tolist():
+            idx = redo[levels == n]
+            passes += 1
+            nll[idx], stderr[idx] = model.nll_points(
+                points[idx], int(n), replicates=16, index=idx, chunk_size=GRID_CHUNK,
+                seed=utils.derive_seed(seed, passes))
+            used[idx] = n
+        first = False
+    return nll, stderr, nll <= nll.min() + depth
+
+
+def plot_density(xs, ys, nll, data=None, title=None, depth=CONTOUR_DEPTH):
     """Filled contours of log p(x) = -nll on a grid (nll of shape (len(ys), len(xs)) or flat),
     floored `depth` nats below its maximum so that the shape, not the far tails, sets the colours
     (white = low density). Optionally a thin scatter of the data on top."""
@@ -85,7 +137,7 @@ def plot_density(xs, ys, nll, data=None, title=None, depth=8.0):
     logp = -np.asarray(nll, dtype=float).reshape(len(ys), len(xs))
     top = np.nanmax(logp)
     levels = MaxNLocator(nbins=16).tick_values(top - depth, top)
-    fig, ax = plt.subplots(figsize=(5.4, 4.4))
+    fig, ax = _subplots(figsize=(5.4, 4.4))
     cs = ax.contourf(xs, ys, np.clip(logp, levels[0], levels[-1]), levels=levels, cmap="Blues")
     bar = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(nbins=8).tick_values(levels[0], levels[-1]))
     bar.set_label(r"model $\log p(x)$ (nats)")
@@ -102,7 +154,7 @@ def plot_density(xs, ys, nll, data=None, title=None, depth=8.0):
     return fig
 
 
-def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=8.0, gap_range=None):
+def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEPTH, gap_range=None):
     """Three panels on a grid (nll_* of shape (len(ys), len(xs)) or flat, in nats): the exact log
     density, the model's on the same colour scale (both floored `depth` nats below the exact
     peak), and the pointwise gap -log p_model(x) - (-log p(x)) with a diverging colour map (red:
@@ -126,15 +178,14 @@ def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=8.0, gap_ra
         gap_range = (min(2.0, float(np.percentile(np.abs((exact - model)[shown]), 95)))
                      if shown.any() else 1.0)
     gap_range = max(gap_range, 1e-3)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True,
-                             layout="constrained")
+    fig, axes = _subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, layout="constrained")
     for ax, logp, name in zip(axes, (exact, model), ("exact", "model")):
         cs = ax.contourf(xs, ys, np.clip(np.nan_to_num(logp, posinf=levels[-1]), levels[0],
                                          levels[-1]), levels=levels, cmap="Blues")
         ax.set_title(f"{name} log density", fontsize=10)
     bar = fig.colorbar(cs, ax=axes[:2], ticks=MaxNLocator(nbins=8).tick_values(levels[0], levels[-1]))
     bar.set_label(r"$\log p(x)$ (nats)")
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad=(0, 0, 0, 0))
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
     axes[2].set_facecolor("0.9")
     axes[2].pcolormesh(xs, ys, np.ma.masked_where(support, np.ones(shape)), cmap="Greys",
                        vmin=0, vmax=1.7, shading="nearest")
@@ -159,7 +210,7 @@ def plot_samples(data, samples, title=None):
     """Model samples beside the data, on the same axes limits."""
     data, samples = np.asarray(data, dtype=float), np.asarray(samples, dtype=float)
     lo, hi = _data_limits(data, 0.1)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
+    fig, axes = _subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
     for ax, points, name in zip(axes, (data, samples), ("data", "model samples")):
         ax.scatter(points[:, 0], points[:, 1], s=1, lw=0, alpha=0.6)
         ax.set_title(f"{name} ({len(points)})", fontsize=10)
@@ -181,7 +232,7 @@ def plot_val_history(runs, references=None, title=None, ylim=None):
     runs: {label: (epochs, nll, stderr or None)}; references: {label: value}; ylim: (low, high)
     to zoom in on the end of training (earlier values off the axis are marked by arrows).
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for label, (epochs, nll, stderr) in runs.items():
         ax.errorbar(np.asarray(epochs, dtype=float), np.asarray(nll, dtype=float),
                     yerr=None if stderr is None else np.asarray(stderr, dtype=float),
@@ -205,9 +256,8 @@ def plot_val_history(runs, references=None, title=None, ylim=None):
 
 
 def save(fig, path):
-    """Writes a figure (PNG by extension) and closes it."""
+    """Writes a figure (PNG by extension)."""
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -270,4 +320,4 @@ class MSECurve(pl.Callback):
         mse, mmse = model.mse_curve(x.to(model.device), logsnrs, generator=generator)
         logsnrs, mse, mmse = logsnrs.cpu(), mse.cpu(), mmse.cpu()
         return dict(logsnrs=logsnrs, mse=mse, mmse=mmse,
-                    suggested=utils.suggest_logsnr_params(logsnrs, mse, model.d))
+                    suggested=proposals.suggest_logsnr_params(logsnrs, mse, model.d))

@@ -26,6 +26,7 @@ import argparse
 import copy
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,10 +34,11 @@ import time
 import numpy as np
 import torch as t
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
-import utils  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
+from proposals import LogisticProposal  # noqa: E402
 from tests.analytic import mixture_2d, ring_2d  # noqa: E402
 
 
@@ -66,7 +68,7 @@ def gap_logsnr_params(logsnrs, mse, mmse_ref, tail=1e-3, min_clip=4.):
 def seed_style(dm, x, n, generator, proposal=None):
     """d/2 log(2 pi e) + 1/2 mean_k w_k (mse_k - d s(a_k)), iid a_k, one eps each (default
     proposal: the original code's loc 0, scale 3, clip 3)."""
-    proposal = proposal or utils.LogisticProposal(0., 3., clip=3.)
+    proposal = proposal or LogisticProposal(0., 3., clip=3.)
     a, w = proposal.sample((len(x), n), stratified=False, generator=generator, dtype=x.dtype)
     mse = dm.mse(x.repeat_interleave(n, 0), a.flatten(), generator=generator).view(len(x), n)
     return 0.5 * dm.d * math.log(2 * math.pi * math.e) + 0.5 * (w * (mse - dm.d * t.sigmoid(a))).mean(1)
@@ -115,7 +117,7 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal
     ours = DiffusionModel(mix, x_shape=mix.x_shape, logsnr_loc=0., logsnr_scale=3., clip=4.)
     ours = ours.double().fit_reference(data)
     rows.append(run("2 ours, original settings (loc 0, scale 3, clip 4)",
-                    lambda s: ours.nll_points(x, n, replicates=4, generator=gen(s)), truth, repeats))
+                    lambda s: ours.nll_points(x, n, replicates=4, seed=s), truth, repeats))
 
     start = time.perf_counter()
     mse, mmse_ref = ours.mse_curve(data[:curve_n], grid, generator=gen(2))
@@ -124,15 +126,15 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal
     gap = DiffusionModel(mix, x_shape=mix.x_shape, logsnr_loc=loc, logsnr_scale=scale, clip=clip)
     gap = gap.double().fit_reference(data)
     name = f"3 ours, gap rule (loc {loc:.2f}, scale {scale:.2f}, clip {clip:.2f})"
-    rows.append(run(name, lambda s: gap.nll_points(x, n, replicates=4, generator=gen(s)),
+    rows.append(run(name, lambda s: gap.nll_points(x, n, replicates=4, seed=s),
                     truth, repeats))
 
     start = time.perf_counter()
-    fitted = copy.deepcopy(gap).fit_proposal(data[:fit_proposal_n], generator=gen(3))
+    fitted = copy.deepcopy(gap).fit_proposal(data[:fit_proposal_n], seed=3)
     fit_wall = time.perf_counter() - start
     rows.append(run(f"4 ours, fitted proposal (gap rule + {len(fitted.weights)} bins, mix "
                     f"{fitted.mix:g})",
-                    lambda s: gap.nll_points(x, n, replicates=4, generator=gen(s), proposal=fitted),
+                    lambda s: gap.nll_points(x, n, replicates=4, seed=s, proposal=fitted),
                     truth, repeats))
 
     print_rows(rows)
@@ -145,36 +147,38 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal
 
 def digits(path, images, repeats, n, fit_n):
     """The digits U-Net rows: spread of each estimator over repeats per image, at n evaluations."""
+    import datasets
     import experiment
-    import train_cifar10
     if path is None:
         folder = tempfile.mkdtemp(prefix="itd-digits-")
-        print(f"\ntraining a digits U-Net (python train_cifar10.py --dataset digits --log_dir "
-              f"{folder}; about 4 minutes) ...", flush=True)
-        trainer, _ = train_cifar10.main(["--dataset", "digits", "--log_dir", folder, "--offline"])
-        path = trainer.checkpoint_callback.last_model_path
-    ckpt = experiment.load_checkpoint(path, "train_cifar10.py")
-    data = train_cifar10.image_data(argparse.Namespace(**ckpt["run_args"]), offline=True,
-                                    num_workers=0)
+        command = [sys.executable, os.path.join(REPO, "train_cifar10.py"), "--dataset", "digits",
+                   "--log_dir", folder, "--offline"]
+        print(f"\ntraining a digits U-Net ({' '.join(command[1:])}; about 4 minutes) ...",
+              flush=True)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        path = os.path.join(folder, "digits-base", "checkpoints", "last.ckpt")
+    a = experiment.load_checkpoint(path, "train_cifar10.py")["run_args"]
+    model = experiment.load_model(path)
+    data = datasets.Images(a["dataset"], a["data_dir"], a["dequantize"], a["seed"],
+                           a["image_size"], a["fake_size"], reference_size=a["reference_size"])
     data.setup()
-    model = train_cifar10.model_from_checkpoint(path, ckpt, data).eval()
     x, pilot = data.val_data()[:images], data.reference_data()[:fit_n]  # dequantised digits
     d, proposal = model.d, model.proposal
     print(f"\n== digits U-Net ({path}): {images} dequantised validation images x {repeats} "
           f"repeats, {n} denoiser evaluations per image, d = {d}, logistic loc "
           f"{proposal.loc:g} scale {proposal.scale:g} clip {proposal.clip:g} ==")
     start = time.perf_counter()
-    fitted = copy.deepcopy(model).fit_proposal(pilot, generator=gen(3))
+    fitted = copy.deepcopy(model).fit_proposal(pilot, seed=3)
     fit_wall = time.perf_counter() - start
     # the truth is unknown: the mean of the most precise estimator (the bias column is relative)
-    truth = t.stack([model.nll_points(x, 4096, replicates=4, generator=gen(900 + r),
+    truth = t.stack([model.nll_points(x, 4096, replicates=4, seed=900 + r,
                                       proposal=fitted)[0] for r in range(2)]).mean(0)
     rows = [run("1 original-style (iid, N(0,I), the run's logistic)",
                 lambda s: (seed_style(model, x, n, gen(s), proposal), None), truth, repeats),
             run("2 ours, the run's logistic",
-                lambda s: model.nll_points(x, n, replicates=4, generator=gen(s)), truth, repeats),
+                lambda s: model.nll_points(x, n, replicates=4, seed=s), truth, repeats),
             run(f"4 ours, fitted proposal ({fit_n} training digits)",
-                lambda s: model.nll_points(x, n, replicates=4, generator=gen(s), proposal=fitted),
+                lambda s: model.nll_points(x, n, replicates=4, seed=s, proposal=fitted),
                 truth, repeats)]
     print_rows(rows)
     target = 0.01 * d * math.log(2)  # 0.01 bits/dim per image, in nats

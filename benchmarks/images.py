@@ -23,8 +23,8 @@ import time
 import torch as t
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from train_cifar10 import DDPM_CIFAR10_CONFIG, UNetDenoiser, small_unet_config  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
+from unet import DDPM_CIFAR10_CONFIG, UNetDenoiser, small_unet_config  # noqa: E402
 
 
 def build(arch, width, device):

@@ -67,7 +67,7 @@ def copy(src, dst):
 
 
 def convergence_figure(default, no_residual, path):
-    import datasets
+    import densities
     import viz
 
     runs = {}
@@ -76,7 +76,7 @@ def convergence_figure(default, no_residual, path):
         epochs, nll, stderr = zip(*s["history"])
         runs[label] = (epochs, nll, stderr)
     references = {"exact, these validation points": default["val_nll_exact"],
-                  "entropy": datasets.SCG_ENTROPY}
+                  "entropy": densities.SCG_ENTROPY}
     exact = default["val_nll_exact"]
     fig = viz.plot_val_history(runs, references, ylim=(exact - 0.1, exact + 0.4),
                                title="scg: validation E[-log p] (error bars: standard error; "

@@ -61,14 +61,12 @@ def validation_noise(run_dir, repeats):
 
     import datasets
     import experiment
-    import train_2d
 
     t.set_num_threads(1)
-    ckpt = experiment.load_checkpoint(os.path.join(run_dir, "checkpoints", "last.ckpt"),
-                                      "train_2d.py")
-    a = ckpt["run_args"]
-    model = experiment.model_from_checkpoint(ckpt, train_2d.build_denoiser(a))
-    data = datasets.Points2D(a["dataset"], a["num_points"], a["seed"], train_2d.VAL_FRACTION,
+    path = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    a = experiment.load_checkpoint(path)["run_args"]
+    model = experiment.load_model(path)
+    data = datasets.Points2D(a["dataset"], a["num_points"], a["seed"], a["val_fraction"],
                              eval_batch_size=a["eval_batch_size"])
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False)

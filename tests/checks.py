@@ -1,4 +1,5 @@
-"""Statistical checks shared by the estimator tests of discrete data, ensembles and the log-SNR range.
+"""Statistical checks shared by the estimator tests of discrete data, ensembles and the log-SNR
+range, and `fit_ensemble`, the held-out ensemble these tests build.
 
 Estimates are repeated by scoring R copies of the same points in one batched call: copy r of point
 j has sample index r * J + j, so its randomised QMC points are independent of every other copy's
@@ -6,6 +7,11 @@ j has sample index r * J + j, so its randomised QMC points are independent of ev
 """
 import scipy.stats
 import torch as t
+
+import utils
+from denoisers import Ensemble, GaussianDenoiser
+from diffusionmodel import DiffusionModel, bin_edges, heldout_errors
+from proposals import BINS
 
 
 def gen(seed):
@@ -40,3 +46,30 @@ def paired_difference(a, b):
     """Mean over points and repeats of a - b, (R, J) each, and its standard error over repeats."""
     diff = (a - b).double().mean(1)
     return diff.mean().item(), diff.std().item() / len(diff) ** 0.5
+
+
+def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, reference=None,
+                 chunk_size=None):
+    """The Ensemble of the data-matched Gaussian and `members`, chosen per log-SNR bin on held-out
+    samples x through the library's selection path (diffusionmodel.heldout_errors, then
+    Ensemble.from_heldout): members[0] of the result is GaussianDenoiser(reference).
+
+    bins, logsnr_range: equal-width bins over logsnr_range (default: the first DiffusionModel
+    member's proposal range); draws: (log SNR, noise) draws per sample and bin, named by (seed,
+    sample, bin, draw); reference: the Gaussian member (default: fitted to x). A DiffusionModel
+    around it: like.with_denoiser(ensemble) (add reference=ensemble.members[0].reference unless the
+    ensemble was fitted with like's reference).
+    """
+    members = list(members)
+    if logsnr_range is None:
+        like = next((m for m in members if isinstance(m, DiffusionModel)), None)
+        if like is None:
+            raise ValueError("give logsnr_range when no member is a DiffusionModel")
+        logsnr_range = like.proposal.range
+    if reference is None:
+        reference = utils.GaussianReference(x[0].numel()).to(x.device, x.dtype).fit(x)
+    everyone = [GaussianDenoiser(reference)] + members
+    edges = bin_edges(logsnr_range, bins, x.device)
+    errors = heldout_errors(lambda z, a: [m(z, a) for m in everyone], x, t.arange(len(x)), seed,
+                            edges, draws, chunk_size)
+    return Ensemble.from_heldout(everyone, edges, errors.mean(0).T)

@@ -12,14 +12,17 @@ import pytest
 import torch as t
 from diffusers import UNet2DModel
 
+import cli
 import datasets
 import experiment
 import train_cifar10
+import unet
 import utils
 from diffusionmodel import DiffusionModel
+from proposals import LogisticProposal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY16 = dict(train_cifar10.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
+TINY16 = dict(unet.small_unet_config(channels=3, size=16, width=8), layers_per_block=1)
 FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--eval_batch_size", "16",
         "--val_npoints", "4", "--curve_samples", "8", "--sample_steps", "4", "--num_samples", "4"]
 
@@ -41,8 +44,9 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path, capsys):
     # log SNR range 2 +- 4 * 3 = [-10, 14] reaches beyond DDPM's +9.21: the Gaussian takes over.
     args = ["--dataset", "fake", "--image_size", "16", "--fake_size", "24", "--batch_size", "8",
             "--pretrained", folder, "--outside", "gaussian", "--log_dir", logs, *FAST]
-    trainer, model = train_cifar10.main(args + ["--num_epochs", "1"])
-    assert trainer.global_step == 3  # 24 images, batches of 8
+    s = train_cifar10.main(args + ["--num_epochs", "1"])
+    assert s["steps"] == 3  # 24 images, batches of 8
+    model = experiment.load_model(s["checkpoint"])  # before the resumed run rewrites last.ckpt
     run_dir = os.path.join(logs, "fake-base")
     scalars, images = logged(run_dir)
     assert {"mse_curve", "samples"} <= set(images)
@@ -51,8 +55,9 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path, capsys):
     assert math.isfinite(nats) and bpd == pytest.approx(nats / (768 * math.log(2)), rel=1e-5)
 
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    trainer, resumed = train_cifar10.main(args + ["--num_epochs", "2", "--resume", last])
-    assert trainer.global_step == 6 and os.listdir(logs) == ["fake-base"]  # continued in its run
+    s = train_cifar10.main(args + ["--num_epochs", "2", "--resume", last])
+    assert s["steps"] == 6 and os.listdir(logs) == ["fake-base"]  # continued in its run
+    resumed = experiment.load_model(s["checkpoint"])
     assert logged(run_dir)[0]["val_loss"][-1] != nats  # a second validation was logged there
     # The reference came from the checkpoint (not refit): it equals the first run's.
     assert t.equal(resumed.reference.eigvals, model.reference.eigvals)
@@ -65,10 +70,11 @@ def test_fake_run_from_a_saved_unet_then_resume(tmp_path, capsys):
 
 def test_digits_run_bf16(tmp_path, capsys):
     logs = str(tmp_path / "exps")
-    trainer, model = train_cifar10.main(
+    s = train_cifar10.main(
         ["--dataset", "digits", "--batch_size", "300", "--num_epochs", "1", "--val_every", "1",
          "--log_dir", logs, "--precision", "bf16-mixed", "--unet_width", "8", *FAST])
-    assert trainer.global_step == 4  # 1497 training digits, batches of 300
+    assert s["steps"] == 4  # 1497 training digits, batches of 300
+    model = experiment.load_model(s["checkpoint"])
     assert model.x_shape == (1, 8, 8) and model.hparams.gaussian_residual
     scalars, images = logged(os.path.join(logs, "digits-base"))
     assert math.isfinite(scalars["val_loss"][-1]) and "mse_curve" in images
@@ -87,10 +93,11 @@ def test_seed_fixes_the_initial_unet(tmp_path):
     # --seed seeds the U-Net's random initialisation: the same seed gives the same trained
     # weights (one step), another seed other weights
     def weights(seed, name):
-        trainer, model = train_cifar10.main(
+        s = train_cifar10.main(
             ["--dataset", "digits", "--batch_size", "300", "--max_steps", "1", "--num_epochs", "1",
              "--seed", str(seed), "--experiment_name", name, "--log_dir", str(tmp_path),
              "--unet_width", "8", "--num_samples", "0", *FAST[:-2]])
+        model = experiment.load_model(s["checkpoint"])
         return t.cat([p.detach().flatten() for p in model.model.parameters()])
     first, again, other = weights(0, "a"), weights(0, "b"), weights(1, "c")
     assert t.equal(first, again) and not t.equal(first, other)
@@ -100,7 +107,9 @@ def test_small_unet_starts_at_the_gaussian_predictor():
     # --pretrained none: a Gaussian residual with a zeroed output layer, and timesteps spanning
     # the integration range 4 +- 4 * 2, so the first loss is exactly the Gaussian's -log q.
     args = train_cifar10.parse_args(["--dataset", "digits"])
-    denoiser, _ = train_cifar10.load_denoiser(args, (1, 8, 8))
+    logsnr_range = LogisticProposal(args.logsnr_loc, args.logsnr_scale, args.clip).range
+    denoiser, _ = unet.build(args.pretrained, (1, 8, 8), logsnr_range, width=args.unet_width,
+                             residual=args.gaussian_residual)
     assert denoiser.logsnr_range == pytest.approx((-4., 12.))
     model = DiffusionModel(denoiser, x_shape=(1, 8, 8), gaussian_residual=True)
     x = datasets.load_image_dataset("digits")[0].tensor(64)
@@ -159,7 +168,7 @@ def test_offline_cifar10_and_weights_missing(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(datasets, "reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(experiment.UserError) as err:
+    with pytest.raises(cli.UserError) as err:
         train_cifar10.main(offline_args(tmp_path))
     message = str(err.value)
     # What is missing, where it was looked for, and how to provide it, for both inputs.

@@ -1,6 +1,6 @@
 """The 2-D datasets: shapes, standardisation, seeding, and what each is meant to look like.
 
-Expected values come from the definitions in datasets.py (rho = -0.495/0.505, a rectangle of
+Expected values come from the definitions in densities.py (rho = -0.495/0.505, a rectangle of
 uniform points, 16 lattice directions on a circle) and, for scg, from scipy's multivariate normal.
 """
 import math
@@ -11,9 +11,10 @@ import scipy.stats
 import torch as t
 
 import datasets
+import densities
 
 
-@pytest.mark.parametrize("name", datasets.DATASETS_2D)
+@pytest.mark.parametrize("name", datasets.SETS_2D)
 def test_shape_dtype_and_standardisation(name):
     x = datasets.get_2d_dataset(name)
     assert x.shape == (8000, 2) and x.dtype == t.float32 and t.isfinite(x).all()
@@ -28,7 +29,7 @@ def test_shape_dtype_and_standardisation(name):
         assert t.allclose(x.std(0), t.ones(2), atol=1e-3)
 
 
-@pytest.mark.parametrize("name", datasets.DATASETS_2D)
+@pytest.mark.parametrize("name", datasets.SETS_2D)
 def test_seeded(name):
     a, b = datasets.get_2d_dataset(name, n=500), datasets.get_2d_dataset(name, n=500)
     c = datasets.get_2d_dataset(name, n=500, seed=7)
@@ -39,7 +40,7 @@ def test_seeded(name):
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(ValueError) as err:
         datasets.get_2d_dataset("spiral")
-    for name in datasets.DATASETS_2D:
+    for name in datasets.SETS_2D:
         assert name in str(err.value)
 
 
@@ -66,12 +67,14 @@ def test_scg_exact_density_and_entropy():
     rho = -0.495 / 0.505
     x = datasets.get_2d_dataset("scg", n=4000)
     truth = -scipy.stats.multivariate_normal([0, 0], [[1, rho], [rho, 1]]).logpdf(x.double().numpy())
-    assert np.allclose(datasets.scg_nll(x).numpy(), truth, rtol=0, atol=1e-9)
-    assert datasets.SCG_ENTROPY == pytest.approx(1.2185, abs=5e-5)
+    assert np.allclose(densities.scg_nll(x).numpy(), truth, rtol=0, atol=1e-9)
+    assert densities.SCG_ENTROPY == pytest.approx(1.2185, abs=5e-5)
     # the sample mean of -log p estimates the entropy; Var(-log p) = d/2 = 1 for a Gaussian
-    nll = datasets.scg_nll(datasets.get_2d_dataset("scg", n=100000, seed=1))
-    assert abs(nll.mean().item() - datasets.SCG_ENTROPY) < 4 / math.sqrt(100000)
-    assert datasets.exact_nll_2d("scg") is datasets.scg_nll
+    nll = densities.scg_nll(datasets.get_2d_dataset("scg", n=100000, seed=1))
+    assert abs(nll.mean().item() - densities.SCG_ENTROPY) < 4 / math.sqrt(100000)
+    # scg is served as drawn (not standardised): the exact density of the data is scg_nll itself
+    assert t.equal(datasets.exact_nll_2d("scg")(x), densities.scg_nll(x))
+    assert datasets.entropy_2d("scg") == densities.SCG_ENTROPY
 
 
 def _local_flatness(x, k=200, n=200):

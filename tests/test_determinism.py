@@ -10,9 +10,10 @@ import scipy.stats
 import torch as t
 
 import utils
-from diffusionmodel import DiffusionModel, Ensemble
+from diffusionmodel import DiffusionModel
 from tests.analytic import DiscreteAtoms, GaussianMixture, Recorder, Zero, mixture_2d
-from tests.checks import gen
+from tests.checks import fit_ensemble, gen
+from utils import Grid
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,17 +100,18 @@ def ensemble_model():
     w, means = dist.log_weights.exp(), t.stack([c.mean for c in dist.components])
     covs = t.stack([c.eigvecs @ t.diag(c.eigvals) @ c.eigvecs.T for c in dist.components])
     other = DiffusionModel(GaussianMixture(w, means, 3 * covs), x_shape=(2,)).double()
-    ensemble = Ensemble.fit([dm, other], dist.sample(200, generator=gen(2)), generator=gen(3), bins=8)
-    return ensemble.as_model(dm), x
+    ensemble = fit_ensemble([dm, other], dist.sample(200, generator=gen(2)), seed=3, bins=8)
+    return dm.with_denoiser(ensemble, reference=ensemble.members[0].reference), x
 
 
 ESTIMATES = {
     "continuous": (mixture_model, lambda dm, x, **kw: dm.nll_points(x, 64, **kw)),
-    "discrete": (discrete_model, lambda dm, x, **kw: dm.nll_discrete_points(x, 0.25, 64, **kw)),
+    "discrete": (discrete_model, lambda dm, x, **kw: dm.nll_discrete_points(x, Grid(0.25), 64,
+                                                                            **kw)),
     "discrete-soft": (discrete_model, lambda dm, x, **kw: dm.nll_discrete_points(
-        x, 0.25, 64, rounding="soft", levels=9, **kw)),
+        x, Grid(0.25, -1., 9), 64, rounding="soft", **kw)),
     "discrete-hard": (discrete_model, lambda dm, x, **kw: dm.nll_discrete_points(
-        x, 0.25, 64, rounding="hard", **kw)),
+        x, Grid(0.25), 64, rounding="hard", **kw)),
     "ensemble": (ensemble_model, lambda dm, x, **kw: dm.nll_points(x, 64, **kw)),
 }
 
@@ -122,16 +124,16 @@ def test_estimates_do_not_depend_on_batching(name):
     make, estimate = ESTIMATES[name]
     dm, x = make()
     state = t.random.get_rng_state()
-    full = estimate(dm, x, generator=gen(5))
-    batched = [estimate(dm, x[i:i + 4], generator=gen(5), index=i) for i in range(0, len(x), 4)]
+    full = estimate(dm, x, seed=5)
+    batched = [estimate(dm, x[i:i + 4], seed=5, index=i) for i in range(0, len(x), 4)]
     perm = t.randperm(len(x), generator=gen(6))
-    shuffled = estimate(dm, x[perm], generator=gen(5), index=perm)
-    chunked = estimate(dm, x, generator=gen(5), chunk_size=7)
-    assert t.equal(state, t.random.get_rng_state()), "a generator was given: global RNG untouched"
+    shuffled = estimate(dm, x[perm], seed=5, index=perm)
+    chunked = estimate(dm, x, seed=5, chunk_size=7)
+    assert t.equal(state, t.random.get_rng_state()), "a seed was given: global RNG untouched"
     for k in range(2):
         for other in (t.cat([b[k] for b in batched]), shuffled[k][perm.argsort()], chunked[k]):
             assert t.allclose(other, full[k], rtol=1e-12, atol=1e-12)
-    assert not t.allclose(estimate(dm, x, generator=gen(6))[0], full[0])
+    assert not t.allclose(estimate(dm, x, seed=6)[0], full[0])
 
 
 def test_the_points_are_identical_whatever_the_batching():
@@ -146,7 +148,7 @@ def test_the_points_are_identical_whatever_the_batching():
         rec = Recorder(dist)
         dm = DiffusionModel(rec, x_shape=(2,)).double()
         for i, j in batches:
-            dm.nll_discrete_points((x[i:j] * 4).round() / 4, 0.25, 32, generator=gen(1), index=i,
+            dm.nll_discrete_points((x[i:j] * 4).round() / 4, Grid(0.25), 32, seed=1, index=i,
                                    chunk_size=chunk_size)
         z, a = (t.cat(v) for v in zip(*rec.calls))
         return z, a
@@ -164,7 +166,7 @@ def test_models_scored_with_one_seed_see_the_same_points():
     seen = []
     for inner in (dist, Zero()):
         rec = Recorder(inner)
-        DiffusionModel(rec, x_shape=(2,)).double().nll_points(x, 32, generator=gen(1))
+        DiffusionModel(rec, x_shape=(2,)).double().nll_points(x, 32, seed=1)
         seen.append(rec.calls)
     (z1, a1), = seen[0]
     (z2, a2), = seen[1]

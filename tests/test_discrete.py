@@ -16,10 +16,13 @@ import scipy.stats
 import torch as t
 
 import utils
-from diffusionmodel import DiffusionModel, Ensemble, GridRounding
+from denoisers import GridRounding
+from diffusionmodel import DiffusionModel
+from utils import Grid
 from tests.analytic import (DiscreteAtoms, GaussianMixture, Zero, discretised_gaussian,
                             gaussian)
-from tests.checks import assert_unbiased_and_calibrated, gen, paired_difference, repeated
+from tests.checks import (assert_unbiased_and_calibrated, fit_ensemble, gen, paired_difference,
+                          repeated)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,13 +30,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def atoms_1d():
     """Four atoms on the 5-level grid -1 + k/2 (0.5 is empty), unequal weights."""
-    return DiscreteAtoms([[-1.0], [-0.5], [0.0], [1.0]], [0.1, 0.4, 0.2, 0.3]), 0.5, 5
+    return DiscreteAtoms([[-1.0], [-0.5], [0.0], [1.0]], [0.1, 0.4, 0.2, 0.3]), Grid(0.5, -1., 5)
 
 
 def atoms_2d():
     """Five atoms on the grid -1 + k/4 in 2-D, two of them neighbours."""
     return DiscreteAtoms([[-1, -1], [-0.5, 0.25], [0, 0], [0.25, 0], [0.75, -0.5]],
-                         [0.15, 0.25, 0.3, 0.1, 0.2]), 0.25, 9
+                         [0.15, 0.25, 0.3, 0.1, 0.2]), Grid(0.25, -1., 9)
 
 
 def moment_reference(dist):
@@ -71,10 +74,10 @@ def smoothed(dist, std=0.15):
 def test_discrete_estimate_is_exact_on_atoms(make, reference):
     # the optimal denoiser of the atoms: E[estimate] = -log pi_m (the tails at the default range
     # +-12 are below 1e-5, test_tails_are_negligible_with_the_default_range)
-    dist, delta, levels = make()
+    dist, grid = make()
     dm = exact_model(dist, reference)
     x, _ = dist.support()
-    est, se = repeated(dm.nll_discrete_points, x, 100, delta=delta, levels=levels, generator=gen(1))
+    est, se = repeated(dm.nll_discrete_points, x, 100, grid=grid, seed=1)
     assert_unbiased_and_calibrated(est, se, dist.nll(x))
 
 
@@ -88,11 +91,11 @@ def test_discrete_limit_on_a_fine_grid():
     x = t.tensor([[-0.9], [-0.4], [0.1], [0.5], [1.3]], dtype=t.float64)
     limit = utils.discrete_limit_nats(-t.distributions.Normal(0.1, 0.5).log_prob(x[:, 0]), delta, 1)
     assert (dist.nll(x) - limit).abs().max() < 2e-3
-    est, se = repeated(dm.nll_discrete_points, x, 40, delta=delta, generator=gen(2))
+    est, se = repeated(dm.nll_discrete_points, x, 40, grid=Grid(delta), seed=2)
     assert_unbiased_and_calibrated(est, se, limit, band=(0.6, 1.6))
     # the continuous estimate of the undiscretised Gaussian, converted, says the same
     cont = DiffusionModel(gaussian([0.1], [[0.25]]), x_shape=(1,)).double()
-    nll_c, se_c = cont.nll_points(x, 256, generator=gen(3))
+    nll_c, se_c = cont.nll_points(x, 256, seed=3)
     converted = utils.discrete_limit_nats(nll_c, delta, 1)
     gap = est.mean(0) - converted
     assert (gap.abs() < 4.5 * (se.pow(2).mean(0) / 40 + se_c ** 2).sqrt()).all(), gap
@@ -138,10 +141,11 @@ def test_lower_tail_is_the_gaussian_error_integral():
             assert ref.error_integral(x[None], lo, hi).item() == pytest.approx(quad, abs=1e-9)
 
 
-def rounding_error(x, a, delta, lo, levels):
+def rounding_error(x, a, grid):
     """E_eps e^a (x_R - x)^2 for one coordinate, x_R the grid value nearest x + e^{-a/2} eps: an
     exact sum over the decoded values (normal cdf differences), clamped to `levels` values or on a
     grid wide enough to be unbounded."""
+    delta, lo, levels = grid
     sigma = math.exp(-a / 2)
     k = np.arange(levels) if levels else np.arange(-200, 200)
     g = lo + delta * k
@@ -151,18 +155,17 @@ def rounding_error(x, a, delta, lo, levels):
 
 
 def test_rounding_tail_matches_quadrature():
-    delta, lo = 0.25, -1.
-    for levels in (9, None):
+    for grid in (Grid(0.25, -1., 9), Grid(0.25, -1.)):
         for x in (-1., -0.75, 0., 1.):
             for a_hi in (2., 5.):
-                quad = 0.5 * scipy.integrate.quad(lambda a: rounding_error(x, a, delta, lo, levels),
+                quad = 0.5 * scipy.integrate.quad(lambda a: rounding_error(x, a, grid),
                                                   a_hi, 60, epsabs=1e-13, limit=400)[0]
-                got = utils.rounding_tail(t.tensor([[x]], dtype=t.float64), delta, a_hi, lo, levels)
+                got = utils.rounding_tail(t.tensor([[x]], dtype=t.float64), grid, a_hi)
                 assert got.item() == pytest.approx(quad, rel=1e-8, abs=1e-14)
     # per sample: the sum over coordinates
     x = t.tensor([[-1., 0.], [0.5, 1.]], dtype=t.float64)
-    both = utils.rounding_tail(x, delta, 3., lo, 9)
-    single = utils.rounding_tail(x.view(4, 1), delta, 3., lo, 9).view(2, 2).sum(1)
+    both = utils.rounding_tail(x, Grid(0.25, -1., 9), 3.)
+    single = utils.rounding_tail(x.view(4, 1), Grid(0.25, -1., 9), 3.).view(2, 2).sum(1)
     assert t.allclose(both, single)
 
 
@@ -172,14 +175,14 @@ def test_grid_resolved_logsnr():
     one = t.zeros(1, 1, dtype=t.float64)
     for delta, tail in ((2 / 255, 1e-5), (2 / 16, 1e-5), (0.5, 1e-8)):
         a = utils.grid_resolved_logsnr(delta, tail)
-        assert utils.rounding_tail(one, delta, a, 0.).item() == pytest.approx(tail, rel=1e-6)
+        assert utils.rounding_tail(one, Grid(delta, 0.), a).item() == pytest.approx(tail, rel=1e-6)
     # 14.18 is where the j = 1 term below falls to 1e-5 (the loop above checks the level itself);
     # pinned because the docs quote it
     assert utils.grid_resolved_logsnr(2 / 255) == pytest.approx(14.18, abs=0.01)
     # by hand: r0 = delta e^(12/2) = 3.164; of the two-sided sum only j = 1 (c = 1/2) matters:
     # 2 * 1/2 * (4 / c) G(r0 / 2), G(u) = ((1 - u^2) Q(u) + u phi(u)) / 2 at u = 1.582:
     # Q = 0.0568, phi = 0.1141, G = 0.0476, so 8 * 0.0476 = 0.381 (j = 2 adds < 1e-5)
-    assert utils.rounding_tail(one, 2 / 255, 12., 0.).item() == pytest.approx(0.381, abs=1e-3)
+    assert utils.rounding_tail(one, Grid(2 / 255, 0.), 12.).item() == pytest.approx(0.381, abs=1e-3)
 
 
 def test_hard_rounding_of_z_has_the_closed_form_error():
@@ -189,12 +192,12 @@ def test_hard_rounding_of_z_has_the_closed_form_error():
     class Zero(t.nn.Module):
         def forward(self, z, logsnr):
             return t.zeros_like(z)
-    delta, lo, levels = 0.25, -1., 9
-    dm = DiffusionModel(GridRounding(Zero(), delta, "hard", lo, levels), x_shape=(1,)).double()
+    grid = Grid(0.25, -1., 9)
+    dm = DiffusionModel(GridRounding(Zero(), grid, "hard"), x_shape=(1,)).double()
     for x0, a in ((-1., 3.), (0.25, 4.), (0.5, 6.)):
         x = t.full((40000, 1), x0, dtype=t.float64)
         err = dm.mse(x, t.full((40000,), a, dtype=t.float64), generator=gen(4))
-        exact = rounding_error(x0, a, delta, lo, levels)
+        exact = rounding_error(x0, a, grid)
         assert abs(err.mean().item() - exact) < 5 * err.std().item() / math.sqrt(len(err))
 
 
@@ -218,13 +221,13 @@ def exact_tails(dist, x, lo, hi):
 def test_tails_are_negligible_with_the_default_range():
     # discrete estimate, default range +-12: both closed-form tails are below 1e-5 nats, and adding
     # them changes the estimate by exactly that
-    dist, delta, levels = atoms_1d()
+    dist, grid = atoms_1d()
     dm = exact_model(dist)
     x, _ = dist.support()
-    below, above = dm.tail_terms(x, delta, levels=levels)
+    below, above = dm.tail_terms(x, grid)
     assert (below < 1e-5).all() and (above < 1e-12).all()
-    with_tails = dm.nll_discrete_points(x, delta, 64, levels=levels, generator=gen(0))[0]
-    without = dm.nll_discrete_points(x, delta, 64, levels=levels, generator=gen(0), tails=False)[0]
+    with_tails = dm.nll_discrete_points(x, grid, 64, seed=0)[0]
+    without = dm.nll_discrete_points(x, grid, 64, seed=0, tails=False)[0]
     assert t.allclose(with_tails - without, below + above, rtol=0, atol=1e-14)
     # The continuous control-variate estimator needs no correction: for a 1-D Gaussian mixture and
     # its exact denoiser, with the reference matched to the mixture's moments, the gap integrand
@@ -257,16 +260,15 @@ def test_tails_are_right_when_the_range_is_cut_short():
     # - the upper tail (hard rounding of z) is an upper bound on the exact one in expectation;
     # - E[estimate] = -log P(x) - exact tails + closed-form tails, within the estimator's error,
     #   while without tails the estimate is off by the exact tails.
-    dist, delta, levels = atoms_1d()
+    dist, grid = atoms_1d()
     dm = exact_model(dist, logsnr_loc=0.25, logsnr_scale=1.3, clip=2.5)
     x, p = dist.support()
     exact = t.tensor([exact_tails(dist, v.item(), -3., 3.5) for v in x[:, 0]], dtype=t.float64)
-    below, above = dm.tail_terms(x, delta, levels=levels)
+    below, above = dm.tail_terms(x, grid)
     assert t.allclose(below, exact[:, 0], rtol=0.01)
     assert (p * above).sum() >= (p * exact[:, 1]).sum()
-    est, se = repeated(dm.nll_discrete_points, x, 100, delta=delta, levels=levels, generator=gen(5))
-    bare, bare_se = repeated(dm.nll_discrete_points, x, 100, delta=delta, levels=levels,
-                             generator=gen(5), tails=False)
+    est, se = repeated(dm.nll_discrete_points, x, 100, grid=grid, seed=5)
+    bare, bare_se = repeated(dm.nll_discrete_points, x, 100, grid=grid, seed=5, tails=False)
     truth = dist.nll(x)
     assert_unbiased_and_calibrated(est, se, truth - exact.sum(1) + below + above)
     assert_unbiased_and_calibrated(bare, bare_se, truth - exact.sum(1))
@@ -279,7 +281,7 @@ def test_tails_are_right_when_the_range_is_cut_short():
     for a_hi in (3.5, 5.):
         exact_above = sum(pi * exact_tails(uniform, v.item(), -12., a_hi)[1]
                           for v, pi in zip(ux[:, 0], up))
-        bound = (up * utils.rounding_tail(ux, delta, a_hi, -1., 5)).sum().item()
+        bound = (up * utils.rounding_tail(ux, grid, a_hi)).sum().item()
         assert exact_above <= bound <= 1.4 * exact_above
 
 
@@ -291,12 +293,12 @@ def test_soft_rounding_of_z_is_the_optimal_denoiser_of_a_uniform_grid():
     # rounding is the posterior mean over grid values under a uniform prior: exactly the optimal
     # denoiser of the uniform distribution on the 5-level grid (DiscreteAtoms), at every SNR
     uniform = DiscreteAtoms(t.linspace(-1, 1, 5).view(-1, 1), t.ones(5))
-    soft = GridRounding(Zero(), 0.5, "soft", -1., levels=5)
+    soft = GridRounding(Zero(), Grid(0.5, -1., 5), "soft")
     z = 2.5 * t.randn(400, 1, generator=gen(0), dtype=t.float64)
     a = t.linspace(-8, 12, 400, dtype=t.float64)
     assert t.allclose(soft(z, a), uniform(z, a), rtol=1e-9, atol=1e-9)
     # hard rounding snaps x_hat to the nearest level within range
-    hard = GridRounding(Zero(), 0.5, "hard", -1., levels=5)
+    hard = GridRounding(Zero(), Grid(0.5, -1., 5), "hard")
     a = t.full((4,), 30., dtype=t.float64)
     z = t.tensor([[-3.], [-0.3], [0.2], [0.8]], dtype=t.float64) * t.sigmoid(a[:1]).sqrt()
     x_r = (z - t.sigmoid(-a).sqrt()[:, None] * hard(z, a)) / t.sigmoid(a).sqrt()[:, None]
@@ -308,9 +310,9 @@ def test_rounding_lowers_the_high_snr_error(mode):
     # An imperfect denoiser (smoothed(): the atoms blurred, so its error tends to d at high SNR):
     # rounded to the grid, its error at a = 6, 8, 10 falls by more than half (paired noise, many
     # standard errors), while at a = 3 rounding makes it worse: where to round must be chosen.
-    dist, delta, levels = atoms_2d()
+    dist, grid = atoms_2d()
     dm = exact_model(smoothed(dist), reference="standard")
-    rounded = dm.rounded(delta, mode, levels=levels)
+    rounded = dm.rounded(grid, mode)
     x = dist.sample(4000, generator=gen(6))
     eps = t.randn(x.shape, generator=gen(7), dtype=t.float64)
     for a, better in ((3., False), (6., True), (8., True), (10., True)):
@@ -329,17 +331,16 @@ def test_heldout_choice_of_rounding_is_never_worse():
     # bin on held-out samples, scored on the support points (paired: the same seed for every
     # model). It must be no worse than any variant (4 standard errors of the paired difference)
     # and much better than the unrounded one.
-    dist, delta, levels = atoms_2d()
+    dist, grid = atoms_2d()
     dm = exact_model(smoothed(dist), reference="standard")
-    variants = {"none": dm, "hard": dm.rounded(delta, "hard", levels=levels),
-                "soft": dm.rounded(delta, "soft", levels=levels)}
-    ensemble = Ensemble.fit(list(variants.values()), dist.sample(500, generator=gen(8)),
-                            generator=gen(9), bins=24).as_model(dm)
+    variants = {"none": dm, "hard": dm.rounded(grid, "hard"), "soft": dm.rounded(grid, "soft")}
+    ensemble = fit_ensemble(list(variants.values()), dist.sample(500, generator=gen(8)), seed=9,
+                            bins=24)
+    ensemble = dm.with_denoiser(ensemble, reference=ensemble.members[0].reference)
     x, _ = dist.support()
-    score = {name: repeated(m.nll_discrete_points, x, 30, delta=delta, levels=levels,
-                            generator=gen(10))[0] for name, m in variants.items()}
-    ens = repeated(ensemble.nll_discrete_points, x, 30, delta=delta, levels=levels,
-                   generator=gen(10))[0]
+    score = {name: repeated(m.nll_discrete_points, x, 30, grid=grid, seed=10)[0]
+             for name, m in variants.items()}
+    ens = repeated(ensemble.nll_discrete_points, x, 30, grid=grid, seed=10)[0]
     for name, other in score.items():
         diff, se = paired_difference(ens, other)
         assert diff < 4 * se, (name, diff, se)
@@ -357,31 +358,31 @@ def test_image_shaped_float32(rounding):
     x = -1 + 2 / 255 * t.randint(0, 256, (3, 3, 2, 2), generator=gen(0)).float()
     dm = DiffusionModel(Zero(), x_shape=(3, 2, 2), gaussian_residual=True)
     dm.fit_reference(-1 + 2 / 255 * t.randint(0, 256, (50, 3, 2, 2), generator=gen(1)).float())
-    nll, se = dm.nll_discrete_points(x, 2 / 255, 32, rounding=rounding, levels=256, generator=gen(2))
+    grid = Grid(2 / 255, -1., 256)
+    nll, se = dm.nll_discrete_points(x, grid, 32, rounding=rounding, seed=2)
     assert nll.dtype == se.dtype == t.float32 and nll.shape == (3,)
     assert t.isfinite(nll).all() and t.isfinite(se).all()
-    small = dm.nll_discrete_points(x, 2 / 255, 32, rounding=rounding, levels=256, generator=gen(2),
-                                   chunk_size=5)[0]
+    small = dm.nll_discrete_points(x, grid, 32, rounding=rounding, seed=2, chunk_size=5)[0]
     assert t.allclose(nll, small, rtol=1e-6)
 
 
 def test_bad_input_raises_value_error():
-    dist, delta, levels = atoms_1d()
+    dist, grid = atoms_1d()
     dm = exact_model(dist)
     x, _ = dist.support()
     with pytest.raises(ValueError, match="not on the grid"):
-        dm.nll_discrete_points(x + 0.1, delta)
+        dm.nll_discrete_points(x + 0.1, grid)
     with pytest.raises(ValueError, match="levels"):
-        dm.nll_discrete_points(x, delta, levels=3)
+        dm.nll_discrete_points(x, Grid(0.5, -1., 3))
     with pytest.raises(ValueError, match="rounding"):
-        dm.nll_discrete_points(x, delta, rounding="round")
+        dm.nll_discrete_points(x, grid, rounding="round")
     with pytest.raises(ValueError, match="npoints"):
-        dm.nll_discrete_points(x, delta, npoints=1)
+        dm.nll_discrete_points(x, grid, npoints=1)
     with pytest.raises(ValueError, match="delta"):
-        dm.nll_discrete_points(x, 0.)
+        dm.nll_discrete_points(x, Grid(0., -1., 5))
     with pytest.raises(ValueError, match="non-finite"):
-        dm.nll_discrete_points(x * float("nan"), delta)
+        dm.nll_discrete_points(x * float("nan"), grid)
     with pytest.raises(ValueError, match="mode"):
-        dm.rounded(delta, "nearest")
+        dm.rounded(grid, "nearest")
     with pytest.raises(ValueError, match="index"):
-        dm.nll_discrete_points(x, delta, index=t.arange(3))
+        dm.nll_discrete_points(x, grid, index=t.arange(3))

@@ -1,4 +1,6 @@
-"""Tests of Ensemble: per log-SNR bin, the member with the lowest held-out MSE.
+"""Tests of Ensemble: per log-SNR bin, the member with the lowest held-out MSE, chosen through the
+library's held-out selection (diffusionmodel.heldout_errors, Ensemble.from_heldout; tests/checks.py
+fit_ensemble) and used as a DiffusionModel through with_denoiser.
 
 Two deliberately imperfect closed-form denoisers of tests/analytic.py's mixture_2d, each bad in a
 different log-SNR region: A has the right weights and means but components 3x too broad (right at
@@ -10,9 +12,11 @@ with the same seed, so the same (log SNR, noise) points (tests/checks.py).
 import pytest
 import torch as t
 
-from diffusionmodel import DiffusionModel, Ensemble, GaussianDenoiser
+from denoisers import GaussianDenoiser
+from diffusionmodel import DiffusionModel
 from tests.analytic import GaussianMixture, mixture_2d, reference_nll
-from tests.checks import gen, paired_difference, repeated
+from tests.checks import fit_ensemble, gen, paired_difference, repeated
+from utils import Grid
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +34,12 @@ def model(denoiser, fit_to):
     return dm.fit_reference(fit_to)
 
 
+def as_model(ensemble, like):
+    """A DiffusionModel around the ensemble with `like`'s hyperparameters and the ensemble's
+    Gaussian member (fitted to its held-out samples) as its reference."""
+    return like.with_denoiser(ensemble, reference=ensemble.members[0].reference)
+
+
 @pytest.fixture(scope="module")
 def setup():
     dist = mixture_2d()
@@ -37,7 +47,7 @@ def setup():
     train = dist.sample(2000, generator=gen(0))
     a = model(GaussianMixture(w, means, 3 * covs), train)
     b = model(GaussianMixture([0.05, 0.15, 0.8], means, covs), train)
-    ensemble = Ensemble.fit([a, b], dist.sample(1000, generator=gen(1)), generator=gen(2), bins=24)
+    ensemble = fit_ensemble([a, b], dist.sample(1000, generator=gen(1)), seed=2, bins=24)
     return dist, a, b, ensemble
 
 
@@ -55,10 +65,10 @@ def test_ensemble_is_no_worse_than_any_member(setup):
     gaussian = model(GaussianDenoiser(ensemble.members[0].reference),
                      dist.sample(2000, generator=gen(0)))
     x = dist.sample(16, generator=gen(3))
-    ens = repeated(ensemble.as_model(a).nll_points, x, 20, npoints=256, generator=gen(4))[0]
+    ens = repeated(as_model(ensemble, a).nll_points, x, 20, npoints=256, seed=4)[0]
     gaps = {}
     for name, member in (("gaussian", gaussian), ("A", a), ("B", b)):
-        other = repeated(member.nll_points, x, 20, npoints=256, generator=gen(4))[0]
+        other = repeated(member.nll_points, x, 20, npoints=256, seed=4)[0]
         gaps[name] = paired_difference(ens, other)
         assert gaps[name][0] < 4 * gaps[name][1], (name, gaps[name])
     best = min(gaps.values(), key=lambda g: -g[0])
@@ -76,13 +86,13 @@ def test_choice_is_made_on_heldout_data_only(setup):
     dist, a, b, ensemble = setup
     w, means, covs = parts(dist)
     wrong = GaussianMixture([0.05, 0.15, 0.8], means, covs)
-    misled = Ensemble.fit([a, b], wrong.sample(1000, generator=gen(1)), generator=gen(2), bins=24)
+    misled = fit_ensemble([a, b], wrong.sample(1000, generator=gen(1)), seed=2, bins=24)
     switched = (ensemble.choice == 1) & (misled.choice == 2)
     assert switched.sum() >= 2, (ensemble.choice, misled.choice)
     x = dist.sample(16, generator=gen(5))
     choice, heldout = ensemble.choice.clone(), ensemble.heldout_mse.clone()
-    right = repeated(ensemble.as_model(a).nll_points, x, 20, npoints=256, generator=gen(6))[0]
-    wrong_est = repeated(misled.as_model(a).nll_points, x, 20, npoints=256, generator=gen(6))[0]
+    right = repeated(as_model(ensemble, a).nll_points, x, 20, npoints=256, seed=6)[0]
+    wrong_est = repeated(as_model(misled, a).nll_points, x, 20, npoints=256, seed=6)[0]
     diff, se = paired_difference(wrong_est, right)
     assert diff > 4 * se, (diff, se)
     # scoring left the choice alone
@@ -102,32 +112,32 @@ def test_forward_is_the_chosen_members_prediction(setup):
     assert t.allclose(ensemble(z, a), expected, rtol=1e-12, atol=1e-14)
 
 
-def test_fit_does_not_depend_on_chunk_size_and_respects_the_generator(setup):
+def test_fit_does_not_depend_on_chunk_size_and_respects_the_seed(setup):
     dist, a, b, _ = setup
     heldout = dist.sample(300, generator=gen(8))
     state = t.random.get_rng_state()
-    one = Ensemble.fit([a, b], heldout, generator=gen(9), bins=12)
-    other = Ensemble.fit([a, b], heldout, generator=gen(9), bins=12, chunk_size=37)
+    one = fit_ensemble([a, b], heldout, seed=9, bins=12)
+    other = fit_ensemble([a, b], heldout, seed=9, bins=12, chunk_size=37)
     assert t.equal(state, t.random.get_rng_state())
     assert t.allclose(one.heldout_mse, other.heldout_mse, rtol=1e-12, atol=0)
     assert t.equal(one.choice, other.choice)
-    assert not t.equal(one.heldout_mse, Ensemble.fit([a, b], heldout, generator=gen(10),
+    assert not t.equal(one.heldout_mse, fit_ensemble([a, b], heldout, seed=10,
                                                      bins=12).heldout_mse)
 
 
-def test_as_model_keeps_the_estimators_working(setup):
+def test_with_denoiser_keeps_the_estimators_working(setup):
     dist, a, _, ensemble = setup
-    dm = ensemble.as_model(a)
+    dm = as_model(ensemble, a)
     assert dm.hparams.logsnr_loc == a.hparams.logsnr_loc and not dm.hparams.gaussian_residual
     ref = ensemble.members[0].reference
     assert t.equal(dm.reference.mean, ref.mean) and t.equal(dm.reference.eigvals, ref.eigvals)
     x = dist.sample(5, generator=gen(11))
-    nll, se = dm.nll_points(x, 64, generator=gen(12))
+    nll, se = dm.nll_points(x, 64, seed=12)
     assert nll.shape == se.shape == (5,) and t.isfinite(nll).all()
     mse, mmse = dm.mse_curve(x, dm.curve_logsnrs(8).double(), generator=gen(13))
     assert mse.shape == mmse.shape == (8,)
-    grid = (x * 4).round() / 4
-    nll, se = dm.nll_discrete_points(grid, 0.25, 32, lo=0., generator=gen(14))
+    on_grid = (x * 4).round() / 4
+    nll, se = dm.nll_discrete_points(on_grid, Grid(0.25, 0.), 32, seed=14)
     assert t.isfinite(nll).all()
 
 
@@ -135,8 +145,8 @@ def test_bad_input_raises_value_error(setup):
     dist, a, b, _ = setup
     x = dist.sample(10, generator=gen(0))
     with pytest.raises(ValueError, match="logsnr_range"):
-        Ensemble.fit([a.model, b.model], x)
+        fit_ensemble([a.model, b.model], x, seed=0)
     with pytest.raises(ValueError, match="bins"):
-        Ensemble.fit([a, b], x, bins=0)
+        fit_ensemble([a, b], x, seed=0, bins=0)
     with pytest.raises(ValueError, match="logsnr_range"):
-        Ensemble.fit([a, b], x, logsnr_range=(3., -3.))
+        fit_ensemble([a, b], x, seed=0, logsnr_range=(3., -3.))

@@ -28,8 +28,8 @@ import scipy.special
 import scipy.stats
 import torch as t
 
-import utils
 from diffusionmodel import DiffusionModel
+from proposals import LogisticProposal
 from tests.analytic import Recorder, Zero, gaussian, mixture_2d, reference_nll
 from tests.checks import gen
 
@@ -96,7 +96,7 @@ def test_one_dimensional_formula_by_hand():
     lam = 0.3
     dm = make_model(gaussian([0.0], [[lam]]), "standard")
     x = t.tensor([[0.0], [1.1], [-2.0]], dtype=t.float64)
-    runs = [dm.nll_points(x, 256, generator=gen(r)) for r in range(24)]
+    runs = [dm.nll_points(x, 256, seed=r) for r in range(24)]
     est, se = (t.stack(v) for v in zip(*runs))
     assert_unbiased_and_calibrated(est, se, 0.5 * math.log(2 * math.pi * lam) + x[:, 0] ** 2 / (2 * lam))
 
@@ -138,7 +138,7 @@ def test_nll_points_is_exact_within_its_stderr(name, reference):
     dm = make_model(dist, reference, fit_n=200 if name == "gaussian" else 5000)
     x = dist.sample(7, generator=gen(1))
     truth = reference_nll(dist, x)
-    runs = [dm.nll_points(x, 256, replicates=4, generator=gen(100 + r)) for r in range(24)]
+    runs = [dm.nll_points(x, 256, replicates=4, seed=100 + r) for r in range(24)]
     est, se = (t.stack(v) for v in zip(*runs))
     assert_unbiased_and_calibrated(est, se, truth)
 
@@ -149,12 +149,12 @@ def test_nll_x_is_exact(reference):
     dm = make_model(dist, reference)
     x = dist.sample(1, generator=gen(2))[0]
     truth = reference_nll(dist, x[None])[0].item()
-    est = t.stack([dm.nll_x(x, npoints=256, generator=gen(r)) for r in range(40)])
+    est = t.stack([dm.nll_x(x, npoints=256, seed=r) for r in range(40)])
     # one sample: the spread of the repeats is its standard error (t with 39 dof, 4.5 is p ~ 6e-5)
     assert abs(est.mean().item() - truth) < 4.5 * est.std().item() / math.sqrt(len(est))
     # nll_x is nll_points on a batch of one
-    same = dm.nll_points(x[None], 256, generator=gen(7))[0][0]
-    assert dm.nll_x(x, npoints=256, generator=gen(7)).item() == same.item()
+    same = dm.nll_points(x[None], 256, seed=7)[0][0]
+    assert dm.nll_x(x, npoints=256, seed=7).item() == same.item()
 
 
 @pytest.mark.parametrize("reference", ["standard", "fitted"])
@@ -235,7 +235,7 @@ def test_training_gradient_is_the_plain_weighted_loss():
     (z, a), = rec.calls
     s = t.sigmoid(a)[:, None]
     eps = (z - s.sqrt() * x) / (1 - s).sqrt()
-    w = utils.LogisticProposal(LOC, SCALE, CLIP).weight(a)
+    w = LogisticProposal(LOC, SCALE, CLIP).weight(a)
     plain = (0.5 * w * (eps - rec.inner(z, a)).pow(2).sum(1)).mean()
     plain_grads = t.autograd.grad(plain, list(rec.parameters()))
     for g1, g2 in zip(grads, plain_grads):
@@ -250,7 +250,7 @@ def test_gaussian_residual_with_a_zero_net_is_the_reference():
     dm = DiffusionModel(Zero(), x_shape=(2,), gaussian_residual=True).double()
     dm.fit_reference(dist.sample(500, generator=gen(0)))
     x = dist.sample(5, generator=gen(1))
-    nll, se = dm.nll_points(x, 64, generator=gen(2))
+    nll, se = dm.nll_points(x, 64, seed=2)
     assert t.allclose(nll, dm.reference.nll(x), atol=1e-12) and (se == 0).all()
 
 
@@ -265,7 +265,7 @@ def test_any_sample_shape_and_dtype(x_shape, reference, dtype):
     dm = make_model(dist, reference, dtype=dtype, fit_n=200)
     x = dist.sample(4, generator=gen(5)).to(dtype)
     truth = reference_nll(dist, x)
-    runs = [dm.nll_points(x, 256, generator=gen(10 + r)) for r in range(12)]
+    runs = [dm.nll_points(x, 256, seed=10 + r) for r in range(12)]
     est, se = (t.stack(v) for v in zip(*runs))
     assert est.dtype == se.dtype == dtype and est.shape == (12, 4)
     # 4 points x 11 dof: a wider calibration band
@@ -284,7 +284,7 @@ def test_bf16_autocast():
     with t.autocast("cpu", dtype=t.bfloat16):
         assert dm.model(x, t.zeros(256)).dtype == t.bfloat16  # the matmuls do run in bf16
         loss = dm.nll(x)
-        nll, se = dm.nll_points(x[:8], 64, generator=gen(2))
+        nll, se = dm.nll_points(x[:8], 64, seed=2)
     assert loss.dtype == t.float32 and t.isfinite(loss)
     assert nll.dtype == se.dtype == t.float32 and t.isfinite(nll).all() and t.isfinite(se).all()
     loss.backward()
@@ -307,25 +307,31 @@ def test_bf16_autocast_keeps_the_gaussian_terms_in_float32(d):
     dm = DiffusionModel(ZeroMatmul(d), x_shape=(d,))
     dm.fit_reference(dist.sample(4 * d, generator=gen(0)))
     x = dist.sample(8, generator=gen(1)).float()
-    plain = dm.nll_points(x, 64, generator=gen(3))[0]
+    plain = dm.nll_points(x, 64, seed=3)[0]
     with t.autocast("cpu", dtype=t.bfloat16):
-        cast = dm.nll_points(x, 64, generator=gen(3))[0]
+        cast = dm.nll_points(x, 64, seed=3)[0]
     assert t.allclose(cast, plain, rtol=1e-5, atol=1e-5), (cast - plain).tolist()
 
 
-def test_reproducible_with_a_generator():
+def test_reproducible_with_a_seed():
     dist = mixture_2d()
     dm = make_model(dist, "fitted")
     x = dist.sample(6, generator=gen(0))
     state = t.random.get_rng_state()
-    first = dm.nll_points(x, 64, generator=gen(1))
-    again = dm.nll_points(x, 64, generator=gen(1))
-    other = dm.nll_points(x, 64, generator=gen(2))
-    assert t.equal(state, t.random.get_rng_state()), "a generator was given: global RNG untouched"
+    first = dm.nll_points(x, 64, seed=1)
+    again = dm.nll_points(x, 64, seed=1)
+    other = dm.nll_points(x, 64, seed=2)
+    assert t.equal(state, t.random.get_rng_state()), "a seed was given: global RNG untouched"
     assert t.equal(first[0], again[0]) and t.equal(first[1], again[1])
     assert not t.equal(first[0], other[0])
-    assert dm.nll_x(x[0], 64, generator=gen(1)).item() == dm.nll_x(x[0], 64, generator=gen(1)).item()
+    assert dm.nll_x(x[0], 64, seed=1).item() == dm.nll_x(x[0], 64, seed=1).item()
     assert t.equal(state, t.random.get_rng_state())
+    # seed=None: a fresh seed from the global RNG (utils.fresh_seed), so seeding torch repeats it
+    with t.random.fork_rng():
+        t.manual_seed(3)
+        fresh = dm.nll_points(x, 64)
+        t.manual_seed(3)
+        assert t.equal(fresh[0], dm.nll_points(x, 64)[0])
 
 
 def test_mse_curve_of_the_optimal_denoiser_is_the_mmse():
@@ -408,7 +414,7 @@ def test_bad_input_raises_value_error():
     bad = x.clone()
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        dm.nll_points(bad, 16, generator=gen(1))
+        dm.nll_points(bad, 16, seed=1)
     bad[1, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         dm.nll(bad)
@@ -462,5 +468,5 @@ def test_checkpoint_round_trip_keeps_the_fitted_reference(tmp_path):
     assert (loaded.hparams.logsnr_loc, loaded.hparams.clip) == (1.5, 5.)
     for p, q in zip(loaded.parameters(), dm.parameters()):
         assert t.equal(p, q)
-    assert t.equal(loaded.nll_points(x[:8], 32, generator=gen(1))[0],
-                   dm.nll_points(x[:8], 32, generator=gen(1))[0])
+    assert t.equal(loaded.nll_points(x[:8], 32, seed=1)[0],
+                   dm.nll_points(x[:8], 32, seed=1)[0])

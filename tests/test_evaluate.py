@@ -13,9 +13,11 @@ import pytest
 import torch as t
 
 import datasets
+import densities
 import experiment
 import train_2d
 import train_cifar10
+import unet
 
 TINY_2D = ["--num_points", "400", "--grid_size", "6", "--num_samples", "50", "--sample_steps", "5",
            "--val_npoints", "8", "--train_batch_size", "128", "--accelerator", "cpu",
@@ -65,14 +67,14 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     rows = rows_by(saved)
     assert set(rows) == {("exact", "continuous"), ("gaussian", "continuous"),
                          ("scg-s0/last.ckpt", "continuous"), ("ensemble", "continuous")}
-    # The exact row is scg's closed-form density (datasets.scg_nll) on the scored points: the
+    # The exact row is scg's closed-form density (densities.scg_nll) on the scored points: the
     # run's validation split, less the seeded selection half.
     points = datasets.get_2d_dataset("scg", n=400)
-    _, val = datasets.split_2d(points, train_2d.VAL_FRACTION, seed=0)
+    _, val = datasets.split_2d(points, train_2d.DEFAULTS["scg"]["val_fraction"], seed=0)
     perm = t.randperm(len(val), generator=t.Generator().manual_seed(0))
     scored = val[perm[saved["n_selection"]:]]
     assert rows[("exact", "continuous")]["nats"] == pytest.approx(
-        datasets.scg_nll(scored).double().mean().item(), rel=1e-6)
+        densities.scg_nll(scored).double().mean().item(), rel=1e-6)
     assert results["rows"] == saved["rows"]
     # A second evaluation goes to a new file.
     train_2d.main(["--eval_only", "--ckpt", path, "--npoints", "16"])
@@ -177,7 +179,7 @@ def test_image_checkpoint_shape_mismatch(tmp_path, capsys):
                                                        str(tmp_path / "moved.ckpt")]))
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert "trained on images of shape (1, 8, 8); fake images are (3, 16, 16)" in err
+    assert "was trained on samples of shape (1, 8, 8); fake's are (3, 16, 16)" in err
 
 
 def test_pretrained_unet_evaluated_as_it_is(tmp_path):
@@ -186,7 +188,7 @@ def test_pretrained_unet_evaluated_as_it_is(tmp_path):
     from diffusers import UNet2DModel
     folder = str(tmp_path / "tiny-unet")
     t.manual_seed(0)
-    UNet2DModel.from_config(dict(train_cifar10.small_unet_config(3, 16, 8),
+    UNet2DModel.from_config(dict(unet.small_unet_config(3, 16, 8),
                                  layers_per_block=1)).save_pretrained(folder)
     logs = str(tmp_path / "exps")
     results = train_cifar10.main(["--eval_only", "--dataset", "fake", "--pretrained", folder,

@@ -12,14 +12,14 @@ import pytest
 import torch as t
 from diffusers import DDPMScheduler, UNet2DModel
 
-import experiment
 import utils
+from cli import UserError
 from diffusionmodel import DiffusionModel
+from proposals import LogisticProposal
 from tests.analytic import gaussian, reference_nll
 from tests.checks import assert_unbiased_and_calibrated, gen
-from train_cifar10 import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, load_unet,
-                           logsnr_to_timestep, small_unet_config,
-                           unet_from_state_dict)
+from unet import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, from_state_dict,
+                  load, logsnr_to_timestep, small_unet_config)
 
 TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
 
@@ -152,13 +152,13 @@ def same_weights(a, b):
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_load_local_directory(tmp_path, pipeline):
     saved = save_tiny(str(tmp_path), pipeline=pipeline)
-    net, schedule, prediction_type, source = load_unet(str(tmp_path))
-    assert same_weights(net, saved) and source == str(tmp_path)
+    denoiser, source = load(str(tmp_path))
+    assert same_weights(denoiser.unet, saved) and source == str(tmp_path)
     # The schedule is the folder's own (beta_end 0.01), not DDPM's default.
-    assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
-    assert prediction_type == "epsilon"  # DDPMScheduler's default
-    scratch, _, _, _ = load_unet(str(tmp_path), from_scratch=True)
-    assert _plain_config(scratch.config) == _plain_config(net.config)
+    assert t.allclose(denoiser.alphas_cumprod, DDPMScheduler(beta_end=0.01).alphas_cumprod.double())
+    assert denoiser.prediction_type == "epsilon"  # DDPMScheduler's default
+    scratch = load(str(tmp_path), from_scratch=True)[0].unet
+    assert _plain_config(scratch.config) == _plain_config(denoiser.unet.config)
     assert not same_weights(scratch, saved)
 
 
@@ -182,17 +182,17 @@ def test_load_hub_id_from_cache_without_network(tmp_path, monkeypatch):
     def no_network():
         raise AssertionError("the cache must be used before any network check")
 
-    net, schedule, _, source = load_unet("itd-test/tiny-unet", online=no_network)
-    assert same_weights(net, saved) and "hub" in source
-    assert t.allclose(schedule, DDPMScheduler(beta_end=0.01).alphas_cumprod)
+    denoiser, source = load("itd-test/tiny-unet", online=no_network)
+    assert same_weights(denoiser.unet, saved) and "hub" in source
+    assert t.allclose(denoiser.alphas_cumprod, DDPMScheduler(beta_end=0.01).alphas_cumprod.double())
 
 
 def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     asked = []
-    with pytest.raises(experiment.UserError) as err:
-        load_unet("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
+    with pytest.raises(UserError) as err:
+        load("google/ddpm-cifar10-32", online=lambda: asked.append(1) or False)
     message = str(err.value)
     assert asked == [1]  # the network is consulted once, after the cache
     for part in ("google/ddpm-cifar10-32", str(tmp_path), "huggingface.co", "--pretrained",
@@ -202,16 +202,17 @@ def test_missing_hub_id_offline_message(tmp_path, monkeypatch):
 
 
 def test_bad_pretrained_path():
-    with pytest.raises(experiment.UserError, match="no such directory"):
-        load_unet("./no/such/folder/")
+    with pytest.raises(UserError, match="no such directory"):
+        load("./no/such/folder/")
 
 
 def test_builtin_ddpm_cifar10_config():
     # The DDPM paper (Ho et al. 2020): "Our CIFAR10 model has 35.7 million parameters".
-    net, schedule, prediction_type, _ = load_unet(DDPM_CIFAR10, from_scratch=True,
-                                                  online=lambda: False)
-    assert schedule is None and prediction_type == "epsilon"  # DDPM's schedule, noise prediction
-    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == 35.7
+    denoiser, _ = load(DDPM_CIFAR10, from_scratch=True, online=lambda: False)
+    # DDPM's schedule, noise prediction
+    assert t.equal(denoiser.alphas_cumprod, DDPMScheduler().alphas_cumprod.double())
+    assert denoiser.prediction_type == "epsilon"
+    assert round(sum(p.numel() for p in denoiser.unet.parameters()) / 1e6, 1) == 35.7
 
 
 def test_checkpoint_rebuilds_the_unet(tmp_path):
@@ -221,10 +222,10 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
     path = str(tmp_path / "model.pt")
     t.save(model.state_dict(), path)
     state = t.load(path, weights_only=True)  # the extra state must be plain data
-    net, schedule, prediction_type = unet_from_state_dict(state)
-    assert prediction_type == "v_prediction"  # the prediction type travels in the checkpoint
-    rebuilt = DiffusionModel(UNetDenoiser(net, schedule, prediction_type=prediction_type),
-                             x_shape=(3, 8, 8))
+    rebuilt_denoiser = from_state_dict(state)
+    # the prediction type travels in the checkpoint
+    assert rebuilt_denoiser.prediction_type == "v_prediction"
+    rebuilt = DiffusionModel(rebuilt_denoiser, x_shape=(3, 8, 8))
     rebuilt.load_state_dict(state)
     assert same_weights(rebuilt, model)
     assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
@@ -236,7 +237,7 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
     # A checkpoint from before prediction types (no key in the extra state) predicts the noise.
     old = dict(state, **{"model._extra_state": {k: v for k, v in state["model._extra_state"].items()
                                                  if k != "prediction_type"}})
-    assert unet_from_state_dict(old)[2] == "epsilon"
+    assert from_state_dict(old).prediction_type == "epsilon"
     as_eps.load_state_dict(old)
     # Same parameter shapes, different architecture: caught by the config in the extra state.
     other = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
@@ -250,11 +251,12 @@ def test_rejects_unsupported_unets():
         UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
     with pytest.raises(ValueError, match="outside"):
         UNetDenoiser(UNet2DModel.from_config(TINY), outside="extrapolate")
-    with pytest.raises(ValueError, match="learned-variance"):
+    with pytest.raises(ValueError, match=r"6 output channels for 3 input channels \(a learned "
+                                         r"variance\?\)"):
         UNetDenoiser(UNet2DModel.from_config(dict(TINY, out_channels=6)))
     with pytest.raises(ValueError) as err:
         UNetDenoiser(UNet2DModel.from_config(TINY), prediction_type="mean")
-    assert str(err.value) == ("prediction_type must be 'epsilon', 'v_prediction' or 'sample', "
+    assert str(err.value) == ("prediction_type must be one of epsilon, v_prediction, sample, "
                               "got 'mean'")
 
 
@@ -262,22 +264,25 @@ def test_rejects_unsupported_unets():
 def test_load_reads_the_prediction_type(tmp_path, prediction_type):
     # The scheduler saved next to the U-Net says what it predicts; a folder without one: epsilon.
     save_tiny(str(tmp_path / "with"), prediction_type=prediction_type)
-    assert load_unet(str(tmp_path / "with"))[2] == prediction_type
+    assert load(str(tmp_path / "with"))[0].prediction_type == prediction_type
     save_tiny(str(tmp_path / "without"), scheduler=False)
-    net, schedule, kind, _ = load_unet(str(tmp_path / "without"))
-    assert schedule is None and kind == "epsilon"
+    denoiser, _ = load(str(tmp_path / "without"))
+    # DDPM's schedule
+    assert t.equal(denoiser.alphas_cumprod, DDPMScheduler().alphas_cumprod.double())
+    assert denoiser.prediction_type == "epsilon"
 
 
 @pytest.mark.parametrize("folder, match", [
     (dict(variance_type="learned_range"), "learns its variance.*'learned_range'"),
     (dict(variance_type="learned"), "learns its variance.*'learned'"),
-    (dict(prediction_type="mean"), "predicts 'mean'"),
+    (dict(prediction_type="mean"), "prediction_type must be one of epsilon, v_prediction, sample, "
+                                   "got 'mean'"),
     (dict(unet_config=dict(TINY, out_channels=6)), "6 output channels for 3 input channels"),
 ])
 def test_load_refuses_unsupported_unets(tmp_path, folder, match):
     save_tiny(str(tmp_path), **folder)
-    with pytest.raises(experiment.UserError, match=match) as err:
-        load_unet(str(tmp_path))
+    with pytest.raises(UserError, match=match) as err:
+        load(str(tmp_path))
     assert "\n" not in str(err.value)  # one line
 
 
@@ -333,7 +338,7 @@ def test_the_three_parametrisations_give_the_same_density():
                     t.tensor([[1.0, 0.3, 0.0, 0.1], [0.3, 0.5, 0.1, 0.0],
                               [0.0, 0.1, 0.2, 0.05], [0.1, 0.0, 0.05, 0.08]]))
     loc, scale, clip = 0., 3., 4.
-    schedule = utils.logsnr_schedule(*utils.LogisticProposal(loc, scale, clip).range)
+    schedule = utils.logsnr_schedule(*LogisticProposal(loc, scale, clip).range)
     x = dist.sample(6, generator=gen(1))
     truth = reference_nll(dist, x)
 
@@ -345,7 +350,7 @@ def test_the_three_parametrisations_give_the_same_density():
             denoiser.timestep = functools.partial(logsnr_to_timestep, table=denoiser.logsnr_table)
         dm = DiffusionModel(denoiser, x_shape=(1, 2, 2), logsnr_loc=loc, logsnr_scale=scale,
                             clip=clip).double()
-        runs = [dm.nll_points(x, 256, generator=gen(100 + r)) for r in range(24)]
+        runs = [dm.nll_points(x, 256, seed=100 + r) for r in range(24)]
         return tuple(t.stack(v) for v in zip(*runs))
 
     est, se = estimates("epsilon")
@@ -353,9 +358,9 @@ def test_the_three_parametrisations_give_the_same_density():
     for kind in ("v_prediction", "sample"):
         # The adapter's timesteps are float32: the fake's a is off by up to half an ulp of t
         # (3e-5 steps near t = 999, 0.024 log SNR per step: 7e-7), and v and x at a slightly
-        # wrong a convert back to a slightly different eps; measured 1.2e-7 nats at most.
+        # wrong a convert back to a slightly different eps; measured 1.6e-7 nats at most.
         assert (estimates(kind)[0] - est).abs().max() < 1e-6, kind
-    # With float64 timesteps only the conversions' rounding is left: measured 6e-14 nats.
+    # With float64 timesteps only the conversions' rounding is left: measured 1e-13 nats.
     exact = estimates("epsilon", float64_timesteps=True)[0]
     assert (exact - est).abs().max() < 1e-6
     for kind in ("v_prediction", "sample"):

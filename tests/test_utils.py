@@ -1,5 +1,5 @@
-"""Tests of utils: logistic importance sampling over log SNR, randomised Sobol points, the Gaussian
-reference and the log-SNR range read off an MSE curve.
+"""Tests of utils and proposals: logistic importance sampling over log SNR and the log-SNR range
+read off an MSE curve (proposals), randomised Sobol points and the Gaussian reference (utils).
 
 Statistical tests are seeded (deterministic) and compare against closed forms with a tolerance of
 4-5 standard errors of the Monte Carlo estimate, so a correct implementation passes with very high
@@ -14,6 +14,7 @@ import scipy.stats
 import torch as t
 
 import utils
+from proposals import LogisticProposal, mse_quantiles, suggest_logsnr_params
 from tests.checks import gen
 
 
@@ -52,11 +53,11 @@ def test_logistic_weight_is_one_over_a_normalised_density():
     import scipy.integrate
     for loc, scale, clip in ((0., 3., 4.), (LOC, SCALE, CLIP), (-2., 0.7, 9.)):
         def q(a):
-            return 1 / utils.LogisticProposal(loc, scale, clip).weight(t.tensor(a, dtype=t.float64)).item()
+            return 1 / LogisticProposal(loc, scale, clip).weight(t.tensor(a, dtype=t.float64)).item()
         total, _ = scipy.integrate.quad(q, loc - clip * scale, loc + clip * scale, epsabs=1e-12)
         assert total == pytest.approx(1.0, abs=1e-9)
     # at the centre: q(loc) = 1/4 / (scale tanh(c/2))
-    w0 = utils.LogisticProposal(0., 3., 4.).weight(t.tensor(0.))
+    w0 = LogisticProposal(0., 3., 4.).weight(t.tensor(0.))
     assert w0.item() == pytest.approx(4 * 3 * math.tanh(2), rel=1e-6)
 
 
@@ -66,8 +67,8 @@ def test_logistic_logsnr_is_unbiased(stratified):
     # their average must sit within 4 standard errors (from the spread of the K sets) of the
     # closed form.
     k, n = 4000, 32
-    a, w = utils.LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
-                                                           generator=gen(0), dtype=t.float64)
+    a, w = LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
+                                                     generator=gen(0), dtype=t.float64)
     assert a.min() >= LOC - CLIP * SCALE and a.max() <= LOC + CLIP * SCALE
     est = (w * f_test(a)).mean(1)
     se = est.std() / math.sqrt(k)
@@ -82,8 +83,8 @@ def test_stratified_has_lower_variance():
     k, n = 2000, 32
     variances = []
     for stratified in (False, True):
-        a, w = utils.LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
-                                                               generator=gen(1), dtype=t.float64)
+        a, w = LogisticProposal(LOC, SCALE, CLIP).sample((k, n), stratified=stratified,
+                                                         generator=gen(1), dtype=t.float64)
         variances.append((w * f_test(a)).mean(1).var().item())
     assert variances[1] < 0.05 * variances[0]
 
@@ -92,17 +93,17 @@ def test_logistic_quadrature_converges_at_second_order():
     # midpoint rule in quantile space: the error ratio between n and 2n tends to 4
     errors = []
     for n in (16, 32, 64, 128):
-        a, w = utils.LogisticProposal(LOC, SCALE, CLIP).quadrature(n, dtype=t.float64)
+        a, w = LogisticProposal(LOC, SCALE, CLIP).quadrature(n, dtype=t.float64)
         errors.append((w * f_test(a)).mean().item() - clipped_integral())
     ratios = [errors[i] / errors[i + 1] for i in range(3)]
     assert all(3.6 < r < 4.4 for r in ratios), ratios
     # deterministic
-    assert t.equal(a, utils.LogisticProposal(LOC, SCALE, CLIP).quadrature(128, dtype=t.float64)[0])
+    assert t.equal(a, LogisticProposal(LOC, SCALE, CLIP).quadrature(128, dtype=t.float64)[0])
 
 
 def test_logistic_from_uniform_endpoints():
     # u = 0, 1/2, 1 -> the clipped range's ends and the centre
-    q = utils.LogisticProposal(LOC, SCALE, CLIP)
+    q = LogisticProposal(LOC, SCALE, CLIP)
     a, w = q.from_uniform(t.tensor([0., 0.5, 1.], dtype=t.float64), dtype=t.float64)
     expected = [LOC - CLIP * SCALE, LOC, LOC + CLIP * SCALE]
     assert a.tolist() == pytest.approx(expected, abs=1e-9)
@@ -115,7 +116,7 @@ def test_logistic_from_uniform_endpoints():
 
 
 def test_widened_reaches_the_top_with_the_same_logistic():
-    q = utils.LogisticProposal(LOC, SCALE, CLIP)
+    q = LogisticProposal(LOC, SCALE, CLIP)
     assert q.widened(q.range[1] - 1) is q  # already reaches it
     wide = q.widened(14.2)
     assert (wide.loc, wide.scale) == (q.loc, q.scale) and wide.range[1] == pytest.approx(14.2)
@@ -123,7 +124,7 @@ def test_widened_reaches_the_top_with_the_same_logistic():
 
 
 def test_logistic_respects_generator_and_dtype():
-    q = utils.LogisticProposal(0., 2.)
+    q = LogisticProposal(0., 2.)
     a1, w1 = q.sample((3, 8), generator=gen(5))
     a2, w2 = q.sample((3, 8), generator=gen(5))
     assert t.equal(a1, a2) and t.equal(w1, w2)
@@ -136,7 +137,7 @@ def test_logistic_respects_generator_and_dtype():
                                                 (3., 0., "clip"), (3., -2., "clip")])
 def test_bad_scale_or_clip_raise(scale, clip, match):
     with pytest.raises(ValueError, match=match):
-        utils.LogisticProposal(0., scale, clip)
+        LogisticProposal(0., scale, clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,10 +384,10 @@ def test_suggest_logsnr_params_recovers_a_logistic_curve():
     d, loc, scale = 5, 1.7, 2.3
     a = np.linspace(-30, 30, 6001)
     mse = d / (1 + np.exp(-(a - loc) / scale))
-    got_loc, got_scale = utils.suggest_logsnr_params(a, mse, d)
+    got_loc, got_scale = suggest_logsnr_params(a, mse, d)
     assert got_loc == pytest.approx(loc, abs=1e-3)
     assert got_scale == pytest.approx(scale, abs=1e-3)
-    q25, q50, q75 = utils.mse_quantiles(a, mse, d)
+    q25, q50, q75 = mse_quantiles(a, mse, d)
     assert q75 - q50 == pytest.approx(scale * math.log(3), abs=1e-3)
 
 
@@ -395,13 +396,13 @@ def test_mse_quantiles_nan_when_a_level_is_never_reached():
     d = 2
     a = np.linspace(-10, 10, 201)
     mse = d * 0.4 * np.exp(-a ** 2 / 8)
-    q25, q50, q75 = utils.mse_quantiles(a, mse, d)
+    q25, q50, q75 = mse_quantiles(a, mse, d)
     assert math.isfinite(q25) and math.isnan(q50) and math.isnan(q75)
     # first crossing of 0.25: 0.4 exp(-a^2/8) = 0.25 at a = -sqrt(8 ln 1.6)
     assert q25 == pytest.approx(-math.sqrt(8 * math.log(1.6)), abs=1e-2)
-    assert all(math.isnan(v) for v in utils.suggest_logsnr_params(a, mse, d))
+    assert all(math.isnan(v) for v in suggest_logsnr_params(a, mse, d))
     # a curve already above a level at the first grid point gives that point
-    assert utils.mse_quantiles(a, np.full_like(a, d * 0.9), d)[0] == a[0]
+    assert mse_quantiles(a, np.full_like(a, d * 0.9), d)[0] == a[0]
 
 
 def test_nats_to_bpd():

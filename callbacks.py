@@ -1,0 +1,262 @@
+"""Lightning callbacks of a training run besides the figures (viz.py): the reference values the
+model must beat, the log-SNR proposal refitted during training, the progress display, the run's
+size and the last validation, and what Ctrl-C keeps."""
+import os
+import shlex
+import sys
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+import utils
+import viz
+from proposals import FittedProposal
+
+
+class Baselines(pl.Callback):
+    """The numbers val_loss must be read against. At the start of training the data-matched
+    Gaussian reference is fitted on the datamodule's reference_data() (a resumed run keeps its
+    checkpoint's); its -log q of the validation data is logged as gaussian_val_loss /
+    gaussian_val_bpd. Where the data's density is known (datasets.DataSource.exact_nll), the exact
+    E[-log p] of the same validation points is logged as val_loss_exact beside every val_loss
+    (points outside the support, -log p = +inf, are left out and counted). All kept in `values`;
+    describe(trainer, model, values) -> text is printed at the start (rank 0)."""
+
+    def __init__(self, describe=None):
+        self.describe, self.values = describe, {}
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and trainer.ckpt_path is None:
+            pl_module.fit_reference(trainer.datamodule.reference_data())
+        nll = trainer.datamodule.exact_nll(trainer.datamodule.val_data())
+        if nll is not None:
+            finite = nll.isfinite()
+            self.values.update(val_nll_exact=float(nll[finite].mean()),
+                               exact_outside_support=int((~finite).sum()))
+
+    def on_fit_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        val = trainer.datamodule.val_data().to(pl_module.reference.mean)
+        nats = pl_module.reference.nll(val).mean().item()
+        self.values.update(gaussian_val_loss=nats, gaussian_val_bpd=utils.nats_to_bpd(nats, pl_module.d))
+        if trainer.logger:
+            trainer.logger.log_metrics({k: self.values[k] for k in ("gaussian_val_loss",
+                                                                     "gaussian_val_bpd")}, step=0)
+        text = self.describe and self.describe(trainer, pl_module, self.values)
+        if text:
+            print(text, flush=True)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and "val_nll_exact" in self.values:
+            pl_module.log("val_loss_exact", self.values["val_nll_exact"], sync_dist=True)
+
+
+class FitProposal(pl.Callback):
+    """--fit_proposal N: the model's log-SNR proposal refitted to the model
+    (DiffusionModel.fit_proposal) on N training samples at the start of every `every`-th epoch,
+    so that the training loss and val_loss are estimated with it. Both stay unbiased (every point
+    keeps its exact weight, and the pilot never sees the validation data); a checkpoint carries
+    the proposal. The pilot is seeded by (seed, epoch), so every process fits the same one. Logs
+    proposal_moved (the mass moved from the logistic) and, on TensorBoard, the proposal's shape."""
+
+    def __init__(self, samples, every, seed=0):
+        self.samples, self.every, self.seed = samples, every, seed
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        if epoch == 0 or epoch % self.every:  # epoch 0: the model starts at the Gaussian
+            return
+        x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device, pl_module.dtype)
+        was_training = pl_module.training
+        pl_module.eval()
+        proposal = pl_module.fit_proposal(x, seed=utils.derive_seed(self.seed, epoch))
+        pl_module.train(was_training)
+        if not isinstance(proposal, FittedProposal):  # the model is still the Gaussian
+            return
+        trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
+        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_figure("proposal", viz.plot_proposal(proposal),
+                                                 trainer.global_step)
+
+
+class LogInterval(pl.Callback):
+    """Trainer(log_every_n_steps) capped at an epoch's steps, so that short epochs log too."""
+
+    def setup(self, trainer, pl_module, stage):  # after the data's setup, before the loops'
+        steps = len(trainer.datamodule.train) // trainer.datamodule.batch_size
+        trainer.log_every_n_steps = max(1, min(trainer.log_every_n_steps, steps))
+
+
+class ValidateLastEpoch(pl.Callback):
+    """Validation after the last epoch whatever the interval, so the final val_loss (and the
+    summary) belongs to the final model; `step` is the step of the last validation."""
+
+    step = -1
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+class RunSize(pl.Callback):
+    """Says how many steps a run takes, and after the first epoch how long the rest should take
+    (from the time per step, so a run resumed mid-epoch estimates right)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self._start, self._step, self._said = time.time(), trainer.global_step, False
+        if trainer.is_global_zero:
+            left = trainer.estimated_stepping_batches - trainer.global_step
+            print(f"training: {trainer.max_epochs - trainer.current_epoch} epochs of "
+                  f"{trainer.num_training_batches} steps, {left} steps to go of "
+                  f"{trainer.estimated_stepping_batches}", flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        done, left = trainer.global_step - self._step, trainer.estimated_stepping_batches - trainer.global_step
+        if trainer.is_global_zero and done > 0 and left > 0 and not self._said:
+            self._said = True
+            seconds = (time.time() - self._start) / done * left
+            print(f"expected: about {seconds / 60:.1f} more minutes for the remaining {left} "
+                  "steps (without validation)", flush=True)
+
+
+class ExactResume(pl.Callback):
+    """A run resumed mid-epoch continues that epoch where it stopped: the training sampler
+    (datasets.EpochSampler, the same permutation) leaves out the batches already done, so the
+    resumed run takes exactly the steps of the uninterrupted one."""
+
+    def on_train_start(self, trainer, pl_module):
+        sampler = getattr(trainer.datamodule, "sampler", None)
+        if trainer.fit_loop.restarted_mid_epoch and sampler is not None:  # the epoch's steps done
+            done = (trainer.global_step * trainer.accumulate_grad_batches
+                    - trainer.current_epoch * trainer.num_training_batches)
+            sampler.skip = done * trainer.datamodule.batch_size
+
+
+class Interrupted(pl.Callback):
+    """Ctrl-C or SIGTERM (what batch systems send before they kill): during training the state of
+    the exact step is saved to <run>/checkpoints/interrupted.ckpt, and experiment.run_cli ends
+    with one line (global rank 0) naming it and the command that resumes, exit status 130 (Ctrl-C)
+    or 143 (SIGTERM); during an evaluation nothing is written."""
+
+    message, status, log_dir = None, None, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.log_dir = trainer.log_dir  # rank 0's, shared with every process
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt):
+            Interrupted.status, cause = 130, "interrupted"
+        elif isinstance(exception, SIGTERMException):
+            Interrupted.status, cause = 143, "stopped by SIGTERM"
+        else:
+            return
+        if self.log_dir is None:
+            Interrupted.message = f"{cause}: nothing was written"
+            return
+        path = os.path.join(self.log_dir, "checkpoints", "interrupted.ckpt")
+        trainer.save_checkpoint(path)
+        argv, skip = [], False  # the command as given, resuming from the checkpoint
+        for word in sys.argv[1:]:
+            if skip or word == "--resume" or word.startswith("--resume="):
+                skip = word == "--resume"
+                continue
+            argv.append(word)
+        command = shlex.join(["python", sys.argv[0], *argv, "--resume", shown_path(path)])
+        Interrupted.message = (f"{cause} at epoch {trainer.current_epoch + 1}, step "
+                               f"{trainer.global_step}: kept {shlex.quote(shown_path(path))}; resume with "
+                               f"{command}")
+
+
+class SlurmJob(pl.Callback):
+    """Under SLURM (Lightning's SLURMEnvironment requeues a job on its signal, SIGUSR1): the run
+    folder is marked with the job's id, so that the requeued job, started again with the same
+    command, continues this run (experiment.requeued_checkpoint), and Lightning's requeue
+    checkpoint (hpc_ckpt_N.ckpt) is saved into <run>/checkpoints."""
+
+    def on_train_start(self, trainer, pl_module):
+        job = slurm_job_id()
+        if job is None:
+            return
+        folder = os.path.join(trainer.log_dir, "checkpoints")
+        trainer._default_root_dir = folder  # where Lightning's requeue handler saves
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(trainer.log_dir, SLURM_MARK), "w") as f:
+                f.write(job)
+
+
+SLURM_MARK = "slurm_job_id"  # the file in a run folder naming the SLURM job that trains it
+
+
+def slurm_job_id():
+    """The id of the SLURM job this process runs in (array jobs: JOB_TASK), or None."""
+    if not SLURMEnvironment.detect():
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+
+
+def shown_path(path):
+    """A path as printed: relative to the working directory when inside it, else absolute."""
+    if not path:
+        return path
+    rel = os.path.relpath(path)
+    return os.path.abspath(path) if rel.startswith("..") else rel
+
+
+def show_progress():
+    """The progress display: Lightning's bar on a terminal, one line at a time in a log."""
+    return TQDMProgressBar() if sys.stdout.isatty() else LineProgress()
+
+
+class LineProgress(ProgressBar):
+    """Progress for a log file: one line per training epoch with its metrics, and during
+    validation and evaluation at most one line every `every` seconds."""
+
+    def __init__(self, every=10.):
+        super().__init__()
+        self.every, self.enabled, self._last = every, True, time.time()
+
+    def disable(self):
+        self.enabled = False
+
+    def enable(self):
+        self.enabled = True
+
+    @rank_zero_only
+    def _say(self, text):
+        if self.enabled:
+            print(text, flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        shown = dict(self.get_metrics(trainer, pl_module))
+        shown.pop("v_num", None)
+        if "val_loss" in trainer.callback_metrics:
+            shown["val_loss"] = float(trainer.callback_metrics["val_loss"])
+        metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in shown.items())
+        self._say(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {metrics}")
+
+    def _tick(self, label, batch_idx, total):
+        now = time.time()
+        if now - self._last >= self.every:
+            self._last = now
+            self._say(f"{label}: batch {batch_idx + 1} of {int(total)}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        self._tick("validation", batch_idx, trainer.num_val_batches[dataloader_idx])
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._tick(getattr(pl_module, "phase", "test"), batch_idx,
+                   trainer.num_test_batches[dataloader_idx])

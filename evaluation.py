@@ -1,0 +1,491 @@
+"""The evaluation table of trained models, as a LightningModule run by Trainer.test (experiment.py
+builds the Trainer): rows of E[-log p] in nats and bits/dim with standard errors, printed and
+written as JSON.
+
+A row is a model (the data-matched Gaussian, each checkpoint, their ensemble) and an estimate.
+The estimates are data: `ROWS` maps each name to a `RowKind` (what the number means, what data
+it needs, what it costs, how it is built). Adding a row is one entry there plus its estimator.
+"""
+import dataclasses
+import math
+import os
+import time
+from typing import Callable, Optional
+
+import pytorch_lightning as pl
+import torch as t
+
+import utils
+from cli import UserError
+from denoisers import Ensemble, GaussianDenoiser, GridRounding
+from diffusionmodel import bin_edges, heldout_errors
+from proposals import BINS, FittedProposal, LogisticProposal
+from vb import variational_bound
+
+RESULTS_SCHEMA = "itd-eval/3"
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RowKind:
+    """One kind of estimate in the table.
+
+    meaning: what the number is (a bound, an estimate, a change of units), printed under the
+        table and stored with every row.
+    grid: None for any data, True for data on a grid only.
+    cost(ev): denoiser evaluations per scored sample for one model.
+    build(ev, entry) -> (fn, span): fn(x, index) -> per-sample nats, float64 (B,), with x a batch
+        of scored samples and index their positions; span the row's log-SNR proposal (its range
+        and kind are reported) or a (lo, hi) range, or None. `ev` is the Evaluation (its seed,
+        npoints, grid, and `proposal(kind, entry, ...)`); `entry` the model's Entry.
+    derive: (row, fn(values, ev)) instead of build: computed from another row's per-sample values
+        at no cost.
+    """
+    meaning: str
+    grid: Optional[bool] = None
+    cost: Callable = lambda ev: 0
+    build: Optional[Callable] = None
+    derive: Optional[tuple] = None
+
+
+@dataclasses.dataclass
+class Entry:
+    """A model of the table: its name, the DiffusionModel scored for continuous estimates, the
+    candidate bases it may round or choose among (indices into Evaluation.bases: 0 is the
+    Gaussian), and the model whose log-SNR range, proposal and schedule the row uses."""
+    name: str
+    model: object
+    bases: list
+    like: object
+
+
+def _continuous(ev, entry):
+    """-log p(x) of the data as they are (nll_points)."""
+    proposal = ev.proposal("continuous", entry, entry.like.proposal)
+
+    def fn(x, index):
+        return entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index,
+                                      proposal=proposal)[0]
+    return fn, proposal
+
+
+def _dequantized(ev, entry):
+    """-log p(x + delta (U - 1/2)) - d log delta, U named by (seed, index)."""
+    proposal = ev.proposal("continuous", entry, entry.like.proposal)
+    delta, d = ev.grid.delta, entry.model.d
+
+    def fn(x, index):
+        x = utils.dequantize(x, delta, ev.seed, index)
+        nll = entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index, proposal=proposal)[0]
+        return utils.discrete_limit_nats(nll, delta, d)
+    return fn, proposal
+
+
+def _variational_bound(ev, entry):
+    """DDPM's -ELBO over the denoiser's own schedule, else 1000 steps linear in log SNR over the
+    model's range."""
+    schedule = getattr(entry.like.model, "alphas_cumprod", None)
+    if schedule is None:
+        schedule = utils.logsnr_schedule(*entry.like.proposal.range)
+    model = ev.discrete_model(entry, ("none",))
+
+    def fn(x, index):
+        return variational_bound(model, x, ev.grid, schedule, ev.vb_steps, seed=ev.seed,
+                                 index=index)[0]
+    return fn, tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())
+
+
+def _discrete(rounding):
+    """-log P(x) directly, over a range that resolves the grid; with rounding, x_hat is the
+    Gaussian's, the entry's own, or the entry's rounded one, chosen per log SNR on held-out data."""
+    def build(ev, entry):
+        roundings = ("none",) if rounding == "none" else ("none", rounding)
+        model = ev.discrete_model(entry, roundings)
+        wide = entry.like.proposal.widened(utils.grid_resolved_logsnr(ev.grid.delta))
+        proposal = ev.proposal("discrete", entry, wide, roundings)
+
+        def fn(x, index):
+            return model.nll_discrete_points(x, ev.grid, ev.npoints, seed=ev.seed, index=index,
+                                             proposal=proposal)[0]
+        return fn, proposal
+    return build
+
+
+ROWS = {  # the table's estimates, in the order of its columns
+    "continuous": RowKind(
+        "estimate of E[-log p(x)] of the data as they are: an upper bound in expectation for the "
+        "hybrid denoiser (the model over logsnr_range, the Gaussian's optimal predictor outside); "
+        "for grid data it depends on the range's top",
+        cost=lambda ev: ev.npoints, build=_continuous),
+    "discrete limit": RowKind(
+        "continuous - d log(delta): a change of units, not a bound", grid=True,
+        derive=("continuous", lambda values, ev: utils.discrete_limit_nats(
+            values, ev.grid.delta, ev.d))),
+    "dequantized": RowKind(
+        "upper bound on E[-log P(x)]: the continuous estimate of x + delta (U - 1/2), "
+        "- d log(delta)", grid=True, cost=lambda ev: ev.npoints, build=_dequantized),
+    "variational bound": RowKind(
+        "upper bound on E[-log P(x)]: the -ELBO of the T-step schedule over logsnr_range (DDPM's, "
+        "fixed_small variances, discretised Gaussian decoder; timesteps subsampled, unbiased)",
+        grid=True, cost=lambda ev: (ev.vb_steps or 1000) + 2, build=_variational_bound),
+    **{name: RowKind(
+        "upper bound on E[-log P(x)]: 1/2 Int E||eps - eps_hat||^2 da over logsnr_range, the "
+        "tails in closed form", grid=True, cost=lambda ev: ev.npoints, build=_discrete(rounding))
+       for name, rounding in (("discrete, no rounding", "none"), ("discrete, hard rounding", "hard"),
+                              ("discrete, soft rounding", "soft"))},
+}
+EXACT = "the exact value on the same points"  # the meaning of the `exact` row (known densities)
+
+
+def _kind(row):
+    """The meaning's key of a row: its estimate up to the first comma, or `exact`."""
+    return "exact" if row["model"] == "exact" else row["estimate"].split(",")[0]
+
+
+def _meaning(row):
+    return EXACT if _kind(row) == "exact" else ROWS[row["estimate"]].meaning
+
+
+# ---------------------------------------------------------------------------------------------
+# The candidates of the held-out choice
+# ---------------------------------------------------------------------------------------------
+class Candidates:
+    """The candidate denoisers of a held-out choice as the columns of its errors: every base (the
+    Gaussian, then each model) under every rounding of `roundings` ("none", "hard", "soft"). Rows
+    name columns by (bases, roundings); no index arithmetic lives outside this class."""
+
+    def __init__(self, bases, roundings=("none",), grid=None):
+        self.bases, self.roundings = list(bases), tuple(roundings)
+        self.rounders = {r: GridRounding(None, grid, r) for r in self.roundings if r != "none"}
+
+    def __len__(self):
+        return len(self.bases) * len(self.roundings)
+
+    def columns(self, bases, roundings):
+        """The columns of the given base indices under the given roundings, sorted."""
+        n = len(self.bases)
+        return sorted(self.roundings.index(r) * n + b for r in roundings for b in bases)
+
+    def predict(self, z, a):
+        """Every column's noise prediction at (z, a), each base evaluated once."""
+        eps = [b(z, a) for b in self.bases]
+        return [e if r == "none" else self.rounders[r].round_eps(z, a, e)
+                for r in self.roundings for e in eps]
+
+    def module(self, column):
+        """The denoiser of one column."""
+        rounding, base = divmod(column, len(self.bases))
+        base = self.bases[base]
+        if self.roundings[rounding] == "none":
+            return base
+        return GridRounding(base, self.rounders[self.roundings[rounding]].grid,
+                            self.roundings[rounding])
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+# ---------------------------------------------------------------------------------------------
+class Evaluation(pl.LightningModule):
+    """The evaluation table of trained DiffusionModels as two Trainer.test passes.
+
+    "select" scores every candidate denoiser (the data-matched Gaussian, each model and, for grid
+    data, their hard and soft roundings) per log-SNR bin on the selection samples; the ensembles
+    and rounding choices follow from those held-out errors. "score" computes every row on the
+    scoring samples. Samples are sharded across processes; every draw is named by (seed, sample
+    index), and the per-sample values are gathered in index order, so the table is the same for
+    any number of processes and any batch size. With proposal="fitted" every row's log-SNR
+    importance distribution is fitted to that row's integrand from the selection pass's errors
+    (no extra evaluations; proposals.FittedProposal).
+
+    source: a datasets.DataSource; eval_data() gives the samples and their grid (or None).
+    """
+
+    def __init__(self, models, names, source, seed=0, npoints=128, batch_size=256,
+                 select_fraction=0.5, fit_reference=False, bins=BINS, vb_steps=100,
+                 proposal="fitted"):
+        super().__init__()
+        if proposal not in ("fitted", "logistic"):
+            raise ValueError(f"proposal must be 'fitted' or 'logistic', got {proposal!r}")
+        self.proposal_kind = proposal
+        self.vb_steps = vb_steps or None
+        self.models, self.names, self.source = t.nn.ModuleList(models), list(names), source
+        self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
+        self.select_fraction, self.fit_reference = select_fraction, fit_reference
+        self.data, self.phase, self.rows, self.per_sample = None, "select", [], {}
+        self.d = models[0].d
+        self.heldout = {}  # kind -> the selection samples' errors, samples x bins x candidates
+
+    def prepare_data(self):  # Lightning calls it once per node: downloads
+        self.source.prepare_data()
+
+    def setup(self, stage):
+        """The data (source.eval_data() -> (x, grid)), split once (seeded) into the selection and
+        scoring parts, the candidates and the log-SNR bins of the held-out choice."""
+        if self.data is not None:
+            return
+        self.source.setup()
+        first = self.models[0]
+        if self.fit_reference:  # a pretrained model evaluated as it is: the data-matched Gaussian
+            first.fit_reference(self.source.reference_data())
+        x, self.grid = self.source.eval_data()
+        n_select = int(round(self.select_fraction * len(x)))
+        perm = t.randperm(len(x), generator=t.Generator().manual_seed(self.seed))
+        if min(n_select, len(x) - n_select) < max(2, self.trainer.world_size):
+            raise UserError(f"{len(x)} samples are too few to split into selection and scoring "
+                            f"parts for {self.trainer.world_size} process(es)")
+        self.data = {"select": x[perm[:n_select]], "score": x[perm[n_select:]]}
+        self.bases = [GaussianDenoiser(first.reference)] + list(self.models)
+        self.candidates = {"continuous": Candidates(self.bases)}
+        self.edges = {"continuous": bin_edges(first.proposal.range, self.bins)}
+        if self.grid is not None:
+            self.candidates["discrete"] = Candidates(self.bases, ("none", "hard", "soft"), self.grid)
+            top = utils.grid_resolved_logsnr(self.grid.delta)
+            ranges = [m.proposal.widened(top).range for m in self.models]
+            self.edges["discrete"] = bin_edges((min(r[0] for r in ranges),
+                                                max(r[1] for r in ranges)), self.bins)
+        n = len(self.models)
+        self.entries = ([Entry("gaussian", first.with_denoiser(self.bases[0]), [0], first)]
+                        + [Entry(name, m, [1 + i], m)
+                           for i, (name, m) in enumerate(zip(self.names, self.models))]
+                        + [Entry("ensemble", None, list(range(n + 1)), first)])  # model: after
+        if self.trainer.is_global_zero:
+            select, score = self.evaluations_per_sample()
+            print(f"evaluating {len(self.names)} model(s) on {len(x) - n_select} scored samples "
+                  f"({n_select} for selection) with {self.trainer.world_size} process(es): "
+                  f"{select} + {score} denoiser evaluations per sample, "
+                  f"{select * n_select + score * (len(x) - n_select):,} in all", flush=True)
+
+    # -- what the rows are built from
+    def rows_for(self):
+        """The row kinds this data gets (grid-only ones only for grid data), in table order."""
+        return {name: kind for name, kind in ROWS.items() if not kind.grid or self.grid is not None}
+
+    def ensemble(self, kind, entry, roundings=("none",)):
+        """The entry's model choosing per log-SNR bin among its bases under `roundings` (and the
+        Gaussian), on the held-out errors; None before the selection pass."""
+        if kind not in self.heldout:
+            return None
+        cands = self.candidates[kind]
+        columns = self._columns(kind, entry, roundings)
+        ensemble = Ensemble.from_heldout([cands.module(c) for c in columns], self.edges[kind],
+                                         self.heldout[kind].mean(0).T[columns])
+        return entry.like.with_denoiser(ensemble)
+
+    def _columns(self, kind, entry, roundings):
+        """An entry's candidate columns: its bases unrounded and under `roundings`, and, with
+        rounding, the Gaussian too."""
+        cands = self.candidates[kind]
+        gaussian = cands.columns([0], ("none",)) if roundings != ("none",) else []
+        return sorted(set(gaussian + cands.columns(entry.bases, roundings)))
+
+    def discrete_model(self, entry, roundings):
+        """The model of an entry's discrete rows: a single base unrounded as it is, otherwise the
+        held-out choice."""
+        if len(entry.bases) == 1 and roundings == ("none",):
+            return entry.model
+        return self.ensemble("discrete", entry, roundings)
+
+    def proposal(self, kind, entry, base, roundings=("none",)):
+        """`base` (a LogisticProposal over the row's range) fitted to the row whose denoiser takes,
+        per log-SNR bin, the held-out best of the entry's candidate columns, from their errors on
+        the selection samples: the integrand is 1/2 (error - the Gaussian's) for continuous rows,
+        1/2 error for discrete ones, on the bins within the proposal's range (the logistic part
+        alone covers the rest). `base` itself where there is nothing to follow (the Gaussian's
+        row), with too few selection samples, or where its range holds fewer than half the bins;
+        the logistic of `base`'s range with proposal="logistic"."""
+        if self.proposal_kind == "logistic":
+            return base
+        edges, (lo, hi) = self.edges[kind].double(), base.range
+        tol = 1e-9 * (edges[-1] - edges[0]).item()
+        inside = ((edges[:-1] >= lo - tol) & (edges[1:] <= hi + tol)).nonzero().squeeze(1)
+        errors = self.heldout[kind]
+        if len(errors) < FittedProposal.MIN_SAMPLES or len(inside) < len(edges) // 2:
+            return base
+        columns = t.as_tensor(self._columns(kind, entry, roundings))
+        best = columns[errors.mean(0).T[columns].argmin(0)]
+        chosen = errors[:, t.arange(errors.shape[1]), best]
+        terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
+        terms = terms[:, inside]  # the bins within the proposal's range (ranges of models differ)
+        bins_range = (max(edges[inside[0]].item(), lo), min(edges[inside[-1] + 1].item(), hi))
+        return FittedProposal.from_terms(base, terms, bins_range=bins_range)
+
+    def evaluations_per_sample(self):
+        """Denoiser evaluations per selection sample and per scored sample (for the log)."""
+        n = len(self.models)  # the Gaussian's evaluations cost next to nothing
+        select = sum((len(e) - 1) * n for e in self.edges.values())
+        score = sum(kind.cost(self) for kind in self.rows_for().values())
+        return select, score * (n + 1)
+
+    # -- Lightning hooks
+    def test_dataloader(self):
+        x = self.data[self.phase]
+        shard = range(self.global_rank, len(x), self.trainer.world_size)
+        return t.utils.data.DataLoader(_Keyed(x, shard), batch_size=self.batch_size)
+
+    def on_test_epoch_start(self):
+        self.parts, self._start = [], time.time()
+        if self.phase == "score":  # the ensemble's choice is known after the selection pass
+            self.entries[-1].model = self.ensemble("continuous", self.entries[-1])
+            self.jobs = [(entry.name, name, *kind.build(self, entry))
+                         for entry in self.entries
+                         for name, kind in self.rows_for().items() if kind.build is not None]
+
+    def test_step(self, batch, batch_idx):
+        index, x = batch
+        if self.phase == "select":
+            seed = utils.derive_seed(self.seed, SELECTION)
+            values = [heldout_errors(self.candidates[kind].predict, x, index, seed,
+                                     edges).flatten(1) for kind, edges in self.edges.items()]
+        else:
+            values = [fn(x, index).double().view(-1, 1) for _, _, fn, _ in self.jobs]
+        self.parts.append((index, t.cat(values, 1)))
+        batches = self.trainer.num_test_batches[0]
+        if batch_idx == 0 and batches > 1 and self.trainer.is_global_zero:
+            left = (time.time() - self._start) * (batches - 1)
+            print(f"{self.phase}: about {left:.0f} s left for this pass", flush=True)
+
+    def on_test_epoch_end(self):
+        x = self.data[self.phase]
+        values = _gather_rows(self, self.parts, len(x))
+        if self.phase == "select":
+            start = 0
+            for kind, edges in self.edges.items():
+                bins, m = len(edges) - 1, len(self.candidates[kind])
+                self.heldout[kind] = values[:, start:start + bins * m].view(len(x), bins, m)
+                start += bins * m
+            return
+        self.rows = []
+        for j, (name, estimate, _, span) in enumerate(self.jobs):
+            self._add_row(name, estimate, values[:, j], span)
+            for derived, kind in self.rows_for().items():
+                if kind.derive is not None and kind.derive[0] == estimate:
+                    self._add_row(name, derived, kind.derive[1](values[:, j], self), span)
+
+    def _add_row(self, name, estimate, values, span):
+        self.per_sample[(name, estimate)] = values
+        self.rows.append(table_row(name, estimate, values, self.d, span))
+
+    def results(self, info=None, checkpoints=(), wall_time_s=None):
+        """The table as a dict (the JSON file's content), with an `exact` row first where the
+        data's density is known (on the same scored points)."""
+        x_score, d = self.data["score"], self.d
+        exact = self.source.exact_nll(x_score.cpu())
+        rows = ([table_row("exact", "continuous", exact, d)] if exact is not None else []) + self.rows
+        header = (f"E[-log p] on {len(x_score)} scored samples: nats per sample and bits/dim; +- is "
+                  "the standard error over the samples (data and log-SNR integral together)")
+        if self.grid is not None:
+            delta, lo, levels = self.grid
+            header += (f"; grid data lo + k delta, lo = {lo:g}, delta = {delta:.5g}, "
+                       f"{levels or 'unbounded'} levels")
+        return dict(schema=RESULTS_SCHEMA, **(info or {}), header=header,
+                    checkpoints=[os.path.abspath(p) for p in checkpoints],
+                    x_shape=list(self.models[0].x_shape), d=d, npoints=self.npoints,
+                    seed=self.seed, select_fraction=self.select_fraction,
+                    proposal=self.proposal_kind, n_scored=len(x_score),
+                    n_selection=len(self.data["select"]),
+                    grid=None if self.grid is None else self.grid._asdict(),
+                    world_size=self.trainer.world_size, rows=rows, wall_time_s=wall_time_s)
+
+
+SELECTION = 1  # names the held-out choice's stream apart from the scored rows' (derive_seed)
+
+
+class _Keyed(t.utils.data.Dataset):
+    """(index, x[index]) for the indices of one shard."""
+
+    def __init__(self, x, indices):
+        self.x, self.indices = x, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.indices[i], self.x[self.indices[i]]
+
+
+def _gather_rows(module, parts, n):
+    """Every process's (index, values) rows as one (n, k) float64 CPU tensor in index order."""
+    index = t.cat([p[0] for p in parts]).to(module.device)
+    values = t.cat([p[1] for p in parts]).to(module.device, t.float64)
+    if module.trainer.world_size > 1:  # shards differ in size by at most one: pad, then gather
+        size = -(-n // module.trainer.world_size)
+        index = t.cat([index, index.new_full((size - len(index),), -1)])
+        values = t.cat([values, values.new_zeros(size - len(values), values.shape[1])])
+        index, values = module.all_gather(index).flatten(0, 1), module.all_gather(values).flatten(0, 1)
+    out = t.zeros(n, values.shape[1], dtype=t.float64)
+    out[index[index >= 0].cpu()] = values[index >= 0].cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The table as rows, text and a results file
+# ---------------------------------------------------------------------------------------------
+def table_row(model, estimate, nll, d, span=None):
+    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, logsnr_range, proposal,
+    meaning} from per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored
+    samples covers the data and the log-SNR integral together. span: the row's log-SNR proposal
+    (its range and kind are reported) or range."""
+    proposal = None
+    if isinstance(span, LogisticProposal):
+        proposal = {"kind": "logistic", "loc": span.loc, "scale": span.scale, "clip": span.clip}
+        if isinstance(span, FittedProposal):
+            proposal.update(kind="fitted", mix=span.mix, moved=round(span.moved(), 4))
+        span = span.range
+    logsnr_range = None if span is None else [round(v, 3) for v in span]
+    nll = t.as_tensor(nll).double()
+    mean = nll.mean().item()
+    stderr = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
+    row = dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
+               bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d),
+               logsnr_range=logsnr_range, proposal=proposal)
+    return dict(row, meaning=_meaning(row))
+
+
+def format_results(rows, header):
+    """The table as text: a header line, then one line per (model, estimate) with its log-SNR
+    range, then what each kind of estimate means."""
+    lines = [header, f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} "
+                     f"{'+-':>7}  log SNR"]
+    for r in rows:
+        span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
+        lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
+                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span}")
+    meanings = {_kind(r): r["meaning"] for r in rows}
+    lines += [f"  {kind}: {meaning}" for kind, meaning in meanings.items()]
+    moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]
+    if moved:
+        lines.append(f"  log-SNR proposal: {len(moved)} rows use a fitted one ({100 * min(moved):.0f}-"
+                     f"{100 * max(moved):.0f}% of the logistic's mass moved; --eval_proposal fitted "
+                     "fits each row on the selection samples; unbiased either way)")
+    return "\n".join(lines)
+
+
+def results_path(path=None, ckpt=None, name=None, folder=None):
+    """`path`, or eval-<checkpoint's name>.json next to the checkpoint `ckpt`, or
+    eval-<name>.json in `folder`; made unique: an existing file is never overwritten."""
+    if path is None and ckpt is not None:
+        stem = os.path.splitext(os.path.basename(ckpt))[0]
+        path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval-{stem}.json")
+    elif path is None:
+        path = os.path.join(folder or ".", f"eval-{name.replace('/', '-').replace(' ', '_')}.json")
+    root, ext = os.path.splitext(path)
+    k = 2
+    while os.path.exists(path):
+        path, k = f"{root}-{k}{ext}", k + 1
+    return path
+
+
+def claim_results_file(path):
+    """Creates the results file now, empty, so a bad path fails before the evaluation."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        open(path, "x").close()
+    except OSError as err:
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        reason = f"{parent} is a file, not a folder" if not os.path.isdir(parent) else (
+            err.strerror or str(err))
+        raise UserError(f"cannot write the results to {path}: {reason}") from None

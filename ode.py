@@ -1,0 +1,151 @@
+"""-log p(x) of the density a denoiser's probability-flow ODE defines (DiffusionModel.nll_ode),
+the likelihood most diffusion papers report, beside the information-theoretic estimate.
+
+In y = z / sqrt(s(a)) the channel is y = x + tau eps with tau = e^(-a/2), and the flow
+dy/da = -1/2 e^(-a/2) eps_hat(sqrt(s(a)) y, a) carries the data's density to the noise's; along
+it d log p / da = -1/2 sigma(a) div_z eps_hat (sigma = sqrt(s(-a))). Over the model's log-SNR
+range [a_lo, a_hi] the flow is integrated numerically; beyond it the denoiser is the Gaussian
+reference's exact one, whose flow is linear, so both ends are closed forms (docs/maths.md):
+
+    -log p(x) = -log N(y(a_lo); m, Sigma + e^(-a_lo) I) - 1/2 Int_{a_lo}^{a_hi} sigma div eps_hat da
+                - 1/2 sum_i log(1 + e^(-a_hi) / lambda_i),
+    y(a_hi) = m + U diag(sqrt(1 + e^(-a_hi) / lambda_i)) U^T (x - m).
+
+The solver is Dormand-Prince 5(4) (the pair of scipy's RK45, which score_sde's likelihood uses,
+and of torchdiffeq's dopri5) written for a batch whose samples each keep their own step size:
+every stage is one batched denoiser call over the samples still integrating, and a sample's
+result does not depend on the others in its batch (the same for any batch layout or number of
+processes), on any device.
+"""
+import math
+
+import torch as t
+
+import utils
+
+# Dormand-Prince 5(4): nodes, stages, 5th-order weights, error weights (7 stages, FSAL)
+_C = (0., 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.)
+_A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+      (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+      (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+_B = (35 / 384, 0., 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+_E = (-71 / 57600, 0., 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
+TRACES = ("exact", "hutchinson")
+_PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed streams
+
+
+def divergence(fn, z, trace="exact", probes=None):
+    """(fn(z), div_z fn(z)) per sample for a map acting on each sample alone: exact (one
+    vector-Jacobian product per dimension) or Hutchinson's v^T J v averaged over `probes`
+    (K, B, d) Rademacher vectors."""
+    with t.enable_grad():
+        z = z.detach().requires_grad_(True)
+        out = fn(z)
+        flat = out.flatten(1)
+        if trace == "exact":
+            div = sum(t.autograd.grad(flat[:, i].sum(), z, retain_graph=i + 1 < flat.shape[1])[0]
+                      .flatten(1)[:, i] for i in range(flat.shape[1]))
+        else:
+            div = sum((t.autograd.grad(flat, z, v.to(flat.dtype), retain_graph=k + 1 < len(probes))[0]
+                       .flatten(1) * v).sum(1) for k, v in enumerate(probes)) / len(probes)
+    return out.detach(), div.detach()
+
+
+def nll_ode(model, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, index=None,
+            max_steps=10000):
+    """-log p(x) in nats per sample of the density model's probability-flow ODE defines (the
+    model over its proposal's range, the reference's exact denoiser beyond), and info: {"nfe":
+    (B,) denoiser evaluations per sample (each with its divergence), "trace", "probes", "rtol",
+    "atol", "logsnr_range"}. Hutchinson's probes are named by (seed, index, probe, dimension), so
+    a sample's value does not depend on its batch; with trace="exact" nothing is random."""
+    if trace not in TRACES:
+        raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"need rtol > 0 and atol > 0, got {rtol}, {atol}")
+    x = model._data(x)
+    ref, (a_lo, a_hi), dtype = model.reference, model.proposal.range, x.dtype
+    b, d, dev = len(x), model.d, x.device
+    lam, m = ref.eigvals.double(), ref.mean.double()
+    # the Gaussian's flow from a = +inf down to a_hi, in closed form
+    gain = (1 + math.exp(-a_hi) / lam).sqrt()
+    y = m + ref._unrotate(ref._rotate(x.double().flatten(1) - m) * gain)
+    log_det = 0.5 * (1 + math.exp(-a_hi) / lam).log().sum()
+    probe_vectors = None
+    if trace == "hutchinson":
+        key = t.as_tensor(index if index is not None else t.arange(b), device=dev).view(-1, 1)
+        u = utils.counter_uniform(utils.fresh_seed(seed), _PROBE_STREAM,
+                                  key.unsqueeze(0), t.arange(probes, device=dev).view(-1, 1, 1),
+                                  t.arange(d, device=dev).view(1, 1, -1), device=dev)
+        probe_vectors = (u < 0.5).double() * 2 - 1  # (probes, B, d)
+
+    def field(s, state, rows):
+        """d(y, l)/ds at s = a_hi - a for the given rows: dy/ds = 1/2 e^(-a/2) eps_hat,
+        dl/ds = 1/2 sigma(a) div_z eps_hat."""
+        a = a_hi - s
+        alpha = t.sigmoid(a).sqrt()
+        z = (alpha.unsqueeze(1) * state[:, :d]).to(dtype).view((-1,) + model.x_shape)
+        pr = None if probe_vectors is None else probe_vectors[:, rows].to(dtype)
+        eps, div = divergence(lambda zz: model(zz, a.to(dtype)), z, trace, pr)
+        return t.cat([0.5 * (-a / 2).exp().unsqueeze(1) * eps.flatten(1).double(),
+                      (0.5 * t.sigmoid(-a).sqrt() * div.double()).unsqueeze(1)], 1)
+
+    state = t.cat([y, t.zeros(b, 1, dtype=t.float64, device=dev)], 1)
+    state, nfe = _dopri5(field, state, a_hi - a_lo, rtol, atol, max_steps)
+    y_end, integral = state[:, :d], state[:, d]
+    # the Gaussian's marginal at a_lo: N(m, Sigma + e^(-a_lo) I)
+    var = lam + math.exp(-a_lo)
+    r = ref._rotate(y_end - m)
+    nll_end = 0.5 * (d * utils.LOG_2PI + var.log().sum() + (r ** 2 / var).sum(1))
+    nll = nll_end - integral - log_det
+    info = dict(nfe=nfe, trace=trace, probes=probes if trace == "hutchinson" else None,
+                rtol=rtol, atol=atol, logsnr_range=[a_lo, a_hi])
+    return nll.to(dtype), info
+
+
+def _dopri5(field, y0, span, rtol, atol, max_steps):
+    """y(span) of dy/ds = field(s, y, rows) from s = 0 for every row of y0 (B, n), each row with
+    its own adaptive steps (scipy's RK45 step control: the rms over components of the error
+    relative to atol + rtol |y|, step factor 0.9 err^(-1/5) within [0.2, 10], and its initial
+    step). Returns (y, function evaluations per row)."""
+    b, dev = len(y0), y0.device
+    rows = t.arange(b, device=dev)
+    s, y, nfe = t.zeros(b, dtype=t.float64, device=dev), y0.clone(), t.zeros(b, dtype=t.long, device=dev)
+
+    def norm(v, scale):
+        return ((v / scale) ** 2).mean(1).sqrt()
+
+    f = field(s, y, rows)  # the initial step (scipy's select_initial_step)
+    scale = atol + rtol * y.abs()
+    d0, d1 = norm(y, scale), norm(f, scale)
+    h0 = t.where((d0 < 1e-5) | (d1 < 1e-5), t.full_like(d0, 1e-6), 0.01 * d0 / d1).clamp(max=span)
+    f1 = field(h0, y + h0.unsqueeze(1) * f, rows)
+    d2 = norm(f1 - f, scale) / h0
+    big = t.maximum(d1, d2)
+    h1 = t.where(big <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), (0.01 / big) ** (1 / 5))
+    h = t.minimum(100 * h0, h1).clamp(max=span)
+    nfe += 2
+    active = t.ones(b, dtype=t.bool, device=dev)
+    for _ in range(max_steps):
+        if not active.any():
+            return y, nfe
+        i = active.nonzero().squeeze(1)
+        si, yi, fi, hi = s[i], y[i], f[i], h[i].unsqueeze(1)
+        k = [fi]
+        for c, a_row in zip(_C[1:], _A[1:]):
+            k.append(field(si + c * hi[:, 0], yi + hi * sum(w * kk for w, kk in zip(a_row, k)), i))
+        y_new = yi + hi * sum(w * kk for w, kk in zip(_B, k))
+        f_new = field(si + hi[:, 0], y_new, i)
+        nfe[i] += 6
+        err = norm(hi * sum(w * kk for w, kk in zip(_E, k + [f_new])),
+                   atol + rtol * t.maximum(yi.abs(), y_new.abs()))
+        ok = err <= 1
+        factor = (0.9 * err.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.)
+        factor = t.where(ok, factor, factor.clamp(max=1.))
+        acc = i[ok]
+        s[acc], y[acc], f[acc] = s[acc] + h[acc], y_new[ok], f_new[ok]
+        h[i] = hi[:, 0] * factor
+        done = s >= span * (1 - 1e-12)
+        active = active & ~done
+        h = t.minimum(h, (span - s).clamp(min=0))
+    raise FloatingPointError(f"the probability-flow ODE did not reach the end of its range in "
+                             f"{max_steps} steps (rtol {rtol}, atol {atol})")

@@ -1,0 +1,313 @@
+"""The importance distribution over log SNR, and how its range is chosen (docs/maths.md).
+
+- `LogisticProposal`: a truncated logistic (range, weights, sampling, quadrature, widening);
+- `FittedProposal`: the logistic mixed with bins fitted to the integrand;
+- the range read off a covariance spectrum or a measured MSE curve.
+
+Every sampler maps uniforms u to log SNRs a(u) through `from_uniform`, so stratified, quasi-Monte
+Carlo and quadrature points share one code path, and an integral Int f(a) da over the range is
+E_q[w(a) f(a)] with w = 1/q.
+"""
+import math
+
+import numpy as np
+import torch as t
+import torch.nn.functional as F
+
+BINS = 48  # equal-width log-SNR bins of a fitted proposal and of the held-out choices
+EPS = 2.0 ** -52  # float64's relative precision
+
+
+
+class LogisticProposal:
+    """q(a): the logistic(loc, scale) truncated to loc +- clip * scale.
+
+    An integral Int f(a) da over that range is E_q[w(a) f(a)] with w = 1/q. Every sampler maps
+    uniforms u to a(u) = loc + scale * logit(s(-c) + (s(c) - s(-c)) u), so stratified, quasi-Monte
+    Carlo and quadrature points all come from `from_uniform`.
+    """
+
+    def __init__(self, loc=0., scale=3., clip=4.):
+        if not scale > 0:
+            raise ValueError(f"logsnr_scale must be > 0, got {scale}")
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        self.loc, self.scale, self.clip = float(loc), float(scale), float(clip)
+
+    def __repr__(self):
+        return f"LogisticProposal(loc={self.loc:g}, scale={self.scale:g}, clip={self.clip:g})"
+
+    @property
+    def range(self):
+        """(lowest, highest) log SNR: loc -+ clip * scale."""
+        return self.loc - self.clip * self.scale, self.loc + self.clip * self.scale
+
+    def weight(self, logsnr):
+        """w(a) = 1 / q(a), q(a) = s(v) s(-v) / (scale tanh(c/2)), v = (a - loc) / scale."""
+        v = (logsnr - self.loc) / self.scale
+        return self.scale * math.tanh(self.clip / 2) * t.exp(F.softplus(v) + F.softplus(-v))
+
+    def from_uniform(self, u, dtype=t.float32):
+        """(a(u), w(a(u))) for uniforms u in [0, 1]: a computed in float64, then rounded into the
+        range in `dtype` (an end that dtype cannot represent must not be passed), w = 1/q there."""
+        lo, hi = 1 / (1 + math.exp(self.clip)), 1 / (1 + math.exp(-self.clip))
+        return self._at(self.loc + self.scale * t.logit(lo + (hi - lo) * u.to(t.float64)), dtype)
+
+    def _at(self, logsnr, dtype):
+        """(a, w(a)) with a = logsnr rounded to dtype and clamped to the range's ends rounded
+        inwards, so that every draw lies in the support in the dtype it is used in."""
+        ends = [t.tensor(v, dtype=t.float64).to(dtype) for v in self.range]
+        if ends[0].double() < self.range[0]:
+            ends[0] = t.nextafter(ends[0], t.tensor(math.inf, dtype=dtype))
+        if ends[1].double() > self.range[1]:
+            ends[1] = t.nextafter(ends[1], t.tensor(-math.inf, dtype=dtype))
+        a = logsnr.to(dtype).clamp(*(e.to(logsnr.device) for e in ends))
+        return a, self.weight(a.double()).to(dtype)
+
+    def sample(self, shape, stratified=True, generator=None, device=None, dtype=t.float32):
+        """(a, w) of the given shape. stratified: the last dimension holds one draw per
+        equal-probability stratum, u_k = (k + U_k) / n, so its mean of w f stays unbiased."""
+        shape = tuple(shape)
+        u = t.rand(shape, generator=generator, device=device, dtype=t.float64)
+        if stratified:
+            u = (t.arange(shape[-1], device=device, dtype=t.float64) + u) / shape[-1]
+        return self.from_uniform(u, dtype)
+
+    def quadrature(self, n, device=None, dtype=t.float32):
+        """The midpoint rule in quantile space, u_k = (k + 1/2) / n: biased by O(1/n^2)."""
+        return self.from_uniform((t.arange(n, device=device, dtype=t.float64) + 0.5) / n, dtype)
+
+    def grid(self, n):
+        """n evenly spaced log SNRs over the range (where MSE curves are shown)."""
+        return t.linspace(*self.range, n)
+
+    def widened(self, hi):
+        """The same logistic with clip grown so that the range reaches at least `hi`."""
+        if self.range[1] >= hi:
+            return self
+        return LogisticProposal(self.loc, self.scale, (hi - self.loc) / self.scale)
+
+
+class FittedProposal(LogisticProposal):
+    """q(a) = (1 - mix) q_logistic(a) + mix q_bins(a), over the logistic's range (docs/maths.md).
+
+    q_logistic is LogisticProposal(loc, scale, clip); q_bins is piecewise constant on len(weights)
+    equal-width bins over `bins_range` (default: the logistic's range), bin k holding probability
+    weights[k] / sum(weights). The logistic part keeps q > 0 over the whole range (so w = 1/q stays
+    bounded where the bins put nothing), the bins follow the integrand (DiffusionModel.fit_proposal).
+    from_uniform inverts the mixture CDF to rounding (float64, monotone in u), so stratified,
+    quasi-Monte Carlo and quadrature points keep their structure.
+    """
+
+    NEWTON_STEPS = 100  # the most safeguarded Newton steps within a bin (a few reach rounding)
+
+    def __init__(self, loc, scale, clip, weights, mix=0.5, bins_range=None):
+        super().__init__(loc, scale, clip)
+        weights = [float(v) for v in weights]
+        valid = all(math.isfinite(v) and v >= 0 for v in weights)
+        if not weights or not valid or not sum(weights) > 0:
+            raise ValueError("bin weights must be finite, non-negative and not all zero, "
+                             f"got {weights}")
+        if not 0 <= mix < 1:
+            raise ValueError(f"mix must be in [0, 1), got {mix}")
+        lo, hi = (float(v) for v in (bins_range if bins_range is not None else self.range))
+        if not (self.range[0] <= lo < hi <= self.range[1]):
+            raise ValueError(f"bins_range {[lo, hi]} must lie within the range {list(self.range)}")
+        self.weights, self.mix, self.bins_range = weights, float(mix), (lo, hi)
+        probs = t.tensor(weights, dtype=t.float64)
+        self._probs = probs / probs.sum()
+        self._cum = t.cat([t.zeros(1, dtype=t.float64), self._probs.cumsum(0)])
+        self._width = (hi - lo) / len(weights)
+        self._device_tables = {}
+
+    def __repr__(self):
+        return (f"FittedProposal(loc={self.loc:g}, scale={self.scale:g}, clip={self.clip:g}, "
+                f"bins={len(self.weights)}, mix={self.mix:g})")
+
+    def state(self):
+        """Plain floats and lists (for a checkpoint); FittedProposal.from_state rebuilds it."""
+        return {"kind": "fitted", "loc": self.loc, "scale": self.scale, "clip": self.clip,
+                "weights": list(self.weights), "mix": self.mix, "bins_range": list(self.bins_range)}
+
+    @classmethod
+    def from_state(cls, state):
+        state = dict(state)
+        if state.pop("kind", "fitted") != "fitted":
+            raise ValueError(f"not a FittedProposal state: {state}")
+        return cls(**state)
+
+    MIN_SAMPLES = 8  # pilot samples per bin a fit needs
+
+    @classmethod
+    def from_terms(cls, base, terms, mix=0.5, bins_range=None):
+        """The mixture with `base` (a LogisticProposal) whose bins follow pilot terms of the
+        integrand: terms (n, bins) are f(a) at one log SNR uniform in each equal-width bin of
+        bins_range (default: base's range) per row, and bin k gets probability proportional to
+        the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md).
+        All-zero terms (a model equal to the reference) leave nothing to follow: base's logistic."""
+        terms = t.as_tensor(terms).to(t.float64)
+        if terms.dim() != 2 or len(terms) < cls.MIN_SAMPLES:
+            raise ValueError(f"fitting a proposal needs pilot terms of at least {cls.MIN_SAMPLES} "
+                             f"samples per bin, got shape {tuple(terms.shape)}")
+        if not t.isfinite(terms).all():
+            raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
+                             "over the proposal's range")
+        if not terms.abs().sum() > 0:
+            return LogisticProposal(base.loc, base.scale, base.clip)
+        return cls(base.loc, base.scale, base.clip, terms.pow(2).mean(0).sqrt().tolist(), mix,
+                   bins_range)
+
+    def moved(self, points=20000):
+        """The probability mass the bins moved away from the logistic: the total variation
+        1/2 Int |q - q_logistic| da (midpoint rule)."""
+        lo, hi = self.range
+        a = lo + (hi - lo) * (t.arange(points, dtype=t.float64) + 0.5) / points
+        q_l = 1 / LogisticProposal.weight(self, a)
+        return 0.5 * float((self.density(a) - q_l).abs().sum()) * (hi - lo) / points
+
+    def _bin(self, a):
+        """(bin index clamped to the bins, inside the bins' range) of float64 log SNRs a."""
+        lo, hi = self.bins_range
+        k = ((a - lo) / self._width).floor().clamp(0, len(self.weights) - 1).long()
+        return k, (a >= lo) & (a <= hi)
+
+    def density(self, logsnr):
+        """q(a) in float64 (0 outside the range)."""
+        a = t.as_tensor(logsnr).to(t.float64)
+        q_l = 1 / LogisticProposal.weight(self, a)
+        k, inside = self._bin(a)
+        q_b = t.where(inside, self._tables(a.device)[0][k] / self._width, t.zeros_like(a))
+        lo, hi = self.range
+        return t.where((a >= lo) & (a <= hi), (1 - self.mix) * q_l + self.mix * q_b, t.zeros_like(a))
+
+    def cdf(self, logsnr):
+        """Q(a) = Int_lo^a q, float64, clamped to [0, 1] outside the range."""
+        a = t.as_tensor(logsnr).to(t.float64).clamp(*self.range)
+        s_c = 1 / (1 + math.exp(self.clip))
+        cdf_l = (t.sigmoid((a - self.loc) / self.scale) - s_c) / math.tanh(self.clip / 2)
+        lo, hi = self.bins_range
+        k, _ = self._bin(a)
+        frac = ((a - lo) / self._width - k).clamp(0, 1)
+        probs, cum = self._tables(a.device)
+        cdf_b = cum[k] + probs[k] * frac
+        cdf_b = t.where(a < lo, t.zeros_like(a), t.where(a > hi, t.ones_like(a), cdf_b))
+        return ((1 - self.mix) * cdf_l + self.mix * cdf_b).clamp(0, 1)
+
+    def weight(self, logsnr):
+        """w(a) = 1 / q(a), in logsnr's dtype (computed in float64)."""
+        logsnr = t.as_tensor(logsnr)
+        return (1 / self.density(logsnr)).to(logsnr.dtype)
+
+    def _tables(self, device):
+        """(bin probabilities, their cumulative sums) in float64 on `device`, copied once."""
+        key = ("bins", str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = (self._probs.to(device), self._cum.to(device))
+        return self._device_tables[key]
+
+    def _knots(self, device):
+        """(the knots where q may jump -- the range's ends and the bins' edges --, Q there, and
+        mix times the bins' density on each piece between them)."""
+        key = ("knots", str(device))
+        if key not in self._device_tables:
+            edges = t.linspace(*self.bins_range, len(self.weights) + 1, dtype=t.float64)
+            ends = t.tensor(self.range, dtype=t.float64)
+            knots = t.cat([ends[:1], edges, ends[1:]]).unique()
+            k, inside = self._bin(0.5 * (knots[:-1] + knots[1:]))
+            slope = t.where(inside, self.mix * self._probs[k] / self._width, t.zeros_like(k, dtype=t.float64))
+            self._device_tables[key] = tuple(v.to(device) for v in (knots, self.cdf(knots), slope))
+        return self._device_tables[key]
+
+    def from_uniform(self, u, dtype=t.float32):
+        """(a(u), w(a(u))) for uniforms u in [0, 1]: a = Q^-1(u) in float64, then rounded into the
+        range in `dtype`, w = 1/q at the returned a. Between knots (the range's ends and the bins'
+        edges) Q(a) = Q(lo) + A (s(v) - s(v_lo)) + B (a - lo), v = (a - loc) / scale, with
+        A = (1 - mix) / tanh(c/2) and B = mix times the bin's density (0 outside the bins): after
+        locating u's piece (searchsorted on Q at the knots), B = 0 is inverted in closed form,
+        B > 0 by safeguarded Newton steps to rounding (docs/maths.md)."""
+        shape, u = u.shape, u.to(t.float64).flatten()
+        knots, q_knots, slopes = self._knots(u.device)
+        k = (t.searchsorted(q_knots, u, right=True) - 1).clamp(0, len(knots) - 2)
+        lo, hi, q_lo, slope = knots[k], knots[k + 1], q_knots[k], slopes[k]
+        s_lo, s_hi = (t.sigmoid((e - self.loc) / self.scale) for e in (lo, hi))
+        scale_s = (1 - self.mix) / math.tanh(self.clip / 2)  # A
+        a = self.loc + self.scale * t.logit((s_lo + (u - q_lo) / scale_s).clamp(s_lo, s_hi))
+        a = a.clamp(lo, hi)
+        rows = (slope > 0).nonzero().squeeze(1)
+        if len(rows):  # lo, hi: the piece; left, right: the bracket
+            lo, hi, s_lo, q_lo, slope, u = (v[rows] for v in (lo, hi, s_lo, q_lo, slope, u))
+            x = lo + (hi - lo) * ((u - q_lo) / (scale_s * (s_hi[rows] - s_lo) + slope * (hi - lo)))
+            left, right = lo, hi
+            for _ in range(self.NEWTON_STEPS):
+                s_x = t.sigmoid((x - self.loc) / self.scale)
+                f = q_lo + scale_s * (s_x - s_lo) + slope * (x - lo) - u
+                left, right = t.where(f < 0, x, left), t.where(f > 0, x, right)
+                step = x - f / (scale_s * s_x * (1 - s_x) / self.scale + slope)
+                new = t.where((step >= left) & (step <= right), step, 0.5 * (left + right))
+                if ((f.abs() <= 4 * EPS) | ((new - x).abs() <= EPS * (1 + x.abs()))).all():
+                    break  # Q(x) = u to a few ulps, or x moves by an ulp
+                x = new
+            a[rows] = new
+        return self._at(a.view(shape), dtype)
+
+    def widened(self, hi):
+        """The same mixture with the logistic's clip grown so the range reaches at least `hi`
+        (the bins keep their range; above it only the logistic part puts points)."""
+        if self.range[1] >= hi:
+            return self
+        return FittedProposal(self.loc, self.scale, (hi - self.loc) / self.scale, self.weights,
+                              self.mix, self.bins_range)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The log-SNR range from a covariance spectrum or a measured MSE curve
+# ---------------------------------------------------------------------------------------------
+SPECTRUM_RULES = {"moment": 3 / math.pi ** 2, "paper": 3 / math.pi}
+
+
+def spectrum_logsnr_params(eigvals, rule="paper", margin=8., min_clip=4.):
+    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues lambda_i (e.g. a fitted
+    GaussianReference's eigvals).
+
+    loc = -mean_i log lambda_i (the mean of the Gaussian MSE curve's density over a);
+    scale = sqrt(1 + c Var(log lambda)) with c = 3/pi ("paper", the default: lower estimator
+    variance in tests/test_spectrum.py) or 3/pi^2 ("moment": the variance of that density);
+    clip reaches `margin` beyond the outermost crossings -log lambda_i.
+    """
+    if rule not in SPECTRUM_RULES:
+        raise ValueError(f"rule must be one of {sorted(SPECTRUM_RULES)}, got {rule!r}")
+    lam = t.as_tensor(eigvals, dtype=t.float64).flatten()
+    if lam.numel() == 0 or not t.isfinite(lam).all() or not (lam > 0).all():
+        raise ValueError("eigenvalues must be finite and > 0")
+    log = lam.log()
+    var = log.var(unbiased=False).item() if lam.numel() > 1 else 0.
+    loc, scale = -log.mean().item(), math.sqrt(1 + SPECTRUM_RULES[rule] * var)
+    reach = max(-log.min().item() + margin - loc, loc + log.max().item() + margin)
+    return loc, scale, max(min_clip, reach / scale)
+
+
+def mse_quantiles(logsnrs, mse, d, levels=(0.25, 0.5, 0.75)):
+    """Log SNRs at which mse(a)/d first reaches each level (linear interpolation on the grid);
+    NaN for a level the curve never reaches there."""
+    a = np.asarray(logsnrs, dtype=float)
+    y = np.asarray(mse, dtype=float) / d
+    out = []
+    for q in levels:
+        above = np.nonzero(y >= q)[0]
+        if len(above) == 0:
+            out.append(float("nan"))
+        elif above[0] == 0:
+            out.append(float(a[0]))
+        else:
+            i = above[0]
+            out.append(float(np.interp(q, [y[i - 1], y[i]], [a[i - 1], a[i]])))
+    return out
+
+
+def suggest_logsnr_params(logsnrs, mse, d):
+    """(logsnr_loc, logsnr_scale) from a measured MSE curve: loc is the median crossing and, as a
+    logistic CDF reaches 1/4 and 3/4 at loc -+ scale ln 3, scale = (a_75 - a_25) / (2 ln 3).
+    (nan, nan) if the curve does not cover its quartiles on the grid."""
+    a25, a50, a75 = mse_quantiles(logsnrs, mse, d)
+    return a50, (a75 - a25) / (2 * math.log(3))
