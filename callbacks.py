@@ -59,18 +59,22 @@ class Baselines(pl.Callback):
 
 class FitProposal(pl.Callback):
     """--fit_proposal N: the model's log-SNR proposal refitted to the model
-    (DiffusionModel.fit_proposal) on N training samples at the start of every `every`-th epoch,
-    so that the training loss and val_loss are estimated with it. Both stay unbiased (every point
-    keeps its exact weight, and the pilot never sees the validation data); a checkpoint carries
-    the proposal. The pilot is seeded by (seed, epoch), so every process fits the same one. Logs
-    proposal_moved (the mass moved from the logistic) and, on TensorBoard, the proposal's shape."""
+    (DiffusionModel.fit_proposal) on N training samples at the start of `refits` epochs spread
+    evenly over the run's E (epochs round(k E / (refits + 1)), k = 1 .. refits: exactly
+    `refits` when E > refits, every epoch but the first otherwise), so that the training loss and
+    val_loss are estimated with it. Both stay unbiased (every point keeps its exact weight, and
+    the pilot never sees the validation data); a checkpoint carries the proposal. The pilot is
+    seeded by (seed, epoch), so every process fits the same one. Logs proposal_moved (the mass
+    moved from the logistic) at every refit and, on TensorBoard, the last one's shape."""
 
-    def __init__(self, samples, every, seed=0):
-        self.samples, self.every, self.seed = samples, every, seed
+    def __init__(self, samples, epochs, refits, seed=0):
+        self.samples, self.seed = samples, seed
+        self.epochs = sorted({round(k * epochs / (refits + 1)) for k in range(1, refits + 1)}
+                             & set(range(1, epochs)))  # epoch 0: the model starts at the Gaussian
 
     def on_train_epoch_start(self, trainer, pl_module):
         epoch = trainer.current_epoch
-        if epoch == 0 or epoch % self.every:  # epoch 0: the model starts at the Gaussian
+        if epoch not in self.epochs:
             return
         x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device, pl_module.dtype)
         was_training = pl_module.training
@@ -80,7 +84,8 @@ class FitProposal(pl.Callback):
         if not isinstance(proposal, FittedProposal):  # the model is still the Gaussian
             return
         trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
-        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+        last = epoch == self.epochs[-1]  # a figure costs more than a refit: the last one's
+        if last and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_figure("proposal", viz.plot_proposal(proposal),
                                                  trainer.global_step)
 

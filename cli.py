@@ -17,7 +17,7 @@ PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "
                   "num_workers", "num_threads", "offline", "data_dir", "log_dir", "eval_only",
                   "ckpt", "results", "npoints", "select_fraction", "eval_proposal"}
 RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "eval_batch_size", "val_every", "num_samples",
-                                      "sample_steps"}
+                                      "sample_steps", "ode", "ode_trace", "ode_probes", "ode_tol"}
 
 
 class UserError(RuntimeError):
@@ -115,7 +115,8 @@ def build_parser(description, defaults, may_change=()):
                        help="the log-SNR integral covers loc +- clip * scale")
     group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
                        help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
-                                        "model on N training samples 20 times during training "
+                                        "model on N training samples 20 times during training (each "
+                                        "epoch but the first in runs of up to 20 epochs) "
                                         "(a mixture of the logistic and bins that follow the "
                                         "integrand): lower-variance gradients and val_loss, "
                                         "unbiased either way; 0: keep the logistic"))
@@ -179,6 +180,16 @@ def build_parser(description, defaults, may_change=()):
     group.add_argument("--vb_steps", type=whole(0), default=100,
                        help="grid data: timesteps per sample of the variational-bound rows (an "
                             "unbiased subsample of the schedule's T; 0: all T)")
+    group.add_argument("--ode", type=str2bool, default=None,
+                       help=per_dataset(defaults, "ode", "also the likelihood of the probability-flow "
+                                        "ODE (the `ode` rows; for grid data also dequantized)"))
+    group.add_argument("--ode_trace", default="auto", choices=("auto", "exact", "hutchinson"),
+                       help="the ODE's divergence: exact (one vector-Jacobian product per "
+                            "dimension), Hutchinson's estimate, or auto: exact up to 16 dimensions")
+    group.add_argument("--ode_probes", type=positive(int), default=1,
+                       help="Rademacher probes of Hutchinson's estimate")
+    group.add_argument("--ode_tol", type=positive(float), default=1e-5,
+                       help="the ODE solver's relative and absolute tolerance")
     group.add_argument("--results", default=None, metavar="JSON",
                        help="where the table goes (default: eval-<checkpoint name>.json next to the "
                             "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
@@ -246,6 +257,9 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")
         if args.npoints < 8 or args.npoints & (args.npoints - 1):
             parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
+        if args.vb_steps == 1:
+            parser.error("argument --vb_steps: 0 (all of the schedule's timesteps) or at least 2, "
+                         "got 1")
         if not 0 < args.select_fraction < 1:
             parser.error(f"argument --select_fraction: must be in (0, 1), got {args.select_fraction}")
         if args.ckpt:

@@ -54,7 +54,7 @@ class DiffusionModel(pl.LightningModule):
         self.proposal = LogisticProposal(logsnr_loc, logsnr_scale, clip)
         self.reference = reference if reference is not None else utils.GaussianReference(self.d)
         self.val_sums = t.nn.ModuleList([SumMetric().set_dtype(t.float64) for _ in range(3)])
-        self.val_seed = VAL_SEED  # the validation points' seed: fixed, so epochs compare paired
+        self.val_seed = VAL_SEED  # the validation points' seed (fixed: docs/maths.md)
 
     # ------------------------------------------------------------------ the Gaussian channel
     def noisy_channel(self, x, logsnr, eps=None, generator=None):
@@ -288,7 +288,7 @@ class DiffusionModel(pl.LightningModule):
         bins, for q_k proportional to the rms of f over the bin (docs/maths.md). The pilot is
         heldout_errors' (model and reference on common noise): for every sample, bin and one of
         `pilot_points` draws, a log SNR uniform in the bin and a noise vector, named by (seed,
-        sample, draw), in one batched, chunked pass; FittedProposal.from_terms. The result
+        sample, draw), in one batched, chunked pass; FittedProposal.from_draws. The result
         mixes the bins with the current logistic: q = (1 - mix) q_logistic + mix q_bins.
         Fit the reference first (the integrand is the gap to it), and score other samples than x.
         """
@@ -299,12 +299,13 @@ class DiffusionModel(pl.LightningModule):
         if pilot_points < 1 or bins < 1:
             raise ValueError(f"need pilot_points >= 1 and bins >= 1, got {pilot_points}, {bins}")
         draws = x.repeat_interleave(pilot_points, 0)  # each draw keyed as a sample of its own
-        errors = heldout_errors(lambda z, a: list(self.with_reference(z, a)), draws,
-                                t.arange(len(draws), device=x.device), utils.fresh_seed(seed),
-                                bin_edges(self.proposal.range, bins, x.device),
-                                chunk_size=chunk_size)
-        self.proposal = FittedProposal.from_terms(
-            self.proposal, 0.5 * (errors[..., 0] - errors[..., 1]), mix)
+        index, seed = t.arange(len(draws), device=x.device), utils.fresh_seed(seed)
+        edges = bin_edges(self.proposal.range, bins, x.device)
+        errors = heldout_errors(lambda z, a: list(self.with_reference(z, a)), draws, index, seed,
+                                edges, chunk_size=chunk_size)
+        self.proposal = FittedProposal.from_draws(
+            self.proposal, heldout_logsnrs(index, seed, edges)[..., 0],
+            0.5 * (errors[..., 0] - errors[..., 1]), mix, bins)
         return self.proposal
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -312,20 +313,27 @@ class DiffusionModel(pl.LightningModule):
         micro = batch_idx % self.trainer.accumulate_grad_batches  # batches of one step
         noise = utils.derive_seed(self.hparams.seed, self.global_step, micro, self.global_rank)
         loss = self.nll(batch, generator=t.Generator(self.device).manual_seed(noise))
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps Lightning
+            self.log("train_loss", loss, prog_bar=True, sync_dist=True)  # writes (1 ms a call)
         return loss
 
     def on_validation_epoch_start(self):
         self._val_seen = 0
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         """Sample j of this process's shard gets the points of global index j * world + rank
-        under val_seed: the same points every epoch (epochs compare paired), different points
-        for every sample (DDP too), and no draw from the global RNG (training's)."""
+        under val_seed: the same (u, noise) points every epoch (paired across epochs with the
+        same proposal), different points for every sample (DDP too), and no draw from the global
+        RNG (training's). Every sample is scored once: the repeats Lightning's DistributedSampler
+        pads a shard with (global index >= the data set's size) are left out."""
         x = self._data(batch)
         index = (self._val_seen + t.arange(len(x), device=x.device)) * self.trainer.world_size
         index = index + self.global_rank
         self._val_seen += len(x)
+        loaders = self.trainer.val_dataloaders
+        size = len((loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders).dataset)
+        keep = index < size
+        x, index = x[keep], index[keep]
         _, g = self._rqmc_terms(x, self.hparams.val_npoints, 1, self.mse_gap, self.val_seed,
                                 index=index)
         nll = self.reference.nll(x) + g.flatten(1).mean(1)
@@ -333,14 +341,15 @@ class DiffusionModel(pl.LightningModule):
             metric.update(value)
 
     def on_validation_epoch_end(self):
-        """val_loss = E[-log p] in nats (and bits/dim) over the validation set, with its standard
-        error over data and log SNR together: sqrt(Var_i(nll_i) / N)."""
+        """val_loss = E[-log p] in nats (and bits/dim) over the N = val_samples validation
+        samples, with its standard error over data and log SNR together: sqrt(Var_i(nll_i) / N)."""
         total, total_sq, n = (m.compute() for m in self.val_sums)
         for m in self.val_sums:
             m.reset()
         mean, stderr = total / n, utils.stderr_from_sums(total, total_sq, n)
         self.log_dict({"val_loss": mean.float(), "val_loss_stderr": stderr.float(),
-                       "val_bpd": utils.nats_to_bpd(mean, self.d).float()}, sync_dist=True)
+                       "val_bpd": utils.nats_to_bpd(mean, self.d).float(),
+                       "val_samples": n.float()}, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
         """A fitted proposal travels with the checkpoint (the hyperparameters hold the logistic)."""
@@ -385,6 +394,19 @@ def bin_edges(logsnr_range, bins, device=None):
 
 
 @t.no_grad()
+def heldout_logsnrs(index, seed, edges, draws=1):
+    """The log SNRs of heldout_errors' draws: for every sample (its position in `index`), bin of
+    `edges` and draw, one uniform in the bin named by (seed, index, bin, draw); (n, bins, draws)
+    float64."""
+    index = t.as_tensor(index).view(-1)
+    dev, bins = index.device, len(edges) - 1
+    edges = t.as_tensor(edges, dtype=t.float64, device=dev)
+    k, j = t.arange(bins, device=dev).view(1, -1, 1), t.arange(draws, device=dev).view(1, 1, -1)
+    u = utils.counter_uniform(seed, index.view(-1, 1, 1), k, j, 0, device=dev)
+    return edges[k] + (edges[k + 1] - edges[k]) * u
+
+
+@t.no_grad()
 def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
     """Held-out errors ||eps - eps_hat_m(z, a)||^2 of every candidate m, per sample and log-SNR bin.
 
@@ -392,26 +414,25 @@ def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
         candidates: (z, a) -> list of M noise predictions (sharing work between candidates, e.g.
             one base denoiser and its rounded variants).
         x, index: samples and their positions in the data set. Each (sample, bin, draw) has a log
-            SNR uniform in the bin and a noise vector, common to all candidates (a paired
-            comparison) and named by (seed, index, bin, draw): independent of the batch layout.
+            SNR uniform in the bin (heldout_logsnrs) and a noise vector, common to all candidates
+            (a paired comparison) and named by (seed, index, bin, draw): independent of the batch
+            layout.
         edges: the bins' edges (bin_edges).
     Returns:
         (B, bins, M) float64 errors, averaged over the draws.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    n, bins, dev = len(x), len(edges) - 1, x.device
-    d, edges = x[0].numel(), edges.to(dev)
+    n, bins, dev, d = len(x), len(edges) - 1, x.device, x[0].numel()
+    key = t.as_tensor(index, device=dev).view(-1)
+    a = heldout_logsnrs(key, seed, edges, draws).flatten().to(x.dtype)
     sample, k, j = (v.flatten() for v in t.meshgrid(
         t.arange(n, device=dev), t.arange(bins, device=dev), t.arange(draws, device=dev),
         indexing="ij"))
-    key = t.as_tensor(index, device=dev).view(-1)[sample]
-    u = utils.counter_uniform(seed, key, k, j, 0, device=dev)
-    a = (edges[k] + (edges[k + 1] - edges[k]) * u).to(x.dtype)
     dims = t.arange(1, d + 1, device=dev)
 
     def block(rows):
-        u = utils.counter_uniform(seed, key[rows, None], k[rows, None], j[rows, None], dims,
+        u = utils.counter_uniform(seed, key[sample[rows], None], k[rows, None], j[rows, None], dims,
                                   device=dev)
         eps = t.special.ndtri(u).to(x.dtype).view((-1,) + x.shape[1:])
         z = utils.noisy_channel(x[sample[rows]], a[rows], eps)

@@ -18,7 +18,7 @@ import torch as t
 import utils
 from cli import UserError
 from denoisers import Ensemble, GaussianDenoiser, GridRounding
-from diffusionmodel import bin_edges, heldout_errors
+from diffusionmodel import bin_edges, heldout_errors, heldout_logsnrs
 from proposals import BINS, FittedProposal, LogisticProposal
 from vb import variational_bound
 
@@ -33,18 +33,23 @@ class RowKind:
     """One kind of estimate in the table.
 
     meaning: what the number is (a bound, an estimate, a change of units), printed under the
-        table and stored with every row.
+        table and stored with every row; a str, or meaning(ev) -> str for one that names the
+        evaluation's settings.
     grid: None for any data, True for data on a grid only.
-    cost(ev): denoiser evaluations per scored sample for one model.
-    build(ev, entry) -> (fn, span): fn(x, index) -> per-sample nats, float64 (B,), with x a batch
-        of scored samples and index their positions; span the row's log-SNR proposal (its range
-        and kind are reported) or a (lo, hi) range, or None. `ev` is the Evaluation (its seed,
-        npoints, grid, and `proposal(kind, entry, ...)`); `entry` the model's Entry.
+    when(ev): whether the evaluation computes the row (default: always).
+    cost(ev): denoiser evaluations per scored sample for one model (the up-front estimate).
+    build(ev, entry) -> (fn, span): fn(x, index) -> per-sample nats (B,), or (nats, the
+        standard errors of each sample's own integration[, the denoiser evaluations each
+        sample took]), with x a batch of scored samples and index their positions; span the
+        row's log-SNR proposal (its range and kind are reported) or a (lo, hi) range, or None.
+        `ev` is the Evaluation (its seed, npoints, grid, and `proposal(kind, entry, ...)`);
+        `entry` the model's Entry.
     derive: (row, fn(values, ev)) instead of build: computed from another row's per-sample values
         at no cost.
     """
-    meaning: str
+    meaning: object
     grid: Optional[bool] = None
+    when: Callable = lambda ev: True
     cost: Callable = lambda ev: 0
     build: Optional[Callable] = None
     derive: Optional[tuple] = None
@@ -67,7 +72,7 @@ def _continuous(ev, entry):
 
     def fn(x, index):
         return entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index,
-                                      proposal=proposal)[0]
+                                      proposal=proposal)
     return fn, proposal
 
 
@@ -78,8 +83,9 @@ def _dequantized(ev, entry):
 
     def fn(x, index):
         x = utils.dequantize(x, delta, ev.seed, index)
-        nll = entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index, proposal=proposal)[0]
-        return utils.discrete_limit_nats(nll, delta, d)
+        nll, stderr = entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index,
+                                             proposal=proposal)
+        return utils.discrete_limit_nats(nll, delta, d), stderr
     return fn, proposal
 
 
@@ -93,7 +99,7 @@ def _variational_bound(ev, entry):
 
     def fn(x, index):
         return variational_bound(model, x, ev.grid, schedule, ev.vb_steps, seed=ev.seed,
-                                 index=index)[0]
+                                 index=index)
     return fn, tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())
 
 
@@ -108,9 +114,38 @@ def _discrete(rounding):
 
         def fn(x, index):
             return model.nll_discrete_points(x, ev.grid, ev.npoints, seed=ev.seed, index=index,
-                                             proposal=proposal)[0]
+                                             proposal=proposal)
         return fn, proposal
     return build
+
+
+def _ode(dequantize):
+    """-log p(x) of the density the probability-flow ODE of the entry's denoiser defines
+    (DiffusionModel.nll_ode); dequantize: of x + delta (U - 1/2), - d log delta."""
+    def build(ev, entry):
+        settings = dict(ev.ode)
+
+        def fn(x, index):
+            if dequantize:
+                x = utils.dequantize(x, ev.grid.delta, ev.seed, index)
+            nll, info = entry.model.nll_ode(x, seed=ev.seed, index=index, **settings)
+            if dequantize:
+                nll = utils.discrete_limit_nats(nll, ev.grid.delta, entry.model.d)
+            return nll, t.zeros_like(nll), info["nfe"]
+        return fn, entry.like.proposal.range
+    return build
+
+
+def _ode_meaning(what):
+    def meaning(ev):
+        o = ev.ode
+        trace = "exact" if o["trace"] == "exact" else f"Hutchinson's, {o['probes']} probe(s)"
+        return (f"{what}: -log of the density the probability-flow ODE defines (the denoiser over "
+                "logsnr_range, the Gaussian's exact one beyond; a different density from the one "
+                "the IT rows bound), by an adaptive Dormand-Prince solve at rtol "
+                f"{o['rtol']:g}, atol {o['atol']:g}, divergence {trace}; evaluations: function "
+                "evaluations per sample, each with its divergence")
+    return meaning
 
 
 ROWS = {  # the table's estimates, in the order of its columns
@@ -127,15 +162,24 @@ ROWS = {  # the table's estimates, in the order of its columns
         "upper bound on E[-log P(x)]: the continuous estimate of x + delta (U - 1/2), "
         "- d log(delta)", grid=True, cost=lambda ev: ev.npoints, build=_dequantized),
     "variational bound": RowKind(
-        "upper bound on E[-log P(x)]: the -ELBO of the T-step schedule over logsnr_range (DDPM's, "
-        "fixed_small variances, discretised Gaussian decoder; timesteps subsampled, unbiased)",
+        "upper bound on E[-log P(x)]: the -ELBO of the T-step schedule over logsnr_range as DDPM "
+        "reported it (x_hat clipped to the data's range in every term, fixed_small variances, "
+        "discretised Gaussian decoder; timesteps subsampled, unbiased)",
         grid=True, cost=lambda ev: (ev.vb_steps or 1000) + 2, build=_variational_bound),
     **{name: RowKind(
         "upper bound on E[-log P(x)]: 1/2 Int E||eps - eps_hat||^2 da over logsnr_range, the "
         "tails in closed form", grid=True, cost=lambda ev: ev.npoints, build=_discrete(rounding))
        for name, rounding in (("discrete, no rounding", "none"), ("discrete, hard rounding", "hard"),
                               ("discrete, soft rounding", "soft"))},
+    "ode": RowKind(_ode_meaning("estimate of E[-log p(x)] of the data as they are"),
+                   when=lambda ev: ev.ode is not None, cost=lambda ev: ODE_EVALUATIONS,
+                   build=_ode(False)),
+    "ode, dequantized": RowKind(
+        _ode_meaning("upper bound on E[-log P(x)] (score_sde's dequantized bits/dim): the ODE "
+                     "estimate of x + delta (U - 1/2), - d log(delta)"), grid=True,
+        when=lambda ev: ev.ode is not None, cost=lambda ev: ODE_EVALUATIONS, build=_ode(True)),
 }
+ODE_EVALUATIONS = 200  # function evaluations per sample the up-front estimate assumes for an ODE
 EXACT = "the exact value on the same points"  # the meaning of the `exact` row (known densities)
 
 
@@ -144,8 +188,9 @@ def _kind(row):
     return "exact" if row["model"] == "exact" else row["estimate"].split(",")[0]
 
 
-def _meaning(row):
-    return EXACT if _kind(row) == "exact" else ROWS[row["estimate"]].meaning
+def _meaning(estimate, ev):
+    meaning = ROWS[estimate].meaning
+    return meaning(ev) if callable(meaning) else meaning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +245,17 @@ class Evaluation(pl.LightningModule):
     (no extra evaluations; proposals.FittedProposal).
 
     source: a datasets.DataSource; eval_data() gives the samples and their grid (or None).
+    ode: None, or the settings of the probability-flow ODE rows (DiffusionModel.nll_ode's trace,
+    probes, rtol, atol).
     """
 
     def __init__(self, models, names, source, seed=0, npoints=128, batch_size=256,
                  select_fraction=0.5, fit_reference=False, bins=BINS, vb_steps=100,
-                 proposal="fitted"):
+                 proposal="fitted", ode=None):
         super().__init__()
         if proposal not in ("fitted", "logistic"):
             raise ValueError(f"proposal must be 'fitted' or 'logistic', got {proposal!r}")
-        self.proposal_kind = proposal
+        self.proposal_kind, self.ode = proposal, ode
         self.vb_steps = vb_steps or None
         self.models, self.names, self.source = t.nn.ModuleList(models), list(names), source
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
@@ -216,6 +263,7 @@ class Evaluation(pl.LightningModule):
         self.data, self.phase, self.rows, self.per_sample = None, "select", [], {}
         self.d = models[0].d
         self.heldout = {}  # kind -> the selection samples' errors, samples x bins x candidates
+        self.selection_seed = utils.derive_seed(seed, SELECTION)
 
     def prepare_data(self):  # Lightning calls it once per node: downloads
         self.source.prepare_data()
@@ -238,13 +286,12 @@ class Evaluation(pl.LightningModule):
         self.data = {"select": x[perm[:n_select]], "score": x[perm[n_select:]]}
         self.bases = [GaussianDenoiser(first.reference)] + list(self.models)
         self.candidates = {"continuous": Candidates(self.bases)}
-        self.edges = {"continuous": bin_edges(first.proposal.range, self.bins)}
+        self.edges = {"continuous": _union_bins([m.proposal for m in self.models], self.bins)}
         if self.grid is not None:
             self.candidates["discrete"] = Candidates(self.bases, ("none", "hard", "soft"), self.grid)
             top = utils.grid_resolved_logsnr(self.grid.delta)
-            ranges = [m.proposal.widened(top).range for m in self.models]
-            self.edges["discrete"] = bin_edges((min(r[0] for r in ranges),
-                                                max(r[1] for r in ranges)), self.bins)
+            self.edges["discrete"] = _union_bins([m.proposal.widened(top) for m in self.models],
+                                                 self.bins)
         n = len(self.models)
         self.entries = ([Entry("gaussian", first.with_denoiser(self.bases[0]), [0], first)]
                         + [Entry(name, m, [1 + i], m)
@@ -259,8 +306,10 @@ class Evaluation(pl.LightningModule):
 
     # -- what the rows are built from
     def rows_for(self):
-        """The row kinds this data gets (grid-only ones only for grid data), in table order."""
-        return {name: kind for name, kind in ROWS.items() if not kind.grid or self.grid is not None}
+        """The row kinds this evaluation computes (grid-only ones only for grid data), in table
+        order."""
+        return {name: kind for name, kind in ROWS.items()
+                if (not kind.grid or self.grid is not None) and kind.when(self)}
 
     def ensemble(self, kind, entry, roundings=("none",)):
         """The entry's model choosing per log-SNR bin among its bases under `roundings` (and the
@@ -288,28 +337,24 @@ class Evaluation(pl.LightningModule):
         return self.ensemble("discrete", entry, roundings)
 
     def proposal(self, kind, entry, base, roundings=("none",)):
-        """`base` (a LogisticProposal over the row's range) fitted to the row whose denoiser takes,
-        per log-SNR bin, the held-out best of the entry's candidate columns, from their errors on
-        the selection samples: the integrand is 1/2 (error - the Gaussian's) for continuous rows,
-        1/2 error for discrete ones, on the bins within the proposal's range (the logistic part
-        alone covers the rest). `base` itself where there is nothing to follow (the Gaussian's
-        row), with too few selection samples, or where its range holds fewer than half the bins;
-        the logistic of `base`'s range with proposal="logistic"."""
-        if self.proposal_kind == "logistic":
-            return base
-        edges, (lo, hi) = self.edges[kind].double(), base.range
-        tol = 1e-9 * (edges[-1] - edges[0]).item()
-        inside = ((edges[:-1] >= lo - tol) & (edges[1:] <= hi + tol)).nonzero().squeeze(1)
+        """The row's log-SNR importance distribution over base's range: with proposal="logistic"
+        the logistic of that range (also for a checkpoint whose proposal was fitted in
+        training); with "fitted" base's logistic fitted to the row whose denoiser takes, per
+        log-SNR bin, the held-out best of the entry's candidate columns, from their errors on
+        the selection samples (the integrand is 1/2 (error - the Gaussian's) for continuous
+        rows, 1/2 error for discrete ones), in bins over the row's own whole range
+        (FittedProposal.from_draws). Where there is nothing to follow (the Gaussian's row) or
+        too few selection samples, the logistic."""
+        logistic = LogisticProposal(base.loc, base.scale, base.clip)
         errors = self.heldout[kind]
-        if len(errors) < FittedProposal.MIN_SAMPLES or len(inside) < len(edges) // 2:
-            return base
+        if self.proposal_kind == "logistic" or len(errors) < FittedProposal.MIN_SAMPLES:
+            return logistic
         columns = t.as_tensor(self._columns(kind, entry, roundings))
         best = columns[errors.mean(0).T[columns].argmin(0)]
         chosen = errors[:, t.arange(errors.shape[1]), best]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
-        terms = terms[:, inside]  # the bins within the proposal's range (ranges of models differ)
-        bins_range = (max(edges[inside[0]].item(), lo), min(edges[inside[-1] + 1].item(), hi))
-        return FittedProposal.from_terms(base, terms, bins_range=bins_range)
+        logsnrs = heldout_logsnrs(t.arange(len(errors)), self.selection_seed, self.edges[kind])
+        return FittedProposal.from_draws(logistic, logsnrs[..., 0], terms, bins=self.bins)
 
     def evaluations_per_sample(self):
         """Denoiser evaluations per selection sample and per scored sample (for the log)."""
@@ -335,11 +380,11 @@ class Evaluation(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         index, x = batch
         if self.phase == "select":
-            seed = utils.derive_seed(self.seed, SELECTION)
-            values = [heldout_errors(self.candidates[kind].predict, x, index, seed,
+            values = [heldout_errors(self.candidates[kind].predict, x, index, self.selection_seed,
                                      edges).flatten(1) for kind, edges in self.edges.items()]
         else:
-            values = [fn(x, index).double().view(-1, 1) for _, _, fn, _ in self.jobs]
+            values = [_columns(fn(x, index), ROWS[estimate].cost(self))
+                      for _, estimate, fn, _ in self.jobs]
         self.parts.append((index, t.cat(values, 1)))
         batches = self.trainer.num_test_batches[0]
         if batch_idx == 0 and batches > 1 and self.trainer.is_global_zero:
@@ -358,21 +403,24 @@ class Evaluation(pl.LightningModule):
             return
         self.rows = []
         for j, (name, estimate, _, span) in enumerate(self.jobs):
-            self._add_row(name, estimate, values[:, j], span)
+            nats, stderr, cost = values[:, 3 * j:3 * j + 3].unbind(1)
+            self._add_row(name, estimate, nats, span, stderr, cost)
             for derived, kind in self.rows_for().items():
                 if kind.derive is not None and kind.derive[0] == estimate:
-                    self._add_row(name, derived, kind.derive[1](values[:, j], self), span)
+                    self._add_row(name, derived, kind.derive[1](nats, self), span, stderr, cost)
 
-    def _add_row(self, name, estimate, values, span):
+    def _add_row(self, name, estimate, values, span, stderr, cost):
         self.per_sample[(name, estimate)] = values
-        self.rows.append(table_row(name, estimate, values, self.d, span))
+        self.rows.append(dict(table_row(name, estimate, values, self.d, span, stderr),
+                              evaluations=cost.mean().item(), meaning=_meaning(estimate, self)))
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), with an `exact` row first where the
         data's density is known (on the same scored points)."""
         x_score, d = self.data["score"], self.d
         exact = self.source.exact_nll(x_score.cpu())
-        rows = ([table_row("exact", "continuous", exact, d)] if exact is not None else []) + self.rows
+        rows = ([dict(table_row("exact", "continuous", exact, d), meaning=EXACT)]
+                if exact is not None else []) + self.rows
         header = (f"E[-log p] on {len(x_score)} scored samples: nats per sample and bits/dim; +- is "
                   "the standard error over the samples (data and log-SNR integral together)")
         if self.grid is not None:
@@ -390,6 +438,22 @@ class Evaluation(pl.LightningModule):
 
 
 SELECTION = 1  # names the held-out choice's stream apart from the scored rows' (derive_seed)
+
+
+def _union_bins(proposals, bins):
+    """Equal-width bins over the union of the proposals' ranges: the held-out choice's."""
+    ranges = [p.range for p in proposals]
+    return bin_edges((min(r[0] for r in ranges), max(r[1] for r in ranges)), bins)
+
+
+def _columns(value, cost):
+    """A row's per-sample (nats, integration standard error, denoiser evaluations) as three
+    float64 columns (the error 0 and the evaluations `cost` where the estimator reports none)."""
+    nats, stderr, spent = ((*value, None) if len(value) == 2 else value) if isinstance(
+        value, tuple) else (value, None, None)
+    stderr = t.zeros_like(nats) if stderr is None else stderr
+    spent = t.full_like(nats, cost) if spent is None else spent
+    return t.stack([nats.double(), stderr.double(), spent.double()], 1)
 
 
 class _Keyed(t.utils.data.Dataset):
@@ -422,11 +486,13 @@ def _gather_rows(module, parts, n):
 # ---------------------------------------------------------------------------------------------
 # The table as rows, text and a results file
 # ---------------------------------------------------------------------------------------------
-def table_row(model, estimate, nll, d, span=None):
-    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, logsnr_range, proposal,
-    meaning} from per-sample values: the standard error sqrt(Var_i(nll_i) / N) over the N scored
-    samples covers the data and the log-SNR integral together. span: the row's log-SNR proposal
-    (its range and kind are reported) or range."""
+def table_row(model, estimate, nll, d, span=None, stderr=None):
+    """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, integration_nats,
+    logsnr_range, proposal} from per-sample values (the caller adds its meaning): the standard error
+    sqrt(Var_i(nll_i) / N) over the N scored samples covers the data and the log-SNR integral
+    together; integration_nats, the root mean square of the samples' own integration standard
+    errors (`stderr`), is the integral's part per sample (what a better proposal lowers). span:
+    the row's log-SNR proposal (its range and kind are reported) or range."""
     proposal = None
     if isinstance(span, LogisticProposal):
         proposal = {"kind": "logistic", "loc": span.loc, "scale": span.scale, "clip": span.clip}
@@ -436,29 +502,33 @@ def table_row(model, estimate, nll, d, span=None):
     logsnr_range = None if span is None else [round(v, 3) for v in span]
     nll = t.as_tensor(nll).double()
     mean = nll.mean().item()
-    stderr = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
-    row = dict(model=model, estimate=estimate, nats=mean, nats_stderr=stderr,
-               bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(stderr, d),
-               logsnr_range=logsnr_range, proposal=proposal)
-    return dict(row, meaning=_meaning(row))
+    spread = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
+    integration = None if stderr is None else t.as_tensor(stderr).double().pow(2).mean().sqrt().item()
+    return dict(model=model, estimate=estimate, nats=mean, nats_stderr=spread,
+                bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(spread, d),
+                integration_nats=integration, logsnr_range=logsnr_range, proposal=proposal)
 
 
 def format_results(rows, header):
     """The table as text: a header line, then one line per (model, estimate) with its log-SNR
-    range, then what each kind of estimate means."""
+    range, the denoiser evaluations it spent per sample and its proposal, then what each kind of
+    estimate means."""
     lines = [header, f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} "
-                     f"{'+-':>7}  log SNR"]
+                     f"{'+-':>7}  {'log SNR':<13} {'evaluations':>11}  proposal"]
     for r in rows:
         span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
+        spent = f"{r['evaluations']:.0f}" if "evaluations" in r else ""
         lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
-                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span}")
+                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span:<13} "
+                     f"{spent:>11}  {(r['proposal'] or {}).get('kind', '')}".rstrip())
     meanings = {_kind(r): r["meaning"] for r in rows}
     lines += [f"  {kind}: {meaning}" for kind, meaning in meanings.items()]
     moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]
     if moved:
-        lines.append(f"  log-SNR proposal: {len(moved)} rows use a fitted one ({100 * min(moved):.0f}-"
-                     f"{100 * max(moved):.0f}% of the logistic's mass moved; --eval_proposal fitted "
-                     "fits each row on the selection samples; unbiased either way)")
+        share = "-".join(dict.fromkeys(f"{100 * v:.0f}" for v in (min(moved), max(moved))))
+        lines.append(f"  proposal: the log-SNR importance distribution; {len(moved)} rows use one "
+                     f"fitted to the row on the selection samples ({share}% of the logistic's "
+                     "mass moved), the others the logistic; unbiased either way")
     return "\n".join(lines)
 
 

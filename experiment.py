@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import callbacks as cb
 import evaluation
+import ode
 import utils
 import viz
 from callbacks import shown_path
@@ -38,6 +39,7 @@ def run_cli(main):
     with one line saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process
     group left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
+    cb.Interrupted.message = cb.Interrupted.status = None  # a run's own interruption only
     # Lightning's own lines on Ctrl-C: ours (callbacks.Interrupted) says what was kept
     for name in ("pytorch_lightning.utilities.rank_zero",
                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
@@ -96,9 +98,9 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
             checkpoint["run_dir"] = os.path.abspath(trainer.log_dir)
 
     logger, folder = False, None
-    if run is not None:
+    if run is not None:  # absolute paths: a resumed run's checkpoint folder is the same one
         resume = os.path.isdir(run)
-        folder = os.path.dirname(os.path.abspath(run)) if resume else args.log_dir
+        folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
         logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
         # last.ckpt: the latest model at every validation (save_last=True would follow only
         # improvements of val_loss); best-*.ckpt: the lowest val_loss
@@ -107,8 +109,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
                      RunArgs(), cb.ValidateLastEpoch(), cb.Interrupted(), cb.RunSize(),
                      cb.LogInterval(), cb.ExactResume(), cb.SlurmJob(), *callbacks]
         if getattr(args, "fit_proposal", 0):
-            callbacks.append(cb.FitProposal(args.fit_proposal,
-                                            max(1, args.num_epochs // REFITS), args.seed))
+            callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))
     try:
         trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
                              strategy=args.strategy, num_nodes=args.num_nodes,
@@ -120,7 +121,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
                         f"{args.devices} --strategy {args.strategy} --precision "
                         f"{args.precision}): {str(err).splitlines()[0]}") from None
     if folder is not None and trainer.is_global_zero:
-        check_writable(folder, "--log_dir")
+        check_writable(folder if resume else args.log_dir, "--log_dir")
     return trainer
 
 
@@ -478,10 +479,12 @@ class Experiment:
             raise UserError(f"--strategy {args.strategy}: evaluation keeps its selection between "
                             "two passes, which spawned processes lose; use --strategy ddp (or "
                             "torchrun, SLURM)")
+        ode_settings = ode.settings(args.ode_trace, models[0].d, args.ode_probes,
+                                    args.ode_tol) if args.ode else None
         ev = evaluation.Evaluation(models, names, data, args.seed, args.npoints,
                                    args.eval_batch_size, args.select_fraction,
                                    fit_reference=not args.ckpt, vb_steps=args.vb_steps,
-                                   proposal=args.eval_proposal)
+                                   proposal=args.eval_proposal, ode=ode_settings)
         if trainer.is_global_zero:
             evaluation.claim_results_file(path)
             for ckpt in args.ckpt or []:

@@ -31,6 +31,15 @@ _A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
 _B = (35 / 384, 0., 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (-71 / 57600, 0., 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
 TRACES = ("exact", "hutchinson")
+EXACT_UP_TO = 16  # dimensions: beyond, the exact divergence's d products cost more than they're worth
+
+
+def settings(trace, d, probes=1, tol=1e-5):
+    """nll_ode's keyword arguments for a trace of TRACES or "auto" (exact up to EXACT_UP_TO
+    dimensions, Hutchinson's beyond) in d dimensions."""
+    if trace == "auto":
+        trace = "exact" if d <= EXACT_UP_TO else "hutchinson"
+    return dict(trace=trace, probes=probes, rtol=tol, atol=tol)
 _PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed streams
 
 
@@ -38,8 +47,8 @@ def divergence(fn, z, trace="exact", probes=None):
     """(fn(z), div_z fn(z)) per sample for a map acting on each sample alone: exact (one
     vector-Jacobian product per dimension) or Hutchinson's v^T J v averaged over `probes`
     (K, B, d) Rademacher vectors."""
-    with t.enable_grad():
-        z = z.detach().requires_grad_(True)
+    with t.inference_mode(False), t.enable_grad():  # also under Trainer(inference_mode=True)
+        z = z.clone().requires_grad_(True)
         out = fn(z)
         flat = out.flatten(1)
         if trace == "exact":

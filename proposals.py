@@ -139,23 +139,31 @@ class FittedProposal(LogisticProposal):
     MIN_SAMPLES = 8  # pilot samples per bin a fit needs
 
     @classmethod
-    def from_terms(cls, base, terms, mix=0.5, bins_range=None):
-        """The mixture with `base` (a LogisticProposal) whose bins follow pilot terms of the
-        integrand: terms (n, bins) are f(a) at one log SNR uniform in each equal-width bin of
-        bins_range (default: base's range) per row, and bin k gets probability proportional to
-        the rms of its column, the variance-minimising piecewise-constant q (docs/maths.md).
-        All-zero terms (a model equal to the reference) leave nothing to follow: base's logistic."""
-        terms = t.as_tensor(terms).to(t.float64)
-        if terms.dim() != 2 or len(terms) < cls.MIN_SAMPLES:
-            raise ValueError(f"fitting a proposal needs pilot terms of at least {cls.MIN_SAMPLES} "
-                             f"samples per bin, got shape {tuple(terms.shape)}")
+    def from_draws(cls, base, logsnr, terms, mix=0.5, bins=BINS):
+        """The mixture with `base` (a LogisticProposal) whose `bins` equal-width bins over base's
+        whole range follow pilot terms f(a) of the integrand: terms and logsnr (n, k), each of
+        n samples with k draws spread uniformly over (at least) that range, one per bin of an
+        equal-width grid (diffusionmodel.heldout_logsnrs). Bin j gets probability proportional
+        to the rms of the terms that fall in it (uniform within it: the bin's rms), the
+        variance-minimising piecewise-constant q (docs/maths.md); draws outside the range are
+        left out. All-zero terms (a model equal to the reference) leave nothing to follow:
+        base's logistic."""
+        terms, a = (t.as_tensor(v).to(t.float64) for v in (terms, logsnr))
+        if terms.dim() != 2 or terms.shape != a.shape or len(terms) < cls.MIN_SAMPLES:
+            raise ValueError(f"fitting a proposal needs pilot terms and log SNRs of the same shape "
+                             f"(samples, draws) with at least {cls.MIN_SAMPLES} samples, got "
+                             f"{tuple(terms.shape)} and {tuple(a.shape)}")
         if not t.isfinite(terms).all():
             raise ValueError("non-finite pilot terms: the denoiser or reference is not finite "
                              "over the proposal's range")
-        if not terms.abs().sum() > 0:
+        lo, hi = base.range
+        inside = (a >= lo) & (a <= hi)
+        j = ((a[inside] - lo) / (hi - lo) * bins).floor().clamp(0, bins - 1).long()
+        sums = t.zeros(bins, dtype=t.float64).index_add_(0, j, terms[inside] ** 2)
+        mean_square = sums / t.bincount(j, minlength=bins).clamp(min=1)
+        if not mean_square.sum() > 0:
             return LogisticProposal(base.loc, base.scale, base.clip)
-        return cls(base.loc, base.scale, base.clip, terms.pow(2).mean(0).sqrt().tolist(), mix,
-                   bins_range)
+        return cls(base.loc, base.scale, base.clip, mean_square.sqrt().tolist(), mix)
 
     def moved(self, points=20000):
         """The probability mass the bins moved away from the logistic: the total variation

@@ -9,6 +9,7 @@ contours and model samples. The same figures are written as PNGs to the run's fi
 and a summary to stdout and summary.json. `--eval_only --ckpt PATH` evaluates checkpoints instead.
 """
 import os
+import shlex
 
 import cli
 
@@ -17,7 +18,8 @@ import cli
 SHARP = dict(num_points=32000, num_epochs=75, val_every=15, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
              val_npoints=64, fit_proposal=256)
-COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", val_fraction=0.1)
+COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", val_fraction=0.1,
+              ode=True)
 DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
             "scg": dict(COMMON, num_points=8000, num_epochs=60, input_embedding_scale=0.0,
                         embedding_size=32, learning_rate=3e-3, logsnr_loc=0.0, logsnr_scale=3.0,
@@ -92,6 +94,7 @@ import torch as t  # noqa: E402
 
 import datasets  # noqa: E402
 import experiment  # noqa: E402
+import ode  # noqa: E402
 import viz  # noqa: E402
 from denoisers import MLPDenoiser  # noqa: E402
 from proposals import FittedProposal  # noqa: E402
@@ -135,12 +138,13 @@ class TwoD(experiment.Experiment):
         return {"contours": f"  density contours: {s['contour_cells']} cells shown, standard error "
                             f"median {s['contour_stderr_median']:.3f}, max "
                             f"{s['contour_stderr_max']:.3f} nats",
-                "figures": f"  figures:     {s['figures']}"}
+                "figures": f"  figures:     {shlex.quote(s['figures'])}"}
 
 
 class Figures2D(pl.Callback):
-    """The validation history during training; at the end, density contours (and, where the
-    density is known, the exact density beside the model's and their pointwise gap), samples
+    """The validation history during training; at the end, density contours (with --ode, beside
+    the probability-flow ODE's; where the density is known, the exact density beside the model's
+    and their pointwise gap), samples
     beside the data, the MSE curve, the fitted proposal and the val-NLL-vs-epoch figure, to
     TensorBoard and as PNGs in <run>/figures/."""
 
@@ -170,6 +174,12 @@ class Figures2D(pl.Callback):
         grid = t.as_tensor(grid, dtype=pl_module.dtype, device=pl_module.device)
         nll, stderr, shown = viz.grid_nll(pl_module, grid, seed=args.seed)
         show("density", viz.plot_density(xs, ys, nll.cpu(), title=f"{name}: model density"))
+        if args.ode:  # the density the model's probability-flow ODE defines, beside the IT one
+            flow, _ = pl_module.nll_ode(grid, **ode.settings(args.ode_trace, 2, args.ode_probes,
+                                                             args.ode_tol))
+            show("density_ode", viz.plot_density(
+                xs, ys, {"IT estimate": nll.cpu(), "probability-flow ODE": flow.cpu()},
+                title=f"{name}: the model's density, two ways"))
         exact = data.exact_nll(grid.double().cpu())
         if exact is not None:
             show("density_gap", viz.plot_density_gap(

@@ -21,18 +21,18 @@ DEFAULTS = {  # per dataset; the first is the default dataset
     "cifar10": dict(pretrained="google/ddpm-cifar10-32", dequantize=False, logsnr_loc=6.,
                     logsnr_scale=3., learning_rate=1e-4, lr_schedule="constant", batch_size=64,
                     num_epochs=50, val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16,
-                    fit_proposal=0),
+                    fit_proposal=0, ode=False),
     # digits: 17 grey levels, and border pixels that are always 0 in the training set: without
     # dequantisation the data-matched Gaussian is degenerate there.
     # loc, scale: the crossings of its MSE curve (suggested_logsnr_loc/scale) after one run.
     "digits": dict(pretrained="none", dequantize=True, logsnr_loc=4., logsnr_scale=2.,
                    learning_rate=2e-3, lr_schedule="onecycle", batch_size=64, num_epochs=30,
                    val_every=5, val_npoints=16, eval_batch_size=100, num_samples=16,
-                   fit_proposal=0),
+                   fit_proposal=0, ode=False),
     "fake": dict(pretrained="none", dequantize=False, logsnr_loc=2., logsnr_scale=3.,
                  learning_rate=1e-3, lr_schedule="constant", batch_size=32, num_epochs=1,
                  val_every=1, val_npoints=8, eval_batch_size=100, num_samples=16,
-                 fit_proposal=0),
+                 fit_proposal=0, ode=False),
 }
 
 

@@ -11,6 +11,7 @@ denoisers, so estimates stay upper bounds.
 `from_state_dict` rebuilds the one a checkpoint holds. Both end in UNetDenoiser, which checks
 what it is given once.
 """
+import contextlib
 import json
 import logging
 import os
@@ -236,7 +237,24 @@ def load(source, from_scratch=False, online=None, outside="clamp"):
     the config is built in, so that needs no network. Without a scheduler_config.json the
     schedule is DDPM's and the prediction "epsilon".
     """
-    logging.getLogger("diffusers").setLevel(logging.ERROR)  # its serialization advice
+    with _quiet_diffusers():
+        return _load(source, from_scratch, online, outside)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers' own log lines (its fetch errors and serialization advice) silenced: a failed
+    load ends in one UserError of ours."""
+    from diffusers.utils import logging as diffusers_logging
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _load(source, from_scratch, online, outside):
     if os.path.isdir(source):
         unet_sub, sched_sub = _layout(source)
         if not os.path.isfile(os.path.join(source, unet_sub or "", "config.json")):

@@ -20,7 +20,8 @@ class VBSchedule:
     t >= 2; the decoder's sigma_1^2 = beta_tilde_2 with either choice (beta_tilde_1 = 0; DDPM's
     code clips the log variance to it). Per coordinate the KL of step t is
     coef_t (eps - eps_hat)^2 + const_t with coef_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - ab_t))
-    and const_t = (log r + 1 / r - 1) / 2, r = sigma_t^2 / beta_tilde_t (docs/maths.md).
+    and const_t = (log r + 1 / r - 1) / 2, r = sigma_t^2 / beta_tilde_t (docs/maths.md); in x,
+    coef_x_t (x - x_hat)^2 + const_t with coef_x_t = ab_{t-1} beta_t^2 / (2 sigma_t^2 (1 - ab_t)^2).
     """
 
     def __init__(self, alphas_cumprod, posterior_variance="fixed_small", device=None):
@@ -48,10 +49,12 @@ class VBSchedule:
         ratio[2:] = sigma2[2:] / beta_tilde[2:]
         coef = beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - ab))
         coef[:2] = 0
+        coef_x = t.cat([t.zeros(1, dtype=t.float64), ab[:-1]]) * beta ** 2 / (2 * sigma2 * (1 - ab) ** 2)
+        coef_x[:2] = 0
         const = 0.5 * (ratio.log() + 1 / ratio - 1)
         const[:2] = 0
-        self.ab, self.logsnr, self.beta, self.beta_tilde, self.sigma2, self.coef, self.const = (
-            v.to(device) for v in (ab, a, beta, beta_tilde, sigma2, coef, const))
+        (self.ab, self.logsnr, self.beta, self.beta_tilde, self.sigma2, self.coef, self.coef_x,
+         self.const) = (v.to(device) for v in (ab, a, beta, beta_tilde, sigma2, coef, coef_x, const))
 
     def prior(self, x):
         """L_T = KL(N(sqrt(ab_T) x, (1 - ab_T) I) || N(0, I)) per sample, float64:
@@ -60,15 +63,17 @@ class VBSchedule:
         return 0.5 * (ab * (x.double().flatten(1) ** 2 - 1) - t.log1p(-ab)).sum(1)
 
 
-def vb_terms(model, x, timesteps, eps, schedule, grid=None):
+def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
     """The terms of the discrete-time bound for rows (x, t, eps), in nats (float64, (rows,)):
-    z = noisy_channel(x, a_t, eps) (DDPM's x_t), eps_hat = model(z, a_t), and
+    z = noisy_channel(x, a_t, eps) (DDPM's x_t), eps_hat = model(z, a_t),
+    x_hat = x_from_eps(z, a_t, eps_hat), clipped to the grid's range [lo, hi] with clip=True (as
+    DDPM's calc_bpd_loop, clip_denoised=True, which its published numbers use), and
 
-    - t >= 2: L_{t-1} = KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t)) = sum_i coef_t (eps_i -
-      eps_hat_i)^2 + d const_t: the Gaussians' means differ by sqrt(ab_{t-1}) beta_t / (1 - ab_t)
-      (x - x_hat) with x_hat = x_from_eps(z, a_t, eps_hat), unclipped;
-    - t = 1: L_0 = -log of the discretised Gaussian decoder's mass at grid data x (needs delta):
-      per coordinate the mass of N(x_hat, sigma_1^2) over [x - delta/2, x + delta/2], the outermost
+    - t >= 2: L_{t-1} = KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t)) = sum_i coef_x_t (x_i -
+      x_hat_i)^2 + d const_t: the Gaussians' means differ by sqrt(ab_{t-1}) beta_t / (1 - ab_t)
+      (x - x_hat) (unclipped, the same as sum_i coef_t (eps_i - eps_hat_i)^2);
+    - t = 1: L_0 = -log of the discretised Gaussian decoder's mass at grid data x: per
+      coordinate the mass of N(x_hat, sigma_1^2) over [x - delta/2, x + delta/2], the outermost
       bins reaching -+inf when the grid has a number of levels (mu_theta(x_1) = x_hat since
       ab_0 = 1).
 
@@ -77,21 +82,28 @@ def vb_terms(model, x, timesteps, eps, schedule, grid=None):
     timesteps = t.as_tensor(timesteps, dtype=t.int64, device=x.device).view(-1)
     if len(timesteps) and not (1 <= int(timesteps.min()) and int(timesteps.max()) <= schedule.T):
         raise ValueError(f"timesteps must lie in 1 .. {schedule.T}")
+    if clip and (grid is None or grid.hi is None):
+        raise ValueError("clipping x_hat needs the range of the data's grid (a Grid with levels); "
+                         "clip=False gives the unclipped bound")
     a = schedule.logsnr.to(x.device)[timesteps]
     z = utils.noisy_channel(x, a, eps)
     eps_hat = model(z, a.to(x.dtype)).to(x.dtype)
     d = x[0].numel()
-    kl = (schedule.coef.to(x.device)[timesteps] * utils.sq_norm((eps - eps_hat).double())
-          + d * schedule.const.to(x.device)[timesteps])
+    const = d * schedule.const.to(x.device)[timesteps]
+    x_hat = utils.x_from_eps(z.double(), a, eps_hat.double())
+    if clip:
+        x_hat = x_hat.clamp(grid.lo, grid.hi)
+        kl = schedule.coef_x.to(x.device)[timesteps] * utils.sq_norm(x.double() - x_hat) + const
+    else:
+        kl = schedule.coef.to(x.device)[timesteps] * utils.sq_norm((eps - eps_hat).double()) + const
     first = timesteps == 1
     if not first.any():
         return kl
     if grid is None:
         raise ValueError("the decoder term (t = 1) needs the data's grid")
     rows = first.nonzero().squeeze(1)
-    x_hat = utils.x_from_eps(z[rows].double(), a[rows], eps_hat[rows].double())
     std = schedule.sigma2[1].sqrt().item()
-    log_mass = _log_bin_mass(x[rows].double(), x_hat, std, grid)
+    log_mass = _log_bin_mass(x[rows].double(), x_hat[rows], std, grid)
     return kl.index_put((rows,), -log_mass.flatten(1).sum(1))
 
 
@@ -111,7 +123,7 @@ def _log_bin_mass(x, mean, std, grid):
 
 @t.no_grad()
 def variational_bound(model, x, grid, alphas_cumprod, steps=None, posterior_variance="fixed_small",
-                      seed=None, index=None, chunk_size=None):
+                      seed=None, index=None, chunk_size=None, clip=True):
     """The negative ELBO of a T-step discrete-time diffusion (DDPM, Ho et al. 2020) for every
     sample of data x on a utils.Grid, in nats: an upper bound on -log P(x),
 
@@ -125,6 +137,8 @@ def variational_bound(model, x, grid, alphas_cumprod, steps=None, posterior_vari
             k timesteps per sample uniformly without replacement among 2 .. T and scales their sum
             by (T - 1) / k (unbiased). L_T is exact; L_0 is the mean of two noise draws.
         posterior_variance: "fixed_small" (sigma_t^2 = beta_tilde_t) or "fixed_large" (beta_t).
+        clip: x_hat clipped to the grid's range in every term, as DDPM's published numbers
+            (calc_bpd_loop's clip_denoised=True); False gives the unclipped bound.
         index: the samples' positions in the data set (int offset or (B,); default 0 .. B-1):
             every random number is named by (seed, index, t, draw), so a sample's
             value does not depend on the batch it is in.
@@ -166,7 +180,7 @@ def variational_bound(model, x, grid, alphas_cumprod, steps=None, posterior_vari
         u = utils.counter_uniform(seed, _VB_STREAM, key[s, None], timesteps[rows, None],
                                   draw[rows, None], dims, device=dev)
         eps = t.special.ndtri(u).to(x.dtype).view((-1,) + x.shape[1:])
-        return vb_terms(model, x[s], timesteps[rows], eps, schedule, grid)
+        return vb_terms(model, x[s], timesteps[rows], eps, schedule, grid, clip)
     terms = in_chunks(block, chunk_size or default_chunk(d, dev),
                        t.arange(b * (m + 2), device=dev)).view(b, m + 2)
     if not t.isfinite(terms).all():

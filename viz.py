@@ -128,29 +128,35 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
 
 
 def plot_density(xs, ys, nll, data=None, title=None, depth=CONTOUR_DEPTH):
-    """Filled contours of log p(x) = -nll on a grid (nll of shape (len(ys), len(xs)) or flat),
-    floored `depth` nats below its maximum so that the shape, not the far tails, sets the colours
-    (white = low density). Optionally a thin scatter of the data on top."""
+    """Filled contours of log p(x) = -nll on a grid (nll of shape (len(ys), len(xs)) or flat; or
+    a dict {panel title: nll} of several side by side on one colour scale), floored `depth` nats
+    below the maximum so that the shape, not the far tails, sets the colours (white = low
+    density). Optionally a thin scatter of the data on top."""
     from matplotlib.ticker import MaxNLocator
 
+    panels = nll if isinstance(nll, dict) else {None: nll}
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
-    logp = -np.asarray(nll, dtype=float).reshape(len(ys), len(xs))
-    top = np.nanmax(logp)
+    logp = {k: -np.asarray(v, dtype=float).reshape(len(ys), len(xs)) for k, v in panels.items()}
+    top = max(np.nanmax(v) for v in logp.values())
     levels = MaxNLocator(nbins=16).tick_values(top - depth, top)
-    fig, ax = _subplots(figsize=(5.4, 4.4))
-    cs = ax.contourf(xs, ys, np.clip(logp, levels[0], levels[-1]), levels=levels, cmap="Blues")
-    bar = fig.colorbar(cs, ax=ax, ticks=MaxNLocator(nbins=8).tick_values(levels[0], levels[-1]))
+    fig, axes = _subplots(1, len(logp), figsize=(0.6 + 4.8 * len(logp), 4.4), squeeze=False,
+                          sharey=True)
+    for ax, (name, v) in zip(axes[0], logp.items()):
+        cs = ax.contourf(xs, ys, np.clip(v, levels[0], levels[-1]), levels=levels, cmap="Blues")
+        if data is not None:
+            data = np.asarray(data, dtype=float)
+            ax.scatter(data[:, 0], data[:, 1], s=0.3, c="tab:red", alpha=0.3, lw=0, label="data")
+            ax.legend(loc="upper right", fontsize=8, markerscale=10)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$x_1$")
+        if name:
+            ax.set_title(name, fontsize=10)
+    axes[0, 0].set_ylabel("$x_2$")
+    bar = fig.colorbar(cs, ax=list(axes[0]), ticks=MaxNLocator(nbins=8).tick_values(levels[0],
+                                                                                      levels[-1]))
     bar.set_label(r"model $\log p(x)$ (nats)")
-    if data is not None:
-        data = np.asarray(data, dtype=float)
-        ax.scatter(data[:, 0], data[:, 1], s=0.3, c="tab:red", alpha=0.3, lw=0, label="data")
-        ax.legend(loc="upper right", fontsize=8, markerscale=10)
-    ax.set_aspect("equal")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
     if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
     return fig
 
 

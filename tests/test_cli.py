@@ -6,6 +6,8 @@ The mistakes run in-process through experiment.run_cli (the scripts' entry point
 `python train_2d.py ...` runs; test_train_2d.py and test_cifar10.py run a few as real processes.
 """
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import train_cifar10
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = "error: cannot set up the Trainer"
+ONE_FOLDER = "--experiment_name: must be one folder name"
 MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_2d, ["--dataset", "spiral"], "invalid choice: 'spiral'"),
     (train_2d, ["--devices", "two"], TRAINER),
@@ -45,6 +48,15 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_cifar10, ["--dataset", "fake", "--fake_size", "100000000"], "GiB of memory"),
     (train_cifar10, ["--eval_only", "--dataset", "digits"], "or a --pretrained U-Net"),
     (train_cifar10, ["--dataset", "digits", "--precision", "16-true"], "would cast"),
+    # a run name is one folder under --log_dir: nothing may be written outside it, or nowhere
+    (train_2d, ["--experiment_name", "../../../escape_out"], ONE_FOLDER),
+    (train_2d, ["--experiment_name", "../../escape"], ONE_FOLDER),
+    (train_2d, ["--experiment_name", "/tmp/abs"], ONE_FOLDER),
+    (train_2d, ["--experiment_name", "a b/ c"], ONE_FOLDER),
+    (train_2d, ["--experiment_name", ""], ONE_FOLDER),
+    (train_cifar10, ["--dataset", "digits", "--experiment_name", "../x"], ONE_FOLDER),
+    (train_2d, ["--seed", "-1"], "--seed: must be a whole number >= 0"),
+    (train_2d, ["--num_epochs", "1.5"], "--num_epochs: must be a whole number > 0, got 1.5"),
 ]
 
 
@@ -61,6 +73,82 @@ def test_a_mistake_is_one_line_and_leaves_nothing(script, flags, message, tmp_pa
     assert exit_.value.code == 2 and "Traceback" not in err
     assert message in err.strip().splitlines()[-1], err
     assert os.listdir(tmp_path) == ["afile"]
+
+
+@pytest.mark.parametrize("script, flags", [
+    (train_2d, ["--eval_only", "--ckpt", "exps_folder"]), (train_2d, ["--resume", "exps_folder"]),
+    (train_cifar10, ["--eval_only", "--ckpt", "exps_folder"])], ids=["2d ckpt", "2d resume",
+                                                                     "cifar10 ckpt"])
+def test_a_folder_given_for_a_checkpoint_names_the_checkpoints_in_it(script, flags, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exps_folder").mkdir()
+    (tmp_path / "exps_folder" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: script.main(flags))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("error: exps_folder is a folder, not a checkpoint; "
+                                            "the checkpoints in it: last.ckpt")
+    assert os.listdir(tmp_path) == ["exps_folder"]
+    assert os.listdir(tmp_path / "exps_folder") == ["last.ckpt"]
+
+
+def test_paths_with_spaces_print_shell_quoted(tmp_path, monkeypatch, capsys):
+    # a space is allowed in a run name (no separator); the summary's paths must paste into a shell
+    monkeypatch.chdir(tmp_path)
+    s = train_2d.main(["--dataset", "scg", "--num_points", "400", "--num_epochs", "1",
+                       "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
+                       "--num_threads", "1", "--log_dir", "my exps", "--experiment_name", "a b"])
+    assert s["run_dir"] == os.path.join("my exps", "scg-a b")
+    lines = capsys.readouterr().out.splitlines()
+
+    def pasted(prefix):  # the words a shell makes of the line after `prefix`
+        line = next(line for line in lines if line.strip().startswith(prefix))
+        return shlex.split(line.strip()[len(prefix):])
+    assert pasted("logs:") == [os.path.join("my exps", "scg-a b")]
+    assert pasted("checkpoint:") == [os.path.join("my exps", "scg-a b", "checkpoints", "last.ckpt")]
+    assert pasted("view with:") == ["tensorboard", "--logdir", "my exps"]
+    assert os.path.isfile(os.path.join("my exps", "scg-a b", "checkpoints", "last.ckpt"))
+
+
+def test_help_shows_only_the_scripts_own_flags_and_paths(capsys):
+    for script in (train_2d, train_cifar10):
+        with pytest.raises(SystemExit) as exit_:
+            script.parse_args(["--help"])
+        assert exit_.value.code == 0
+        # argparse wraps lines, also after a hyphen ("exps/moons-" / "base/..."): unwrapped
+        text = " ".join(re.sub(r"-\n\s*", "-", capsys.readouterr().out).split())
+        # --resume's example is the script's own first dataset's run; its list of the flags a
+        # resumed run may change holds the script's own (cli.build_parser's may_change)
+        resume = text[text.index("--resume CKPT continue"):text.index("(a one-cycle schedule")]
+        if script is train_2d:
+            assert "exps/moons-base/checkpoints/last.ckpt" in resume and "--grid_size" in resume
+            assert "--max_steps" not in text and "--curve_samples" not in text
+        else:
+            assert "exps/cifar10-base/checkpoints/last.ckpt" in resume and "--max_steps" in resume
+            assert "moons-base" not in text and "--grid_size" not in text
+
+
+def test_a_pretrained_folder_without_weights_is_one_error_line(tmp_path):
+    # a UNet2DModel config.json alone (save_config, no weights): one error line, and nothing from
+    # diffusers (it logs the missing file and its advice on unsafe serialization to stderr). A
+    # real process: diffusers' handler writes to the stderr of the process it was made in.
+    from diffusers import UNet2DModel
+
+    import unet
+    config = dict(unet.small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
+    UNet2DModel.from_config(config).save_config(str(tmp_path / "unet"))
+    assert os.listdir(tmp_path / "unet") == ["config.json"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train_cifar10.py"), "--dataset", "fake",
+         "--image_size", "8", "--fake_size", "32", "--num_epochs", "1", "--num_workers", "0",
+         "--pretrained", "unet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()], err  # one line
+    assert err.startswith("error: cannot load the U-Net from unet: ")
+    assert sorted(os.listdir(tmp_path)) == ["unet"]
 
 
 def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):

@@ -37,9 +37,10 @@ def test_train_2d_with_two_processes(tmp_path):
 
 
 # The validation of a model whose estimate is exactly -log q(x): a zero net with the Gaussian
-# residual (the gap is then exactly 0, see test_estimator.py), on 100 points whose odd-indexed
-# half lies far out, so each process's shard (DistributedSampler: rank r gets r, r+2, ...) has a
-# very different mean from the whole set.
+# residual (the gap is then exactly 0, see test_estimator.py), on 101 points whose odd-indexed
+# half lies far out, so each process's shard (DistributedSampler: rank r gets r, r+3, ...) has a
+# very different mean from the whole set. 101 is not a multiple of the 3 processes: Lightning's
+# DistributedSampler pads the shards with repeats of the first samples, which must not count.
 SCRIPT = textwrap.dedent("""
     import json, sys
     import pytorch_lightning as pl
@@ -50,11 +51,11 @@ SCRIPT = textwrap.dedent("""
         def forward(self, z, logsnr):
             return t.zeros_like(z)
 
-    x = t.randn(100, 2, generator=t.Generator().manual_seed(0))
+    x = t.randn(101, 2, generator=t.Generator().manual_seed(0))
     x[1::2] *= 3
     model = DiffusionModel(Zero(), x_shape=(2,), gaussian_residual=True, val_npoints=4)
     model.fit_reference(x)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(model, t.utils.data.DataLoader(x, batch_size=10), verbose=False)
     if trainer.is_global_zero:
@@ -72,16 +73,20 @@ def test_val_loss_is_reduced_over_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         metrics = json.load(f)
-    # the same data and reference here: the expected values over all 100 points
-    x = t.randn(100, 2, generator=t.Generator().manual_seed(0))
+    # the same data and reference here: the expected values over all 101 points, each once
+    x = t.randn(101, 2, generator=t.Generator().manual_seed(0))
     x[1::2] *= 3
     nll = utils.GaussianReference(2).fit(x).nll(x)
+    assert metrics["val_samples"] == 101
     assert math.isclose(metrics["val_loss"], nll.mean().item(), rel_tol=1e-5)
     stderr = (nll.var() / len(nll)).sqrt().item()  # the unbiased variance
     assert math.isclose(metrics["val_loss_stderr"], stderr, rel_tol=1e-3)
-    # rank 0's shard alone would be far off (0.76 nats, against a tolerance of 4e-5 above): the
-    # test tells a reduced value from a local one
-    assert abs(nll[0::2].mean().item() - nll.mean().item()) > 0.5
+    # rank 0's shard alone would be far off, and so would the padded set (the first sample
+    # counted twice: 0.004 nats off, against a tolerance of 4e-5 above): the test tells a value
+    # reduced over every sample once from a local or a padded one
+    assert abs(nll[0::3].mean().item() - nll.mean().item()) > 0.1
+    padded = t.cat([nll, nll[:1]])
+    assert abs(padded.mean().item() - nll.mean().item()) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------

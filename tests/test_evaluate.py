@@ -65,8 +65,10 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
         assert set(row) >= {"model", "estimate", "nats", "nats_stderr", "bpd", "bpd_stderr"}
         assert math.isclose(row["bpd"], row["nats"] / (2 * math.log(2)), rel_tol=1e-12)
     rows = rows_by(saved)
-    assert set(rows) == {("exact", "continuous"), ("gaussian", "continuous"),
-                         ("scg-s0/last.ckpt", "continuous"), ("ensemble", "continuous")}
+    # the IT estimate and, by default for 2-D data, the probability-flow ODE's, of every model
+    assert set(rows) == {("exact", "continuous")} | {
+        (model, estimate) for model in ("gaussian", "scg-s0/last.ckpt", "ensemble")
+        for estimate in ("continuous", "ode")}
     # The exact row is scg's closed-form density (densities.scg_nll) on the scored points: the
     # run's validation split, less the seeded selection half.
     points = datasets.get_2d_dataset("scg", n=400)
@@ -81,6 +83,32 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     assert os.path.exists(written.replace(".json", "-2.json"))
     with open(written) as f:
         assert json.load(f) == saved
+
+
+def test_eval_proposal_logistic_means_the_logistic(tmp_path, capsys):
+    # a checkpoint whose proposal was refitted in training (--fit_proposal): with
+    # --eval_proposal logistic every row uses the logistic of its range (the checkpoint's loc,
+    # scale and clip; widened to the grid-resolving log SNR for discrete rows), and the table
+    # says which proposal each row used; with the default every model row is fitted
+    s = train_2d.main(["--dataset", "moons", "--num_epochs", "3", "--fit_proposal", "16",
+                       "--log_dir", str(tmp_path), *TINY_2D])
+    saved = t.load(s["checkpoint"], weights_only=False)
+    assert saved["fitted_proposal"]["kind"] == "fitted"
+    hp = saved["hyper_parameters"]
+    for kind in ("logistic", "fitted"):
+        results = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "16",
+                                 "--eval_proposal", kind, "--results", str(tmp_path / f"{kind}.json")])
+        out = capsys.readouterr().out
+        rows = [r for r in results["rows"] if r["model"] != "exact" and r["estimate"] != "ode"]
+        if kind == "logistic":
+            assert all(r["proposal"]["kind"] == "logistic" for r in rows)
+            assert all((r["proposal"]["loc"], r["proposal"]["scale"], r["proposal"]["clip"]) ==
+                       (hp["logsnr_loc"], hp["logsnr_scale"], hp["clip"]) for r in rows)
+            assert "rows use one fitted" not in out
+        else:
+            assert [r["proposal"]["kind"] for r in rows] == ["logistic", "fitted", "fitted"]
+        line = next(v for v in out.splitlines() if v.startswith("moons-base/last.ckpt"))
+        assert line.split()[-1] == kind
 
 
 def test_eval_is_deterministic_across_batch_sizes(scg_runs, tmp_path):

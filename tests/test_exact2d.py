@@ -73,7 +73,7 @@ def chi_square(prob, counts, n, min_expected=20):
 
 @pytest.mark.parametrize("name", ["dino", "moons"])
 def test_smooth_densities_integrate_to_one_and_give_the_entropy(name):
-    # rectangle rule on a grid of spacing sigma / 1.7 (not entropy_2d's sigma / 2, and shifted):
+    # rectangle rule on a grid of spacing sigma / 1.7 (not entropy_2d's sigma, and shifted):
     # for a density smooth on the scale sigma the error is ~exp(-2 pi^2 1.7^2) ~ 1e-25, so the
     # mass must be 1 to rounding, and -sum p log p h^2 must reproduce entropy_2d's quadrature
     # (after the log-Jacobian of the standardisation, -log(std_1 std_2))

@@ -21,7 +21,7 @@ import train_2d
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num_points", "400", "--grid_size", "8", "--num_samples", "100", "--sample_steps", "10",
         "--val_npoints", "8", "--train_batch_size", "128", "--accelerator", "cpu",
-        "--devices", "1", "--num_threads", "0"]
+        "--devices", "1", "--num_threads", "1"]
 SEED_FLAGS = ["--dataset", "--experiment_name", "--train_batch_size", "--eval_batch_size",
               "--num_epochs", "--learning_rate", "--logsnr_loc", "--logsnr_scale",
               "--embedding_size", "--hidden_size", "--hidden_layers"]

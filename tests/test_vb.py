@@ -85,7 +85,7 @@ def test_kl_terms_match_the_gaussian_posterior_in_closed_form(posterior_variance
     x0 = t.tensor([[0.4, -0.7]], dtype=t.float64).expand(T - 1, 2)
     steps = t.arange(2, T + 1)
     eps = t.randn(T - 1, 2, generator=gen(0), dtype=t.float64)
-    got = vb_terms(gaussian(MEAN, COV), x0, steps, eps, sched)
+    got = vb_terms(gaussian(MEAN, COV), x0, steps, eps, sched, clip=False)
     abt = ab[steps - 1]
     z = abt.sqrt()[:, None] * x0 + (1 - abt).sqrt()[:, None] * eps
     expected = direct_kl(x0, z, posterior_mean(MEAN, COV, z, abt), ab, steps, posterior_variance)
@@ -108,6 +108,7 @@ def test_whole_bound_matches_a_direct_computation(posterior_variance):
     model = Recorder(gaussian(MEAN, COV))
     x = t.tensor([[0.4, -0.7], [-0.1, 0.2]], dtype=t.float64)
     nll, _ = variational_bound(model, x, Grid(delta), ab, posterior_variance=posterior_variance,
+                               clip=False,
                                seed=3)
     z = t.cat([c[0] for c in model.calls])
     a = t.cat([c[1] for c in model.calls])
@@ -170,7 +171,7 @@ def test_bound_on_atoms_tightens_with_T():
     gaps = []
     for T in (10, 50, 250):
         est, se = variational_bound(dist, x.repeat(reps, 1), Grid(0.5, -1., 5),
-                                    schedule(T, 10., -10.), seed=T)
+                                    schedule(T, 10., -10.), seed=T, clip=False)
         est = est.view(reps, 4)
         mean, err = est.mean(0), est.std(0) / math.sqrt(reps)
         assert (mean - exact > -4 * err).all(), (T, (mean - exact).tolist(), err.tolist())
@@ -221,7 +222,7 @@ def test_subsampled_timesteps_are_unbiased_and_calibrated():
                         dtype=t.float64)
     xs = x.repeat(reps, 1)
     for steps in (10, None):
-        est, se = variational_bound(model, xs, Grid(delta), ab, steps=steps, seed=7)
+        est, se = variational_bound(model, xs, Grid(delta), ab, steps=steps, seed=7, clip=False)
         assert_unbiased_and_calibrated(est.view(reps, 3), se.view(reps, 3), expected)
 
 
@@ -239,12 +240,13 @@ def test_a_sample_does_not_depend_on_its_batch(steps):
     model = gaussian(MEAN, COV)
     x = -1 + 0.1 * t.randint(0, 21, (6, 2), generator=gen(1)).double()
     grid = Grid(0.1)
-    whole = variational_bound(model, x, grid, ab, steps=steps, seed=4)
-    first = variational_bound(model, x[:2], grid, ab, steps=steps, seed=4, index=0)
-    rest = variational_bound(model, x[2:], grid, ab, steps=steps, seed=4, index=2, chunk_size=5)
+    whole = variational_bound(model, x, grid, ab, steps=steps, seed=4, clip=False)
+    first = variational_bound(model, x[:2], grid, ab, steps=steps, seed=4, index=0, clip=False)
+    rest = variational_bound(model, x[2:], grid, ab, steps=steps, seed=4, index=2, chunk_size=5,
+                             clip=False)
     for w, a, b in zip(whole, first, rest):
         assert t.equal(w, t.cat([a, b]))
-    other = variational_bound(model, x, grid, ab, steps=steps, seed=6)
+    other = variational_bound(model, x, grid, ab, steps=steps, seed=6, clip=False)
     assert not t.equal(whole[0], other[0])
 
 
@@ -259,6 +261,7 @@ def test_a_sample_does_not_depend_on_its_batch(steps):
     (dict(steps=10), r"2 \.\. T - 1 = 9"),
     (dict(steps=1), r"2 \.\. T - 1 = 9"),
     (dict(posterior_variance="learned"), "posterior_variance must be one of"),
+    (dict(), "clipping x_hat needs the range of the data's grid"),  # Grid(0.1): no top
 ])
 def test_mistakes_are_refused(change, message):
     args = dict(x=t.tensor([[0.1, 0.2]], dtype=t.float64), alphas_cumprod=schedule(10))
@@ -266,3 +269,57 @@ def test_mistakes_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         variational_bound(gaussian(MEAN, COV), args.pop("x"), Grid(0.1), args.pop("alphas_cumprod"),
                           **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. As DDPM reported it: x_hat clipped to the data's range in every term
+# ---------------------------------------------------------------------------------------------
+def ddpm_clipped_terms(model, x0, steps, eps, ab, grid):
+    """Each row's term of DDPM's calc_bpd_loop with clip_denoised=True, written out from Ho et
+    al.'s code path (p_mean_variance: pred_xstart clipped to [-1, 1], the posterior mean of
+    q(x_{t-1} | x_t, pred_xstart); normal_kl against q(x_{t-1} | x_t, x_0); at t = 1 the
+    discretised Gaussian decoder around the clipped pred_xstart, log variance clipped to
+    beta_tilde_2), fixed_small variances, in float64 numpy, one row at a time."""
+    ab = np.concatenate([[1.], ab.numpy()])
+    out = []
+    for x0i, ti, ei in zip(x0.numpy(), steps.tolist(), eps.numpy()):
+        ab_t, ab_p = ab[ti], ab[ti - 1]
+        beta = 1 - ab_t / ab_p
+        xt = math.sqrt(ab_t) * x0i + math.sqrt(1 - ab_t) * ei
+        a = math.log(ab_t / (1 - ab_t))
+        eps_hat = model(t.tensor(xt)[None], t.tensor([a], dtype=t.float64))[0].numpy()
+        pred = np.clip((xt - math.sqrt(1 - ab_t) * eps_hat) / math.sqrt(ab_t), -1, 1)
+        c1, c2 = math.sqrt(ab_p) * beta / (1 - ab_t), math.sqrt(1 - beta) * (1 - ab_p) / (1 - ab_t)
+        if ti == 1:
+            var = (1 - ab[1]) / (1 - ab[2]) * (1 - ab[2] / ab[1])  # beta_tilde_2
+            lo = np.where(x0i <= -1 + 1e-9, -np.inf, x0i - grid.delta / 2)
+            hi = np.where(x0i >= 1 - 1e-9, np.inf, x0i + grid.delta / 2)
+            mass = bin_mass_between(lo, hi, pred, math.sqrt(var))
+            out.append(-np.log(mass).sum())
+        else:
+            var = (1 - ab_p) / (1 - ab_t) * beta  # beta_tilde_t = sigma_t^2
+            diff = c1 * x0i + c2 * xt - (c1 * pred + c2 * xt)
+            out.append(np.sum(0.5 * diff ** 2 / var))
+    return np.array(out)
+
+
+def bin_mass_between(lo, hi, mean, std):
+    return scipy.stats.norm.cdf((hi - mean) / std) - scipy.stats.norm.cdf((lo - mean) / std)
+
+
+def test_the_clipped_bound_is_ddpms():
+    # data on the 5-level grid of [-1, 1] with the exact denoiser of a much wider Gaussian,
+    # N(0, 2^2 I): its x_hat overshoots [-1, 1] at low SNR, where clipping changes the terms
+    grid = Grid(0.5, -1., 5)
+    ab = schedule(10, 5., -5.)
+    model = gaussian([0., 0.], [[4., 0.], [0., 4.]])
+    x0 = -1 + 0.5 * t.randint(0, 5, (40, 2), generator=gen(3)).double()
+    steps = t.arange(40) % 10 + 1
+    eps = t.randn(40, 2, generator=gen(4), dtype=t.float64)
+    sched = VBSchedule(ab)
+    got = vb_terms(model, x0, steps, eps, sched, grid)
+    expected = ddpm_clipped_terms(model, x0, steps, eps, ab, grid)
+    assert np.allclose(got.numpy(), expected, rtol=1e-9, atol=1e-9)
+    # clipping matters here: the unclipped terms are larger
+    unclipped = vb_terms(model, x0, steps, eps, sched, grid, clip=False)
+    assert (unclipped - got).sum() > 1.

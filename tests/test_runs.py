@@ -1,0 +1,390 @@
+"""Runs that survive a cluster: SIGTERM keeps the exact step and says how to resume (exit status
+143); SLURM's requeue through Lightning's SLURMEnvironment continues the run in its own folder;
+a run interrupted mid-epoch and resumed does exactly the steps of the uninterrupted one, to the
+same weights; resuming a finished run is refused, a moved checkpoint finds (or replaces) its run
+folder; every precision --help lists trains, and 64-true end to end in both scripts.
+
+Real processes only where a signal is sent; elsewhere an interruption is made in-process the way
+Lightning's own SIGTERM handler makes it (trainer.received_sigterm set during a step). Runs are
+tiny: scg with a few thousand points, a 4 x 4 contour grid, no samples.
+"""
+import contextlib
+import io
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+import pytorch_lightning as pl
+import torch as t
+
+import callbacks as cb
+import experiment
+import train_2d
+import train_cifar10
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train_2d.py")
+# 2000 points: 1800 for training (val_fraction 0.1), batches of 512 (the default): 3 steps an epoch
+TINY = ["--dataset", "scg", "--num_points", "2000", "--grid_size", "4", "--num_samples", "0",
+        "--val_npoints", "8", "--num_threads", "1"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def clean_env(**extra):
+    """This environment without any SLURM_* variable (the suite may itself run in a SLURM job,
+    which would turn on Lightning's SLURM handling), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def fresh_interrupted(monkeypatch):
+    """callbacks.Interrupted keeps what run_cli prints in class attributes: each test starts (and
+    leaves the next one) without an earlier test's interruption."""
+    monkeypatch.setattr(cb.Interrupted, "message", None)
+    monkeypatch.setattr(cb.Interrupted, "status", None)
+
+
+class SigtermAt(pl.Callback):
+    """What Lightning's SIGTERM handler does when the signal arrives during step `step`: it sets
+    trainer.received_sigterm, and the loop raises SIGTERMException after that step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer._signal_connector.received_sigterm = True
+
+
+def sigterm_at(monkeypatch, step):
+    """The next train_2d runs get a SIGTERM during global step `step`."""
+    own = train_2d.TwoD.callbacks
+    monkeypatch.setattr(train_2d.TwoD, "callbacks",
+                        lambda self, args, data, curve: own(self, args, data, curve)
+                        + [SigtermAt(step)])
+
+
+def same(a, b):
+    """a == b, tensors (and nested dicts and lists of them) compared bit for bit."""
+    if t.is_tensor(a) or t.is_tensor(b):
+        return t.is_tensor(a) and t.is_tensor(b) and a.dtype == b.dtype and t.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM and SLURM: real processes
+# ---------------------------------------------------------------------------------------------
+def test_sigterm_keeps_the_exact_step_and_says_how_to_resume(tmp_path, monkeypatch, capsys,
+                                                            fresh_interrupted):
+    # a run name with a space: the kept path and the resume command must be shell-quoted
+    flags = TINY + ["--experiment_name", "night run"]
+    # 20000 epochs: the run must still be going when the signal arrives, on a fast machine too
+    proc = subprocess.Popen([sys.executable, SCRIPT, *flags, "--num_epochs", "20000"],
+                            cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # not a terminal: one line per epoch
+        seen.append(line)
+        if line.startswith("epoch 2/20000"):
+            proc.send_signal(signal.SIGTERM)  # what SLURM, Kubernetes and `timeout` send
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]  # 128 + SIGTERM (15), as a shell reports it
+    assert "training: 20000 epochs of 3 steps" in "".join(seen)  # 1800 points // 512
+    assert "Traceback" not in err and "SIGTERMException" not in err
+    kept = os.path.join("exps", "scg-night run", "checkpoints", "interrupted.ckpt")
+    last = err.strip().splitlines()[-1]
+    assert err.count("stopped by SIGTERM") == 1, err[-3000:]  # one line says it, the last
+    found = re.fullmatch(r"stopped by SIGTERM at epoch (\d+), step (\d+): kept (.+); resume "
+                         r"with (.+)", last)
+    assert found, last
+    epoch, step = int(found[1]), int(found[2])
+    assert found[3] == shlex.quote(kept) and kept != shlex.quote(kept)
+    # the command as given (the flags in their order, the space quoted), resuming from the kept
+    # checkpoint
+    command = shlex.split(found[4])
+    assert command == ["python", SCRIPT, *flags, "--num_epochs", "20000", "--resume", kept]
+    # the checkpoint holds the step the line names: 2 epochs of 3 steps were done when
+    # "epoch 2/20000" was printed, so at least 6
+    ckpt = t.load(tmp_path / kept, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == step >= 6 and ckpt["epoch"] == epoch - 1
+
+    # the resume command: it may not be longer than the 20000 epochs its one-cycle schedule was
+    # planned for, it may be shorter; in-process (no signal needed), in the same working folder
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: train_2d.main(command[2:] + ["--num_epochs", "20001"]))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "--num_epochs: 20001 is longer than the 20000 epochs" in err.strip().splitlines()[-1]
+    s = train_2d.main(command[2:] + ["--num_epochs", "4"])
+    out = capsys.readouterr().out
+    assert s["steps"] == 4 * 3 and s["epochs"] == 4  # 4 epochs of 3 steps, all of them
+    assert f"{4 * 3 - step} steps to go of {4 * 3}" in out  # from the kept step on
+    assert os.listdir("exps") == ["scg-night run"]  # in the interrupted run's folder
+    assert s["run_dir"] == os.path.join("exps", "scg-night run")
+    assert f"logs:        {shlex.quote(s['run_dir'])}" in out
+
+
+def test_slurm_requeue_saves_requeues_and_the_requeued_job_continues_its_run(tmp_path,
+                                                                           monkeypatch, capsys):
+    # A fake scontrol first on PATH records how Lightning calls it (SLURM's own is not here).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$SCONTROL_LOG"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    log = tmp_path / "scontrol.log"
+    work = tmp_path / "job"
+    work.mkdir()
+    # What SLURM sets for one task of job 4242 (Lightning's SLURMEnvironment.detect: SLURM_NTASKS
+    # set, and a job name other than bash or interactive)
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+                 SLURM_JOB_NAME="itd", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+                 SLURM_NODELIST="localhost")
+    epochs = 30  # 30 epochs of 3 steps: 90 steps in all
+    argv = TINY + ["--num_epochs", str(epochs)]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *argv], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                                          SCONTROL_LOG=str(log), **slurm))
+    for line in proc.stdout:
+        if line.startswith(f"epoch 2/{epochs}"):
+            # SLURM's warning signal (sbatch --signal=USR1@...), then after the requeue the
+            # SIGTERM. Sent while the run is stopped, so it cannot finish in between on a slow
+            # machine; Python runs pending handlers in signal-number order, so Lightning's SIGUSR1
+            # handler (save, requeue) completes before its SIGTERM handler marks the stop.
+            proc.send_signal(signal.SIGSTOP)
+            proc.send_signal(signal.SIGUSR1)
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    run = work / "exps" / "scg-base"
+    # Lightning's requeue checkpoint, in the run's checkpoints (callbacks.SlurmJob), and the
+    # requeue of this job by its id
+    assert (run / "checkpoints" / "hpc_ckpt_1.ckpt").is_file(), os.listdir(run / "checkpoints")
+    assert log.read_text() == "requeue 4242\n"
+    assert (run / "slurm_job_id").read_text() == "4242"
+    stopped = t.load(run / "checkpoints" / "hpc_ckpt_1.ckpt", map_location="cpu",
+                     weights_only=False)["global_step"]
+    assert 6 <= stopped < 3 * epochs  # from epoch 3 on (2 epochs of 3 steps printed), unfinished
+
+    # SLURM starts the same command again, with SLURM_RESTART_COUNT=1 (in-process here: no signal
+    # is involved): it continues that run, in its folder, to all of its steps
+    monkeypatch.chdir(work)
+    for key, value in dict(slurm, SLURM_RESTART_COUNT="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SCONTROL_LOG", str(log))
+    for key in [k for k in os.environ if k.startswith("SLURM_") and k not in slurm
+                and k != "SLURM_RESTART_COUNT"]:
+        monkeypatch.delenv(key)
+    kept = {name: os.path.getmtime(run / "checkpoints" / name)
+            for name in os.listdir(run / "checkpoints")}
+    capsys.readouterr()
+    s = train_2d.main(list(argv))
+    out = capsys.readouterr().out
+    resumed = re.search(r"^SLURM job 4242 requeued: resuming exps/scg-base/checkpoints/(.+)$",
+                        out, re.M)
+    # the newest checkpoint of the run: interrupted.ckpt, written after hpc_ckpt_1.ckpt (file
+    # times are coarse, a few ms: the two may tie)
+    assert resumed and kept[resumed[1]] == max(kept.values()), (out[:2000], kept)
+    assert os.listdir(work / "exps") == ["scg-base"]
+    assert s["steps"] == 3 * epochs and s["epochs"] == epochs
+    assert s["run_dir"] == os.path.join("exps", "scg-base")
+    assert log.read_text() == "requeue 4242\n"  # no further requeue
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume, in-process
+# ---------------------------------------------------------------------------------------------
+def test_resume_mid_epoch_takes_exactly_the_steps_and_weights_of_the_whole_run(
+        tmp_path, monkeypatch, capsys, fresh_interrupted):
+    # 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps.
+    # --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 20
+    # spread over 3 epochs): the run is cut in epoch 1, after its refit, so the resumed run must
+    # carry that proposal and refit the next one as the whole run does.
+    common = TINY + ["--num_epochs", "3", "--train_batch_size", "256", "--fit_proposal", "16",
+                     "--log_dir", str(tmp_path)]
+    whole = train_2d.main(common + ["--experiment_name", "whole"])
+    assert whole["steps"] == 21
+    cut_at = 10  # not a multiple of 7: the 4th of epoch 1's 7 steps
+    with monkeypatch.context() as patch:
+        sigterm_at(patch, cut_at)
+        with pytest.raises(SystemExit) as exit_:
+            experiment.run_cli(lambda: train_2d.main(common + ["--experiment_name", "cut"]))
+    assert exit_.value.code == 143
+    kept = tmp_path / "scg-cut" / "checkpoints" / "interrupted.ckpt"
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"stopped by SIGTERM at epoch 2, step {cut_at}: kept {experiment.shown_path(str(kept))}")
+    assert t.load(kept, map_location="cpu", weights_only=False)["global_step"] == cut_at
+    resumed = train_2d.main(common + ["--experiment_name", "cut", "--resume", str(kept)])
+    assert f"{21 - cut_at} steps to go of 21" in capsys.readouterr().out
+
+    a, b = (t.load(s["checkpoint"], map_location="cpu", weights_only=False)
+            for s in (whole, resumed))
+    assert a["global_step"] == b["global_step"] == 21
+    assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
+    assert "fitted_proposal" in a and same(a["fitted_proposal"], b["fitted_proposal"])
+    # every tensor of the model, bit for bit (the same seed: same data order, same noise)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [k for k, v in a["state_dict"].items() if not same(v, b["state_dict"][k])]
+    assert not different, different
+    assert same(a["optimizer_states"], b["optimizer_states"])
+
+
+def test_time_estimate_after_a_mid_epoch_resume_counts_steps(monkeypatch, capsys):
+    # callbacks.RunSize with a clock of our own: a run of 10 epochs of 7 steps (70 steps)
+    # resumed at step 13, one step before the end of epoch 1 (epochs 0, 1, ...). Its first epoch
+    # end comes 30 s later at step 14: 30 s a step, 56 steps left, 1680 s = 28.0 minutes. (Timing
+    # the partial epoch instead, 30 s times the 8 epochs left, would say 4.0 minutes; the run is
+    # resumed, so the steps done before it do not count either.)
+    now = [1000.]
+    monkeypatch.setattr(cb, "time", types.SimpleNamespace(time=lambda: now[0]))
+    trainer = types.SimpleNamespace(is_global_zero=True, global_step=13, current_epoch=1,
+                                    max_epochs=10, num_training_batches=7,
+                                    estimated_stepping_batches=70)
+    size = cb.RunSize()
+    size.on_train_start(trainer, None)
+    now[0] += 30.
+    trainer.global_step = 14
+    size.on_train_epoch_end(trainer, None)
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["training: 9 epochs of 7 steps, 57 steps to go of 70",
+                   "expected: about 28.0 more minutes for the remaining 56 steps (without "
+                   "validation)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished runs and moved checkpoints
+# ---------------------------------------------------------------------------------------------
+def files(folder):
+    """{path: (bytes, mtime)} of every file under folder."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[path] = (f.read(), os.stat(path).st_mtime_ns)
+    return found
+
+
+def test_finished_runs_are_refused_and_moved_checkpoints_find_their_run(tmp_path, monkeypatch,
+                                                                       capsys, fresh_interrupted):
+    # 400 points: 360 for training in batches of 128, 2 steps an epoch; 2 epochs: 4 steps
+    logs = tmp_path / "exps"
+    common = ["--dataset", "scg", "--num_points", "400", "--train_batch_size", "128",
+              "--num_epochs", "2", "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
+              "--num_threads", "1", "--log_dir", str(logs), "--experiment_name", "r"]
+    run = logs / "scg-r"
+    with monkeypatch.context() as patch:
+        sigterm_at(patch, 1)  # mid-epoch 0
+        with pytest.raises(SystemExit) as exit_:
+            experiment.run_cli(lambda: train_2d.main(common))
+    assert exit_.value.code == 143
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    copy = str(elsewhere / "kept.ckpt")
+    shutil.copy(run / "checkpoints" / "interrupted.ckpt", copy)
+
+    # a copy of the checkpoint whose run folder still exists continues in that folder
+    capsys.readouterr()
+    s = train_2d.main(common + ["--resume", copy])
+    assert "note:" not in capsys.readouterr().out
+    assert s["steps"] == 4 and os.listdir(logs) == ["scg-r"]
+    assert os.path.samefile(s["run_dir"], run) and os.listdir(elsewhere) == ["kept.ckpt"]
+
+    # the run is finished now: resuming its last checkpoint is one error line, and touches
+    # nothing (summary.json included: the same bytes, the same mtime)
+    last = str(run / "checkpoints" / "last.ckpt")
+    before = files(logs)
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: train_2d.main(common + ["--resume", last]))
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()]
+    assert err.startswith(f"error: already finished: {last} ") and \
+        f"--eval_only --ckpt {shlex.quote(last)}" in err
+    assert files(logs) == before
+
+    # a checkpoint whose run folder was deleted: one note, and the run continues in a new folder
+    shutil.rmtree(run)
+    s = train_2d.main(common + ["--resume", copy])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(
+        f"note: the run folder {experiment.shown_path(str(run))} of {copy} no longer exists")
+    assert s["steps"] == 4 and os.path.dirname(os.path.abspath(s["run_dir"])) == str(logs)
+    assert os.path.isfile(os.path.join(s["run_dir"], "checkpoints", "last.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precisions
+# ---------------------------------------------------------------------------------------------
+PRECISIONS = ["32-true", "64-true", "bf16-mixed", "16-mixed"]
+
+
+def help_text(script):
+    """What `python <script> --help` prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        script.parse_args(["--help"])
+    assert exit_.value.code == 0
+    # argparse wraps lines, also after a hyphen ("bf16-" / "mixed"): unwrapped
+    return " ".join(re.sub(r"-\n\s*", "-", out.getvalue()).split())
+
+
+def test_the_precisions_listed_are_those_tested():
+    for script in (train_2d, train_cifar10):
+        listed = re.search(r"--precision PRECISION (.*?) \(", help_text(script))[1]
+        assert re.findall(r"(?:bf)?\d+-(?:true|mixed)", listed) == PRECISIONS, listed
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_listed_precision_trains_a_2d_run(precision, tmp_path):
+    # 400 points: 360 for training, less than a batch of 512: one step
+    s = train_2d.main(["--dataset", "scg", "--num_points", "400", "--num_epochs", "1",
+                       "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
+                       "--num_threads", "1", "--precision", precision, "--log_dir", str(tmp_path)])
+    assert s["steps"] == 1 and s["val_nll"] == s["val_nll"]  # not nan
+    ckpt = t.load(s["checkpoint"], map_location="cpu", weights_only=False)
+    dtypes = {v.dtype for v in ckpt["state_dict"].values()
+              if t.is_tensor(v) and v.is_floating_point()}
+    # mixed precision keeps float32 weights; 64-true trains in float64 throughout
+    assert dtypes == {t.float64 if precision == "64-true" else t.float32}
+    if precision == "64-true":  # the checkpoint evaluates, in the same precision
+        r = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
+                           "--precision", precision, "--num_threads", "1"])
+        assert os.path.isfile(r["path"]) and all(row["nats"] == row["nats"] for row in r["rows"])
+
+
+def test_64_true_trains_and_evaluates_an_image_run(tmp_path):
+    # 16 fake 8 x 8 images in batches of 8: 2 steps; 4 for validation, 2 scored in evaluation
+    fast = ["--num_workers", "0", "--accelerator", "cpu", "--devices", "1", "--eval_batch_size",
+            "4", "--precision", "64-true"]
+    s = train_cifar10.main(["--dataset", "fake", "--image_size", "8", "--fake_size", "16",
+                            "--batch_size", "8", "--unet_width", "8", "--num_epochs", "1",
+                            "--val_npoints", "4", "--curve_samples", "4", "--num_samples", "0",
+                            "--log_dir", str(tmp_path), *fast])
+    assert s["steps"] == 2 and s["val_nll"] == s["val_nll"]
+    ckpt = t.load(s["checkpoint"], map_location="cpu", weights_only=False)
+    assert {v.dtype for v in ckpt["state_dict"].values()
+            if t.is_tensor(v) and v.is_floating_point()} == {t.float64}
+    # --vb_steps 2: the fewest KL terms the variational bound takes (vb.variational_bound)
+    r = train_cifar10.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
+                            "--vb_steps", "2", *fast])
+    assert r["n_scored"] == 2 and all(row["nats"] == row["nats"] for row in r["rows"])
