@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytorch_lightning as pl
+import torch as t
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -55,6 +56,61 @@ class Baselines(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking and "val_nll_exact" in self.values:
             pl_module.log("val_loss_exact", self.values["val_nll_exact"], sync_dist=True)
+
+
+class Labels(pl.Callback):
+    """A conditional model at the end of training, on the validation samples and labels: the
+    mean pointwise mutual information i(x; y) (DiffusionModel.mi_points) and the accuracy of
+    classifying by log p(y | x) (class_log_posterior), each with its standard error over the
+    samples, beside the same numbers of the data's exact densities where known (the Bayes
+    classifier) or, for images, of scikit-learn's LogisticRegression on the training pixels; and
+    the exact E[-log p(x | y)] beside val_loss. The log prior is the training labels' frequencies
+    (fitted at the start). All to TensorBoard and `values` (the summary); global rank 0."""
+
+    def __init__(self, npoints, seed=0, chunk=1024):
+        self.npoints, self.seed, self.chunk, self.values = npoints, seed, chunk, {}
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit" and trainer.ckpt_path is None:
+            pl_module.fit_label_prior(trainer.datamodule.train_labels)
+
+    @t.no_grad()
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        data, was_training = trainer.datamodule, pl_module.training
+        pl_module.eval()
+        x, y = data.val_data().to(pl_module.device, pl_module.dtype), data.val_labels.to(pl_module.device)
+        seed, index = utils.derive_seed(self.seed, 0x4C), t.arange(len(x), device=x.device)
+        mi, posterior = zip(*[(pl_module.mi_points(xs, ys, self.npoints, seed=seed, index=i)[0],
+                               pl_module.class_log_posterior(xs, self.npoints, seed=seed, index=i))
+                              for xs, ys, i in zip(*(v.split(self.chunk) for v in (x, y, index)))])
+        mi, correct = t.cat(mi).cpu(), (t.cat(posterior).argmax(1) == y).double().cpu()
+        v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
+                 val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
+                 label_evaluations=self.npoints * (2 + pl_module.hparams.num_classes))
+        log_given = data.exact_log_given(x.cpu())
+        if log_given is not None:  # the exact densities: the Bayes classifier, the exact i(x; y)
+            joint = log_given + data.exact_log_prior()
+            given = log_given[t.arange(len(y)), y.cpu()]
+            exact_mi = given - joint.logsumexp(1)
+            bayes = (joint.argmax(1) == y.cpu()).double()
+            v.update(val_loss_given_exact=-given.mean().item(), val_mi_exact=exact_mi.mean().item(),
+                     val_mi_exact_stderr=_stderr(exact_mi), val_accuracy_bayes=bayes.mean().item())
+        else:
+            from sklearn.linear_model import LogisticRegression
+            pixels = data.reference_data().flatten(1).numpy()
+            fit = LogisticRegression(max_iter=2000).fit(pixels,
+                                                        data.train_labels[:len(pixels)].numpy())
+            v["val_accuracy_logistic"] = float(fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy()))
+        self.values = v
+        if trainer.logger:
+            trainer.logger.log_metrics(v, step=trainer.global_step)
+        pl_module.train(was_training)
+
+
+def _stderr(v):
+    return (v.var() / len(v)).sqrt().item()
 
 
 class FitProposal(pl.Callback):

@@ -125,6 +125,13 @@ def build_parser(description, defaults, may_change=()):
                        help=per_dataset(defaults, "num_epochs"))
     group.add_argument("--learning_rate", type=positive(float), default=None,
                        help=per_dataset(defaults, "learning_rate", "peak learning rate of Adam"))
+    group.add_argument("--conditional", type=str2bool, default=False,
+                       help="a model of p(x | y) for the data's labels, whose denoiser also gives "
+                            "p(x) without a label: conditional likelihoods, pointwise mutual "
+                            "information i(x; y) and classification")
+    group.add_argument("--label_dropout", type=float, default=0.1,
+                       help="--conditional: the share of training samples whose label is dropped "
+                            "(p(x)'s training signal)")
     group = p.add_argument_group("validation and figures")
     group.add_argument("--eval_batch_size", type=positive(int), default=None,
                        help=per_dataset(defaults, "eval_batch_size", "samples per evaluation batch"))
@@ -272,6 +279,8 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
             setattr(args, key, value)
     if args.val_every is None:
         args.val_every = max(1, args.num_epochs // 10)
+    if not 0 <= args.label_dropout < 1:
+        parser.error(f"argument --label_dropout: must be in [0, 1), got {args.label_dropout}")
     if args.fit_proposal and not 8 <= args.fit_proposal:
         parser.error(f"argument --fit_proposal: needs at least 8 samples (0: off), got "
                      f"{args.fit_proposal}")

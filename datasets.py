@@ -49,35 +49,58 @@ class DataSource(Protocol):
     def exact_nll(self, x: t.Tensor) -> Optional[t.Tensor]:
         """The exact -log p(x) in nats of points x, or None where the density is not known."""
 
+    # labelled data (conditional models): num_classes is None for unlabelled data
+    num_classes: Optional[int]
+    train_labels: Optional[t.Tensor]  # int64 (N,), after setup
+
+    def eval_labels(self) -> Optional[t.Tensor]:
+        """The labels of eval_data()'s samples, or None."""
+
+    def exact_log_given(self, x: t.Tensor) -> Optional[t.Tensor]:
+        """log p(x | y) for every label, (m, num_classes), or None where not known (then
+        exact_log_prior() gives log p(y))."""
+
 
 def split_2d(x, val_fraction=0.1, seed=0):
-    """A seeded random split of x into (train, validation); validation gets round(n * fraction)."""
+    """A seeded random split of x into (train, validation); validation gets round(n * fraction).
+    x may be a tuple of tensors (points and labels), split alike into two tuples."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = max(1, round(len(x) * val_fraction))
-    perm = t.randperm(len(x), generator=t.Generator().manual_seed(seed))
-    return x[perm[n_val:]], x[perm[:n_val]]
+    parts = x if isinstance(x, tuple) else (x,)
+    n_val = max(1, round(len(parts[0]) * val_fraction))
+    perm = t.randperm(len(parts[0]), generator=t.Generator().manual_seed(seed))
+    train, val = tuple(v[perm[n_val:]] for v in parts), tuple(v[perm[:n_val]] for v in parts)
+    return (train, val) if isinstance(x, tuple) else (train[0], val[0])
 
 
 @dataclasses.dataclass(frozen=True)
 class Set2D:
-    """A 2-D dataset. make(n, rng) draws n raw points (numpy (n, 2)) from a numpy Generator; where
-    the density is known, nll(x, n) is its exact -log p in nats of raw points x (m, 2) -> (m,)
-    float64 (+inf outside the support) and entropy(n) its differential entropy, both for a set of
-    n points (moons' arcs hold n // 2 and n - n // 2); standardise: served with zero mean and unit
-    variance per coordinate (the exact functions follow)."""
+    """A 2-D dataset. make(n, rng) draws n raw points (numpy (n, 2)) from a numpy Generator, or
+    (points, labels) for a labelled set. Where the density is known, nll(x, n) is its exact -log p
+    in nats of raw points x (m, 2) -> (m,) float64 (+inf outside the support) and entropy(n) its
+    differential entropy, both for a set of n points (moons' arcs hold n // 2 and n - n // 2).
+    A labelled set with known conditional densities gives log_given(x, n) -> (m, classes)
+    log p(x | y) and log_prior(n) -> (classes,) log p(y) instead of nll (the marginal follows).
+    standardise: served with zero mean and unit variance per coordinate (the exact functions
+    follow)."""
     make: Callable
     nll: Optional[Callable] = None
     entropy: Optional[Callable] = None
     standardise: bool = True
+    classes: Optional[int] = None
+    log_given: Optional[Callable] = None
+    log_prior: Optional[Callable] = None
 
 
 SETS_2D = {
     "dino": Set2D(densities.make_dino, densities.dino_nll, densities.dino_entropy),
-    "moons": Set2D(densities.make_moons, densities.moons_nll, densities.moons_entropy),
+    "moons": Set2D(densities.make_moons, None, densities.moons_entropy, classes=2,
+                   log_given=densities.moons_log_given, log_prior=densities.moons_log_prior),
     "scg": Set2D(densities.make_scg, densities.scg_nll, densities.scg_entropy, standardise=False),
     "line": Set2D(densities.make_line, densities.line_nll, densities.line_entropy),
     "circle": Set2D(densities.make_circle, densities.circle_nll, densities.circle_entropy),
+    "blobs": Set2D(densities.make_blobs, None, densities.blobs_entropy, classes=3,
+                   log_given=densities.blobs_log_given, log_prior=densities.blobs_log_prior),
 }
 
 
@@ -88,41 +111,66 @@ def _set_2d(name):
 
 
 def _raw_2d(name, n, seed):
-    """The raw points of `get_2d_dataset(name, n, seed)` (float64 numpy, (n, 2)) and the (mean,
-    std) that standardise them (numpy sample mean and std, ddof=0), or None."""
+    """The raw points of `get_2d_dataset(name, n, seed)` (float64 numpy, (n, 2)), their labels (or
+    None), and the (mean, std) that standardise them (numpy sample mean and std, ddof=0), or
+    None."""
     spec = _set_2d(name)
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"need an integer number of points >= 2, got {n!r}")
-    x = spec.make(n, np.random.default_rng(seed))
-    return x, ((x.mean(0), x.std(0)) if spec.standardise else None)
+    made = spec.make(n, np.random.default_rng(seed))
+    x, y = made if spec.classes else (made, None)
+    return x, y, ((x.mean(0), x.std(0)) if spec.standardise else None)
 
 
-def get_2d_dataset(name, n=8000, seed=42):
+def get_2d_dataset(name, n=8000, seed=42, labels=False):
     """`n` points (float32, shape (n, 2)) of the named 2-D dataset, standardised where its entry
-    says so; the same seed gives the same points."""
-    x, standardisation = _raw_2d(name, n, seed)
+    says so, and with labels=True their labels (int64); the same seed gives the same points."""
+    x, y, standardisation = _raw_2d(name, n, seed)
     if standardisation is not None:
         mean, std = standardisation
         x = (x - mean) / std
-    return t.as_tensor(x, dtype=t.float32)
+    x = t.as_tensor(x, dtype=t.float32)
+    if not labels:
+        return x
+    if y is None:
+        raise ValueError(f"the 2-D dataset {name!r} has no labels; labelled ones: "
+                         f"{', '.join(k for k, v in SETS_2D.items() if v.classes)}")
+    return x, t.as_tensor(y, dtype=t.int64)
+
+
+def _served(name, n, seed, fn):
+    """fn of raw points as a function of served (standardised) points y, with the
+    standardisation's log-Jacobian: -log p_std(y) = -log p_raw(mean + std * y) - log(std_1 std_2).
+    The raw points are regenerated (same generator calls) to recover the sample mean and std."""
+    _, _, standardisation = _raw_2d(name, n, seed)
+    if standardisation is None:
+        return lambda y: fn(t.as_tensor(y, dtype=t.float64)), 0.
+    mean, std = (t.as_tensor(v, dtype=t.float64) for v in standardisation)
+    return lambda y: fn(mean + std * t.as_tensor(y, dtype=t.float64)), t.log(std).sum().item()
 
 
 def exact_nll_2d(name, n=8000, seed=42):
     """The exact -log p(y) in nats of the dataset `get_2d_dataset(name, n, seed)` as a function of
-    points y (m, 2) -> (m,) float64, vectorised; None where the density is not known.
-
-    The raw points are regenerated (same generator calls) to recover the sample mean and std the
-    standardisation used, y = (x - mean) / std, and the log-Jacobian is included:
-    -log p_std(y) = -log p_raw(mean + std * y) - log(std_1 std_2)."""
+    points y (m, 2) -> (m,) float64, vectorised; None where the density is not known."""
     spec = _set_2d(name)
-    if spec.nll is None:
+    if spec.nll is not None:
+        raw, log_jacobian = _served(name, n, seed, lambda x: spec.nll(x, n))
+        return lambda y: raw(y) - log_jacobian
+    log_given = exact_log_given_2d(name, n, seed)
+    if log_given is None:
         return None
-    _, standardisation = _raw_2d(name, n, seed)
-    if standardisation is None:
-        return lambda y: spec.nll(t.as_tensor(y, dtype=t.float64), n)
-    mean, std = (t.as_tensor(v, dtype=t.float64) for v in standardisation)
-    log_jacobian = t.log(std).sum()
-    return lambda y: spec.nll(mean + std * t.as_tensor(y, dtype=t.float64), n) - log_jacobian
+    prior = spec.log_prior(n)
+    return lambda y: -(log_given(y) + prior).logsumexp(1)
+
+
+def exact_log_given_2d(name, n=8000, seed=42):
+    """log p(y | label) in nats of a labelled dataset's served points y, (m, 2) -> (m, classes)
+    float64; None where not known."""
+    spec = _set_2d(name)
+    if spec.log_given is None:
+        return None
+    raw, log_jacobian = _served(name, n, seed, lambda x: spec.log_given(x, n))
+    return lambda y: raw(y) + log_jacobian
 
 
 def entropy_2d(name, n=8000, seed=42):
@@ -131,7 +179,7 @@ def entropy_2d(name, n=8000, seed=42):
     spec = _set_2d(name)
     if spec.entropy is None:
         return None
-    _, standardisation = _raw_2d(name, n, seed)
+    _, _, standardisation = _raw_2d(name, n, seed)
     shift = 0. if standardisation is None else math.log(standardisation[1].prod())
     return spec.entropy(n) - shift
 
@@ -149,15 +197,17 @@ class ImageSet(t.utils.data.Dataset):
 
     dequantize=True adds uniform noise over the bin (utils.dequantize), making the data a genuine
     continuous density: -log P(k) <= -log p(x) - d log(width) in expectation. With a seed the
-    noise is fixed per image (validation), otherwise fresh at every access (training).
+    noise is fixed per image (validation), otherwise fresh at every access (training). With
+    labels (int64 (N,)), items are (image, label).
     """
 
-    def __init__(self, images, levels, dequantize=False, seed=None):
+    def __init__(self, images, levels, dequantize=False, seed=None, labels=None):
         if images.dtype != t.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if int(images.max()) >= levels:
             raise ValueError(f"pixel level {int(images.max())} out of range for {levels} levels")
         self.images, self.levels, self.dequantize, self.seed = images, int(levels), dequantize, seed
+        self.labels = labels
         self.bin_width = 2 / (self.levels - 1)
 
     def __len__(self):
@@ -168,7 +218,8 @@ class ImageSet(t.utils.data.Dataset):
         return tuple(self.images.shape[1:])
 
     def __getitem__(self, i):
-        return self._served(self.images[i:i + 1], i)[0]
+        x = self._served(self.images[i:i + 1], i)[0]
+        return x if self.labels is None else (x, self.labels[i])
 
     def tensor(self, n=None):
         """The first n images (all by default) as one float tensor, as served."""
@@ -209,7 +260,7 @@ def _cifar10(data_dir, seed=0, image_size=32, fake_size=0):
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise FileNotFoundError(f"CIFAR-10 in {folder} is incomplete or corrupted ({err}); delete "
                                 "it and download it again") from None
-    return [t.from_numpy(p.data).permute(0, 3, 1, 2) for p in parts]
+    return [(t.from_numpy(p.data).permute(0, 3, 1, 2), t.as_tensor(p.targets)) for p in parts]
 
 
 def download_cifar10(data_dir):
@@ -247,9 +298,11 @@ def _digits(data_dir=None, seed=0, image_size=8, fake_size=0):
     """scikit-learn's bundled 8x8 handwritten digits (1797 images, 17 grey levels 0..16, so bins
     are 1/8 wide in [-1, 1]), split (seeded) into DIGITS_VAL for validation and the rest."""
     from sklearn.datasets import load_digits
-    images = t.as_tensor(load_digits().images, dtype=t.uint8).unsqueeze(1)
+    digits = load_digits()
+    images = t.as_tensor(digits.images, dtype=t.uint8).unsqueeze(1)
+    labels = t.as_tensor(digits.target, dtype=t.int64)
     perm = t.randperm(len(images), generator=t.Generator().manual_seed(seed))
-    return images[perm[DIGITS_VAL:]], images[perm[:DIGITS_VAL]]
+    return [(images[p], labels[p]) for p in (perm[DIGITS_VAL:], perm[:DIGITS_VAL])]
 
 
 def _fake(data_dir=None, seed=0, image_size=32, fake_size=512):
@@ -260,19 +313,22 @@ def _fake(data_dir=None, seed=0, image_size=32, fake_size=512):
     fake = FakeData(size=fake_size + n_val, image_size=(3, image_size, image_size),
                     random_offset=seed)
     images = t.stack([t.from_numpy(np.array(img)) for img, _ in fake]).permute(0, 3, 1, 2)
-    return images[:fake_size], images[fake_size:]
+    labels = t.as_tensor([label for _, label in fake], dtype=t.int64)
+    return [(images[part], labels[part]) for part in (slice(0, fake_size), slice(fake_size, None))]
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-    """An image dataset. load(data_dir, seed, image_size, fake_size) -> (train, validation) uint8
-    tensors (N, C, H, W) of pixel levels 0 .. levels - 1; shape(image_size): one image's shape,
+    """An image dataset. load(data_dir, seed, image_size, fake_size) -> (train, validation), each
+    (uint8 images (N, C, H, W) of pixel levels 0 .. levels - 1, int64 labels (N,) in
+    0 .. classes - 1); shape(image_size): one image's shape,
     known before loading (the U-Net is checked against it); for sets not bundled with a package,
     download(data_dir) fetches them and missing(data_dir, can_download) says what is missing and
     how to provide it (None if nothing)."""
     load: Callable
     levels: int
     shape: Callable
+    classes: int
     download: Optional[Callable] = None
     missing: Optional[Callable] = None
 
@@ -303,9 +359,10 @@ def reachable(url, timeout=3.0):
 
 
 IMAGE_SETS = {
-    "cifar10": ImageSpec(_cifar10, 256, lambda size: (3, 32, 32), download_cifar10, cifar10_missing),
-    "digits": ImageSpec(_digits, 17, lambda size: (1, 8, 8)),
-    "fake": ImageSpec(_fake, 256, lambda size: (3, size, size)),
+    "cifar10": ImageSpec(_cifar10, 256, lambda size: (3, 32, 32), 10, download_cifar10,
+                         cifar10_missing),
+    "digits": ImageSpec(_digits, 17, lambda size: (1, 8, 8), 10),
+    "fake": ImageSpec(_fake, 256, lambda size: (3, size, size), 10),
 }
 
 
@@ -316,13 +373,16 @@ def image_spec(name):
 
 
 def load_image_dataset(name, data_dir="data", dequantize=False, seed=0, image_size=32,
-                       fake_size=512):
+                       fake_size=512, labels=False):
     """(train, validation) ImageSets of a named image dataset (IMAGE_SETS) from local files; the
-    validation images are dequantised (if so) with noise fixed by the seed."""
+    validation images are dequantised (if so) with noise fixed by the seed; labels: items are
+    (image, label)."""
     spec = image_spec(name)
-    train, val = spec.load(data_dir, seed, image_size, fake_size)
-    return (ImageSet(train.contiguous(), spec.levels, dequantize),
-            ImageSet(val.contiguous(), spec.levels, dequantize, seed=seed))
+    (train, train_y), (val, val_y) = spec.load(data_dir, seed, image_size, fake_size)
+    return (ImageSet(train.contiguous(), spec.levels, dequantize,
+                     labels=train_y if labels else None),
+            ImageSet(val.contiguous(), spec.levels, dequantize, seed=seed,
+                     labels=val_y if labels else None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,21 +431,31 @@ class Sharded(pl.LightningDataModule):
 
 
 class Points2D(Sharded):
-    """A 2-D dataset (SETS_2D) with a seeded split holding out `val_fraction`."""
+    """A 2-D dataset (SETS_2D) with a seeded split holding out `val_fraction`; conditional: a
+    labelled set's batches are (points, labels)."""
 
     def __init__(self, name, num_points=8000, seed=0, val_fraction=0.1, batch_size=512,
-                 eval_batch_size=1024):
+                 eval_batch_size=1024, conditional=False):
         super().__init__()
-        _set_2d(name)
+        spec = _set_2d(name)
+        if conditional and not spec.classes:
+            raise ValueError(f"the 2-D dataset {name!r} has no labels; labelled ones: "
+                             f"{', '.join(k for k, v in SETS_2D.items() if v.classes)}")
         self.name, self.num_points, self.seed, self.val_fraction = name, num_points, seed, val_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.x_shape, self.train = (2,), None
+        self.num_classes = spec.classes if conditional else None
         self._exact = exact_nll_2d(name, n=num_points)
+        self._log_given = exact_log_given_2d(name, n=num_points) if conditional else None
+        self._log_prior = spec.log_prior(num_points) if self._log_given else None
 
     def setup(self, stage=None):
         if self.train is None:
-            points = get_2d_dataset(self.name, n=self.num_points)
-            self.train, self.val = split_2d(points, self.val_fraction, seed=self.seed)
+            made = get_2d_dataset(self.name, n=self.num_points, labels=bool(self.num_classes))
+            train, val = split_2d(made if self.num_classes else (made,), self.val_fraction,
+                                  self.seed)
+            (self.train, self.train_labels), (self.val, self.val_labels) = (
+                (part + (None,))[:2] for part in (train, val))
 
     def reference_data(self):
         return self.train
@@ -397,38 +467,54 @@ class Points2D(Sharded):
         """What --eval_only scores: the validation points (no grid)."""
         return self.val, None
 
+    def eval_labels(self):
+        return self.val_labels
+
     def exact_nll(self, x):
         return None if self._exact is None else self._exact(x)
+
+    def exact_log_given(self, x):
+        """log p(x | y) for every label (m, classes), or None."""
+        return None if self._log_given is None else self._log_given(x)
+
+    def exact_log_prior(self):
+        return self._log_prior
 
     def entropy(self):
         """The density's differential entropy in nats (None where it is not known)."""
         return entropy_2d(self.name, n=self.num_points)
 
+    def _rows(self, x, y):
+        return Rows(x) if y is None else Rows(x, y)
+
     def train_dataloader(self):
         sampler = self.epoch_sampler()
-        return DataLoader(Rows(self.train), batch_size=self.batch_size, sampler=sampler,
-                          drop_last=len(sampler) > self.batch_size, collate_fn=_as_is)
+        return DataLoader(self._rows(self.train, self.train_labels), batch_size=self.batch_size,
+                          sampler=sampler, drop_last=len(sampler) > self.batch_size,
+                          collate_fn=_as_is)
 
     def val_dataloader(self):
-        return DataLoader(Rows(self.val), batch_size=self.eval_batch_size,
+        return DataLoader(self._rows(self.val, self.val_labels), batch_size=self.eval_batch_size,
                           sampler=self.val_shard(), collate_fn=_as_is)
 
 
 class Rows(t.utils.data.Dataset):
-    """The rows of one tensor, a batch fetched with one indexing operation (__getitems__)
-    instead of a stack of single rows: the 2-D sets' batches cost microseconds."""
+    """The rows of one tensor (or of several, given as a tuple: points and labels), a batch
+    fetched with one indexing operation (__getitems__) instead of a stack of single rows: the 2-D
+    sets' batches cost microseconds."""
 
-    def __init__(self, x):
-        self.x = x
+    def __init__(self, *tensors):
+        self.tensors = tensors
 
     def __len__(self):
-        return len(self.x)
+        return len(self.tensors[0])
 
     def __getitem__(self, i):
-        return self.x[i]
+        return self.__getitems__(i)
 
     def __getitems__(self, indices):
-        return self.x[indices]
+        rows = tuple(v[indices] for v in self.tensors)
+        return rows if len(rows) > 1 else rows[0]
 
 
 def _as_is(batch):
@@ -439,13 +525,14 @@ class Images(Sharded):
     """An image dataset (IMAGE_SETS). A set that is not bundled (CIFAR-10) is downloaded in
     prepare_data (Lightning runs it once per node, for training and evaluation alike) when
     missing; `missing()` says beforehand whether it is there or may be downloaded (download()
-    allows it)."""
+    allows it). conditional: batches are (images, labels)."""
 
     def __init__(self, name, data_dir="data", dequantize=False, seed=0, image_size=32,
                  fake_size=512, batch_size=64, eval_batch_size=100, num_workers=0,
-                 reference_size=5000, download=None):
+                 reference_size=5000, download=None, conditional=False):
         super().__init__()
         self.spec = image_spec(name)
+        self.num_classes = self.spec.classes if conditional else None
         self.name, self.data_dir, self.dequantize, self.seed = name, data_dir, dequantize, seed
         self.image_size, self.fake_size, self.reference_size = image_size, fake_size, reference_size
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -466,7 +553,9 @@ class Images(Sharded):
     def setup(self, stage=None):
         if self.train is None:
             self.train, self.val = load_image_dataset(self.name, self.data_dir, self.dequantize,
-                                                      self.seed, self.image_size, self.fake_size)
+                                                      self.seed, self.image_size, self.fake_size,
+                                                      labels=bool(self.num_classes))
+            self.train_labels, self.val_labels = self.train.labels, self.val.labels
 
     def reference_data(self):
         """The first reference_size training images, dequantised (if so) with seeded noise, so
@@ -482,7 +571,13 @@ class Images(Sharded):
         dequantised), and their grid."""
         return ImageSet(self.val.images, self.spec.levels).tensor(), self.grid
 
+    def eval_labels(self):
+        return self.val_labels
+
     def exact_nll(self, x):
+        return None
+
+    def exact_log_given(self, x):
         return None
 
     def _loader(self, data, batch_size, sampler, drop_last):

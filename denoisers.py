@@ -28,19 +28,24 @@ class MLPDenoiser(nn.Module):
     embedding) and, if input_embedding_scale > 0, a sinusoidal embedding of each coordinate of
     input_embedding_scale * z (frequencies from that scale down to it / input_embedding_period,
     for sharp densities). zero_output: the last layer starts at zero (a Gaussian residual then
-    starts exactly at the Gaussian predictor)."""
+    starts exactly at the Gaussian predictor). num_classes: conditional, eps_hat(z, a, y), with a
+    learned embedding of the label (one more for "no label": y = -1 or None)."""
 
     def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32, input_embedding_scale=0.,
-                 input_embedding_period=1e4, zero_output=False):
+                 input_embedding_period=1e4, zero_output=False, num_classes=None):
         super().__init__()
         if embedding_size < 2 or embedding_size % 2:
             raise ValueError(f"embedding_size must be an even number >= 2, got {embedding_size}")
         self.config = dict(hidden_size=hidden_size, hidden_layers=hidden_layers,
                            embedding_size=embedding_size, input_embedding_scale=input_embedding_scale,
                            input_embedding_period=input_embedding_period)
+        if num_classes is not None:
+            self.config["num_classes"] = num_classes
+            self.labels = nn.Embedding(num_classes + 1, embedding_size)
         self.embedding_size, self.input_embedding_scale = embedding_size, input_embedding_scale
         self.input_embedding_period = input_embedding_period
         width = 2 + 1 + embedding_size + (2 * embedding_size if input_embedding_scale > 0 else 0)
+        width += embedding_size if num_classes is not None else 0
         layers = []
         for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden_size), nn.SiLU()]
@@ -63,15 +68,26 @@ class MLPDenoiser(nn.Module):
         state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # older checkpoints
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, z, logsnr):
+    def forward(self, z, logsnr, y=None):
         a = logsnr.to(z.dtype)
         features = [z, (a / 10).unsqueeze(-1), sinusoidal(a, self.embedding_size, 100.)]
+        if "num_classes" in self.config:
+            features.append(self.labels(no_label_last(y, len(z), self.config["num_classes"],
+                                                      z.device)).to(z.dtype))
         if self.input_embedding_scale > 0:
             scaled = self.input_embedding_scale * z
             period = self.input_embedding_period
             features += [sinusoidal(scaled[:, 0], self.embedding_size, period),
                          sinusoidal(scaled[:, 1], self.embedding_size, period)]
         return self.net(t.cat(features, -1))
+
+
+def no_label_last(y, n, num_classes, device):
+    """Labels as embedding indices: 0 .. num_classes - 1 as they are, "no label" (y None, or -1)
+    as num_classes."""
+    if y is None:
+        return t.full((n,), num_classes, dtype=t.long, device=device)
+    return t.where(y < 0, num_classes, y)
 
 
 class GaussianDenoiser(nn.Module):

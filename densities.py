@@ -53,11 +53,12 @@ CIRCLE_LATTICE = np.array([(i, j) for i in range(-2, 3) for j in range(-2, 3) if
 _CHUNK = 2048         # points per chunk: bounds the (points, segments or nodes) temporaries
 
 
-def _chunked(f, x):
+def _chunked(f, x, *shape):
+    """f over chunks of the points x (m, 2), concatenated: (m, *shape)."""
     x = t.as_tensor(x, dtype=t.float64)
     if x.dim() != 2 or x.shape[1] != 2:
         raise ValueError(f"need points of shape (m, 2), got {tuple(x.shape)}")
-    return t.cat([f(c) for c in x.split(_CHUNK)]) if len(x) else x.new_zeros(0)
+    return t.cat([f(c) for c in x.split(_CHUNK)]) if len(x) else x.new_zeros((0, *shape))
 
 
 def dino_nll(x, n=None):
@@ -89,12 +90,13 @@ def _gauss_legendre(nodes, _cache={}):
     return _cache[nodes]
 
 
-def moons_nll(x, n=8000, nodes=MOONS_NODES):
-    """-log p(x) of `make_moons` (scikit-learn's make_moons(n, noise=0.03)) in its raw units, in the
-    continuum limit: the outer arc (cos u, sin u) with weight (n // 2) / n and the inner arc
-    (1 - cos u, 1/2 - sin u) with the rest, u uniform on [0, pi], plus N(0, 0.03^2 I) noise:
-    p(x) = sum_arcs w_arc (1/pi) int_0^pi N(x; c_arc(u), 0.03^2 I) du, by Gauss-Legendre with
-    `nodes` nodes per arc, summed in log space (finite however far x is).
+def moons_log_given(x, n=8000, nodes=MOONS_NODES):
+    """log p(x | arc) of `make_moons` (scikit-learn's make_moons(n, noise=0.03), labelled by its
+    arc: 0 outer, 1 inner) in its raw units, (m, 2), in the continuum limit: the outer arc
+    (cos u, sin u) or the inner arc (1 - cos u, 1/2 - sin u), u uniform on [0, pi], plus
+    N(0, 0.03^2 I) noise: p(x | arc) = (1/pi) int_0^pi N(x; c_arc(u), 0.03^2 I) du, by
+    Gauss-Legendre with `nodes` nodes per arc, in log space (finite however far x is). The arcs
+    hold n // 2 and n - n // 2 points (moons_log_prior).
 
     make_moons itself places its points at u evenly spaced over [0, pi], both ends included (for
     n = 8000 the spacing is pi / 3999 = 8e-4 rad, against a noise of 0.03 rad along the arc), so
@@ -111,18 +113,25 @@ def moons_nll(x, n=8000, nodes=MOONS_NODES):
     u = t.as_tensor((u + 1) * math.pi / 2, dtype=t.float64)
     log_w = t.log(t.as_tensor(w / 2, dtype=t.float64))  # (pi/2) w / pi: 1/pi-normalised weights
     cos, sin = t.cos(u), t.sin(u)
-    n_out = n // 2
     const = log_w - math.log(2 * math.pi * sigma ** 2)
-    log_out, log_in = const + math.log(n_out / n), const + math.log((n - n_out) / n)
 
     def f(x):
         # |x - c(u)|^2 expanded: outer c = (cos, sin); inner c = (1, 1/2) - (cos, sin)
         z = x - t.tensor([1.0, 0.5], dtype=t.float64)
         d_out = (x ** 2).sum(1, keepdim=True) + 1 - 2 * (x[:, :1] * cos + x[:, 1:] * sin)
         d_in = (z ** 2).sum(1, keepdim=True) + 1 + 2 * (z[:, :1] * cos + z[:, 1:] * sin)
-        log_terms = t.cat([log_out - d_out / (2 * sigma ** 2), log_in - d_in / (2 * sigma ** 2)], 1)
-        return -t.logsumexp(log_terms, 1)
-    return _chunked(f, x)
+        return t.stack([t.logsumexp(const - d / (2 * sigma ** 2), 1) for d in (d_out, d_in)], 1)
+    return _chunked(f, x, 2)
+
+
+def moons_log_prior(n=8000):
+    """log p(arc): make_moons puts n // 2 points on the outer arc, the rest on the inner."""
+    return t.tensor([math.log((n // 2) / n), math.log((n - n // 2) / n)], dtype=t.float64)
+
+
+def moons_nll(x, n=8000, nodes=MOONS_NODES):
+    """-log p(x) of `make_moons` in its raw units: -log sum_arcs p(arc) p(x | arc)."""
+    return -(moons_log_given(x, n, nodes) + moons_log_prior(n)).logsumexp(1)
 
 
 def line_nll(x, n=None):
@@ -179,8 +188,45 @@ def make_scg(n, rng):
 
 
 def make_moons(n, rng):
+    """n points and their arc (0 outer, 1 inner)."""
     from sklearn.datasets import make_moons
-    return make_moons(n, noise=MOONS_NOISE, random_state=int(rng.integers(2 ** 31)))[0]
+    return make_moons(n, noise=MOONS_NOISE, random_state=int(rng.integers(2 ** 31)))
+
+
+# blobs: three overlapping isotropic Gaussians labelled by component (a Bayes classifier errs on
+# about a sixth of them)
+BLOBS_WEIGHTS = (0.5, 0.3, 0.2)
+BLOBS_MEANS = ((-1.0, 0.0), (1.0, 0.0), (0.0, 1.2))
+BLOBS_STDS = (0.6, 0.5, 0.4)
+
+
+def make_blobs(n, rng):
+    """n points and their component."""
+    y = rng.choice(len(BLOBS_WEIGHTS), size=n, p=BLOBS_WEIGHTS)
+    x = np.asarray(BLOBS_MEANS)[y] + np.asarray(BLOBS_STDS)[y, None] * rng.standard_normal((n, 2))
+    return x, y
+
+
+def blobs_log_given(x, n=None):
+    """log p(x | component) of `make_blobs`, (m, 3): isotropic Gaussians in closed form."""
+    means, stds = t.tensor(BLOBS_MEANS, dtype=t.float64), t.tensor(BLOBS_STDS, dtype=t.float64)
+
+    def f(x):
+        d2 = ((x[:, None, :] - means) ** 2).sum(-1)
+        return -d2 / (2 * stds ** 2) - t.log(2 * math.pi * stds ** 2)
+    return _chunked(f, x, 3)
+
+
+def blobs_log_prior(n=None):
+    return t.tensor(BLOBS_WEIGHTS, dtype=t.float64).log()
+
+
+def blobs_entropy(n=None):
+    """The raw entropy of `make_blobs` by the rectangle rule (as dino_entropy)."""
+    def nll(x):
+        return -(blobs_log_given(x) + blobs_log_prior()).logsumexp(1)
+    lo, hi = np.min(BLOBS_MEANS, 0) - 10 * max(BLOBS_STDS), np.max(BLOBS_MEANS, 0) + 10 * max(BLOBS_STDS)
+    return _grid_entropy(nll, lo, hi, min(BLOBS_STDS) / 2)
 
 
 def make_line(n, rng):

@@ -27,10 +27,12 @@ VAL_SEED = 0x7661  # the validation points' seed (keyed by sample index, so any 
 class DiffusionModel(pl.LightningModule):
     def __init__(self, denoiser, x_shape=(2,), reference=None, learning_rate=1e-3, logsnr_loc=0.,
                  logsnr_scale=3., clip=4., gaussian_residual=False, val_npoints=16,
-                 lr_schedule="constant", seed=None):
+                 lr_schedule="constant", seed=None, num_classes=None, label_dropout=0.1):
         """
         Args:
-            denoiser: module called as denoiser(z, logsnr) -> eps_hat, logsnr of shape (batch,).
+            denoiser: module called as denoiser(z, logsnr) -> eps_hat, logsnr of shape (batch,);
+                with num_classes, denoiser(z, logsnr, y) with y a LongTensor of labels in
+                0 .. num_classes - 1, -1 where a sample has no label, or y=None for none.
             x_shape: the shape of one sample.
             reference: a utils.GaussianReference (default N(0, I); see fit_reference).
             logsnr_loc, logsnr_scale, clip: the importance distribution over log SNR
@@ -42,10 +44,16 @@ class DiffusionModel(pl.LightningModule):
             seed: names the training noise: optimizer step s on process r draws its log SNRs and
                 noise from (seed, s, r), so a resumed run draws what the uninterrupted one did
                 (default: a fresh seed from torch's global RNG).
+            num_classes: a conditional model of p(x | y): batches are (x, y), and training drops
+                a label with probability label_dropout, so the one denoiser gives p(x | y) and,
+                without a label, p(x) (nll_points(y=...), mi_points, class_log_posterior).
         """
         super().__init__()
         if lr_schedule not in ("constant", "onecycle"):
             raise ValueError(f"lr_schedule must be 'constant' or 'onecycle', got {lr_schedule!r}")
+        if num_classes is not None and not (num_classes >= 2 and 0 <= label_dropout < 1):
+            raise ValueError(f"need num_classes >= 2 and 0 <= label_dropout < 1, got "
+                             f"{num_classes}, {label_dropout}")
         seed = utils.fresh_seed(seed)
         self.save_hyperparameters(ignore=["denoiser", "reference"])
         self.model = denoiser
@@ -54,6 +62,8 @@ class DiffusionModel(pl.LightningModule):
         self.proposal = LogisticProposal(logsnr_loc, logsnr_scale, clip)
         self.reference = reference if reference is not None else utils.GaussianReference(self.d)
         self.val_sums = t.nn.ModuleList([SumMetric().set_dtype(t.float64) for _ in range(3)])
+        if num_classes is not None:  # log p(y), for class_log_posterior (fit_label_prior)
+            self.register_buffer("label_log_prior", t.full((num_classes,), -math.log(num_classes)))
         self.val_seed = VAL_SEED  # the validation points' seed (fixed: docs/maths.md)
 
     # ------------------------------------------------------------------ the Gaussian channel
@@ -63,20 +73,25 @@ class DiffusionModel(pl.LightningModule):
             eps = t.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return utils.noisy_channel(x, logsnr, eps), eps
 
-    def forward(self, z, logsnr):
-        """eps_hat(z, a), in z's dtype (float32 under bf16 autocast, so losses stay float32)."""
+    def forward(self, z, logsnr, y=None):
+        """eps_hat(z, a[, y]), in z's dtype (float32 under bf16 autocast, so losses stay float32)."""
         residual = self.reference.eps(z, logsnr) if self.hparams.gaussian_residual else None
-        return self._denoise(z, logsnr, residual)
+        return self._denoise(z, logsnr, residual, y)
 
-    def with_reference(self, z, logsnr):
+    def with_reference(self, z, logsnr, y=None):
         """(eps_hat, eps_G) on the same z, the reference's computed once."""
         eps_g = self.reference.eps(z, logsnr)
-        return self._denoise(z, logsnr, eps_g), eps_g
+        return self._denoise(z, logsnr, eps_g, y), eps_g
 
-    def _denoise(self, z, logsnr, eps_g=None):
-        """The denoiser's prediction, plus eps_g (the reference's, computed by the caller) for a
-        Gaussian residual."""
-        eps_hat = self.model(z, logsnr)
+    def _denoise(self, z, logsnr, eps_g=None, y=None):
+        """The denoiser's prediction (given the labels y of a conditional model; none: p(x)'s),
+        plus eps_g (the reference's, computed by the caller) for a Gaussian residual."""
+        if self.hparams.get("num_classes") is None:
+            if y is not None:
+                raise ValueError("labels given to an unconditional model (num_classes=None)")
+            eps_hat = self.model(z, logsnr)
+        else:
+            eps_hat = self.model(z, logsnr, y)
         if eps_hat.shape != z.shape:
             raise ValueError(f"denoiser returned shape {tuple(eps_hat.shape)}, expected the input "
                              f"shape {tuple(z.shape)}")
@@ -88,32 +103,37 @@ class DiffusionModel(pl.LightningModule):
         return -self(z, logsnr) / utils.append_dims(t.sigmoid(-logsnr).sqrt(), z.dim())
 
     # ------------------------------------------------------------------ the integrand
-    def mse(self, x, logsnr, eps=None, generator=None):
+    def mse(self, x, logsnr, eps=None, generator=None, y=None):
         """mse(x, a) = ||eps - eps_hat(z, a)||^2 for one noise draw per sample."""
         z, eps = self.noisy_channel(x, logsnr, eps, generator)
-        return utils.sq_norm(eps - self(z, logsnr))
+        return utils.sq_norm(eps - self(z, logsnr, y))
 
-    def mse_gap(self, x, logsnr, eps=None, generator=None):
-        """||eps - eps_hat(z, a)||^2 - ||eps - eps_G(z, a)||^2, the same eps in both terms."""
+    def mse_gap(self, x, logsnr, eps=None, generator=None, y=None):
+        """||eps - eps_hat(z, a[, y])||^2 - ||eps - eps_G(z, a)||^2, the same eps in both terms."""
         z, eps = self.noisy_channel(x, logsnr, eps, generator)
-        eps_hat, eps_g = self.with_reference(z, logsnr)
+        eps_hat, eps_g = self.with_reference(z, logsnr, y)
         return utils.sq_norm(eps - eps_hat) - utils.sq_norm(eps - eps_g)
 
     # ------------------------------------------------------------------ the estimators
     def nll(self, batch, generator=None):
         """E[-log p(x)] over the batch in nats, the training loss (unbiased, unbiased gradient):
         mean_i -log q(x_i) + 1/2 w(a_i) mse_gap(x_i, a_i), one log SNR per sample, stratified
-        across the batch and assigned at random."""
-        x = self._data(batch)
+        across the batch and assigned at random. A conditional model's batch (x, y) gives
+        E[-log p(x | y)], each label dropped (p(x)'s term) with probability label_dropout."""
+        x, y = self._data(batch), self._labels(batch)
         a, w = self.proposal.sample((len(x),), generator=generator, device=x.device, dtype=x.dtype)
         perm = t.randperm(len(x), generator=generator, device=x.device)
-        g = 0.5 * w[perm] * self.mse_gap(x, a[perm], generator=generator)
+        if y is not None and self.hparams.label_dropout > 0:
+            dropped = t.rand(len(y), generator=generator, device=y.device) < self.hparams.label_dropout
+            y = y.masked_fill(dropped, -1)
+        g = 0.5 * w[perm] * self.mse_gap(x, a[perm], generator=generator, y=y)
         return _finite(self.reference.nll(x) + g, x, a[perm], g).mean()
 
     @t.no_grad()
     def nll_points(self, x, npoints=200, replicates=4, seed=None, chunk_size=None, index=None,
-                   proposal=None):
-        """-log p(x) in nats for every sample of x (B, *x_shape), with standard errors:
+                   proposal=None, y=None):
+        """-log p(x) in nats for every sample of x (B, *x_shape) -- with labels y of a
+        conditional model, -log p(x | y) --, with standard errors:
 
             -log p(x_i) ~= -log q(x_i) + mean_k 1/2 w(a_k) mse_gap(x_i, a_k, eps_k)
 
@@ -131,20 +151,85 @@ class DiffusionModel(pl.LightningModule):
             (nll, stderr), each (B,).
         """
         _check_points(npoints, replicates)
-        x = self._data(x)
-        a, g = self._rqmc_terms(x, npoints, replicates, self.mse_gap, seed, chunk_size, index,
-                                proposal)
+        x, y = self._data(x), self._labels((x, y))
+
+        def gap(xs, a, eps, ys=None):
+            return self.mse_gap(xs, a, eps, y=ys)
+        a, g = self._rqmc_terms(x, npoints, replicates, gap, seed, chunk_size, index, proposal, y)
         nll = _finite(self.reference.nll(x) + g.flatten(1).mean(1), x, a, g)
         return nll, g.mean(-1).std(-1) / math.sqrt(replicates)
+
+    @t.no_grad()
+    def mi_points(self, x, y, npoints=200, replicates=4, seed=None, chunk_size=None, index=None,
+                  proposal=None, per_dim=False):
+        """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) in nats for every
+        sample (x, y) of a conditional model, with standard errors:
+
+            i(x; y) = 1/2 Int E_eps[ ||eps - eps_hat(z, a)||^2 - ||eps - eps_hat(z, a, y)||^2 ] da
+
+        with the same noise in both terms (unbiased per point for optimal denoisers; Kong et al.
+        2024). The points are nll_points' (same seed and index). per_dim: the integrand's part in
+        every coordinate instead, (B, *x_shape) without errors: where the label's information
+        lives (sums to i(x; y))."""
+        _check_points(npoints, replicates)
+        x, y = self._data(x), self._labels((x, y))
+        if y is None:
+            raise ValueError("mi_points needs a conditional model and labels y")
+
+        def gain(xs, a, eps, ys):
+            z = utils.noisy_channel(xs, a, eps)
+            eps_g = self.reference.eps(z, a) if self.hparams.gaussian_residual else None
+            diff = ((eps - self._denoise(z, a, eps_g)) ** 2
+                    - (eps - self._denoise(z, a, eps_g, ys)) ** 2)
+            return diff if per_dim else diff.flatten(1).sum(1)
+        _, g = self._rqmc_terms(x, npoints, replicates, gain, seed, chunk_size, index, proposal, y)
+        if per_dim:
+            return g.mean((1, 2))
+        return g.flatten(1).mean(1), g.mean(-1).std(-1) / math.sqrt(replicates)
+
+    @t.no_grad()
+    def class_log_posterior(self, x, npoints=200, log_prior=None, replicates=4, seed=None,
+                            chunk_size=None, index=None, proposal=None):
+        """log p(y | x) for every sample and label of a conditional model, (B, num_classes):
+        log p(y) + log p(x | y) normalised over the labels (Bayes' rule), with -log p(x | y)
+        estimated for all labels on the same (log SNR, noise) points (common random numbers:
+        their differences are low-noise). log_prior: log p(y) (default: the training labels'
+        frequencies, fit_label_prior)."""
+        _check_points(npoints, replicates)
+        x, k = self._data(x), self.hparams.get("num_classes")
+        if k is None:
+            raise ValueError("class_log_posterior needs a conditional model (num_classes)")
+        labels = t.arange(k, device=x.device)
+
+        def gaps(xs, a, eps):
+            z = utils.noisy_channel(xs, a, eps)
+            eps_g = self.reference.eps(z, a)
+            eps_hat = self._denoise(z.repeat((k,) + (1,) * (z.dim() - 1)), a.repeat(k),
+                                    eps_g.repeat((k,) + (1,) * (z.dim() - 1)),
+                                    labels.repeat_interleave(len(z)))
+            err = utils.sq_norm(eps.repeat((k,) + (1,) * (z.dim() - 1)) - eps_hat).view(k, -1)
+            return (err - utils.sq_norm(eps - eps_g)).T  # (rows, labels)
+        _, g = self._rqmc_terms(x, npoints, replicates, gaps, seed, chunk_size, index, proposal)
+        log_lik = -self.reference.nll(x).unsqueeze(1) - g.mean((1, 2))
+        prior = self.label_log_prior if log_prior is None else t.as_tensor(log_prior)
+        joint = log_lik + prior.to(log_lik)
+        return joint - joint.logsumexp(1, keepdim=True)
+
+    def fit_label_prior(self, y):
+        """log p(y): the label frequencies of y (the training labels)."""
+        counts = t.bincount(t.as_tensor(y).flatten(), minlength=self.hparams.num_classes)
+        self.label_log_prior = (counts / counts.sum()).log().to(self.label_log_prior)
+        return self
 
     def nll_x(self, x, npoints=200, seed=None):
         """-log p(x) in nats for ONE sample x of shape x_shape."""
         return self.nll_points(x.unsqueeze(0), npoints, seed=seed)[0][0]
 
     def _rqmc_terms(self, x, npoints, replicates, integrand, seed=None, chunk_size=None,
-                    index=None, proposal=None):
-        """Terms 1/2 w(a) integrand(x, a, eps) at `npoints` randomised QMC points per sample, whose
-        mean estimates the log-SNR integral. Returns (log SNRs, terms), each (B, R, npoints // R).
+                    index=None, proposal=None, labels=None):
+        """Terms 1/2 w(a) integrand(x, a, eps[, labels]) at `npoints` randomised QMC points per
+        sample, whose mean estimates the log-SNR integral. Returns (log SNRs (B, R, npoints // R),
+        terms (B, R, npoints // R, *what the integrand returns per row))).
 
         The points of sample i are `replicates` digitally shifted Sobol sets in (u, noise) named by
         (seed, index[i], r) (utils.keyed_sobol; seed None: a fresh one), with
@@ -165,9 +250,11 @@ class DiffusionModel(pl.LightningModule):
         def block(rows):
             u = utils.keyed_sobol(seed, (sample[rows], replicate[rows]), point[rows], m, dims, x.device)
             eps = t.special.ndtri(u).to(x.dtype).view((-1,) + self.x_shape)
-            return integrand(x[rows // (replicates * m)], a[rows], eps)
+            s = rows // (replicates * m)
+            return integrand(x[s], a[rows], eps, *([] if labels is None else [labels[s]]))
         values = in_chunks(block, chunk_size, t.arange(len(a), device=x.device))
-        return a.view(b, replicates, m), (0.5 * w * values).view(b, replicates, m)
+        terms = 0.5 * utils.append_dims(w, values.dim()) * values
+        return a.view(b, replicates, m), terms.view((b, replicates, m) + values.shape[1:])
 
     @t.no_grad()
     def nll_ode(self, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, index=None):
@@ -234,7 +321,7 @@ class DiffusionModel(pl.LightningModule):
         source = self.reference if reference is None else reference
         copy = utils.GaussianReference(self.d)
         copy.load_state_dict(source.state_dict())
-        hparams = dict(self.hparams, gaussian_residual=False)
+        hparams = dict(self.hparams, gaussian_residual=False, num_classes=None)
         model = DiffusionModel(denoiser, reference=copy, **hparams).to(source.mean.device)
         model.proposal = self.proposal
         return model
@@ -333,9 +420,13 @@ class DiffusionModel(pl.LightningModule):
         loaders = self.trainer.val_dataloaders
         size = len((loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders).dataset)
         keep = index < size
-        x, index = x[keep], index[keep]
-        _, g = self._rqmc_terms(x, self.hparams.val_npoints, 1, self.mse_gap, self.val_seed,
-                                index=index)
+        x, index, y = x[keep], index[keep], self._labels(batch)
+        y = None if y is None else y[keep]
+
+        def gap(xs, a, eps, ys=None):
+            return self.mse_gap(xs, a, eps, y=ys)
+        _, g = self._rqmc_terms(x, self.hparams.val_npoints, 1, gap, self.val_seed, index=index,
+                                labels=y)
         nll = self.reference.nll(x) + g.flatten(1).mean(1)
         for metric, value in zip(self.val_sums, (nll, nll ** 2, t.ones_like(nll))):
             metric.update(value)
@@ -381,6 +472,18 @@ class DiffusionModel(pl.LightningModule):
         if tuple(x.shape[1:]) != self.x_shape:
             raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, expected x_shape {self.x_shape}")
         return x
+
+    def _labels(self, batch):
+        """The labels of a (x, y) batch of a conditional model (checked), else None."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2 or batch[1] is None:
+            return None
+        y, k = batch[1], self.hparams.get("num_classes")
+        if k is None:
+            return None  # an unconditional model trains on the data alone
+        y = t.as_tensor(y, device=batch[0].device).long().view(-1)
+        if len(y) != len(batch[0]) or (len(y) and not (-1 <= y.min() and y.max() < k)):
+            raise ValueError(f"labels must be one per sample, in -1 .. {k - 1} (-1: none)")
+        return y
 
     def _default_chunk(self):
         return default_chunk(self.d, self.device)

@@ -35,19 +35,23 @@ class RowKind:
     meaning: what the number is (a bound, an estimate, a change of units), printed under the
         table and stored with every row; a str, or meaning(ev) -> str for one that names the
         evaluation's settings.
+    unit: "nats" (per sample, also in bits/dim), "nats, not per dimension" or "fraction"; the
+        value is the row's "nats" field for the first two, its "value" field otherwise.
     grid: None for any data, True for data on a grid only.
     when(ev): whether the evaluation computes the row (default: always).
     cost(ev): denoiser evaluations per scored sample for one model (the up-front estimate).
-    build(ev, entry) -> (fn, span): fn(x, index) -> per-sample nats (B,), or (nats, the
-        standard errors of each sample's own integration[, the denoiser evaluations each
-        sample took]), with x a batch of scored samples and index their positions; span the
-        row's log-SNR proposal (its range and kind are reported) or a (lo, hi) range, or None.
-        `ev` is the Evaluation (its seed, npoints, grid, and `proposal(kind, entry, ...)`);
-        `entry` the model's Entry.
+    build(ev, entry) -> (fn, span), or None where the entry has no such row: fn(x, index) ->
+        per-sample values (B,), or (values, the standard errors of each sample's own
+        integration[, the denoiser evaluations each sample took]), with x a batch of scored
+        samples and index their positions; span the row's log-SNR proposal (its range and kind
+        are reported) or a (lo, hi) range, or None. `ev` is the Evaluation (its seed, npoints,
+        grid, scored samples' labels, and `proposal(kind, entry, ...)`); `entry` the model's
+        Entry.
     derive: (row, fn(values, ev)) instead of build: computed from another row's per-sample values
         at no cost.
     """
     meaning: object
+    unit: str = "nats"
     grid: Optional[bool] = None
     when: Callable = lambda ev: True
     cost: Callable = lambda ev: 0
@@ -64,6 +68,11 @@ class Entry:
     model: object
     bases: list
     like: object
+
+    @property
+    def conditional(self):
+        """A model of p(x | y) (the Gaussian and the ensembles are not)."""
+        return self.model is not None and self.model.hparams.get("num_classes") is not None
 
 
 def _continuous(ev, entry):
@@ -148,6 +157,47 @@ def _ode_meaning(what):
     return meaning
 
 
+def _given(ev, entry):
+    """-log p(x | y) of a conditional model, its samples' labels given."""
+    if not entry.conditional:
+        return None
+    proposal = ev.proposal("continuous", entry, entry.like.proposal)
+
+    def fn(x, index):
+        return entry.model.nll_points(x, ev.npoints, seed=ev.seed, index=index,
+                                      proposal=proposal, y=ev.labels.to(index.device)[index])
+    return fn, proposal
+
+
+def _information(ev, entry):
+    """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) (mi_points)."""
+    if not entry.conditional:
+        return None
+    proposal = ev.proposal("continuous", entry, entry.like.proposal)
+
+    def fn(x, index):
+        return entry.model.mi_points(x, ev.labels.to(index.device)[index], ev.npoints, seed=ev.seed, index=index,
+                                     proposal=proposal)
+    return fn, proposal
+
+
+def _accuracy(ev, entry):
+    """1 where argmax_y log p(y | x) is the sample's label, else 0 (class_log_posterior)."""
+    if not entry.conditional:
+        return None
+    proposal = ev.proposal("continuous", entry, entry.like.proposal)
+
+    def fn(x, index):
+        posterior = entry.model.class_log_posterior(x, ev.npoints, seed=ev.seed, index=index,
+                                                    proposal=proposal)
+        return (posterior.argmax(1) == ev.labels.to(index.device)[index]).double()
+    return fn, proposal
+
+
+def _labelled(ev):
+    return ev.labels is not None
+
+
 ROWS = {  # the table's estimates, in the order of its columns
     "continuous": RowKind(
         "estimate of E[-log p(x)] of the data as they are: an upper bound in expectation for the "
@@ -171,6 +221,21 @@ ROWS = {  # the table's estimates, in the order of its columns
         "tails in closed form", grid=True, cost=lambda ev: ev.npoints, build=_discrete(rounding))
        for name, rounding in (("discrete, no rounding", "none"), ("discrete, hard rounding", "hard"),
                               ("discrete, soft rounding", "soft"))},
+    "conditional": RowKind(
+        "estimate of E[-log p(x | y)] given each sample's label, the same bound as continuous "
+        "for the model's conditional density", when=_labelled, cost=lambda ev: ev.npoints,
+        build=_given),
+    "mutual information": RowKind(
+        "estimate of E[i(x; y)] = E[log p(x | y) - log p(x)], the pointwise mutual information "
+        "of each sample and its label (1/2 Int E[||eps - eps_hat(z)||^2 - ||eps - eps_hat(z, "
+        "y)||^2] da, the same noise in both terms), in nats per sample",
+        unit="nats, not per dimension", when=_labelled, cost=lambda ev: 2 * ev.npoints,
+        build=_information),
+    "accuracy": RowKind(
+        "the fraction of the samples whose label is argmax_y log p(y | x): the model's p(x | y) "
+        "for every label on common points, the training labels' frequencies as p(y)",
+        unit="fraction", when=_labelled, cost=lambda ev: ev.npoints * ev.num_classes,
+        build=_accuracy),
     "ode": RowKind(_ode_meaning("estimate of E[-log p(x)] of the data as they are"),
                    when=lambda ev: ev.ode is not None, cost=lambda ev: ODE_EVALUATIONS,
                    build=_ode(False)),
@@ -261,7 +326,7 @@ class Evaluation(pl.LightningModule):
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
         self.select_fraction, self.fit_reference = select_fraction, fit_reference
         self.data, self.phase, self.rows, self.per_sample = None, "select", [], {}
-        self.d = models[0].d
+        self.d, self.num_classes = models[0].d, models[0].hparams.get("num_classes")
         self.heldout = {}  # kind -> the selection samples' errors, samples x bins x candidates
         self.selection_seed = utils.derive_seed(seed, SELECTION)
 
@@ -284,6 +349,8 @@ class Evaluation(pl.LightningModule):
             raise UserError(f"{len(x)} samples are too few to split into selection and scoring "
                             f"parts for {self.trainer.world_size} process(es)")
         self.data = {"select": x[perm[:n_select]], "score": x[perm[n_select:]]}
+        y = self.source.eval_labels() if first.hparams.get("num_classes") else None
+        self.labels = None if y is None else y[perm[n_select:]]  # the scored samples' labels
         self.bases = [GaussianDenoiser(first.reference)] + list(self.models)
         self.candidates = {"continuous": Candidates(self.bases)}
         self.edges = {"continuous": _union_bins([m.proposal for m in self.models], self.bins)}
@@ -373,9 +440,9 @@ class Evaluation(pl.LightningModule):
         self.parts, self._start = [], time.time()
         if self.phase == "score":  # the ensemble's choice is known after the selection pass
             self.entries[-1].model = self.ensemble("continuous", self.entries[-1])
-            self.jobs = [(entry.name, name, *kind.build(self, entry))
-                         for entry in self.entries
-                         for name, kind in self.rows_for().items() if kind.build is not None]
+            built = [(entry.name, name, kind.build(self, entry)) for entry in self.entries
+                     for name, kind in self.rows_for().items() if kind.build is not None]
+            self.jobs = [(entry, name, *job) for entry, name, job in built if job is not None]
 
     def test_step(self, batch, batch_idx):
         index, x = batch
@@ -411,8 +478,28 @@ class Evaluation(pl.LightningModule):
 
     def _add_row(self, name, estimate, values, span, stderr, cost):
         self.per_sample[(name, estimate)] = values
-        self.rows.append(dict(table_row(name, estimate, values, self.d, span, stderr),
-                              evaluations=cost.mean().item(), meaning=_meaning(estimate, self)))
+        unit = ROWS[estimate].unit
+        row = table_row(name, estimate, values, self.d if unit == "nats" else None, span, stderr)
+        if unit == "fraction":  # not nats: the value under its own name
+            row.update(value=row.pop("nats"), value_stderr=row.pop("nats_stderr"), nats=None,
+                       nats_stderr=None)
+        self.rows.append(dict(row, unit=unit, evaluations=cost.mean().item(),
+                              meaning=_meaning(estimate, self)))
+
+    def _exact_given(self, x):
+        """The exact conditional rows where the labelled data's densities are known: -log p(x | y),
+        i(x; y) and the Bayes classifier's accuracy, on the scored points."""
+        log_given = None if self.labels is None else self.source.exact_log_given(x)
+        if log_given is None:
+            return []
+        joint, y = log_given + self.source.exact_log_prior(), self.labels.cpu()
+        given = log_given[t.arange(len(y)), y]
+        rows = [table_row("exact", "conditional", -given, self.d),
+                table_row("exact", "mutual information", given - joint.logsumexp(1), None),
+                table_row("exact", "accuracy", (joint.argmax(1) == y).double(), None)]
+        rows[2].update(value=rows[2].pop("nats"), value_stderr=rows[2].pop("nats_stderr"),
+                       nats=None, nats_stderr=None)
+        return [dict(r, meaning=EXACT) for r in rows]
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), with an `exact` row first where the
@@ -420,7 +507,7 @@ class Evaluation(pl.LightningModule):
         x_score, d = self.data["score"], self.d
         exact = self.source.exact_nll(x_score.cpu())
         rows = ([dict(table_row("exact", "continuous", exact, d), meaning=EXACT)]
-                if exact is not None else []) + self.rows
+                if exact is not None else []) + self._exact_given(x_score.cpu()) + self.rows
         header = (f"E[-log p] on {len(x_score)} scored samples: nats per sample and bits/dim; +- is "
                   "the standard error over the samples (data and log-SNR integral together)")
         if self.grid is not None:
@@ -460,7 +547,7 @@ class _Keyed(t.utils.data.Dataset):
     """(index, x[index]) for the indices of one shard."""
 
     def __init__(self, x, indices):
-        self.x, self.indices = x, list(indices)
+        self.x, self.indices = x, list(indices)  # (index, x) batches: labels by index
 
     def __len__(self):
         return len(self.indices)
@@ -504,9 +591,10 @@ def table_row(model, estimate, nll, d, span=None, stderr=None):
     mean = nll.mean().item()
     spread = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
     integration = None if stderr is None else t.as_tensor(stderr).double().pow(2).mean().sqrt().item()
-    return dict(model=model, estimate=estimate, nats=mean, nats_stderr=spread,
-                bpd=utils.nats_to_bpd(mean, d), bpd_stderr=utils.nats_to_bpd(spread, d),
-                integration_nats=integration, logsnr_range=logsnr_range, proposal=proposal)
+    bpd = (None, None) if d is None else (utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d))
+    return dict(model=model, estimate=estimate, nats=mean, nats_stderr=spread, bpd=bpd[0],
+                bpd_stderr=bpd[1], integration_nats=integration, logsnr_range=logsnr_range,
+                proposal=proposal)
 
 
 def format_results(rows, header):
@@ -518,9 +606,12 @@ def format_results(rows, header):
     for r in rows:
         span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
         spent = f"{r['evaluations']:.0f}" if "evaluations" in r else ""
-        lines.append(f"{r['model']:<24} {r['estimate']:<26} {r['nats']:12.4f} "
-                     f"{r['nats_stderr']:9.4f} {r['bpd']:9.4f} {r['bpd_stderr']:7.4f}  {span:<13} "
-                     f"{spent:>11}  {(r['proposal'] or {}).get('kind', '')}".rstrip())
+        value, stderr = (r["nats"], r["nats_stderr"]) if r["nats"] is not None else (
+            r["value"], r["value_stderr"])
+        bpd = "" if r["bpd"] is None else f"{r['bpd']:9.4f} {r['bpd_stderr']:7.4f}"
+        lines.append(f"{r['model']:<24} {r['estimate']:<26} {value:12.4f} {stderr:9.4f} "
+                     f"{bpd:>17}  {span:<13} {spent:>11}  "
+                     f"{(r['proposal'] or {}).get('kind', '')}".rstrip())
     meanings = {_kind(r): r["meaning"] for r in rows}
     lines += [f"  {kind}: {meaning}" for kind, meaning in meanings.items()]
     moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]

@@ -277,8 +277,8 @@ def checkpoint_names(paths):
 # The summary of a run
 # ---------------------------------------------------------------------------------------------
 # The summary's lines in the order they print; a script adds its own by name (Experiment.summary)
-SUMMARY_LINES = ("title", "validation", "gaussian", "exact", "curve", "suggested", "proposal",
-                 "contours", "logs", "checkpoint", "figures", "view")
+SUMMARY_LINES = ("title", "validation", "gaussian", "exact", "information", "accuracy", "curve",
+                 "suggested", "proposal", "contours", "logs", "checkpoint", "figures", "view")
 
 
 def summarize(trainer, model, curve, values, start):
@@ -306,9 +306,10 @@ def summary_lines(s, extra=None):
     """The summary as text: the named lines of a summarize() dict and the script's `extra` ones,
     in SUMMARY_LINES order (names it does not know go before the paths)."""
     bpd = utils.nats_to_bpd(s["val_nll"], s["d"])
+    given = "(x | y)" if "val_mi" in s else ""  # a conditional model's val_loss is -log p(x | y)
     lines = dict(title=f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in "
                        f"{s['wall_time_s']:.1f} s",
-                 validation=f"  validation E[-log p] = {s['val_nll']:.4f} +- "
+                 validation=f"  validation E[-log p{given}] = {s['val_nll']:.4f} +- "
                             f"{s['val_nll_stderr']:.4f} nats = {bpd:.4f} bits/dim",
                  gaussian=f"  (data-matched Gaussian: {s['gaussian_val_loss']:.4f} nats = "
                           f"{s['gaussian_val_bpd']:.4f} bits/dim)",
@@ -318,9 +319,20 @@ def summary_lines(s, extra=None):
                       f"{shlex.quote(os.path.dirname(s['run_dir']) or '.')}")
     if "val_nll_exact" in s:
         outside = s["exact_outside_support"]
-        lines["exact"] = (f"  exact value on the validation set = {s['val_nll_exact']:.4f} nats (gap "
-                          f"{s['val_nll'] - s['val_nll_exact']:+.4f}"
+        exact = s.get("val_loss_given_exact", s["val_nll_exact"])
+        lines["exact"] = (f"  exact value on the validation set = {exact:.4f} nats (gap "
+                          f"{s['val_nll'] - exact:+.4f}"
                           f"{f'; {outside} points outside the support left out' if outside else ''})")
+    if "val_mi" in s:
+        exact = (f" (exact on these points {s['val_mi_exact']:.4f} +- "
+                 f"{s['val_mi_exact_stderr']:.4f})" if "val_mi_exact" in s else "")
+        lines["information"] = (f"  pointwise mutual information i(x; y) = {s['val_mi']:.4f} +- "
+                                f"{s['val_mi_stderr']:.4f} nats on average{exact}")
+        other = (f"Bayes classifier {s['val_accuracy_bayes']:.1%}" if "val_accuracy_bayes" in s
+                 else f"LogisticRegression on the pixels {s['val_accuracy_logistic']:.1%}")
+        lines["accuracy"] = (f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
+                             f"{s['val_accuracy_stderr']:.1%} correct ({other}); "
+                             f"{s['label_evaluations']} denoiser evaluations per sample")
     if "curve_below" in s:
         lines["curve"] = (f"  MSE curve below the Gaussian MMSE at {s['curve_below']} of "
                           f"{s['curve_points']} log SNRs in [{s['curve_range'][0]:.1f}, "
@@ -399,13 +411,15 @@ class Experiment:
         self.prepare(args)
         return self.evaluate(args) if args.eval_only else self.train(args)
 
-    def model(self, args, denoiser, x_shape):
-        """The DiffusionModel of a run's arguments around `denoiser`."""
+    def model(self, args, denoiser, data):
+        """The DiffusionModel of a run's arguments around `denoiser`, for the data's samples (and
+        labels, for a conditional run)."""
         return unet.with_fallback(DiffusionModel(
-            denoiser, x_shape=x_shape, learning_rate=args.learning_rate,
+            denoiser, x_shape=data.x_shape, learning_rate=args.learning_rate,
             logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale, clip=args.clip,
             gaussian_residual=args.gaussian_residual, val_npoints=args.val_npoints,
-            lr_schedule=args.lr_schedule, seed=args.seed))
+            lr_schedule=args.lr_schedule, seed=args.seed, num_classes=data.num_classes,
+            label_dropout=args.label_dropout))
 
     def from_checkpoint(self, ckpt, data, path):
         """The trained model of a loaded checkpoint, in eval mode, checked against the data."""
@@ -430,19 +444,20 @@ class Experiment:
         data = self.data(args)
         if ckpt is not None:
             _check_shape(ckpt, data, args.resume)
-        model = self.model(args, self.rebuild(ckpt) if ckpt else self.denoiser(args, data),
-                           data.x_shape)
+        model = self.model(args, self.rebuild(ckpt) if ckpt else self.denoiser(args, data), data)
         baselines = cb.Baselines(functools.partial(self.describe, args))
         curve = viz.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
+        labels = [cb.Labels(args.val_npoints, args.seed)] if data.num_classes else []
         trainer = make_trainer(
-            args, self.script, [baselines, curve, *self.callbacks(args, data, curve)],
+            args, self.script, [baselines, curve, *labels, *self.callbacks(args, data, curve)],
             run=run,
             max_epochs=args.num_epochs, check_val_every_n_epoch=args.val_every,
             **self.trainer_kwargs(args))
         fit(trainer, model, data, args.resume)
         if not trainer.is_global_zero:
             return None
-        s = dict(dataset=args.dataset, **summarize(trainer, model, curve, baselines.values, start))
+        values = dict(baselines.values, **(labels[0].values if labels else {}))
+        s = dict(dataset=args.dataset, **summarize(trainer, model, curve, values, start))
         extra = self.summary(args, s)
         s["args"] = vars(args)
         with open(os.path.join(trainer.logger.log_dir, "summary.json"), "w") as f:

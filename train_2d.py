@@ -26,7 +26,10 @@ DEFAULTS = {"moons": dict(COMMON, **SHARP), "dino": dict(COMMON, **SHARP),
                         val_npoints=64, fit_proposal=0),
             "line": dict(COMMON, **SHARP),
             "circle": dict(COMMON, **dict(SHARP, input_embedding_scale=100.0, logsnr_loc=5.0,
-                                          logsnr_scale=2.75))}
+                                          logsnr_scale=2.75)),
+            "blobs": dict(COMMON, num_points=16000, num_epochs=40, input_embedding_scale=0.0,
+                          embedding_size=32, learning_rate=3e-3, logsnr_loc=1.0, logsnr_scale=3.0,
+                          val_npoints=64, fit_proposal=0)}
 OLDER = {"input_embedding_period": 1e4, "fit_proposal": 0, "val_fraction": 0.1}  # what
 # checkpoints written before a flag (or setting) existed used
 
@@ -106,7 +109,7 @@ class TwoD(experiment.Experiment):
     """train_2d.py's runs: an MLP denoiser on a 2-D density, and its figures."""
 
     script, defaults, older = "train_2d.py", DEFAULTS, OLDER
-    data_keys = ("dataset", "num_points", "seed", "val_fraction")
+    data_keys = ("dataset", "num_points", "seed", "val_fraction", "conditional")
 
     def parse_args(self, argv=None, checkpoint_args=None):
         return parse_args(argv, checkpoint_args)
@@ -117,12 +120,13 @@ class TwoD(experiment.Experiment):
 
     def data(self, args, evaluation=False):
         return datasets.Points2D(args.dataset, args.num_points, args.seed, args.val_fraction,
-                                 args.train_batch_size, args.eval_batch_size)
+                                 args.train_batch_size, args.eval_batch_size, args.conditional)
 
     def denoiser(self, args, data):
         return MLPDenoiser(args.hidden_size, args.hidden_layers, args.embedding_size,
                            args.input_embedding_scale, args.input_embedding_period,
-                           zero_output=args.gaussian_residual)
+                           zero_output=args.gaussian_residual,
+                           num_classes=data.num_classes if data is not None else None)
 
     def callbacks(self, args, data, curve):
         self.figures = Figures2D(args, curve)
@@ -180,6 +184,10 @@ class Figures2D(pl.Callback):
             show("density_ode", viz.plot_density(
                 xs, ys, {"IT estimate": nll.cpu(), "probability-flow ODE": flow.cpu()},
                 title=f"{name}: the model's density, two ways"))
+        if data.num_classes:  # where each label's information lives, beside the exact values
+            show("information", viz.plot_information(
+                xs, ys, information_maps(pl_module, data, grid, args),
+                title=f"{name}: pointwise mutual information of each label"))
         exact = data.exact_nll(grid.double().cpu())
         if exact is not None:
             show("density_gap", viz.plot_density_gap(
@@ -212,6 +220,20 @@ class Figures2D(pl.Callback):
             contour_stderr_max=float(stderr[shown].max()),
             figures=experiment.shown_path(folder), samples_mean=samples.mean(0).tolist(),
             samples_cov=t.cov(samples.T).tolist() if len(samples) > 1 else None)
+
+
+def information_maps(model, data, grid, args):
+    """{"model: y = k": i(x; k), "exact: y = k": ...} over the grid points, for every label k (the
+    model's from mi_points at --val_npoints; the exact from the data's densities, where known)."""
+    k = data.num_classes
+    labels = t.arange(k, device=grid.device).repeat_interleave(len(grid))
+    mi, _ = model.mi_points(grid.repeat(k, 1), labels, args.val_npoints, seed=args.seed)
+    maps = {f"model: y = {j}": v.cpu() for j, v in enumerate(mi.view(k, -1))}
+    log_given = data.exact_log_given(grid.double().cpu())
+    if log_given is not None:
+        exact = log_given - (log_given + data.exact_log_prior()).logsumexp(1, keepdim=True)
+        maps.update({f"exact: y = {j}": v for j, v in enumerate(exact.T)})
+    return maps
 
 
 main = TwoD().main

@@ -124,7 +124,8 @@ class ImageRuns(experiment.Experiment):
     """train_cifar10.py's runs: a diffusers U-Net on an image dataset."""
 
     script, defaults = "train_cifar10.py", DEFAULTS
-    data_keys = ("dataset", "image_size", "fake_size", "seed", "dequantize", "reference_size")
+    data_keys = ("dataset", "image_size", "fake_size", "seed", "dequantize", "reference_size",
+                 "conditional")
 
     def parse_args(self, argv=None, checkpoint_args=None):
         return parse_args(argv, checkpoint_args)
@@ -137,7 +138,7 @@ class ImageRuns(experiment.Experiment):
         return datasets.Images(args.dataset, args.data_dir, args.dequantize and not evaluation,
                                args.seed, args.image_size, args.fake_size, args.batch_size,
                                args.eval_batch_size, args.num_workers, args.reference_size,
-                               download=can_download)
+                               download=can_download, conditional=bool(args.conditional))
 
     def denoiser(self, args, data):
         """The U-Net of --pretrained (or a small one sized for the data); both inputs are checked
@@ -151,7 +152,8 @@ class ImageRuns(experiment.Experiment):
             logsnrs = LogisticProposal(args.logsnr_loc, args.logsnr_scale, args.clip).range
             denoiser, self.source = unet.build(args.pretrained, data.x_shape, logsnrs,
                                                args.from_scratch, args.unet_width, args.outside,
-                                               args.gaussian_residual, can_download)
+                                               args.gaussian_residual, can_download,
+                                               data.num_classes)
         except cli.UserError as err:
             problems.append(str(err))
         if any(problems):
@@ -159,14 +161,15 @@ class ImageRuns(experiment.Experiment):
         return denoiser
 
     def callbacks(self, args, data, curve):
-        return [viz.SampleImages(args.num_samples, args.sample_steps, args.seed)
-                ] if args.num_samples > 0 else []
+        return ([viz.SampleImages(args.num_samples, args.sample_steps, args.seed)]
+                if args.num_samples > 0 else []) + (
+            [viz.InformationMaps(seed=args.seed)] if data.num_classes else [])
 
     def trainer_kwargs(self, args):
         return dict(max_steps=args.max_steps, log_every_n_steps=50)
 
     def pretrained(self, args, data):
-        model = self.model(args, self.denoiser(args, data), data.x_shape)
+        model = self.model(args, self.denoiser(args, data), data)
         return model, (os.path.basename(os.path.normpath(args.pretrained))
                        if os.path.isdir(args.pretrained) else args.pretrained)
 

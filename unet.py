@@ -22,6 +22,7 @@ import torch as t
 
 import utils
 from cli import UserError
+from denoisers import no_label_last
 
 DDPM_CIFAR10 = "google/ddpm-cifar10-32"
 
@@ -37,13 +38,15 @@ DDPM_CIFAR10_CONFIG = {
 }
 
 
-def small_unet_config(channels=3, size=32, width=32):
-    """A small two-level U-Net (attention at the lower resolution) for tiny images and CPU runs."""
+def small_unet_config(channels=3, size=32, width=32, num_classes=None):
+    """A small two-level U-Net (attention at the lower resolution) for tiny images and CPU runs;
+    with num_classes, class-conditional (one more embedding for "no label")."""
     return {
         "sample_size": size, "in_channels": channels, "out_channels": channels,
         "block_out_channels": [width, 2 * width], "layers_per_block": 2, "norm_num_groups": 8,
         "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "num_class_embeds": None if num_classes is None else num_classes + 1,
     }
 
 
@@ -130,8 +133,18 @@ class UNetDenoiser(t.nn.Module):
         """Continuous timestep (float32) for each log SNR, clamped to [0, T-1]."""
         return logsnr_to_timestep(logsnr, self._table(logsnr.device)).float()
 
-    def forward(self, z, logsnr):
-        eps = self.to_eps(z, logsnr, self.unet(z, self.timestep(logsnr), return_dict=False)[0])
+    @property
+    def num_classes(self):
+        """The labels of a class-conditional U-Net (num_class_embeds - 1: the last embedding is
+        "no label"), None for an unconditional one."""
+        n = getattr(self.unet.config, "num_class_embeds", None)
+        return None if n is None else n - 1
+
+    def forward(self, z, logsnr, y=None):
+        labels = {} if self.num_classes is None else dict(class_labels=no_label_last(
+            y, len(z), self.num_classes, z.device))
+        out = self.unet(z, self.timestep(logsnr), return_dict=False, **labels)[0]
+        eps = self.to_eps(z, logsnr, out)
         if self.outside == "gaussian":
             if self.fallback is None:
                 raise RuntimeError("outside='gaussian' needs set_fallback(reference) first")
@@ -299,15 +312,16 @@ def _load(source, from_scratch, online, outside):
 
 
 def build(source, x_shape, logsnr_range, from_scratch=False, width=32, outside="clamp",
-          residual=False, online=None):
+          residual=False, online=None, num_classes=None):
     """(UNetDenoiser, where it came from) for a run: `source` "none" is a small U-Net sized for
     images of x_shape whose timesteps span logsnr_range linearly in log SNR (nothing is
     clamped), anything else goes to `load`. residual: its output is added to the Gaussian's noise
-    prediction, so it must predict the noise and starts at zero. A U-Net that does not fit the
-    images is a UserError."""
+    prediction, so it must predict the noise and starts at zero. num_classes: class-conditional.
+    A U-Net that does not fit the images or the labels is a UserError."""
     if source == "none":
         from diffusers import UNet2DModel
-        net = UNet2DModel.from_config(small_unet_config(x_shape[0], x_shape[-1], width))
+        net = UNet2DModel.from_config(small_unet_config(x_shape[0], x_shape[-1], width,
+                                                        num_classes))
         denoiser = UNetDenoiser(net, utils.logsnr_schedule(*logsnr_range), outside)
         where = "small U-Net, random weights"
     else:
@@ -318,6 +332,9 @@ def build(source, x_shape, logsnr_range, from_scratch=False, width=32, outside="
     if residual:  # start exactly at the Gaussian predictor
         t.nn.init.zeros_(denoiser.unet.conv_out.weight)
         t.nn.init.zeros_(denoiser.unet.conv_out.bias)
+    if denoiser.num_classes != num_classes:
+        raise UserError(f"the U-Net ({where}) is for {denoiser.num_classes or 'no'} labels, the run "
+                        f"for {num_classes or 'none'}")
     cfg = denoiser.unet.config
     levels = 2 ** (len(cfg.block_out_channels) - 1)
     if cfg.in_channels != x_shape[0] or x_shape[1] % levels or x_shape[2] % levels:

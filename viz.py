@@ -4,6 +4,7 @@ samples beside the data and the validation NLL against epoch; for images, a call
 model samples in TensorBoard. Figures are matplotlib Figure objects, drawn without pyplot's global
 state, so no backend needs choosing."""
 import math
+import os
 
 import matplotlib
 import numpy as np
@@ -160,6 +161,31 @@ def plot_density(xs, ys, nll, data=None, title=None, depth=CONTOUR_DEPTH):
     return fig
 
 
+def plot_information(xs, ys, panels, title=None, floor=-4.):
+    """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) on a grid, one panel per
+    {title: values (len(ys) * len(xs),)} in rows of equal length (a row per source, a column per
+    label), on one diverging colour scale: red where the label makes x likelier, blue where it
+    makes x less likely (floored at `floor` nats: far from a class the value only falls)."""
+    rows = {}
+    for name, values in panels.items():
+        rows.setdefault(name.split(":")[0], []).append((name, values))
+    top = max(float(np.nanmax(np.asarray(v, dtype=float))) for v in panels.values())
+    vmax = max(top, -floor, 1e-3)
+    fig, axes = _subplots(len(rows), max(len(r) for r in rows.values()), squeeze=False,
+                          figsize=(0.8 + 3.6 * max(len(r) for r in rows.values()), 3.4 * len(rows)),
+                          sharex=True, sharey=True, layout="constrained")
+    for axs, row in zip(axes, rows.values()):
+        for ax, (name, values) in zip(axs, row):
+            grid = np.clip(np.asarray(values, dtype=float).reshape(len(ys), len(xs)), -vmax, vmax)
+            cs = ax.pcolormesh(xs, ys, grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, shading="auto")
+            ax.set_title(name, fontsize=9)
+            ax.set_aspect("equal")
+    fig.colorbar(cs, ax=axes, label=r"$i(x; y)$ (nats)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEPTH, gap_range=None):
     """Three panels on a grid (nll_* of shape (len(ys), len(xs)) or flat, in nats): the exact log
     density, the model's on the same colour scale (both floored `depth` nats below the exact
@@ -288,6 +314,50 @@ class SampleImages(pl.Callback):
         zoom = max(1, 128 // grid.shape[-1])  # tiny images (digits: 8x8) are enlarged
         grid = grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
         trainer.logger.experiment.add_image("samples", grid.cpu(), trainer.global_step)
+
+
+def plot_attribution(images, maps, labels, title=None):
+    """Images (n, C, H, W) in [-1, 1] above where their label's information lives: the
+    per-pixel part of i(x; y) (maps (n, C, H, W), summed over channels), on one diverging scale."""
+    n = len(images)
+    fig, axes = _subplots(2, n, figsize=(1.6 * n + 1, 3.6), squeeze=False, layout="constrained")
+    heat = np.asarray(maps, dtype=float).sum(1)
+    vmax = max(float(np.abs(heat).max()), 1e-6)
+    for j in range(n):
+        image = (np.asarray(images[j], dtype=float).transpose(1, 2, 0) + 1) / 2
+        axes[0, j].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image.clip(0, 1),
+                          cmap="gray", vmin=0, vmax=1)
+        axes[0, j].set_title(f"y = {int(labels[j])}", fontsize=9)
+        cs = axes[1, j].imshow(heat[j], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        for ax in axes[:, j]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(cs, ax=axes[1, :].tolist(), label=r"$i(x; y)$ per pixel (nats)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+class InformationMaps(pl.Callback):
+    """A conditional image model at the end of training: the first `n` validation images above
+    the per-pixel part of their pointwise mutual information with their label
+    (DiffusionModel.mi_points(per_dim=True), `npoints` points each), to TensorBoard
+    ("information") and, when given, a PNG. Global rank 0."""
+
+    def __init__(self, n=8, npoints=256, seed=0, path=None):
+        self.n, self.npoints, self.seed, self.path = n, npoints, seed, path
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        data = trainer.datamodule
+        x = data.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
+        y = data.val_labels[:self.n].to(pl_module.device)
+        maps = pl_module.mi_points(x, y, self.npoints, seed=self.seed, per_dim=True)
+        fig = plot_attribution(x.cpu(), maps.cpu(), y.cpu(),
+                               title="where each label's information lives")
+        trainer.logger.experiment.add_figure("information", fig, trainer.global_step, close=False)
+        save(fig, os.path.join(trainer.logger.log_dir, "information.png"))
 
 
 class MSECurve(pl.Callback):

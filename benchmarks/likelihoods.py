@@ -78,7 +78,7 @@ def exact_denoisers(label, mix, points, repeats, npoints_list):
     dm.fit_reference(mix.sample(20000, generator=gen(1)))
     a_lo, a_hi = dm.proposal.range
     print(f"\n== (a) {label}: {points} points, float64, log SNR range [{a_lo:g}, {a_hi:g}], "
-          f"random rows x {repeats} seeds ==")
+          f"IT and Hutchinson rows x {repeats} seeds ==")
     print(f"{'estimator':<40} {'rms err':>8} {'mean err +- se':>17} {'NFE/pt':>8} {'max':>5} "
           f"{'wall s':>7}")
 
@@ -163,7 +163,7 @@ def digits(path, images, repeats, tol, threads, exact_tol):
     d = model.d
     target = 0.01 * d * math.log(2)  # nats per image
     print(f"\n== (c) digits U-Net ({path}): {images} dequantised validation images, d = {d}, "
-          f"{repeats} repeats (seeds), {threads} threads, log SNR range "
+          f"{repeats} repeats (seeds), torch threads {threads}, log SNR range "
           f"[{model.proposal.range[0]:g}, {model.proposal.range[1]:g}] ==", flush=True)
 
     def repeat(fn, seed0):

@@ -55,14 +55,52 @@ class GaussianMixture(t.nn.Module):
         return draws[t.arange(n), m].view((n,) + self.x_shape)
 
 
-def mixture_2d():
-    """The 2-D test mixture: three components, one nearly degenerate, with unequal weights."""
-    return GaussianMixture(
+class LabelledMixture(GaussianMixture):
+    """A Gaussian mixture labelled by component: the optimal conditional denoiser
+    eps_hat(z, a, y) = component y's eps (y = -1 or None: the mixture's), and in closed form
+    -log p(x | y), log p(y) and the posterior log p(y | x)."""
+
+    def forward(self, z, logsnr, y=None):
+        mixed = super().forward(z, logsnr)
+        if y is None:
+            return mixed
+        eps = t.stack([c.eps(z, logsnr).flatten(1) for c in self.components], 1)
+        given = eps[t.arange(len(z)), y.clamp(min=0)].view_as(z)
+        return t.where((y >= 0).view((-1,) + (1,) * (z.dim() - 1)), given, mixed)
+
+    def nll_given(self, x, y):
+        parts = t.stack([c.nll(x) for c in self.components], 1)
+        return parts[t.arange(len(x)), y]
+
+    def log_posterior(self, x):
+        joint = t.stack([lw - c.nll(x) for lw, c in zip(self.log_weights, self.components)], 1)
+        return joint - joint.logsumexp(1, keepdim=True)
+
+    def sample_labelled(self, n, generator=None):
+        y = t.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
+        draws = t.stack([c.sample(n, generator=generator) for c in self.components], 1)
+        return draws[t.arange(n), y].view((n,) + self.x_shape), y
+
+
+def mixture_2d(cls=GaussianMixture):
+    """The 2-D test mixture: three components, one nearly degenerate, with unequal weights (cls:
+    LabelledMixture for its components as labels)."""
+    return cls(
         weights=[0.5, 0.3, 0.2],
         means=[[-1.0, 0.5], [1.2, 0.8], [0.3, -1.3]],
         covs=[[[0.30, 0.20], [0.20, 0.25]],
               [[0.05, -0.02], [-0.02, 0.40]],
               [[0.60, 0.00], [0.00, 0.01]]])
+
+
+def overlapping_2d():
+    """Three overlapping Gaussians labelled by component (LabelledMixture): p(y | x) and
+    i(x; y) vary from point to point."""
+    return LabelledMixture(
+        weights=[0.5, 0.3, 0.2],
+        means=[[-0.5, 0.0], [0.5, 0.1], [0.0, 0.7]],
+        covs=[[[0.30, 0.05], [0.05, 0.20]], [[0.20, 0.0], [0.0, 0.30]],
+              [[0.15, 0.0], [0.0, 0.10]]])
 
 
 def ring_2d(components=8, radius=1.3, var=0.02):

@@ -30,7 +30,8 @@ BOX = {"dino": (D.DINO_OUTLINE.min(0) - 10 * D.DINO_JITTER,
 
 def fresh(name, n, seed):
     """n raw points from the generating function itself, with a seed unlike get_2d_dataset's 42."""
-    return datasets.SETS_2D[name].make(n, np.random.default_rng(seed))
+    made = datasets.SETS_2D[name].make(n, np.random.default_rng(seed))
+    return made[0] if datasets.SETS_2D[name].classes else made  # a labelled set: its points
 
 
 def standardisation(name, n=8000, seed=42):

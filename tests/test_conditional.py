@@ -1,0 +1,137 @@
+"""Conditional models: -log p(x | y), pointwise mutual information i(x; y) and classification by
+log p(y | x) from one denoiser (DiffusionModel(num_classes=...)), against the closed forms of a
+Gaussian mixture labelled by component (tests/analytic.py LabelledMixture: its optimal
+conditional and unconditional denoisers, -log p(x | y), and the posterior p(y | x)), then through
+both scripts' command lines.
+"""
+import math
+
+import pytest
+import torch as t
+
+import datasets
+import experiment
+import train_2d
+import train_cifar10
+from diffusionmodel import DiffusionModel
+from tests.analytic import overlapping_2d
+from tests.checks import assert_unbiased_and_calibrated, gen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def labelled_model():
+    """overlapping_2d's exact conditional denoiser as a float64 DiffusionModel (three labels),
+    its reference and label prior fitted on samples, and 12 labelled points to score."""
+    mix = overlapping_2d()
+    dm = DiffusionModel(mix, x_shape=(2,), logsnr_loc=0., logsnr_scale=3., clip=4.,
+                        num_classes=3).double()
+    x, y = mix.sample_labelled(4000, generator=gen(0))
+    dm.fit_reference(x).fit_label_prior(y)
+    points, labels = mix.sample_labelled(12, generator=gen(1))
+    return mix, dm, points, labels
+
+
+def test_conditional_nll_and_mutual_information_are_unbiased_per_point():
+    # 60 repeats of 12 points in one batch (copy r of point j has index 12 r + j: independent
+    # points); each estimate's mean within its standard errors of the closed form, with the
+    # reported standard error calibrated (tests/checks.py)
+    mix, dm, x, y = labelled_model()
+    reps = 60
+    xs, ys, index = x.repeat(reps, 1), y.repeat(reps), t.arange(12 * reps)
+    nll, se = dm.nll_points(xs, 128, seed=3, index=index, y=ys)
+    assert_unbiased_and_calibrated(nll.view(reps, 12), se.view(reps, 12), mix.nll_given(x, y))
+    mi, se = dm.mi_points(xs, ys, 128, seed=4, index=index)
+    exact = mix.nll(x) - mix.nll_given(x, y)  # i(x; y) = log p(x | y) - log p(x)
+    assert exact.std() > 0.2  # overlapping components: i(x; y) differs from point to point
+    assert_unbiased_and_calibrated(mi.view(reps, 12), se.view(reps, 12), exact)
+    # the per-coordinate parts sum to i(x; y) on the same points
+    parts = dm.mi_points(x, y, 128, seed=4, per_dim=True)
+    assert t.allclose(parts.sum(1), dm.mi_points(x, y, 128, seed=4)[0], atol=1e-9)
+
+
+def test_class_posterior_matches_bayes_on_common_points():
+    # log p(y = k | x) - log p(y = 0 | x) = log p(x | k) - log p(x | 0) + log-prior terms: linear
+    # in the estimates, so unbiased; 40 repeats of 12 points (independent copies by index)
+    mix, dm, x, _ = labelled_model()
+    reps = 40
+    xs, index = x.repeat(reps, 1), t.arange(12 * reps)
+    posterior = dm.class_log_posterior(xs, 128, seed=5, index=index)
+    assert t.allclose(posterior.exp().sum(1), t.ones(12 * reps, dtype=t.float64), atol=1e-12)
+    odds = (posterior - posterior[:, :1]).view(reps, 12, 3)[..., 1:]
+    exact = mix.log_posterior(x)  # the component weights are the label prior here
+    exact = (exact - exact[:, :1])[:, 1:]
+    z = (odds.mean(0) - exact) / (odds.std(0) / math.sqrt(reps))
+    assert z.abs().max() < 4.5, z
+    # and the posterior itself, at 1024 points: within 0.03 of Bayes' (measured max 0.01)
+    close = dm.class_log_posterior(x, 1024, seed=7).exp()
+    assert (close - mix.log_posterior(x).exp()).abs().max() < 0.03
+    # a prior given explicitly replaces the training labels' frequencies
+    flat = dm.class_log_posterior(x, 1024, seed=7, log_prior=t.full((3,), -math.log(3)))
+    joint = -t.stack([mix.nll_given(x, t.full((12,), k)) for k in range(3)], 1)
+    assert (flat.exp() - joint.softmax(1)).abs().max() < 0.03
+
+
+def test_training_drops_labels_at_the_given_rate():
+    seen = []
+
+    class Recorder(t.nn.Module):
+        def forward(self, z, logsnr, y=None):
+            seen.append(y)
+            return t.zeros_like(z)
+    dm = DiffusionModel(Recorder(), x_shape=(2,), num_classes=3, label_dropout=0.25)
+    x, y = t.randn(4000, 2), t.randint(0, 3, (4000,))
+    dm.nll((x, y), generator=gen(6))
+    dropped = (seen[0] == -1).double().mean().item()
+    assert abs(dropped - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 4000)  # binomial, 4 std
+    assert ((seen[0] == y) | (seen[0] == -1)).all()
+    with pytest.raises(ValueError, match="labels must be one per sample"):
+        dm.nll((x, t.full((4000,), 3)))
+
+
+def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys):
+    flags = ["--dataset", "blobs", "--conditional", "true", "--num_points", "1000",
+             "--num_epochs", "2", "--grid_size", "6", "--num_samples", "0", "--val_npoints", "8",
+             "--num_threads", "1", "--log_dir", str(tmp_path)]
+    s = train_2d.main(flags)
+    out = capsys.readouterr().out
+    assert "validation E[-log p(x | y)]" in out and "pointwise mutual information" in out
+    assert "Bayes classifier" in out
+    for key in ("val_mi", "val_mi_exact", "val_accuracy", "val_accuracy_bayes",
+                "val_loss_given_exact"):
+        assert math.isfinite(s[key]), key
+    # the exact values on the validation points, from the data's densities (densities.py)
+    data = datasets.Points2D("blobs", 1000, 0, 0.1, conditional=True)
+    data.setup()
+    given = data.exact_log_given(data.val)[t.arange(len(data.val)), data.val_labels]
+    assert s["val_loss_given_exact"] == pytest.approx(-given.mean().item(), rel=1e-9)
+    assert (tmp_path / "blobs-base" / "figures" / "information.png").is_file()
+    # the evaluation table: conditional rows of the model, beside the exact ones
+    results = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
+                             "--ode", "false"])
+    rows = {(r["model"], r["estimate"]): r for r in results["rows"]}
+    for estimate in ("conditional", "mutual information", "accuracy"):
+        assert ("blobs-base/last.ckpt", estimate) in rows and ("exact", estimate) in rows
+        assert ("gaussian", estimate) not in rows  # an unconditional model has none
+    accuracy = rows[("blobs-base/last.ckpt", "accuracy")]
+    assert accuracy["unit"] == "fraction" and 0 <= accuracy["value"] <= 1
+    assert accuracy["nats"] is None and accuracy["evaluations"] == 8 * 3
+
+
+def test_an_image_conditional_run_and_its_table(tmp_path, capsys):
+    # a class-conditional U-Net (diffusers' class embeddings, one more for "no label") on
+    # FakeData's random labels: the plumbing end to end
+    flags = ["--dataset", "fake", "--conditional", "true", "--image_size", "8", "--fake_size",
+             "32", "--unet_width", "8", "--num_epochs", "1", "--num_workers", "0",
+             "--num_samples", "0", "--val_npoints", "4", "--curve_samples", "4",
+             "--log_dir", str(tmp_path)]
+    s = train_cifar10.main(flags)
+    out = capsys.readouterr().out
+    assert "LogisticRegression on the pixels" in out and 0 <= s["val_accuracy"] <= 1
+    assert (tmp_path / "fake-base" / "information.png").is_file()
+    model = experiment.load_model(s["checkpoint"])
+    assert model.model.num_classes == 10 and model.hparams.num_classes == 10
+    results = train_cifar10.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
+                                  "--vb_steps", "4", "--num_workers", "0"])
+    estimates = {r["estimate"] for r in results["rows"] if r["model"] == "fake-base/last.ckpt"}
+    assert {"conditional", "mutual information", "accuracy", "continuous"} <= estimates
