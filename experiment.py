@@ -508,9 +508,7 @@ class Experiment:
                           "is now scored on, so its numbers are optimistic; last.ckpt is not",
                           flush=True)
         try:
-            for phase in ("select", "score"):
-                ev.phase = phase
-                trainer.test(ev, verbose=False)
+            ev.run(trainer)
         except BaseException:
             if trainer.is_global_zero and os.path.exists(path):
                 os.remove(path)  # nothing half-written stays behind

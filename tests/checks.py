@@ -1,5 +1,6 @@
 """Statistical checks shared by the estimator tests of discrete data, ensembles and the log-SNR
-range, and `fit_ensemble`, the held-out ensemble these tests build.
+range, `fit_ensemble`, the held-out ensemble these tests build, and `Points` with
+`quiet_trainer` for running an evaluation.Evaluation on fixed points.
 
 Estimates are repeated by scoring R copies of the same points in one batched call: copy r of point
 j has sample index r * J + j, so its randomised QMC points are independent of every other copy's
@@ -73,3 +74,29 @@ def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, refere
     errors = heldout_errors(lambda z, a: [m(z, a) for m in everyone], x, t.arange(len(x)), seed,
                             edges, draws, chunk_size)
     return Ensemble.from_heldout(everyone, edges, errors.mean(0).T)
+
+
+class Points:
+    """A minimal data source for evaluation.Evaluation: fixed points, no grid, no exact density."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def prepare_data(self):
+        pass
+
+    def setup(self):
+        pass
+
+    def eval_data(self):
+        return self.x, None
+
+    def exact_nll(self, x):
+        return None
+
+
+def quiet_trainer():
+    """A one-process CPU Trainer that prints nothing and writes nothing."""
+    import pytorch_lightning as pl
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=True,
+                      enable_progress_bar=False, enable_model_summary=False)

@@ -112,12 +112,14 @@ def assert_same_tables(one, two):
     # batches (measured: relative differences of 1e-8), and through it the held-out choice of a
     # log-SNR bin where two candidates tie to that rounding (measured with --seed 0 on the image
     # checkpoint below: the ensemble rows' standard errors 1e-6 to 5e-6 apart, the other rows
-    # bit for bit equal).
+    # bit for bit equal). The ODE rows' adaptive steps turn such rounding into differences up to
+    # the solver's tolerance (rtol = atol = 1e-5 per step; measured: relative 8e-6).
     assert [(r["model"], r["estimate"]) for r in one["rows"]] == \
         [(r["model"], r["estimate"]) for r in two["rows"]]
     for a, b in zip(one["rows"], two["rows"]):
-        assert a["nats"] == pytest.approx(b["nats"], rel=1e-6), (a, b)
-        assert a["nats_stderr"] == pytest.approx(b["nats_stderr"], rel=1e-6), (a, b)
+        rel = 1e-4 if a["estimate"] == "ode" else 1e-6
+        assert a["nats"] == pytest.approx(b["nats"], rel=rel), (a, b)
+        assert a["nats_stderr"] == pytest.approx(b["nats_stderr"], rel=rel), (a, b)
 
 
 def test_2d_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
@@ -175,7 +177,8 @@ DOWNLOAD_SCRIPT = textwrap.dedent("""
 
     def fake_files(root, seed=0, image_size=32, fake_size=0):  # and for reading the files
         g = t.Generator().manual_seed(0)
-        return [t.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=t.uint8) for n in (8, 8)]
+        return [(t.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=t.uint8),
+                 t.randint(0, 10, (n,), generator=g)) for n in (8, 8)]
 
     datasets.IMAGE_SETS["cifar10"] = dataclasses.replace(
         datasets.IMAGE_SETS["cifar10"], load=fake_files, download=fake_download)

@@ -9,7 +9,7 @@ import pytest
 import torch as t
 
 import datasets
-import evaluation
+import estimates
 import train_2d
 
 
@@ -29,7 +29,7 @@ def gaussian_share(ev, entry):
 def extended(monkeypatch):
     monkeypatch.setitem(datasets.SETS_2D, "spiral", datasets.Set2D(make_spiral))
     monkeypatch.setitem(train_2d.DEFAULTS, "spiral", train_2d.DEFAULTS["scg"])
-    monkeypatch.setitem(evaluation.ROWS, "gaussian share", evaluation.RowKind(
+    monkeypatch.setitem(estimates.ROWS, "gaussian share", estimates.RowKind(
         "-log q(x) under the model's Gaussian reference", build=gaussian_share))
 
 

@@ -8,7 +8,6 @@ flow (docs/maths.md): a model whose denoiser *is* the reference's gives -log q(x
 import math
 
 import pytest
-import pytorch_lightning as pl
 import torch as t
 
 import evaluation
@@ -16,7 +15,7 @@ import ode
 from denoisers import GaussianDenoiser
 from diffusionmodel import DiffusionModel
 from tests.analytic import gaussian, mixture_2d, ring_2d
-from tests.checks import gen
+from tests.checks import Points, gen, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,37 +85,14 @@ def test_a_sample_does_not_depend_on_its_batch():
     assert info["nfe"].min() < info["nfe"].max()  # samples took different numbers of steps
 
 
-class _Points:
-    """A minimal data source for evaluation.Evaluation: fixed points, no grid."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def prepare_data(self):
-        pass
-
-    def setup(self):
-        pass
-
-    def eval_data(self):
-        return self.x, None
-
-    def exact_nll(self, x):
-        return None
-
-
 def test_the_ode_row_is_nll_ode_on_the_scored_points():
     mix = mixture_2d()
     dm = model_of(mix)
     x = mix.sample(24, generator=gen(5))
     settings = ode.settings("auto", 2)
-    ev = evaluation.Evaluation([dm], ["mixture"], _Points(x), seed=3, npoints=16, batch_size=7,
+    ev = evaluation.Evaluation([dm], ["mixture"], Points(x), seed=3, npoints=16, batch_size=7,
                                ode=settings)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=True,
-                         enable_progress_bar=False, enable_model_summary=False)
-    for phase in ("select", "score"):
-        ev.phase = phase
-        trainer.test(ev, verbose=False)
+    ev.run(quiet_trainer())
     scored = ev.data["score"]
     expected, info = dm.nll_ode(scored, seed=3, index=t.arange(len(scored)), **settings)
     assert t.allclose(ev.per_sample[("mixture", "ode")], expected, rtol=0, atol=1e-9)

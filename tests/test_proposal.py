@@ -19,7 +19,7 @@ import torch as t
 from diffusionmodel import DiffusionModel
 from proposals import FittedProposal, LogisticProposal
 from tests.analytic import mixture_2d, ring_2d
-from tests.checks import assert_unbiased_and_calibrated, gen, repeated
+from tests.checks import assert_unbiased_and_calibrated, Points, gen, quiet_trainer, repeated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -269,27 +269,10 @@ def test_from_draws_weights_are_the_rms_in_each_of_its_own_bins_and_bad_pilots_a
         assert (plain.loc, plain.scale, plain.clip) == (LOC, SCALE, CLIP)
 
 
-class _Points:
-    """A minimal data source for evaluation.Evaluation: fixed points, no grid."""
-
-    def __init__(self, x):
-        self.x = x
-
-    def prepare_data(self):
-        pass
-
-    def setup(self):
-        pass
-
-    def eval_data(self):
-        return self.x, None
-
-
 def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
     # the ring's exact denoiser: every row's per-sample value must match the exact -log p of
     # tests/analytic.py within its integration noise, and the fitted proposals (from the
     # selection pass's errors, no extra evaluations) must cut that noise against the logistic
-    import pytorch_lightning as pl
     import evaluation
     ring = ring_2d()
     x = ring.sample(400, generator=gen(5))
@@ -297,13 +280,9 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
     model.fit_reference(ring.sample(4000, generator=gen(6)))
     errors = {}
     for kind in ("fitted", "logistic"):
-        ev = evaluation.Evaluation([model], ["ring"], _Points(x), seed=2, npoints=64,
+        ev = evaluation.Evaluation([model], ["ring"], Points(x), seed=2, npoints=64,
                                    batch_size=100, proposal=kind)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=True,
-                             enable_progress_bar=False, enable_model_summary=False)
-        for phase in ("select", "score"):
-            ev.phase = phase
-            trainer.test(ev, verbose=False)
+        ev.run(quiet_trainer())
         rows = {(r["model"], r["estimate"]): r for r in ev.rows}
         row = rows[("ring", "continuous")]
         assert row["proposal"]["kind"] == kind
@@ -325,13 +304,9 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
     wide.proposal = LogisticProposal(0., 3.3, 4.)
     noise = {}
     for kind in ("fitted", "logistic"):
-        ev = evaluation.Evaluation([wide, model], ["wide", "ring"], _Points(x), seed=1, npoints=64,
+        ev = evaluation.Evaluation([wide, model], ["wide", "ring"], Points(x), seed=1, npoints=64,
                                    batch_size=100, proposal=kind)
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, inference_mode=True,
-                             enable_progress_bar=False, enable_model_summary=False)
-        for phase in ("select", "score"):
-            ev.phase = phase
-            trainer.test(ev, verbose=False)
+        ev.run(quiet_trainer())
         noise[kind] = {r["model"]: r["integration_nats"] for r in ev.rows}
         if kind == "fitted":
             spans = {name: span for name, _, _, span in ev.jobs}
