@@ -1,8 +1,10 @@
 """Lightning callbacks of a training run besides the figures (viz.py): the reference values the
 model must beat, the log-SNR proposal refitted during training, the progress display, the run's
 size and the last validation, and what Ctrl-C keeps."""
+import contextlib
 import os
 import shlex
+import signal
 import sys
 import time
 
@@ -60,7 +62,8 @@ class Baselines(pl.Callback):
 
 class Labels(pl.Callback):
     """A conditional model at the end of training, on the validation samples and labels: the
-    mean pointwise mutual information i(x; y) (DiffusionModel.mi_points) and the accuracy of
+    mean pointwise mutual information i(x; y) (DiffusionModel.mi_points; and by Bayes' rule,
+    log p(y | x) - log p(y), from the conditional densities alone) and the accuracy of
     classifying by log p(y | x) (class_log_posterior), each with its standard error over the
     samples, beside the same numbers of the data's exact densities where known (the Bayes
     classifier) or, for images, of scikit-learn's LogisticRegression on the training pixels; and
@@ -85,8 +88,11 @@ class Labels(pl.Callback):
         mi, posterior = zip(*[(pl_module.mi_points(xs, ys, self.npoints, seed=seed, index=i)[0],
                                pl_module.class_log_posterior(xs, self.npoints, seed=seed, index=i))
                               for xs, ys, i in zip(*(v.split(self.chunk) for v in (x, y, index)))])
-        mi, correct = t.cat(mi).cpu(), (t.cat(posterior).argmax(1) == y).double().cpu()
+        posterior = t.cat(posterior)
+        mi, correct = t.cat(mi).cpu(), (posterior.argmax(1) == y).double().cpu()
+        by_bayes = (posterior.gather(1, y[:, None])[:, 0] - pl_module.label_log_prior[y]).cpu()
         v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
+                 val_mi_bayes=by_bayes.mean().item(), val_mi_bayes_stderr=_stderr(by_bayes),
                  val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
                  label_evaluations=self.npoints * (2 + pl_module.hparams.num_classes))
         log_given = data.exact_log_given(x.cpu())
@@ -236,6 +242,21 @@ class Interrupted(pl.Callback):
         Interrupted.message = (f"{cause} at epoch {trainer.current_epoch + 1}, step "
                                f"{trainer.global_step}: kept {shlex.quote(shown_path(path))}; resume with "
                                f"{command}")
+
+
+@contextlib.contextmanager
+def stop_at_once():
+    """SIGTERM stops an evaluation at once (it has nothing to keep): Lightning's own handler
+    waits for the end of a batch, minutes of work, and lets the last batch finish. Lightning
+    calls this handler after its own; the exception ends the run as Interrupted says."""
+    def stop(signum, frame):
+        raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class SlurmJob(pl.Callback):

@@ -125,7 +125,7 @@ def build_parser(description, defaults, may_change=()):
                        help=per_dataset(defaults, "num_epochs"))
     group.add_argument("--learning_rate", type=positive(float), default=None,
                        help=per_dataset(defaults, "learning_rate", "peak learning rate of Adam"))
-    group.add_argument("--conditional", type=str2bool, default=False,
+    group.add_argument("--conditional", type=str2bool, nargs="?", const=True, default=False,
                        help="a model of p(x | y) for the data's labels, whose denoiser also gives "
                             "p(x) without a label: conditional likelihoods, pointwise mutual "
                             "information i(x; y) and classification")
@@ -187,7 +187,7 @@ def build_parser(description, defaults, may_change=()):
     group.add_argument("--vb_steps", type=whole(0), default=100,
                        help="grid data: timesteps per sample of the variational-bound rows (an "
                             "unbiased subsample of the schedule's T; 0: all T)")
-    group.add_argument("--ode", type=str2bool, default=None,
+    group.add_argument("--ode", type=str2bool, nargs="?", const=True, default=None,
                        help=per_dataset(defaults, "ode", "also the likelihood of the probability-flow "
                                         "ODE (the `ode` rows; for grid data also dequantized)"))
     group.add_argument("--ode_trace", default="auto", choices=("auto", "exact", "hutchinson"),
@@ -279,8 +279,9 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
             setattr(args, key, value)
     if args.val_every is None:
         args.val_every = max(1, args.num_epochs // 10)
-    if not 0 <= args.label_dropout < 1:
-        parser.error(f"argument --label_dropout: must be in [0, 1), got {args.label_dropout}")
+    if not 0 < args.label_dropout < 1:  # 0 would leave p(x), and with it i(x; y), untrained
+        parser.error(f"argument --label_dropout: must be in (0, 1): the share of samples that "
+                     f"train p(x) without a label; got {args.label_dropout}")
     if args.fit_proposal and not 8 <= args.fit_proposal:
         parser.error(f"argument --fit_proposal: needs at least 8 samples (0: off), got "
                      f"{args.fit_proposal}")

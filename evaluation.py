@@ -378,21 +378,25 @@ def table_row(model, estimate, nll, d, span=None, stderr=None):
 
 def format_results(rows, header):
     """The table as text: a header line, then one line per (model, estimate) with its log-SNR
-    range, the denoiser evaluations it spent per sample and its proposal, then what each kind of
-    estimate means."""
+    range, its integration noise per sample, the denoiser evaluations it spent per sample and its
+    proposal, then what each kind of estimate means."""
     lines = [header, f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} "
-                     f"{'+-':>7}  {'log SNR':<13} {'evaluations':>11}  proposal"]
+                     f"{'+-':>7}  {'log SNR':<13} {'integration':>11} {'evaluations':>11}  "
+                     "proposal"]
     for r in rows:
         span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
         spent = f"{r['evaluations']:.0f}" if "evaluations" in r else ""
+        noise = "" if not r.get("integration_nats") else f"{r['integration_nats']:.4f}"
         value, stderr = (r["nats"], r["nats_stderr"]) if r["nats"] is not None else (
             r["value"], r["value_stderr"])
         bpd = "" if r["bpd"] is None else f"{r['bpd']:9.4f} {r['bpd_stderr']:7.4f}"
         lines.append(f"{r['model']:<24} {r['estimate']:<26} {value:12.4f} {stderr:9.4f} "
-                     f"{bpd:>17}  {span:<13} {spent:>11}  "
+                     f"{bpd:>17}  {span:<13} {noise:>11} {spent:>11}  "
                      f"{(r['proposal'] or {}).get('kind', '')}".rstrip())
     meanings = {_kind(r): r["meaning"] for r in rows}
     lines += [f"  {kind}: {meaning}" for kind, meaning in meanings.items()]
+    lines.append("  integration: the rms over samples of each sample's own integration standard "
+                 "error, nats (the part of +- a better proposal or more points lowers)")
     moved = [r["proposal"]["moved"] for r in rows if (r["proposal"] or {}).get("kind") == "fitted"]
     if moved:
         share = "-".join(dict.fromkeys(f"{100 * v:.0f}" for v in (min(moved), max(moved))))

@@ -327,7 +327,9 @@ def summary_lines(s, extra=None):
         exact = (f" (exact on these points {s['val_mi_exact']:.4f} +- "
                  f"{s['val_mi_exact_stderr']:.4f})" if "val_mi_exact" in s else "")
         lines["information"] = (f"  pointwise mutual information i(x; y) = {s['val_mi']:.4f} +- "
-                                f"{s['val_mi_stderr']:.4f} nats on average{exact}")
+                                f"{s['val_mi_stderr']:.4f} nats on average{exact};\n    by "
+                                f"Bayes' rule, log p(y | x) - log p(y) from p(x | y) alone: "
+                                f"{s['val_mi_bayes']:.4f} +- {s['val_mi_bayes_stderr']:.4f}")
         other = (f"Bayes classifier {s['val_accuracy_bayes']:.1%}" if "val_accuracy_bayes" in s
                  else f"LogisticRegression on the pixels {s['val_accuracy_logistic']:.1%}")
         lines["accuracy"] = (f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
@@ -508,7 +510,8 @@ class Experiment:
                           "is now scored on, so its numbers are optimistic; last.ckpt is not",
                           flush=True)
         try:
-            ev.run(trainer)
+            with cb.stop_at_once():
+                ev.run(trainer)
         except BaseException:
             if trainer.is_global_zero and os.path.exists(path):
                 os.remove(path)  # nothing half-written stays behind

@@ -32,7 +32,7 @@ _A = ((), (1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
 _B = (35 / 384, 0., 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (-71 / 57600, 0., 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
 TRACES = ("exact", "hutchinson")
-EXACT_UP_TO = 16  # dimensions: beyond, the exact divergence's d products cost more than they're worth
+EXACT_UP_TO = 16  # dimensions: beyond, the exact divergence's d products cost too much
 
 
 def settings(trace, d, probes=1, tol=1e-5):
@@ -41,6 +41,8 @@ def settings(trace, d, probes=1, tol=1e-5):
     if trace == "auto":
         trace = "exact" if d <= EXACT_UP_TO else "hutchinson"
     return dict(trace=trace, probes=probes, rtol=tol, atol=tol)
+
+
 _PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed streams
 
 

@@ -58,7 +58,8 @@ def build_parser():
     group.add_argument("--input_embedding_period", type=cli.positive(float), default=100.,
                        help="ratio of the input embedding's highest frequency to its lowest "
                             "(checkpoints from before this flag used 1e4)")
-    group.add_argument("--gaussian_residual", type=cli.str2bool, default=True,
+    group.add_argument("--gaussian_residual", type=cli.str2bool, nargs="?", const=True,
+                       default=True,
                        help="true: the MLP adds to the data-matched Gaussian's optimal noise "
                             "predictor, so training starts at the Gaussian bound; false: the MLP "
                             "alone predicts the noise")
@@ -148,7 +149,7 @@ class TwoD(experiment.Experiment):
 class Figures2D(pl.Callback):
     """The validation history during training; at the end, density contours (with --ode, beside
     the probability-flow ODE's; where the density is known, the exact density beside the model's
-    and their pointwise gap), samples
+    and their pointwise gap; with labels, each label's pointwise mutual information), samples
     beside the data, the MSE curve, the fitted proposal and the val-NLL-vs-epoch figure, to
     TensorBoard and as PNGs in <run>/figures/."""
 
@@ -223,12 +224,17 @@ class Figures2D(pl.Callback):
 
 
 def information_maps(model, data, grid, args):
-    """{"model: y = k": i(x; k), "exact: y = k": ...} over the grid points, for every label k (the
-    model's from mi_points at --val_npoints; the exact from the data's densities, where known)."""
+    """{"mi_points: y = k": i(x; k), "Bayes' rule: y = k": ..., "exact: y = k": ...} over the grid
+    points, for every label k: the model's as the difference of its two bounds (mi_points) and
+    as log p(k | x) - log p(k) (class_log_posterior), both at --val_npoints; the exact from the
+    data's densities, where known."""
     k = data.num_classes
     labels = t.arange(k, device=grid.device).repeat_interleave(len(grid))
     mi, _ = model.mi_points(grid.repeat(k, 1), labels, args.val_npoints, seed=args.seed)
-    maps = {f"model: y = {j}": v.cpu() for j, v in enumerate(mi.view(k, -1))}
+    by_bayes = (model.class_log_posterior(grid, args.val_npoints, seed=args.seed)
+                - model.label_log_prior).T
+    maps = {f"mi_points: y = {j}": v.cpu() for j, v in enumerate(mi.view(k, -1))}
+    maps.update({f"Bayes' rule: y = {j}": v.cpu() for j, v in enumerate(by_bayes)})
     log_given = data.exact_log_given(grid.double().cpu())
     if log_given is not None:
         exact = log_given - (log_given + data.exact_log_prior()).logsumexp(1, keepdim=True)

@@ -45,7 +45,8 @@ def parse_args(argv=None, checkpoint_args=None):
                             "missing and the server is reachable)")
     group.add_argument("--offline", action="store_true",
                        help="never download; also implied by HF_HUB_OFFLINE=1 for the weights")
-    group.add_argument("--dequantize", type=cli.str2bool, default=None,
+    group.add_argument("--dequantize", type=cli.str2bool, nargs="?", const=True,
+                       default=None,
                        help=cli.per_dataset(DEFAULTS, "dequantize", "add uniform noise "
                                                    "within each pixel's bin, making the data a "
                                                    "genuine continuous density"))
@@ -66,7 +67,8 @@ def parse_args(argv=None, checkpoint_args=None):
                        help="use only the --pretrained config, with random weights")
     group.add_argument("--unet_width", type=cli.positive(int), default=32,
                        help="channels of the small U-Net (--pretrained none)")
-    group.add_argument("--gaussian_residual", type=cli.str2bool, default=None,
+    group.add_argument("--gaussian_residual", type=cli.str2bool, nargs="?", const=True,
+                       default=None,
                        help="eps_hat = Gaussian optimal predictor + U-Net, the U-Net's output "
                             "layer zeroed at the start (training starts at the Gaussian bound); "
                             "default: true with --pretrained none, else false")
@@ -169,6 +171,9 @@ class ImageRuns(experiment.Experiment):
         return dict(max_steps=args.max_steps, log_every_n_steps=50)
 
     def pretrained(self, args, data):
+        if data.num_classes:  # its label embeddings would be new: every label alike
+            raise cli.UserError("--conditional with --pretrained evaluates untrained labels; "
+                                "fine-tune first, then --eval_only --ckpt")
         model = self.model(args, self.denoiser(args, data), data)
         return model, (os.path.basename(os.path.normpath(args.pretrained))
                        if os.path.isdir(args.pretrained) else args.pretrained)

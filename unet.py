@@ -326,6 +326,8 @@ def build(source, x_shape, logsnr_range, from_scratch=False, width=32, outside="
         where = "small U-Net, random weights"
     else:
         denoiser, where = load(source, from_scratch, online, outside)
+        if num_classes is not None and denoiser.num_classes is None:
+            denoiser, where = with_class_embeddings(denoiser, num_classes), where + " + labels"
     if residual and denoiser.prediction_type != "epsilon":
         raise UserError(f"--gaussian_residual adds the U-Net's output to the Gaussian's noise "
                         f"prediction, but {where} predicts {denoiser.prediction_type}")
@@ -341,6 +343,21 @@ def build(source, x_shape, logsnr_range, from_scratch=False, width=32, outside="
         raise UserError(f"the U-Net ({where}) takes {cfg.in_channels}-channel images with sides "
                         f"divisible by {levels}; the images are {tuple(x_shape)}")
     return denoiser, where
+
+
+def with_class_embeddings(denoiser, num_classes):
+    """An unconditional U-Net made class-conditional for fine-tuning: one new embedding per label
+    and one for "no label" (the last), added to the timestep embedding as diffusers does, and
+    zero at the start, so the network begins as it was for every label."""
+    unet = denoiser.unet
+    if unet.config.get("class_embed_type") is not None:
+        raise UserError(f"the U-Net's class embedding ({unet.config.class_embed_type}) is not "
+                        "one per label")
+    width = unet.time_embedding.linear_2.out_features
+    unet.class_embedding = t.nn.Embedding(num_classes + 1, width).to(unet.device, unet.dtype)
+    t.nn.init.zeros_(unet.class_embedding.weight)
+    unet.register_to_config(num_class_embeds=num_classes + 1)
+    return denoiser
 
 
 def from_state_dict(state_dict, prefix="model."):

@@ -1,15 +1,17 @@
 """Regenerates every figure in Figs/ (the ones the README shows) from fresh default runs.
 
-    python benchmarks/make_figs.py            # about 4 minutes on 2 CPU cores
+    python benchmarks/make_figs.py            # about 5 minutes on 2 CPU cores
 
-Runs `python train_2d.py --dataset NAME` for the five datasets, plus scg without the Gaussian
-residual (--gaussian_residual false --num_epochs 140 --val_every 5, so its validation NLL visibly
-converges), in a temporary folder, and writes into Figs/ (replacing what is there, file by file,
-each one named on stdout):
+Runs `python train_2d.py --dataset NAME` for the five datasets, `python train_2d.py --dataset
+blobs --conditional`, and scg without the Gaussian residual (--gaussian_residual false
+--num_epochs 140 --val_every 5, so its validation NLL visibly converges), in a temporary folder,
+and writes into Figs/ (replacing what is there, file by file, each one named on stdout):
 
-- density_<name>.png, samples_<name>.png for dino, moons, scg, line, circle;
+- density_<name>.png, samples_<name>.png for dino, moons, scg, line, circle, blobs;
 - mse_curve_<name>.png, the MSE curve with its 25/50/75% quantiles and suggested (loc, scale);
 - density_gap_<name>.png, the exact and model log densities beside the pointwise gap;
+- density_ode_<name>.png, the IT estimate's density beside the probability-flow ODE's;
+- information_blobs.png, each label's pointwise mutual information, the model's and the exact;
 - scg_val_nll.png, the validation NLL of both scg runs against epoch, with the exact value on the
   validation points and the entropy 1.2185.
 
@@ -27,8 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 RUNS = [("dino", []), ("moons", []), ("scg", []), ("line", []), ("circle", []),
+        ("blobs", ["--conditional"]),
         ("scg", ["--gaussian_residual", "false", "--num_epochs", "140", "--val_every", "5",
                  "--experiment_name", "no-residual"])]
+FIGURES = ("density", "samples", "mse_curve", "density_gap", "density_ode", "information")
 
 
 def main():
@@ -47,14 +51,15 @@ def main():
                                   text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"train_2d.py --dataset {name} failed:\n{proc.stderr[-3000:]}")
-            experiment = extra[extra.index("--experiment_name") + 1] if extra else "base"
+            named = "--experiment_name" in extra
+            experiment = extra[extra.index("--experiment_name") + 1] if named else "base"
             run_dir = os.path.join(logs, f"{name}-{experiment}")
             with open(os.path.join(run_dir, "summary.json")) as f:
                 summaries[(name, experiment)] = json.load(f)
-            if experiment == "base":
-                for figure in ("density", "samples", "mse_curve", "density_gap"):
-                    copy(os.path.join(run_dir, "figures", f"{figure}.png"),
-                         os.path.join(args.out, f"{figure}_{name}.png"))
+            for figure in FIGURES if experiment == "base" else ():
+                made = os.path.join(run_dir, "figures", f"{figure}.png")
+                if os.path.exists(made):  # information: labelled runs only
+                    copy(made, os.path.join(args.out, f"{figure}_{name}.png"))
         convergence_figure(summaries[("scg", "base")], summaries[("scg", "no-residual")],
                            os.path.join(args.out, "scg_val_nll.png"))
     finally:

@@ -57,6 +57,10 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_cifar10, ["--dataset", "digits", "--experiment_name", "../x"], ONE_FOLDER),
     (train_2d, ["--seed", "-1"], "--seed: must be a whole number >= 0"),
     (train_2d, ["--num_epochs", "1.5"], "--num_epochs: must be a whole number > 0, got 1.5"),
+    (train_2d, ["--conditional", "--label_dropout", "0"], "--label_dropout: must be in (0, 1)"),
+    (train_2d, ["--conditional", "maybe"], "expected a boolean (true/false), got 'maybe'"),
+    (train_cifar10, ["--dataset", "digits", "--conditional", "--eval_only", "--pretrained", "x"],
+     "--conditional with --pretrained evaluates untrained labels"),
 ]
 
 

@@ -140,6 +140,26 @@ def test_sigterm_keeps_the_exact_step_and_says_how_to_resume(tmp_path, monkeypat
     assert f"logs:        {shlex.quote(s['run_dir'])}" in out
 
 
+def test_sigterm_stops_an_evaluation_at_once_and_leaves_no_results(tmp_path, monkeypatch):
+    # an evaluation has nothing to keep: it stops within seconds, not at the end of a batch of
+    # minutes (Lightning's own handler waits for it, and lets the last batch finish)
+    monkeypatch.chdir(tmp_path)
+    s = train_2d.main(TINY + ["--num_epochs", "1"])
+    # one batch of 200 samples at 2^16 points each: minutes of work on one thread
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--eval_only", "--ckpt", s["checkpoint"],
+                             "--npoints", "65536", "--eval_batch_size", "1000", "--ode", "false",
+                             "--num_threads", "1"], cwd=tmp_path, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("evaluating"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)  # at once: the batch would take minutes
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM: nothing was written", err[-3000:]
+    assert "Traceback" not in err and not list(tmp_path.rglob("eval-*.json"))
+
+
 def test_slurm_requeue_saves_requeues_and_the_requeued_job_continues_its_run(tmp_path,
                                                                            monkeypatch, capsys):
     # A fake scontrol first on PATH records how Lightning calls it (SLURM's own is not here).

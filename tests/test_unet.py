@@ -246,6 +246,24 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
         other.load_state_dict(state)
 
 
+def test_a_pretrained_unet_gains_labels_that_start_at_zero(tmp_path):
+    # fine-tuning an unconditional U-Net with --conditional: new label embeddings (and "no
+    # label"), zero at the start, so for every label it predicts what the pretrained one does;
+    # the config records them, so a checkpoint rebuilds the conditional U-Net
+    import unet
+    saved = save_tiny(str(tmp_path)).eval()
+    denoiser, where = unet.build(str(tmp_path), (3, 8, 8), (-4., 12.), num_classes=10)
+    assert denoiser.num_classes == 10 and where.endswith("+ labels")
+    z, a = t.randn(4, 3, 8, 8, generator=gen(0)), t.tensor([-2., 0., 3., 8.])
+    plain = UNetDenoiser(saved, denoiser.alphas_cumprod).eval()
+    with t.no_grad():
+        for y in (t.tensor([0, 3, 9, -1]), None):
+            assert t.equal(denoiser.eval()(z, a, y), plain(z, a))
+    model = DiffusionModel(denoiser, x_shape=(3, 8, 8), num_classes=10)
+    rebuilt = from_state_dict(model.state_dict())
+    assert rebuilt.num_classes == 10
+
+
 def test_rejects_unsupported_unets():
     with pytest.raises(ValueError, match="positional"):
         UNetDenoiser(UNet2DModel.from_config(dict(TINY, time_embedding_type="fourier")))
