@@ -193,8 +193,8 @@ class DiffusionModel(pl.LightningModule):
         """log p(y | x) for every sample and label of a conditional model, (B, num_classes):
         log p(y) + log p(x | y) normalised over the labels (Bayes' rule), with -log p(x | y)
         estimated for all labels on the same (log SNR, noise) points (common random numbers:
-        their differences are low-noise). log_prior: log p(y) (default: the training labels'
-        frequencies, fit_label_prior)."""
+        their differences are low-noise). log_prior: log p(y) (default: label_log_prior, uniform
+        until fit_label_prior sets the training labels' frequencies)."""
         _check_points(npoints, replicates)
         x, k = self._data(x), self.hparams.get("num_classes")
         if k is None:
