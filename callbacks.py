@@ -16,6 +16,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import datasets
 import utils
 import viz
 from proposals import FittedProposal
@@ -23,20 +24,23 @@ from proposals import FittedProposal
 
 class Baselines(pl.Callback):
     """The numbers val_loss must be read against. At the start of training the data-matched
-    Gaussian reference is fitted on the datamodule's reference_data() (a resumed run keeps its
-    checkpoint's); its -log q of the validation data is logged as gaussian_val_loss /
-    gaussian_val_bpd. Where the data's density is known (datasets.DataSource.exact_nll), the exact
-    E[-log p] of the same validation points is logged as val_loss_exact beside every val_loss
-    (points outside the support, -log p = +inf, are left out and counted). All kept in `values`;
+    Gaussian reference is fitted on the datamodule's reference_data() (fit=False: a resumed run
+    keeps its checkpoint's); its -log q of the validation data is logged as gaussian_val_loss /
+    gaussian_val_bpd. Where the data's density is known (datasets.DataSource), the exact value of
+    what val_loss estimates on the same validation points, E[-log p(x)] (E[-log p(x | y)] for a
+    conditional model), is logged as val_loss_exact beside every val_loss (points outside the
+    support, -log p = +inf, are left out and counted). All kept in `values`;
     describe(trainer, model, values) -> text is printed at the start (rank 0)."""
 
-    def __init__(self, describe=None):
-        self.describe, self.values = describe, {}
+    def __init__(self, describe=None, fit=True):
+        self.describe, self.fit, self.values = describe, fit, {}
 
     def setup(self, trainer, pl_module, stage):
-        if stage == "fit" and trainer.ckpt_path is None:
+        if stage == "fit" and self.fit:  # not on a resume (trainer.ckpt_path is not set yet)
             pl_module.fit_reference(trainer.datamodule.reference_data())
-        nll = trainer.datamodule.exact_nll(trainer.datamodule.val_data())
+        data = trainer.datamodule
+        given = data.num_classes and datasets.exact_labels(data, data.val_data(), data.val_labels)
+        nll = given[0] if given else data.exact_nll(data.val_data())
         if nll is not None:
             finite = nll.isfinite()
             self.values.update(val_nll_exact=float(nll[finite].mean()),
@@ -61,20 +65,21 @@ class Baselines(pl.Callback):
 
 
 class Labels(pl.Callback):
-    """A conditional model at the end of training, on the validation samples and labels: the
-    mean pointwise mutual information i(x; y) (DiffusionModel.mi_points; and by Bayes' rule,
-    log p(y | x) - log p(y), from the conditional densities alone) and the accuracy of
-    classifying by log p(y | x) (class_log_posterior), each with its standard error over the
+    """A conditional model at the end of training, on the validation samples and labels, from
+    one pass over every label and none on the same points (DiffusionModel.label_terms): the mean
+    pointwise mutual information i(x; y) (as mi_points; and by Bayes' rule, log p(y | x) -
+    log p(y), from the conditional densities alone) and the accuracy of classifying by
+    log p(y | x) (as class_log_posterior), each with its standard error over the
     samples, beside the same numbers of the data's exact densities where known (the Bayes
-    classifier) or, for images, of scikit-learn's LogisticRegression on the training pixels; and
-    the exact E[-log p(x | y)] beside val_loss. The log prior is the training labels' frequencies
-    (fitted at the start). All to TensorBoard and `values` (the summary); global rank 0."""
+    classifier) or, for images, of scikit-learn's LogisticRegression on the training pixels.
+    The log prior is the training labels' frequencies (fitted at the start). All to TensorBoard
+    and `values` (the summary); global rank 0."""
 
-    def __init__(self, npoints, seed=0, chunk=1024):
-        self.npoints, self.seed, self.chunk, self.values = npoints, seed, chunk, {}
+    def __init__(self, npoints, seed=0, chunk=1024, fit=True):
+        self.npoints, self.seed, self.chunk, self.fit, self.values = npoints, seed, chunk, fit, {}
 
     def setup(self, trainer, pl_module, stage):
-        if stage == "fit" and trainer.ckpt_path is None:
+        if stage == "fit" and self.fit:  # not on a resume
             pl_module.fit_label_prior(trainer.datamodule.train_labels)
 
     @t.no_grad()
@@ -84,25 +89,23 @@ class Labels(pl.Callback):
         data, was_training = trainer.datamodule, pl_module.training
         pl_module.eval()
         x, y = data.val_data().to(pl_module.device, pl_module.dtype), data.val_labels.to(pl_module.device)
-        seed, index = utils.derive_seed(self.seed, 0x4C), t.arange(len(x), device=x.device)
-        mi, posterior = zip(*[(pl_module.mi_points(xs, ys, self.npoints, seed=seed, index=i)[0],
-                               pl_module.class_log_posterior(xs, self.npoints, seed=seed, index=i))
-                              for xs, ys, i in zip(*(v.split(self.chunk) for v in (x, y, index)))])
-        posterior = t.cat(posterior)
-        mi, correct = t.cat(mi).cpu(), (posterior.argmax(1) == y).double().cpu()
+        k, index = pl_module.hparams.num_classes, t.arange(len(x), device=x.device)
+        labels = t.arange(-1, k, device=x.device)  # no label, then 0 .. k-1
+        terms = t.cat([pl_module.label_terms(xs, labels, self.npoints, seed=utils.derive_seed(
+            self.seed, 0x4C), index=i).mean(1) for xs, i in zip(x.split(self.chunk),
+                                                                  index.split(self.chunk))])
+        posterior = pl_module.label_log_posterior(terms[:, 1:])
+        mi = (terms[:, 0] - terms[:, 1:].gather(1, y[:, None])[:, 0]).cpu()
+        correct = (posterior.argmax(1) == y).double().cpu()
         by_bayes = (posterior.gather(1, y[:, None])[:, 0] - pl_module.label_log_prior[y]).cpu()
         v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
                  val_mi_bayes=by_bayes.mean().item(), val_mi_bayes_stderr=_stderr(by_bayes),
                  val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
-                 label_evaluations=self.npoints * (2 + pl_module.hparams.num_classes))
-        log_given = data.exact_log_given(x.cpu())
-        if log_given is not None:  # the exact densities: the Bayes classifier, the exact i(x; y)
-            joint = log_given + data.exact_log_prior()
-            given = log_given[t.arange(len(y)), y.cpu()]
-            exact_mi = given - joint.logsumexp(1)
-            bayes = (joint.argmax(1) == y.cpu()).double()
-            v.update(val_loss_given_exact=-given.mean().item(), val_mi_exact=exact_mi.mean().item(),
-                     val_mi_exact_stderr=_stderr(exact_mi), val_accuracy_bayes=bayes.mean().item())
+                 label_evaluations=self.npoints * (k + 1))
+        exact = datasets.exact_labels(data, x.cpu(), y.cpu())
+        if exact is not None:  # the exact densities: the exact i(x; y), the Bayes classifier
+            v.update(val_mi_exact=exact[1].mean().item(), val_mi_exact_stderr=_stderr(exact[1]),
+                     val_accuracy_bayes=exact[2].mean().item())
         else:
             from sklearn.linear_model import LogisticRegression
             pixels = data.reference_data().flatten(1).numpy()
@@ -194,19 +197,6 @@ class RunSize(pl.Callback):
             seconds = (time.time() - self._start) / done * left
             print(f"expected: about {seconds / 60:.1f} more minutes for the remaining {left} "
                   "steps (without validation)", flush=True)
-
-
-class ExactResume(pl.Callback):
-    """A run resumed mid-epoch continues that epoch where it stopped: the training sampler
-    (datasets.EpochSampler, the same permutation) leaves out the batches already done, so the
-    resumed run takes exactly the steps of the uninterrupted one."""
-
-    def on_train_start(self, trainer, pl_module):
-        sampler = getattr(trainer.datamodule, "sampler", None)
-        if trainer.fit_loop.restarted_mid_epoch and sampler is not None:  # the epoch's steps done
-            done = (trainer.global_step * trainer.accumulate_grad_batches
-                    - trainer.current_epoch * trainer.num_training_batches)
-            sampler.skip = done * trainer.datamodule.batch_size
 
 
 class Interrupted(pl.Callback):

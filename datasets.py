@@ -2,7 +2,7 @@
 
 - 2-D densities (`SETS_2D`): a generator of raw points and, where known, the exact density
   (`exact_nll_2d`, `entropy_2d` in the standardised units the model sees). A set without an exact
-  density works too: the runs then show no exact value. Five ship with the project:
+  density works too: the runs then show no exact value. Six ship with the project:
   - dino:   a dinosaur outline (a closed polyline drawn for this project) sampled uniformly along
             its length with small Gaussian jitter: a density sharply peaked on a 1-D manifold;
   - moons:  scikit-learn's two moons, noise 0.03;
@@ -10,7 +10,9 @@
             (entropy log(2 pi e) + 1/2 log(1 - rho^2) = 1.2185 nats; not standardised);
   - line:   uniform in a rectangle, x ~ U(-1/2, 1/2), y ~ U(-1, 1): flat inside, sharp edges;
   - circle: points on the unit circle at a few discrete angles, pushed off it by a radial jitter
-            of length U(0, 0.03) in a random direction.
+            of length U(0, 0.03) in a random direction;
+  - blobs:  three overlapping isotropic Gaussians, labelled by component (moons is labelled by
+            half circle).
 - Image sets (`IMAGE_SETS`): integer pixel levels served as float32 in [-1, 1] (`ImageSet`).
 
 `DataSource` writes down what the runs and the evaluation expect of a data module.
@@ -57,8 +59,25 @@ class DataSource(Protocol):
         """The labels of eval_data()'s samples, or None."""
 
     def exact_log_given(self, x: t.Tensor) -> Optional[t.Tensor]:
-        """log p(x | y) for every label, (m, num_classes), or None where not known (then
-        exact_log_prior() gives log p(y))."""
+        """log p(x | y) for every label, (m, num_classes), or None where not known."""
+
+    def exact_log_prior(self) -> t.Tensor:
+        """log p(y), (num_classes,), where exact_log_given is known."""
+
+
+def exact_labels(source, x, y=None):
+    """From a DataSource's exact densities, for points x and their labels y (every label where
+    y is None: (m, K) each): -log p(x | y), the pointwise mutual information i(x; y) =
+    log p(y | x) - log p(y), and 1 where Bayes' classifier argmax_k p(k | x) says y, else 0.
+    None where the densities are not known."""
+    log_given = source.exact_log_given(x)
+    if log_given is None:
+        return None
+    prior = source.exact_log_prior().to(log_given)
+    posterior = (log_given + prior).log_softmax(1)
+    right = posterior.argmax(1, keepdim=True) == t.arange(len(prior))
+    values = (-log_given, posterior - prior, right.double())
+    return values if y is None else tuple(v.gather(1, y.view(-1, 1))[:, 0] for v in values)
 
 
 def split_2d(x, val_fraction=0.1, seed=0):
@@ -393,7 +412,7 @@ class EpochSampler(t.utils.data.Sampler):
     (Lightning calls set_epoch): samples rank, rank + world, ... of it, n // world of them, so
     every process takes the same number of steps. A run resumed mid-epoch sees the order the
     interrupted one did; `skip` leaves out the first samples of the next iteration once
-    (callbacks.ExactResume sets it)."""
+    (Sharded.train_loader sets it)."""
 
     def __init__(self, n, seed, rank=0, world=1):
         self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
@@ -415,15 +434,28 @@ class Sharded(pl.LightningDataModule):
     """A datamodule whose samplers shard the data across processes themselves (the Trainer runs
     with use_distributed_sampler=False): training in a permutation per epoch (EpochSampler),
     validation in order with every sample scored exactly once, whatever the number of
-    processes (Lightning's DistributedSampler would pad it with repeats)."""
+    processes (Lightning's DistributedSampler would pad it with repeats). `resumed_steps`: the
+    training steps a resumed run's checkpoint had done (experiment.py sets it), from which the
+    training loader starts mid-epoch where the interrupted run stopped."""
+
+    resumed_steps = 0
 
     def _rank_world(self):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def epoch_sampler(self):
-        self.sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
-        return self.sampler
+    def train_loader(self, dataset, batch_size, drop_last, **kwargs):
+        """The training loader: this process's share of a permutation per epoch (EpochSampler),
+        one batch a step. For a resumed run its first epoch and the samples of it already done
+        are set here, when the loader is made: Lightning makes the loader's iterator before any
+        hook after the checkpoint's restore (to size the learning-rate schedule), and DataLoader
+        workers draw the sampler's indices as soon as that iterator exists."""
+        sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
+        loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+        epoch, done = divmod(self.resumed_steps, len(loader))
+        sampler.set_epoch(epoch)
+        sampler.skip, self.resumed_steps = done * batch_size, 0
+        return loader
 
     def val_shard(self):
         rank, world = self._rank_world()
@@ -488,10 +520,9 @@ class Points2D(Sharded):
         return Rows(x) if y is None else Rows(x, y)
 
     def train_dataloader(self):
-        sampler = self.epoch_sampler()
-        return DataLoader(self._rows(self.train, self.train_labels), batch_size=self.batch_size,
-                          sampler=sampler, drop_last=len(sampler) > self.batch_size,
-                          collate_fn=_as_is)
+        share = len(self.train) // self._rank_world()[1]
+        return self.train_loader(self._rows(self.train, self.train_labels), self.batch_size,
+                                 share > self.batch_size, collate_fn=_as_is)
 
     def val_dataloader(self):
         return DataLoader(self._rows(self.val, self.val_labels), batch_size=self.eval_batch_size,
@@ -580,13 +611,13 @@ class Images(Sharded):
     def exact_log_given(self, x):
         return None
 
-    def _loader(self, data, batch_size, sampler, drop_last):
-        return DataLoader(data, batch_size, sampler=sampler, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=t.cuda.is_available())
+    def _workers(self):
+        return dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                    pin_memory=t.cuda.is_available())
 
     def train_dataloader(self):
-        return self._loader(self.train, self.batch_size, self.epoch_sampler(), True)
+        return self.train_loader(self.train, self.batch_size, True, **self._workers())
 
     def val_dataloader(self):
-        return self._loader(self.val, self.eval_batch_size, self.val_shard(), False)
+        return DataLoader(self.val, self.eval_batch_size, sampler=self.val_shard(),
+                          **self._workers())

@@ -160,6 +160,40 @@ class DiffusionModel(pl.LightningModule):
         return nll, g.mean(-1).std(-1) / math.sqrt(replicates)
 
     @t.no_grad()
+    def label_terms(self, x, labels, npoints=200, replicates=4, seed=None, chunk_size=None,
+                    index=None, proposal=None, per_dim=False):
+        """For every sample and each of its labels k (labels: (B, L), or (L,) for every sample;
+        -1: no label, p(x)'s denoiser) the integral
+
+            1/2 Int E_eps[ ||eps - eps_hat(z, a, k)||^2 - ||eps - eps_G(z, a)||^2 ] da,
+
+        all labels on the sample's points of nll_points (same seed and index), so -log p(x | k)
+        = -log q(x) + its estimate and differences between labels are paired. Returns the
+        replicates' estimates (B, R, L); per_dim: the integrand's mean in every coordinate
+        instead, (B, L, *x_shape)."""
+        _check_points(npoints, replicates)
+        x = self._data(x)
+        if self.hparams.get("num_classes") is None:
+            raise ValueError("labels need a conditional model (num_classes)")
+        labels = t.as_tensor(labels, device=x.device).long()
+        labels = labels.expand(len(x), -1) if labels.dim() == 1 else labels
+        n = labels.shape[1]
+
+        def gaps(xs, a, eps, ys):  # ys (rows, n): every label of a row on its one (a, eps)
+            z = utils.noisy_channel(xs, a, eps)
+            eps_g = self.reference.eps(z, a)
+            copies = (n,) + (1,) * (z.dim() - 1)
+            eps_hat = self._denoise(z.repeat(copies), a.repeat(n), eps_g.repeat(copies),
+                                    ys.T.flatten())
+            gap = ((eps.repeat(copies) - eps_hat) ** 2).view((n, -1) + self.x_shape) - (
+                eps - eps_g) ** 2
+            gap = gap if per_dim else gap.flatten(2).sum(2)
+            return gap.transpose(0, 1)  # (rows, n[, *x_shape])
+        chunk = max(1, (chunk_size or self._default_chunk()) // n)
+        _, g = self._rqmc_terms(x, npoints, replicates, gaps, seed, chunk, index, proposal, labels)
+        return g.mean((1, 2)) if per_dim else g.mean(2)
+
+    @t.no_grad()
     def mi_points(self, x, y, npoints=200, replicates=4, seed=None, chunk_size=None, index=None,
                   proposal=None, per_dim=False):
         """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) in nats for every
@@ -168,52 +202,35 @@ class DiffusionModel(pl.LightningModule):
             i(x; y) = 1/2 Int E_eps[ ||eps - eps_hat(z, a)||^2 - ||eps - eps_hat(z, a, y)||^2 ] da
 
         with the same noise in both terms (unbiased per point for optimal denoisers; Kong et al.
-        2024). The points are nll_points' (same seed and index). per_dim: the integrand's part in
+        2024): label_terms of "no label" minus those of y. per_dim: the integrand's part in
         every coordinate instead, (B, *x_shape) without errors: where the label's information
         lives (sums to i(x; y))."""
-        _check_points(npoints, replicates)
-        x, y = self._data(x), self._labels((x, y))
+        y = self._labels((self._data(x), y))
         if y is None:
             raise ValueError("mi_points needs a conditional model and labels y")
-
-        def gain(xs, a, eps, ys):
-            z = utils.noisy_channel(xs, a, eps)
-            eps_g = self.reference.eps(z, a) if self.hparams.gaussian_residual else None
-            diff = ((eps - self._denoise(z, a, eps_g)) ** 2
-                    - (eps - self._denoise(z, a, eps_g, ys)) ** 2)
-            return diff if per_dim else diff.flatten(1).sum(1)
-        _, g = self._rqmc_terms(x, npoints, replicates, gain, seed, chunk_size, index, proposal, y)
-        if per_dim:
-            return g.mean((1, 2))
-        return g.flatten(1).mean(1), g.mean(-1).std(-1) / math.sqrt(replicates)
+        terms = self.label_terms(x, t.stack([t.full_like(y, -1), y], 1), npoints, replicates,
+                                 seed, chunk_size, index, proposal, per_dim)
+        gain = terms[:, 0] - terms[:, 1] if per_dim else terms[..., 0] - terms[..., 1]
+        return gain if per_dim else (gain.mean(1), gain.std(1) / math.sqrt(replicates))
 
     @t.no_grad()
     def class_log_posterior(self, x, npoints=200, log_prior=None, replicates=4, seed=None,
                             chunk_size=None, index=None, proposal=None):
         """log p(y | x) for every sample and label of a conditional model, (B, num_classes):
         log p(y) + log p(x | y) normalised over the labels (Bayes' rule), with -log p(x | y)
-        estimated for all labels on the same (log SNR, noise) points (common random numbers:
-        their differences are low-noise). log_prior: log p(y) (default: label_log_prior, uniform
-        until fit_label_prior sets the training labels' frequencies)."""
-        _check_points(npoints, replicates)
-        x, k = self._data(x), self.hparams.get("num_classes")
-        if k is None:
-            raise ValueError("class_log_posterior needs a conditional model (num_classes)")
-        labels = t.arange(k, device=x.device)
+        estimated for all labels on the same (log SNR, noise) points (label_terms).
+        log_prior: log p(y) (default: label_log_prior, uniform until fit_label_prior sets the
+        training labels' frequencies)."""
+        k = self.hparams.get("num_classes")
+        terms = self.label_terms(x, t.arange(k or 0), npoints, replicates, seed, chunk_size,
+                                 index, proposal)
+        return self.label_log_posterior(terms.mean(1), log_prior)
 
-        def gaps(xs, a, eps):
-            z = utils.noisy_channel(xs, a, eps)
-            eps_g = self.reference.eps(z, a)
-            eps_hat = self._denoise(z.repeat((k,) + (1,) * (z.dim() - 1)), a.repeat(k),
-                                    eps_g.repeat((k,) + (1,) * (z.dim() - 1)),
-                                    labels.repeat_interleave(len(z)))
-            err = utils.sq_norm(eps.repeat((k,) + (1,) * (z.dim() - 1)) - eps_hat).view(k, -1)
-            return (err - utils.sq_norm(eps - eps_g)).T  # (rows, labels)
-        _, g = self._rqmc_terms(x, npoints, replicates, gaps, seed, chunk_size, index, proposal)
-        log_lik = -self.reference.nll(x).unsqueeze(1) - g.mean((1, 2))
+    def label_log_posterior(self, terms, log_prior=None):
+        """log p(k | x), (B, K), from the label_terms of labels 0 .. K-1 (B, K) by Bayes' rule
+        (-log q(x), common to all labels, cancels)."""
         prior = self.label_log_prior if log_prior is None else t.as_tensor(log_prior)
-        joint = log_lik + prior.to(log_lik)
-        return joint - joint.logsumexp(1, keepdim=True)
+        return (prior.to(terms) - terms).log_softmax(1)
 
     def fit_label_prior(self, y):
         """log p(y): the label frequencies of y (the training labels)."""
@@ -240,7 +257,7 @@ class DiffusionModel(pl.LightningModule):
         chunk_size = chunk_size or self._default_chunk()
         b, m = len(x), npoints // replicates
         seed = utils.fresh_seed(seed)
-        sample = sample_index(index, b, x.device).repeat_interleave(replicates * m)
+        sample = utils.sample_index(index, b, x.device).repeat_interleave(replicates * m)
         replicate = t.arange(replicates, device=x.device).repeat_interleave(m).repeat(b)
         point = t.arange(m, device=x.device).repeat(b * replicates)
         u = utils.keyed_sobol(seed, (sample, replicate), point, m, [0], x.device)[:, 0]
@@ -452,9 +469,10 @@ class DiffusionModel(pl.LightningModule):
             self.proposal = FittedProposal.from_state(checkpoint["fitted_proposal"])
 
     def configure_optimizers(self):
-        # one kernel for all parameters (3x faster), where Lightning allows it (not with the
-        # gradient unscaling of mixed precision)
-        fused = self.device.type in ("cpu", "cuda") and self.trainer.precision.endswith("-true")
+        # one kernel for all parameters (3x faster), where Lightning allows it: under mixed
+        # precision it refuses gradient clipping with a fused optimizer
+        fused = self.device.type in ("cpu", "cuda") and (
+            self.trainer.precision.endswith("-true") or not self.trainer.gradient_clip_val)
         optimizer = t.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=fused or None)
         if self.hparams.lr_schedule == "constant":
             return optimizer
@@ -555,16 +573,6 @@ def _check_points(npoints, replicates):
         raise ValueError(f"npoints must be >= 2, got {npoints}")
     if not 2 <= replicates <= npoints:
         raise ValueError(f"replicates must be between 2 and npoints={npoints}, got {replicates}")
-
-
-def sample_index(index, b, device):
-    """Positions of a batch's samples in the data set: None (0 .. b-1), an int offset, or (b,)."""
-    if index is None or isinstance(index, int):
-        return t.arange(b, device=device) + (index or 0)
-    index = t.as_tensor(index, dtype=t.int64, device=device).flatten()
-    if len(index) != b:
-        raise ValueError(f"index has {len(index)} entries for a batch of {b} samples")
-    return index
 
 
 def in_chunks(fn, chunk_size, *rows):

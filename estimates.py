@@ -4,6 +4,7 @@ evaluation and a model). Adding a row is one entry here plus its estimator; it m
 from outside (estimates.ROWS["name"] = estimates.RowKind(...)).
 """
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import torch as t
@@ -31,6 +32,8 @@ class RowKind:
         are reported) or a (lo, hi) range, or None. `ev` is the Evaluation (its seed, npoints,
         grid, scored samples' labels, and `proposal(kind, entry, ...)`); `entry` the model's
         Entry.
+        Rows that share a computation keep it for the batch in `ev.shared` (a dict emptied
+        before every batch).
     derive: (row, fn(values, ev)) instead of build: computed from another row's per-sample values
         at no cost.
     """
@@ -142,50 +145,62 @@ def _ode_meaning(what):
 
 
 def _labelled_row(estimate):
-    """A conditional model's row: fn(model, x, y, index, proposal) -> per-sample values, on the
-    scored samples' labels; none for an unconditional entry (the Gaussian, the ensembles)."""
+    """A conditional model's row: estimate(model, x, y, terms) -> per-sample values, or (values,
+    their integration standard errors), from the batch's label_terms of no label and every
+    label (B, R, 1 + K), computed once for all the label rows; none for an unconditional entry
+    (the Gaussian, the ensembles)."""
     def build(ev, entry):
         if not entry.conditional:
             return None
         proposal = ev.proposal("continuous", entry, entry.like.proposal)
 
         def fn(x, index):
-            return estimate(ev, entry.model, x, ev.labels.to(index.device)[index], index, proposal)
+            key = ("label terms", entry.name)
+            if key not in ev.shared:
+                ev.shared[key] = entry.model.label_terms(
+                    x, t.arange(-1, ev.num_classes, device=x.device), ev.npoints, seed=ev.seed,
+                    index=index, proposal=proposal)
+            out = estimate(entry.model, x, ev.labels.to(index.device)[index], ev.shared[key])
+            values, stderr = out if isinstance(out, tuple) else (out, t.zeros_like(out))
+            return values, stderr, t.full_like(values, _label_cost(ev))
         return fn, proposal
     return build
 
 
-def _given(ev, model, x, y, index, proposal):
-    """-log p(x | y), the samples' labels given (nll_points)."""
-    return model.nll_points(x, ev.npoints, seed=ev.seed, index=index, proposal=proposal, y=y)
+def _label_cost(ev):
+    return ev.npoints * (ev.num_classes + 1)
 
 
-def _information(ev, model, x, y, index, proposal):
-    """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) (mi_points)."""
-    return model.mi_points(x, y, ev.npoints, seed=ev.seed, index=index, proposal=proposal)
+def _mean_and_stderr(terms):
+    """Per-sample estimates and standard errors from the replicates' (B, R)."""
+    return terms.mean(1), terms.std(1) / math.sqrt(terms.shape[1])
 
 
-def _posterior(ev, model, x, index, proposal):
-    """log p(y | x) of the batch for every label (class_log_posterior), computed once for the
-    rows that use it: every row's fn of a batch is given the same `index` object."""
-    memo = ev.__dict__.setdefault("posterior_memo", {})
-    if memo.get("index") is not index or memo.get("model") is not model:
-        memo.update(index=index, model=model, value=model.class_log_posterior(
-            x, ev.npoints, seed=ev.seed, index=index, proposal=proposal))
-    return memo["value"]
+def _of_label(terms, y):
+    """The label terms of each sample's label y, (B, R)."""
+    return terms[..., 1:].gather(2, y.view(-1, 1, 1).expand(-1, terms.shape[1], 1))[..., 0]
 
 
-def _accuracy(ev, model, x, y, index, proposal):
-    """1 where argmax_y log p(y | x) is the sample's label, else 0."""
-    return (_posterior(ev, model, x, index, proposal).argmax(1) == y).double()
+def _given(model, x, y, terms):
+    """-log p(x | y) = -log q(x) + the label terms of y."""
+    values, stderr = _mean_and_stderr(_of_label(terms, y))
+    return model.reference.nll(x) + values, stderr
 
 
-def _information_by_bayes(ev, model, x, y, index, proposal):
-    """i(x; y) = log p(y | x) - log p(y), from the accuracy row's posterior (no more evaluations
-    than it spent)."""
-    posterior = _posterior(ev, model, x, index, proposal)
-    values = posterior.gather(1, y[:, None])[:, 0] - model.label_log_prior.to(posterior)[y]
-    return values, t.zeros_like(values), t.full_like(values, ev.npoints * ev.num_classes)
+def _information(model, x, y, terms):
+    """i(x; y) = log p(x | y) - log p(x): the terms of no label minus those of y (mi_points)."""
+    return _mean_and_stderr(terms[..., 0] - _of_label(terms, y))
+
+
+def _accuracy(model, x, y, terms):
+    """1 where argmax_y log p(y | x) is the sample's label, else 0 (class_log_posterior)."""
+    return (model.label_log_posterior(terms[..., 1:].mean(1)).argmax(1) == y).double()
+
+
+def _information_by_bayes(model, x, y, terms):
+    """i(x; y) = log p(y | x) - log p(y) by Bayes' rule, from the conditional densities alone."""
+    posterior = model.label_log_posterior(terms[..., 1:].mean(1))
+    return posterior.gather(1, y[:, None])[:, 0] - model.label_log_prior.to(posterior)[y]
 
 
 def _labelled(ev):
@@ -217,22 +232,21 @@ ROWS = {  # the table's estimates, in the order of its columns
                               ("discrete, soft rounding", "soft"))},
     "conditional": RowKind(
         "estimate of E[-log p(x | y)] given each sample's label, the same bound as continuous "
-        "for the model's conditional density", when=_labelled, cost=lambda ev: ev.npoints,
-        build=_labelled_row(_given)),
+        "for the model's conditional density; the label rows share one pass over every label and "
+        "none on the same points (their evaluations: that pass's)", when=_labelled,
+        cost=_label_cost, build=_labelled_row(_given)),
     "mutual information": RowKind(
         "estimate of E[i(x; y)] = E[log p(x | y) - log p(x)], the pointwise mutual information "
         "of each sample and its label (1/2 Int E[||eps - eps_hat(z)||^2 - ||eps - eps_hat(z, "
         "y)||^2] da, the same noise in both terms), in nats per sample",
-        unit="nats, not per dimension", when=_labelled, cost=lambda ev: 2 * ev.npoints,
-        build=_labelled_row(_information)),
+        unit="nats, not per dimension", when=_labelled, build=_labelled_row(_information)),
     "accuracy": RowKind(
         "the fraction of the samples whose label is argmax_y log p(y | x): the model's p(x | y) "
         "for every label on common points, the training labels' frequencies as p(y)",
-        unit="fraction", when=_labelled, cost=lambda ev: ev.npoints * ev.num_classes,
-        build=_labelled_row(_accuracy)),
+        unit="fraction", when=_labelled, build=_labelled_row(_accuracy)),
     "information, Bayes' rule": RowKind(
         "estimate of E[i(x; y)] as E[log p(y | x) - log p(y)]: from the conditional densities "
-        "alone (the accuracy row's), without the unconditional one, whose bound's gap the "
+        "alone, without the unconditional one, whose bound's gap the "
         "difference form inherits; in nats per sample", unit="nats, not per dimension",
         when=_labelled, build=_labelled_row(_information_by_bayes)),
     "ode": RowKind(_ode_meaning("estimate of E[-log p(x)] of the data as they are"),

@@ -12,6 +12,7 @@ import time
 import pytorch_lightning as pl
 import torch as t
 
+import datasets
 import utils
 from cli import UserError
 from denoisers import Ensemble, GaussianDenoiser, GridRounding
@@ -100,6 +101,7 @@ class Evaluation(pl.LightningModule):
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
         self.select_fraction, self.fit_reference = select_fraction, fit_reference
         self.data, self.phase, self.rows, self.per_sample = None, "select", [], {}
+        self.shared = {}  # what rows of one batch share (estimates.RowKind)
         self.d, self.num_classes = models[0].d, models[0].hparams.get("num_classes")
         self.heldout = {}  # kind -> the selection samples' errors, samples x bins x candidates
         self.selection_seed = utils.derive_seed(seed, SELECTION)
@@ -225,6 +227,7 @@ class Evaluation(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         index, x = batch
+        self.shared = {}
         if self.phase == "select":
             values = [heldout_errors(self.candidates[kind].predict, x, index, self.selection_seed,
                                      edges).flatten(1) for kind, edges in self.edges.items()]
@@ -258,27 +261,20 @@ class Evaluation(pl.LightningModule):
     def _add_row(self, name, estimate, values, span, stderr, cost):
         self.per_sample[(name, estimate)] = values
         unit = ROWS[estimate].unit
-        row = table_row(name, estimate, values, self.d if unit == "nats" else None, span, stderr)
-        if unit == "fraction":  # not nats: the value under its own name
-            row.update(value=row.pop("nats"), value_stderr=row.pop("nats_stderr"), nats=None,
-                       nats_stderr=None)
+        row = table_row(name, estimate, values, self.d, span, stderr, unit)
         self.rows.append(dict(row, unit=unit, evaluations=cost.mean().item(),
                               meaning=_meaning(estimate, self)))
 
     def _exact_given(self, x):
         """The exact conditional rows where the labelled data's densities are known: -log p(x | y),
         i(x; y) and the Bayes classifier's accuracy, on the scored points."""
-        log_given = None if self.labels is None else self.source.exact_log_given(x)
-        if log_given is None:
+        exact = None if self.labels is None else datasets.exact_labels(self.source, x,
+                                                                         self.labels.cpu())
+        if exact is None:
             return []
-        joint, y = log_given + self.source.exact_log_prior(), self.labels.cpu()
-        given = log_given[t.arange(len(y)), y]
-        rows = [table_row("exact", "conditional", -given, self.d),
-                table_row("exact", "mutual information", given - joint.logsumexp(1), None),
-                table_row("exact", "accuracy", (joint.argmax(1) == y).double(), None)]
-        rows[2].update(value=rows[2].pop("nats"), value_stderr=rows[2].pop("nats_stderr"),
-                       nats=None, nats_stderr=None)
-        return [dict(r, meaning=EXACT) for r in rows]
+        return [dict(table_row("exact", estimate, values, self.d, unit=ROWS[estimate].unit),
+                     meaning=EXACT)
+                for estimate, values in zip(("conditional", "mutual information", "accuracy"), exact)]
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), with an `exact` row first where the
@@ -352,9 +348,10 @@ def _gather_rows(module, parts, n):
 # ---------------------------------------------------------------------------------------------
 # The table as rows, text and a results file
 # ---------------------------------------------------------------------------------------------
-def table_row(model, estimate, nll, d, span=None, stderr=None):
+def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
     """A row {model, estimate, nats, nats_stderr, bpd, bpd_stderr, integration_nats,
-    logsnr_range, proposal} from per-sample values (the caller adds its meaning): the standard error
+    logsnr_range, proposal} from per-sample values (the caller adds its meaning), in the unit of
+    estimates.RowKind (bits/dim for "nats" only; a "fraction" as value, value_stderr): the standard error
     sqrt(Var_i(nll_i) / N) over the N scored samples covers the data and the log-SNR integral
     together; integration_nats, the root mean square of the samples' own integration standard
     errors (`stderr`), is the integral's part per sample (what a better proposal lowers). span:
@@ -370,10 +367,12 @@ def table_row(model, estimate, nll, d, span=None, stderr=None):
     mean = nll.mean().item()
     spread = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
     integration = None if stderr is None else t.as_tensor(stderr).double().pow(2).mean().sqrt().item()
-    bpd = (None, None) if d is None else (utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d))
-    return dict(model=model, estimate=estimate, nats=mean, nats_stderr=spread, bpd=bpd[0],
-                bpd_stderr=bpd[1], integration_nats=integration, logsnr_range=logsnr_range,
-                proposal=proposal)
+    bpd = (utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d)) if unit == "nats" else (
+        None, None)
+    values = dict(nats=None, nats_stderr=None, value=mean, value_stderr=spread) if (
+        unit == "fraction") else dict(nats=mean, nats_stderr=spread)
+    return dict(model=model, estimate=estimate, **values, bpd=bpd[0], bpd_stderr=bpd[1],
+                integration_nats=integration, logsnr_range=logsnr_range, proposal=proposal)
 
 
 def format_results(rows, header):

@@ -39,6 +39,9 @@ def run_cli(main):
     with one line saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process
     group left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
+    # Lightning's doubt about mid-epoch resumes: the training loaders resume exactly themselves
+    # (datasets.Sharded.train_loader)
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
     cb.Interrupted.message = cb.Interrupted.status = None  # a run's own interruption only
     # Lightning's own lines on Ctrl-C: ours (callbacks.Interrupted) says what was kept
     for name in ("pytorch_lightning.utilities.rank_zero",
@@ -107,7 +110,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         callbacks = [ModelCheckpoint(filename="last", enable_version_counter=False),
                      ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
                      RunArgs(), cb.ValidateLastEpoch(), cb.Interrupted(), cb.RunSize(),
-                     cb.LogInterval(), cb.ExactResume(), cb.SlurmJob(), *callbacks]
+                     cb.LogInterval(), cb.SlurmJob(), *callbacks]
         if getattr(args, "fit_proposal", 0):
             callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))
     try:
@@ -165,14 +168,17 @@ def resumed_run_dir(checkpoint, recorded=None):
     return None
 
 
-def requeued_checkpoint(log_dir):
+def requeued_checkpoint(log_dir, resume=None):
     """In a SLURM job started again after a requeue (SLURM_RESTART_COUNT > 0): the newest
-    checkpoint of the run this job trained (callbacks.SlurmJob marked it), to resume from;
-    None otherwise."""
+    checkpoint of the run this job trained (callbacks.SlurmJob marked it; a run under log_dir,
+    or the one the job's own --resume named), to resume from; None otherwise."""
     job = cb.slurm_job_id()
     if job is None or int(os.environ.get("SLURM_RESTART_COUNT", 0)) < 1:
         return None
-    for mark in glob.glob(os.path.join(glob.escape(log_dir), "*", cb.SLURM_MARK)):
+    runs = glob.glob(os.path.join(glob.escape(log_dir), "*")) + [resumed_run_dir(resume, None)]
+    for mark in [os.path.join(run, cb.SLURM_MARK) for run in runs if run]:
+        if not os.path.isfile(mark):
+            continue
         with open(mark) as f:
             if f.read().strip() != job:
                 continue
@@ -226,14 +232,18 @@ def load_checkpoint(path, script=None):
     return ckpt
 
 
-def rebuild_denoiser(state_dict, prefix="model."):
+def rebuild_denoiser(state_dict, prefix="model.", where=None):
     """The denoiser a DiffusionModel state dict holds, from the architecture it saved (the 2-D
-    MLP's or the U-Net's extra state), with random weights; None if it saved none."""
+    MLP's or the U-Net's extra state), with random weights; if it saved none, None, or with
+    `where` (the checkpoint's name) a UserError."""
     state = state_dict.get(prefix + "_extra_state")
     if isinstance(state, dict) and "mlp" in state:
         return MLPDenoiser(**state["mlp"])
     if isinstance(state, dict) and "unet_config" in state:
         return unet.from_state_dict(state_dict, prefix)
+    if where is not None:
+        raise UserError(f"{where} does not say how to rebuild its denoiser (written before "
+                        "denoisers saved their architecture: load it through its script)")
     return None
 
 
@@ -241,11 +251,7 @@ def load_model(path, script=None):
     """The trained DiffusionModel of a checkpoint either script wrote (or `script` alone), in
     eval mode, on the CPU."""
     ckpt = load_checkpoint(path, script)
-    denoiser = rebuild_denoiser(ckpt["state_dict"])
-    if denoiser is None:
-        raise UserError(f"{path} does not say how to rebuild its denoiser (written before "
-                        "denoisers saved their architecture: load it through its script)")
-    return model_from_checkpoint(ckpt, denoiser)
+    return model_from_checkpoint(ckpt, rebuild_denoiser(ckpt["state_dict"], where=path))
 
 
 def model_from_checkpoint(ckpt, denoiser):
@@ -319,7 +325,7 @@ def summary_lines(s, extra=None):
                       f"{shlex.quote(os.path.dirname(s['run_dir']) or '.')}")
     if "val_nll_exact" in s:
         outside = s["exact_outside_support"]
-        exact = s.get("val_loss_given_exact", s["val_nll_exact"])
+        exact = s["val_nll_exact"]
         lines["exact"] = (f"  exact value on the validation set = {exact:.4f} nats (gap "
                           f"{s['val_nll'] - exact:+.4f}"
                           f"{f'; {outside} points outside the support left out' if outside else ''})")
@@ -381,11 +387,15 @@ class Experiment:
     def denoiser(self, args, data):
         raise NotImplementedError
 
-    def rebuild(self, ckpt):
+    def rebuild(self, ckpt, where="the checkpoint"):
+        """The checkpoint's denoiser, with random weights; for a script with `older` defaults,
+        a checkpoint from before denoisers saved their architecture gets the one its run
+        arguments build."""
+        if not self.older:
+            return rebuild_denoiser(ckpt["state_dict"], where=where)
         denoiser = rebuild_denoiser(ckpt["state_dict"])
-        if denoiser is None:  # older checkpoints: the architecture its run arguments build
-            denoiser = self.denoiser(argparse.Namespace(**dict(self.older, **ckpt["run_args"])), None)
-        return denoiser
+        return denoiser or self.denoiser(argparse.Namespace(**dict(self.older, **ckpt["run_args"])),
+                                         None)
 
     def prepare(self, args):
         """Process settings, before anything else."""
@@ -426,13 +436,14 @@ class Experiment:
     def from_checkpoint(self, ckpt, data, path):
         """The trained model of a loaded checkpoint, in eval mode, checked against the data."""
         _check_shape(ckpt, data, path)
-        return model_from_checkpoint(ckpt, self.rebuild(ckpt))
+        return model_from_checkpoint(ckpt, self.rebuild(ckpt, path))
 
     def train(self, args):
         """Trains a new run, or resumes one (--resume): TensorBoard logs, checkpoints, figures, and
         the summary printed and written to summary.json (global rank 0, which returns it)."""
         start = time.time()
-        args.resume = args.resume or requeued_checkpoint(args.log_dir)
+        # a requeued job continues where it stopped, also when its command resumes an older point
+        args.resume = requeued_checkpoint(args.log_dir, args.resume) or args.resume
         ckpt = load_checkpoint(args.resume, self.script) if args.resume else None
         run = resumed_run_dir(args.resume, ckpt and ckpt.get("run_dir"))
         if ckpt is not None:
@@ -446,10 +457,12 @@ class Experiment:
         data = self.data(args)
         if ckpt is not None:
             _check_shape(ckpt, data, args.resume)
-        model = self.model(args, self.rebuild(ckpt) if ckpt else self.denoiser(args, data), data)
-        baselines = cb.Baselines(functools.partial(self.describe, args))
+            data.resumed_steps = ckpt["global_step"]
+        model = self.model(args, self.rebuild(ckpt, args.resume) if ckpt else self.denoiser(args, data),
+                           data)
+        baselines = cb.Baselines(functools.partial(self.describe, args), fit=ckpt is None)
         curve = viz.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
-        labels = [cb.Labels(args.val_npoints, args.seed)] if data.num_classes else []
+        labels = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
         trainer = make_trainer(
             args, self.script, [baselines, curve, *labels, *self.callbacks(args, data, curve)],
             run=run,

@@ -15,8 +15,9 @@ whose flow is linear, so both ends are closed forms (docs/maths.md):
 The solver is Dormand-Prince 5(4) (the pair of scipy's RK45, which score_sde's likelihood uses,
 and of torchdiffeq's dopri5) written for a batch whose samples each keep their own step size:
 every stage is one batched denoiser call over the samples still integrating, and a sample's
-result does not depend on the others in its batch (the same for any batch layout or number of
-processes), on any device.
+steps depend on its own errors alone (not on the others in its batch or process), on any
+device. A float32 denoiser's rounding still differs a little with the batch's size, and an
+adaptive step can turn that into a difference up to the tolerance.
 """
 import math
 
@@ -85,7 +86,7 @@ def nll_ode(model, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, 
     log_det = 0.5 * (1 + math.exp(-a_hi) / lam).log().sum()
     probe_vectors = None
     if trace == "hutchinson":
-        key = t.as_tensor(index if index is not None else t.arange(b), device=dev).view(-1, 1)
+        key = utils.sample_index(index, b, dev).view(-1, 1)
         u = utils.counter_uniform(utils.fresh_seed(seed), _PROBE_STREAM,
                                   key.unsqueeze(0), t.arange(probes, device=dev).view(-1, 1, 1),
                                   t.arange(d, device=dev).view(1, 1, -1), device=dev)

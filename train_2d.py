@@ -210,7 +210,7 @@ class Figures2D(pl.Callback):
                      os.path.join(folder, "mse_curve.png"))
         if self.history:
             references = {"exact, this validation set": trainer.callback_metrics.get(
-                "val_loss_exact"), "entropy": data.entropy()}
+                "val_loss_exact"), "entropy": None if data.num_classes else data.entropy()}
             references = {k: float(v) for k, v in references.items() if v is not None}
             show("val_loss_history", viz.plot_val_history(
                 {"model estimate": tuple(zip(*self.history))}, references,
@@ -225,20 +225,17 @@ class Figures2D(pl.Callback):
 
 def information_maps(model, data, grid, args):
     """{"mi_points: y = k": i(x; k), "Bayes' rule: y = k": ..., "exact: y = k": ...} over the grid
-    points, for every label k: the model's as the difference of its two bounds (mi_points) and
-    as log p(k | x) - log p(k) (class_log_posterior), both at --val_npoints; the exact from the
-    data's densities, where known."""
-    k = data.num_classes
-    labels = t.arange(k, device=grid.device).repeat_interleave(len(grid))
-    mi, _ = model.mi_points(grid.repeat(k, 1), labels, args.val_npoints, seed=args.seed)
-    by_bayes = (model.class_log_posterior(grid, args.val_npoints, seed=args.seed)
-                - model.label_log_prior).T
-    maps = {f"mi_points: y = {j}": v.cpu() for j, v in enumerate(mi.view(k, -1))}
-    maps.update({f"Bayes' rule: y = {j}": v.cpu() for j, v in enumerate(by_bayes)})
-    log_given = data.exact_log_given(grid.double().cpu())
-    if log_given is not None:
-        exact = log_given - (log_given + data.exact_log_prior()).logsumexp(1, keepdim=True)
-        maps.update({f"exact: y = {j}": v for j, v in enumerate(exact.T)})
+    points, for every label k: the model's as the difference of its two bounds (as mi_points) and
+    as log p(k | x) - log p(k) (as class_log_posterior), from one pass over every label and none
+    at --val_npoints; the exact from the data's densities, where known."""
+    terms = model.label_terms(grid, t.arange(-1, data.num_classes, device=grid.device),
+                              args.val_npoints, seed=args.seed).mean(1)  # no label, 0 .. k-1
+    by_bayes = model.label_log_posterior(terms[:, 1:]) - model.label_log_prior
+    maps = {f"mi_points: y = {j}": v.cpu() for j, v in enumerate((terms[:, :1] - terms[:, 1:]).T)}
+    maps.update({f"Bayes' rule: y = {j}": v.cpu() for j, v in enumerate(by_bayes.T)})
+    exact = datasets.exact_labels(data, grid.double().cpu())
+    if exact is not None:
+        maps.update({f"exact: y = {j}": v for j, v in enumerate(exact[1].T)})
     return maps
 
 

@@ -95,6 +95,16 @@ def splitmix64(x):
     return x ^ _shr(x, 31)
 
 
+def sample_index(index, b, device):
+    """Positions of a batch's samples in the data set: None (0 .. b-1), an int offset, or (b,)."""
+    if index is None or isinstance(index, int):
+        return t.arange(b, device=device) + (index or 0)
+    index = t.as_tensor(index, dtype=t.int64, device=device).flatten()
+    if len(index) != b:
+        raise ValueError(f"index has {len(index)} entries for a batch of {b} samples")
+    return index
+
+
 def fresh_seed(seed=None):
     """The seed of a keyed stream: `seed` itself, or a fresh 62-bit one from torch's global RNG."""
     return int(seed) if seed is not None else int(t.randint(0, 2 ** 62, (1,)).item())

@@ -5,7 +5,7 @@ docs/maths.md.
 import torch as t
 
 import utils
-from diffusionmodel import DiffusionModel, default_chunk, in_chunks, sample_index
+from diffusionmodel import DiffusionModel, default_chunk, in_chunks
 
 POSTERIOR_VARIANCES = ("fixed_small", "fixed_large")
 _VB_STREAM = 0x5642  # tags the bound's random numbers apart from the other keyed streams
@@ -163,7 +163,7 @@ def variational_bound(model, x, grid, alphas_cumprod, steps=None, posterior_vari
     grid.index(x)
     b, dev, d = len(x), x.device, x[0].numel()
     seed = utils.fresh_seed(seed)
-    key = sample_index(index, b, dev)
+    key = utils.sample_index(index, b, dev)
     candidates = t.arange(2, T + 1, device=dev)
     if steps is None:
         chosen = candidates.expand(b, -1)

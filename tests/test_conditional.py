@@ -105,13 +105,13 @@ def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys
     assert "validation E[-log p(x | y)]" in out and "pointwise mutual information" in out
     assert "Bayes classifier" in out
     for key in ("val_mi", "val_mi_exact", "val_mi_bayes", "val_accuracy", "val_accuracy_bayes",
-                "val_loss_given_exact"):
+                "val_nll_exact"):
         assert math.isfinite(s[key]), key
     # the exact values on the validation points, from the data's densities (densities.py)
     data = datasets.Points2D("blobs", 1000, 0, 0.1, conditional=True)
     data.setup()
     given = data.exact_log_given(data.val)[t.arange(len(data.val)), data.val_labels]
-    assert s["val_loss_given_exact"] == pytest.approx(-given.mean().item(), rel=1e-9)
+    assert s["val_nll_exact"] == pytest.approx(-given.mean().item(), rel=1e-9)
     assert (tmp_path / "blobs-base" / "figures" / "information.png").is_file()
     # the evaluation table: conditional rows of the model, beside the exact ones
     results = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
@@ -122,11 +122,11 @@ def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys
         assert ("gaussian", estimate) not in rows  # an unconditional model has none
     accuracy = rows[("blobs-base/last.ckpt", "accuracy")]
     assert accuracy["unit"] == "fraction" and 0 <= accuracy["value"] <= 1
-    assert accuracy["nats"] is None and accuracy["evaluations"] == 8 * 3
+    assert accuracy["nats"] is None and accuracy["evaluations"] == 8 * 4  # one pass: no label and the 3 labels
     # i(x; y) by Bayes' rule from the accuracy row's posteriors: log p(y | x) <= 0, so each
     # sample's value is at most -log p(y), and the row spent no evaluations of its own
     bayes = rows[("blobs-base/last.ckpt", "information, Bayes' rule")]
-    assert bayes["evaluations"] == 8 * 3 and bayes["unit"] == "nats, not per dimension"
+    assert bayes["evaluations"] == 8 * 4 and bayes["unit"] == "nats, not per dimension"
     assert bayes["nats"] <= -math.log(min(densities.BLOBS_WEIGHTS))
 
 

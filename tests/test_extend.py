@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch as t
 
 import datasets
@@ -23,6 +24,26 @@ def gaussian_share(ev, entry):
     """The new row: -log q(x) of the entry's data-matched Gaussian reference, the part of the
     continuous estimate that needs no denoiser (so it costs nothing)."""
     return (lambda x, index: entry.model.reference.nll(x).double()), None
+
+
+def scored_points(results, num_points=400, seed=0):
+    """The points the evaluation scored, rebuilt as tests/test_evaluate.py does: the run's
+    validation split (the script's default val_fraction, split seed = the run's --seed), less the
+    evaluation's seeded selection part."""
+    points = datasets.get_2d_dataset("spiral", n=num_points)
+    _, val = datasets.split_2d(points, train_2d.DEFAULTS["spiral"]["val_fraction"], seed=seed)
+    perm = t.randperm(len(val), generator=t.Generator().manual_seed(results["seed"]))
+    return val[perm[results["n_selection"]:]]
+
+
+def reference_nll(checkpoint, x):
+    """-log q(x) of the checkpoint's saved Gaussian reference N(mean, U diag(eigvals) U^T) (an
+    empty U: the identity), by scipy."""
+    state = t.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    mean, eigvals, eigvecs = (state[f"reference.{k}"].double().numpy()
+                              for k in ("mean", "eigvals", "eigvecs"))
+    cov = eigvecs @ np.diag(eigvals) @ eigvecs.T if eigvecs.size else np.diag(eigvals)
+    return -scipy.stats.multivariate_normal(mean, cov).logpdf(x.double().numpy())
 
 
 @pytest.fixture
@@ -47,11 +68,13 @@ def test_a_new_dataset_and_a_new_row_from_outside(extended, tmp_path, capsys):
     out = capsys.readouterr().out
     rows = {(r["model"], r["estimate"]): r for r in results["rows"]}
     assert not any(model == "exact" for model, _ in rows)
+    expected = reference_nll(s["checkpoint"], scored_points(results)).mean()
     for model in ("gaussian", "spiral-base/last.ckpt", "ensemble"):
         row = rows[(model, "gaussian share")]
         assert row["meaning"] == "-log q(x) under the model's Gaussian reference"
-        # every row's reference is the checkpoint's data-matched Gaussian: the same numbers
-        assert row["nats"] == pytest.approx(rows[("gaussian", "gaussian share")]["nats"])
+        # every row's reference is the checkpoint's data-matched Gaussian: its -log q on the
+        # scored points, from the saved mean and covariance through scipy (float32 model)
+        assert row["nats"] == pytest.approx(expected, rel=1e-6)
         assert f"{model:<24} gaussian share" in out
     # the Gaussian's continuous estimate is -log q exactly (its integrand is zero)
     assert rows[("gaussian", "continuous")]["nats"] == pytest.approx(
