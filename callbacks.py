@@ -1,7 +1,8 @@
-"""Lightning callbacks of a training run besides the figures (viz.py): the reference values the
-model must beat, the log-SNR proposal refitted during training, the progress display, the run's
-size and the last validation, and what Ctrl-C keeps."""
+"""Every Lightning callback of a run: the values the model must be read against (Baselines,
+Labels), the log-SNR proposal refitted during training, the MSE curve and the figures (drawn by
+viz.py), the run's size and last validation, the progress display, and what Ctrl-C keeps."""
 import contextlib
+import math
 import os
 import shlex
 import signal
@@ -16,30 +17,32 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-import datasets
+import estimators as est
+import proposals
 import utils
 import viz
 from proposals import FittedProposal
 
+LABEL_SEED = 0x4C  # names the end-of-training label pass's points apart from validation's
+
 
 class Baselines(pl.Callback):
-    """The numbers val_loss must be read against. At the start of training the data-matched
-    Gaussian reference is fitted on the datamodule's reference_data() (fit=False: a resumed run
-    keeps its checkpoint's); its -log q of the validation data is logged as gaussian_val_loss /
-    gaussian_val_bpd. Where the data's density is known (datasets.DataSource), the exact value of
-    what val_loss estimates on the same validation points, E[-log p(x)] (E[-log p(x | y)] for a
-    conditional model), is logged as val_loss_exact beside every val_loss (points outside the
-    support, -log p = +inf, are left out and counted). All kept in `values`;
-    describe(trainer, model, values) -> text is printed at the start (rank 0)."""
+    """What val_loss is read against. At the start of training the data-matched Gaussian
+    reference (and each label's, for a conditional model) is fitted on the datamodule's
+    reference data (fit=False: a resumed run keeps its checkpoint's); -log q of the validation
+    data is logged as gaussian_val_loss / gaussian_val_bpd and, where the density is known, the
+    exact value of what val_loss estimates (E[-log p(x | y)] for a conditional model) as
+    val_loss_exact (points outside the support left out and counted). Kept in `values`."""
 
     def __init__(self, describe=None, fit=True):
         self.describe, self.fit, self.values = describe, fit, {}
 
     def setup(self, trainer, pl_module, stage):
-        if stage == "fit" and self.fit:  # not on a resume (trainer.ckpt_path is not set yet)
-            pl_module.fit_reference(trainer.datamodule.reference_data())
         data = trainer.datamodule
-        given = data.num_classes and datasets.exact_labels(data, data.val_data(), data.val_labels)
+        if stage == "fit" and self.fit:
+            pl_module.fit_reference(data.reference_data(),
+                                    data.reference_labels() if data.num_classes else None)
+        given = data.num_classes and data.exact_labels(data.val_data(), data.val_labels)
         nll = given[0] if given else data.exact_nll(data.val_data())
         if nll is not None:
             finite = nll.isfinite()
@@ -65,21 +68,18 @@ class Baselines(pl.Callback):
 
 
 class Labels(pl.Callback):
-    """A conditional model at the end of training, on the validation samples and labels, from
-    one pass over every label and none on the same points (DiffusionModel.label_terms): the mean
-    pointwise mutual information i(x; y) (as mi_points; and by Bayes' rule, log p(y | x) -
-    log p(y), from the conditional densities alone) and the accuracy of classifying by
-    log p(y | x) (as class_log_posterior), each with its standard error over the
-    samples, beside the same numbers of the data's exact densities where known (the Bayes
-    classifier) or, for images, of scikit-learn's LogisticRegression on the training pixels.
-    The log prior is the training labels' frequencies (fitted at the start). All to TensorBoard
-    and `values` (the summary); global rank 0."""
+    """A conditional model at the end of training, on the validation samples and labels, from one
+    pass over every label and none (estimators.label_statistics): the mean i(x; y) (difference
+    form and Bayes' rule) and the accuracy of argmax p(y | x), each with its standard error,
+    beside the exact densities' values (the Bayes classifier) where known, else scikit-learn's
+    LogisticRegression on the training pixels. The label prior is the training labels'
+    frequencies. To TensorBoard and `values`; global rank 0."""
 
     def __init__(self, npoints, seed=0, chunk=1024, fit=True):
         self.npoints, self.seed, self.chunk, self.fit, self.values = npoints, seed, chunk, fit, {}
 
     def setup(self, trainer, pl_module, stage):
-        if stage == "fit" and self.fit:  # not on a resume
+        if stage == "fit" and self.fit:
             pl_module.fit_label_prior(trainer.datamodule.train_labels)
 
     @t.no_grad()
@@ -89,33 +89,38 @@ class Labels(pl.Callback):
         data, was_training = trainer.datamodule, pl_module.training
         pl_module.eval()
         x, y = data.val_data().to(pl_module.device, pl_module.dtype), data.val_labels.to(pl_module.device)
-        k, index = pl_module.hparams.num_classes, t.arange(len(x), device=x.device)
-        labels = t.arange(-1, k, device=x.device)  # no label, then 0 .. k-1
-        terms = t.cat([pl_module.label_terms(xs, labels, self.npoints, seed=utils.derive_seed(
-            self.seed, 0x4C), index=i).mean(1) for xs, i in zip(x.split(self.chunk),
-                                                                  index.split(self.chunk))])
-        posterior = pl_module.label_log_posterior(terms[:, 1:])
-        mi = (terms[:, 0] - terms[:, 1:].gather(1, y[:, None])[:, 0]).cpu()
-        correct = (posterior.argmax(1) == y).double().cpu()
-        by_bayes = (posterior.gather(1, y[:, None])[:, 0] - pl_module.label_log_prior[y]).cpu()
+        print(f"labels: scoring {len(x)} validation samples under every label", flush=True)
+        stats = label_pass(pl_module, x, self.npoints, utils.derive_seed(self.seed, LABEL_SEED),
+                           y, self.chunk)
+        mi, bayes, correct = (stats[k][0].cpu() for k in ("information", "bayes", "correct"))
         v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
-                 val_mi_bayes=by_bayes.mean().item(), val_mi_bayes_stderr=_stderr(by_bayes),
+                 val_mi_bayes=bayes.mean().item(), val_mi_bayes_stderr=_stderr(bayes),
                  val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
-                 label_evaluations=self.npoints * (k + 1))
-        exact = datasets.exact_labels(data, x.cpu(), y.cpu())
-        if exact is not None:  # the exact densities: the exact i(x; y), the Bayes classifier
+                 label_evaluations=self.npoints * (1 + pl_module.num_classes))
+        exact = data.exact_labels(x.cpu(), y.cpu())
+        if exact is not None:
             v.update(val_mi_exact=exact[1].mean().item(), val_mi_exact_stderr=_stderr(exact[1]),
                      val_accuracy_bayes=exact[2].mean().item())
         else:
             from sklearn.linear_model import LogisticRegression
             pixels = data.reference_data().flatten(1).numpy()
-            fit = LogisticRegression(max_iter=2000).fit(pixels,
-                                                        data.train_labels[:len(pixels)].numpy())
+            fit = LogisticRegression(max_iter=2000).fit(pixels, data.reference_labels().numpy())
             v["val_accuracy_logistic"] = float(fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy()))
         self.values = v
         if trainer.logger:
             trainer.logger.log_metrics(v, step=trainer.global_step)
         pl_module.train(was_training)
+
+
+def label_pass(model, x, npoints, seed, y=None, chunk=1024):
+    """estimators.label_statistics of a conditional model on samples x (for their labels y, or
+    every label), from label_terms of no label and every label in chunks of samples."""
+    labels = t.arange(-1, model.num_classes, device=x.device)
+    index = t.arange(len(x), device=x.device)
+    terms = t.cat([est.label_terms(model, model.reference, model.proposal, xs, labels, npoints,
+                                   seed=seed, index=i) for xs, i in zip(x.split(chunk),
+                                                                        index.split(chunk))])
+    return est.label_statistics(terms, model.label_log_prior, y)
 
 
 def _stderr(v):
@@ -197,6 +202,175 @@ class RunSize(pl.Callback):
             seconds = (time.time() - self._start) / done * left
             print(f"expected: about {seconds / 60:.1f} more minutes for the remaining {left} "
                   "steps (without validation)", flush=True)
+
+
+class MSECurve(pl.Callback):
+    """After each validation: the MSE curve of the first `samples` points of global rank 0's first
+    validation batch (one noise draw each, a fixed seed) against the reference's MMSE, with the
+    suggested (logsnr_loc, logsnr_scale) logged and the figure sent to TensorBoard; the last one
+    is kept in `last` for the run's summary. Global rank 0 only (no collectives)."""
+
+    def __init__(self, samples=256, points=48, seed=0):
+        self.samples, self.points, self.seed = samples, points, seed
+        self.first, self.last = None, None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0):
+        if batch_idx == 0:
+            self.first = (batch[0] if isinstance(batch, (list, tuple)) else batch)[:self.samples]
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not trainer.is_global_zero or self.first is None:
+            return
+        self.last = self.measure(pl_module, self.first)
+        loc, scale = self.last["suggested"]
+        if math.isfinite(loc) and math.isfinite(scale):
+            pl_module.log_dict({"suggested_logsnr_loc": loc, "suggested_logsnr_scale": scale},
+                               rank_zero_only=True)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            fig = viz.plot_mse_curve(self.last["logsnrs"], self.last["mse"], self.last["mmse"],
+                                     pl_module.d)
+            trainer.logger.experiment.add_figure("mse_curve", fig, trainer.global_step)
+
+    def measure(self, model, x):
+        """{logsnrs, mse, mmse (the reference's), suggested (loc, scale)} of `model` on x."""
+        logsnrs = model.curve_logsnrs(self.points).to(model.device)
+        generator = t.Generator(model.device).manual_seed(self.seed)
+        mse, mmse = model.mse_curve(x.to(model.device), logsnrs, generator=generator)
+        logsnrs, mse, mmse = logsnrs.cpu(), mse.cpu(), mmse.cpu()
+        return dict(logsnrs=logsnrs, mse=mse, mmse=mmse,
+                    suggested=proposals.suggest_logsnr_params(logsnrs, mse, model.d))
+
+
+class SampleImages(pl.Callback):
+    """A grid of model samples in TensorBoard ("samples") after each validation epoch, from a
+    fixed seed so that epochs compare. Global rank 0, outside DDP."""
+
+    def __init__(self, n=16, steps=100, seed=0):
+        self.n, self.steps, self.seed = n, steps, seed
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if (trainer.sanity_checking or not trainer.is_global_zero
+                or not isinstance(trainer.logger, TensorBoardLogger)):
+            return
+        generator = t.Generator(device=pl_module.device).manual_seed(self.seed)
+        x = pl_module.sample(self.n, self.steps, generator=generator).float()
+        trainer.logger.experiment.add_image("samples", viz.image_grid(x), trainer.global_step)
+
+
+class InformationMaps(pl.Callback):
+    """A conditional image model at the end of training: the first `n` validation images above
+    the per-pixel part of i(x; y) with their label (mi_points(per_dim=True)), to TensorBoard
+    ("information") and <run>/information.png. Global rank 0."""
+
+    def __init__(self, n=8, npoints=256, seed=0):
+        self.n, self.npoints, self.seed = n, npoints, seed
+
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        data = trainer.datamodule
+        x = data.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
+        y = data.val_labels[:self.n].to(pl_module.device)
+        maps = pl_module.mi_points(x, y, self.npoints, seed=self.seed, per_dim=True)
+        fig = viz.plot_attribution(x.cpu(), maps.cpu(), y.cpu(),
+                                   title="where each label's information lives")
+        trainer.logger.experiment.add_figure("information", fig, trainer.global_step, close=False)
+        viz.save(fig, os.path.join(trainer.logger.log_dir, "information.png"))
+
+
+class Figures2D(pl.Callback):
+    """A 2-D run's figures: the validation history during training; at the end density contours
+    (beside the probability-flow ODE's with `ode` settings; beside the exact density and their
+    pointwise gap where known; each label's i(x; y) for a conditional model), samples beside the
+    data, the MSE curve, the fitted proposal and val_loss against epoch, to TensorBoard and as
+    PNGs in <run>/figures/. `results` holds what the summary reports of them."""
+
+    def __init__(self, curve, grid_size=40, num_samples=2000, sample_steps=100, val_npoints=64,
+                 ode_settings=None, seed=0):
+        self.curve, self.grid_size, self.num_samples = curve, grid_size, num_samples
+        self.sample_steps, self.val_npoints, self.ode, self.seed = (sample_steps, val_npoints,
+                                                                    ode_settings, seed)
+        self.history, self.results = [], {}  # history: (epoch, nll, stderr)
+
+    def on_validation_end(self, trainer, pl_module):
+        metrics = trainer.callback_metrics
+        if not trainer.sanity_checking and "val_loss" in metrics:
+            self.history.append((trainer.current_epoch + 1, float(metrics["val_loss"]),
+                                 float(metrics["val_loss_stderr"])))
+
+    @t.no_grad()
+    def on_fit_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        data, name = trainer.datamodule, trainer.datamodule.name
+        folder = os.path.join(trainer.logger.log_dir, "figures")
+        os.makedirs(folder, exist_ok=True)
+
+        def show(tag, fig, file=None):
+            trainer.logger.experiment.add_figure(tag, fig, trainer.global_step, close=False)
+            viz.save(fig, os.path.join(folder, f"{file or tag}.png"))
+        was_training = pl_module.training
+        pl_module.eval()
+        print("figures: density contours, samples and curves", flush=True)
+        xs, ys, grid = viz.density_grid(data.train.data, self.grid_size)
+        grid = t.as_tensor(grid, dtype=pl_module.dtype, device=pl_module.device)
+        nll, stderr, shown = viz.grid_nll(pl_module, grid, seed=self.seed)
+        show("density", viz.plot_density(xs, ys, nll.cpu(), title=f"{name}: model density"))
+        if self.ode:
+            flow, _ = pl_module.nll_ode(grid, **self.ode)
+            show("density_ode", viz.plot_density(
+                xs, ys, {"IT estimate": nll.cpu(), "probability-flow ODE": flow.cpu()},
+                title=f"{name}: the model's density, two ways"))
+        if data.num_classes:
+            show("information", viz.plot_information(xs, ys, self.information(pl_module, data, grid),
+                                                     title=f"{name}: pointwise mutual information "
+                                                           "of each label"))
+        exact = data.exact_nll(grid.double().cpu())
+        if exact is not None:
+            show("density_gap", viz.plot_density_gap(
+                xs, ys, nll.cpu(), exact,
+                title=f"{name}: exact and model density, and the pointwise gap in nats"))
+        samples = t.zeros(0, 2)
+        if self.num_samples > 0:
+            generator = t.Generator(pl_module.device).manual_seed(self.seed)
+            samples = pl_module.sample(self.num_samples, self.sample_steps, generator).cpu()
+            show("samples", viz.plot_samples(data.train.data[:self.num_samples], samples, title=name))
+        if isinstance(pl_module.proposal, FittedProposal):
+            viz.save(viz.plot_proposal(pl_module.proposal, title=name),
+                     os.path.join(folder, "proposal.png"))
+        if self.curve.last is not None:
+            c = self.curve.last
+            viz.save(viz.plot_mse_curve(c["logsnrs"], c["mse"], c["mmse"], 2,
+                                        title=f"{name}: MSE curve"), os.path.join(folder, "mse_curve.png"))
+        if self.history:
+            exact = trainer.callback_metrics.get("val_loss_exact")
+            references = {"exact, this validation set": exact,
+                          "entropy": None if data.num_classes else data.entropy()}
+            quantity = "-log p(x | y)" if data.num_classes else "-log p(x)"
+            show("val_loss_history", viz.plot_val_history(
+                {"model estimate": tuple(zip(*self.history))},
+                {k: float(v) for k, v in references.items() if v is not None},
+                title=f"{name}: validation NLL (error bars: standard error)",
+                ylabel=f"validation E[{quantity}] (nats)"), "val_loss")
+        pl_module.train(was_training)
+        self.results = dict(
+            contour_cells=int(shown.sum()), contour_stderr_median=float(stderr[shown].median()),
+            contour_stderr_max=float(stderr[shown].max()), figures=shown_path(folder),
+            samples_mean=samples.mean(0).tolist(),
+            samples_cov=t.cov(samples.T).tolist() if len(samples) > 1 else None)
+
+    def information(self, model, data, grid):
+        """{"mi_points: y = k": i(x; k), "Bayes' rule: y = k": ..., "exact: y = k": ...} over
+        the grid points for every label k (label_pass at val_npoints; the exact where known)."""
+        stats = label_pass(model, grid, self.val_npoints, self.seed)
+        maps = {f"{source}: y = {k}": v.cpu() for source, key in (("mi_points", "information"),
+                                                               ("Bayes' rule", "bayes"))
+                for k, v in enumerate(stats[key][0].T)}
+        exact = data.exact_labels(grid.double().cpu())
+        if exact is not None:
+            maps.update({f"exact: y = {k}": v for k, v in enumerate(exact[1].T)})
+        return maps
 
 
 class Interrupted(pl.Callback):

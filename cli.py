@@ -1,28 +1,27 @@
 """The command line both scripts share: flags, per-dataset defaults, their checks and --resume,
-and `UserError`, the mistakes a user can fix.
-
-Only the standard library is imported here, so a script can parse its arguments before torch
-and Lightning load (cli.answer_early): --help and argument mistakes answer at once.
+and `UserError`, the mistakes a user can fix. Standard library only, so a script parses its
+arguments before torch and Lightning load (answer_early): --help and mistakes answer at once.
 """
 import argparse
+import math
 import os
 import re
 import sys
 
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
 # With --resume, flags not given take the checkpoint's values, except these, which belong to
-# the invocation; the given ones may differ from the checkpoint's only if they are in
-# RESUME_MAY_CHANGE or among the script's own (build_parser's may_change).
+# the invocation; given ones may differ from the checkpoint's only if in RESUME_MAY_CHANGE.
 PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
                   "num_workers", "num_threads", "offline", "data_dir", "log_dir", "eval_only",
-                  "ckpt", "results", "npoints", "select_fraction", "eval_proposal"}
+                  "ckpt", "results", "npoints", "select_fraction", "eval_proposal", "per_sample",
+                  "eval_samples"}
 RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "eval_batch_size", "val_every", "num_samples",
-                                      "sample_steps", "ode", "ode_trace", "ode_probes", "ode_tol"}
+                                      "sample_steps", "ode", "ode_trace", "ode_probes", "ode_tol",
+                                      "max_steps", "grid_size", "curve_samples"}
 
 
 class UserError(RuntimeError):
-    """A problem the user can fix (missing data, weights or files): experiment.run_cli prints it
-    as one line, without a traceback."""
+    """A problem the user can fix: experiment.run_cli prints it as one line, no traceback."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,35 +45,37 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
-def positive(kind):
-    """argparse type: a number of the given kind (int: a whole number) that must be > 0."""
+def number(kind=float, low=None, high=None, above=None, below=None):
+    """argparse type: a finite number of `kind` (int: a whole number) with low <= v <= high and
+    above < v < below (each end optional)."""
+    bounds = [(op, v) for op, v in ((">=", low), (">", above), ("<=", high), ("<", below))
+              if v is not None]
+    checks = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b,
+              "<": lambda v, b: v < b}
+
     def parse(value):
         try:
-            number = kind(value)
+            v = kind(value)
         except ValueError:
-            number = None
-        if number is None or not number > 0:
+            v = None
+        if v is None or not math.isfinite(v) or not all(checks[op](v, b) for op, b in bounds):
+            limits = " and ".join(f"{op} {b:g}" if isinstance(b, float) else f"{op} {b}"
+                                  for op, b in bounds)
+            what = "whole number" if kind is int else "finite number"
             raise argparse.ArgumentTypeError(
-                f"must be a {'whole number' if kind is int else 'number'} > 0, got {value}")
-        return number
+                f"must be a {what}{' ' + limits if limits else ''}, got {value}")
+        return v
     return parse
+
+
+def positive(kind):
+    """argparse type: a finite number of the given kind that must be > 0."""
+    return number(kind, above=0)
 
 
 def whole(low=None, high=None):
-    """argparse type: a whole number in [low, high) (either end may be open)."""
-    def parse(value):
-        try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or (low is not None and number < low) or (high is not None
-                                                                    and number >= high):
-            limits = " and ".join(([f">= {low}"] if low is not None else [])
-                                  + ([f"< {high}"] if high is not None else []))
-            raise argparse.ArgumentTypeError(f"must be a whole number{' ' + limits if limits else ''}"
-                                             f", got {value}")
-        return number
-    return parse
+    """argparse type: a whole number in [low, high)."""
+    return number(int, low, None if high is None else high - 1)
 
 
 def run_name(value):
@@ -90,48 +91,70 @@ def per_dataset(defaults, key, text=""):
     """Help text naming a flag's per-dataset defaults."""
     return (text + "; " if text else "") + "default: " + ", ".join(
         f"{name} {values[key]:g}" if isinstance(values[key], float) else f"{name} {values[key]}"
-        for name, values in defaults.items())
+        for name, values in defaults.items() if key in values)
 
 
-def build_parser(description, defaults, may_change=()):
-    """A parser with the flags both scripts share; `defaults` maps each dataset (the choices of
-    --dataset, the first the default) to the values of the flags left at None (apply_defaults);
-    may_change: the script's own flags a resumed run may change."""
+def available_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_parser(description, defaults, data_help, denoiser, threads=1):
+    """A parser with the flags both scripts share. `defaults` maps each dataset (the choices of
+    --dataset, the first the default) to its values of the flags left at None (apply_defaults);
+    data_help: what --data reads; denoiser: the default --denoiser; threads: --num_threads'."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
-    p.may_change = RESUME_MAY_CHANGE | set(may_change)
+    p.may_change = RESUME_MAY_CHANGE
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    p.add_argument("--dataset", default=None, choices=list(defaults),
-                   help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
+    group = p.add_argument_group("data")
+    group.add_argument("--dataset", default=None, choices=list(defaults),
+                       help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
+    group.add_argument("--data", default=None, metavar="PATH",
+                       help=f"your own data instead of a dataset: {data_help}; split like a "
+                            "dataset when training; with --eval_only --ckpt, every sample is scored")
     group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; "
                                  "--fit_proposal mixes it with bins fitted to the model)")
-    group.add_argument("--logsnr_loc", type=float, default=None,
+    group.add_argument("--logsnr_loc", type=number(float, -30, 30), default=None,
                        help=per_dataset(defaults, "logsnr_loc", "its location; the run's summary "
                                         "and MSE-curve figure suggest a value"))
-    group.add_argument("--logsnr_scale", type=positive(float), default=None,
+    group.add_argument("--logsnr_scale", type=number(float, above=0, high=30), default=None,
                        help=per_dataset(defaults, "logsnr_scale", "its scale"))
-    group.add_argument("--clip", type=positive(float), default=4.,
-                       help="the log-SNR integral covers loc +- clip * scale")
+    group.add_argument("--clip", type=number(float, above=0, high=30), default=4.,
+                       help="the log-SNR integral covers loc +- clip * scale, within +-35")
     group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
                        help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
-                                        "model on N training samples 20 times during training (each "
-                                        "epoch but the first in runs of up to 20 epochs) "
-                                        "(a mixture of the logistic and bins that follow the "
-                                        "integrand): lower-variance gradients and val_loss, "
+                                        "model on N >= 8 training samples 20 times during "
+                                        "training: lower-variance gradients and val_loss, "
                                         "unbiased either way; 0: keep the logistic"))
+    group = p.add_argument_group("the denoiser")
+    group.add_argument("--denoiser", default=denoiser, metavar="NAME|module:Class",
+                       help="the network: this script's own, or any importable nn.Module class "
+                            "with forward(z, logsnr[, y]) returning z's shape")
+    group.add_argument("--denoiser_args", default="{}", metavar="JSON",
+                       help="keyword arguments of a --denoiser module:Class, as a JSON object")
     group = p.add_argument_group("training")
     group.add_argument("--num_epochs", type=positive(int), default=None,
                        help=per_dataset(defaults, "num_epochs"))
-    group.add_argument("--learning_rate", type=positive(float), default=None,
+    group.add_argument("--max_steps", type=whole(-1), default=None,
+                       help="stop after this many steps (-1: no limit)")
+    group.add_argument("--batch_size", type=positive(int), default=None,
+                       help=per_dataset(defaults, "batch_size", "training samples per step"))
+    group.add_argument("--learning_rate", type=number(float, above=0, high=10), default=None,
                        help=per_dataset(defaults, "learning_rate", "peak learning rate of Adam"))
+    group.add_argument("--lr_schedule", default=None, choices=("constant", "onecycle"),
+                       help=per_dataset(defaults, "lr_schedule", "Adam with a constant or a "
+                                        "one-cycle learning rate"))
     group.add_argument("--conditional", type=str2bool, nargs="?", const=True, default=False,
                        help="a model of p(x | y) for the data's labels, whose denoiser also gives "
                             "p(x) without a label: conditional likelihoods, pointwise mutual "
                             "information i(x; y) and classification")
-    group.add_argument("--label_dropout", type=float, default=0.1,
+    group.add_argument("--label_dropout", type=number(float, above=0, below=1), default=0.1,
                        help="--conditional: the share of training samples whose label is dropped "
                             "(p(x)'s training signal)")
+    group.add_argument("--num_threads", type=whole(1), default=threads,
+                       help="PyTorch CPU threads per process")
     group = p.add_argument_group("validation and figures")
     group.add_argument("--eval_batch_size", type=positive(int), default=None,
                        help=per_dataset(defaults, "eval_batch_size", "samples per evaluation batch"))
@@ -139,8 +162,8 @@ def build_parser(description, defaults, may_change=()):
                        help=per_dataset(defaults, "val_npoints", "(log SNR, noise) points per "
                                         "validation sample (a power of two)"))
     group.add_argument("--val_every", type=positive(int), default=None,
-                       help="validate every this many epochs, and after the last one "
-                            "(default: num_epochs // 10)")
+                       help=per_dataset(defaults, "val_every", "validate every this many epochs, "
+                                        "and after the last one"))
     group.add_argument("--num_samples", type=whole(0), default=None,
                        help=per_dataset(defaults, "num_samples", "model samples drawn for the "
                                         "figures (0: none)"))
@@ -148,7 +171,7 @@ def build_parser(description, defaults, may_change=()):
                        help="steps of the deterministic sampler")
     group.add_argument("--resume", default=None, metavar="CKPT",
                        help=f"continue a run from its checkpoint (e.g. exps/{list(defaults)[0]}-"
-                            "base/checkpoints/last.ckpt) in its folder, with its dataset and "
+                            "base/checkpoints/last.ckpt) in its folder, with its data and "
                             "settings; of those only " + ", ".join(
                                 f"--{k}" for k in sorted(p.may_change - PER_INVOCATION))
                             + " may be changed (a one-cycle schedule keeps its planned length)")
@@ -169,15 +192,22 @@ def build_parser(description, defaults, may_change=()):
                        help="seeds data splits, init and noise")
     group = p.add_argument_group("evaluation of trained checkpoints (instead of training)")
     group.add_argument("--eval_only", action="store_true",
-                       help="evaluate --ckpt on the validation data: a table of E[-log p] (nats, "
-                            "bits/dim, standard errors), printed and written as JSON")
+                       help="evaluate --ckpt on the validation data (or every sample of --data): "
+                            "a table of E[-log p] (nats, bits/dim, standard errors), printed and "
+                            "written as JSON")
     group.add_argument("--ckpt", nargs="+", default=None, metavar="PATH",
                        help="checkpoint(s) written by this script; with several, their ensemble "
                             "(with the data-matched Gaussian) is scored too")
+    group.add_argument("--per_sample", default=None, metavar="CSV",
+                       help="also write every scored sample's values (each model and row, nats, "
+                            "bits/dim and integration standard error) to this CSV file")
+    group.add_argument("--eval_samples", type=positive(int), default=None, metavar="N",
+                       help="score only the first N of the samples to score (the same for every "
+                            "row and model)")
     group.add_argument("--npoints", type=positive(int), default=128,
                        help="(log SNR, noise) points per sample and estimate: 4 independent "
                             "randomised Sobol sets of npoints / 4 (a power of 2, >= 8)")
-    group.add_argument("--select_fraction", type=float, default=0.5,
+    group.add_argument("--select_fraction", type=number(float, above=0, below=1), default=0.5,
                        help="part of the validation data held out to choose, per log SNR, between "
                             "ensemble members and rounded variants; every row is scored on the rest")
     group.add_argument("--eval_proposal", default="fitted", choices=("fitted", "logistic"),
@@ -195,7 +225,7 @@ def build_parser(description, defaults, may_change=()):
                             "dimension), Hutchinson's estimate, or auto: exact up to 16 dimensions")
     group.add_argument("--ode_probes", type=positive(int), default=1,
                        help="Rademacher probes of Hutchinson's estimate")
-    group.add_argument("--ode_tol", type=positive(float), default=1e-5,
+    group.add_argument("--ode_tol", type=number(float, above=0, below=1), default=1e-5,
                        help="the ODE solver's relative and absolute tolerance")
     group.add_argument("--results", default=None, metavar="JSON",
                        help="where the table goes (default: eval-<checkpoint name>.json next to the "
@@ -203,15 +233,11 @@ def build_parser(description, defaults, may_change=()):
     return p
 
 
-def parse(parser, argv, defaults, checkpoint_args=None, without_ckpt=False, older=None):
+def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_ckpt=False):
     """The parsed arguments: with --resume the checkpoint's (a flag given here that contradicts
-    it is an error naming both values; `older` gives the values of flags a checkpoint predates),
-    then the dataset's defaults for flags left at None.
-
-    checkpoint_args(path) -> the run arguments a checkpoint was trained with; without it (the
-    early pass, before the heavy imports) a --resume command returns None: its settings are
-    checked once the checkpoint can be read.
-    """
+    it is an error naming both values), then the dataset's defaults (data_defaults for --data)
+    for flags left at None. checkpoint_args(path) -> a checkpoint's run arguments; without it
+    (the early pass, before the heavy imports) a --resume command returns None."""
     args = parser.parse_args(argv)
     if args.eval_only and args.resume:
         parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
@@ -221,7 +247,7 @@ def parse(parser, argv, defaults, checkpoint_args=None, without_ckpt=False, olde
         given = {a.dest for a in parser._actions for opt in a.option_strings
                  for word in (sys.argv[1:] if argv is None else argv)
                  if word == opt or word.startswith(opt + "=")}
-        saved = dict(older or {}, **checkpoint_args(args.resume))
+        saved = checkpoint_args(args.resume)
         for key, value in saved.items():
             if key not in vars(args):
                 continue
@@ -234,7 +260,7 @@ def parse(parser, argv, defaults, checkpoint_args=None, without_ckpt=False, olde
                              f"{value} epochs the resumed run's one-cycle schedule was planned for")
             if key not in given and key not in PER_INVOCATION:
                 setattr(args, key, value)
-    return apply_defaults(parser, args, defaults, without_ckpt)
+    return apply_defaults(parser, args, defaults, data_defaults, without_ckpt)
 
 
 def answer_early(name, parse_args):
@@ -249,16 +275,20 @@ def check_fits(parser, flag, value, nbytes):
     this machine's memory."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if nbytes > memory / 2:
-        parser.error(f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.0f} GiB of memory; "
+        parser.error(f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
                      f"this machine has {memory / 2 ** 30:.0f} GiB")
 
 
-def apply_defaults(parser, args, defaults, without_ckpt=False):
+def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
     """Fills the flags left at None from the dataset's defaults and checks the shared flags.
     without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
     if args.precision in HALF_TRUE:
         parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
                      "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
+    if args.data is not None and args.dataset is not None and not args.resume:
+        parser.error("argument --data: give --dataset or --data, not both")
+    if args.per_sample and not args.eval_only:
+        parser.error("argument --per_sample: only used with --eval_only")
     if args.eval_only:
         if not args.ckpt and not without_ckpt:
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")
@@ -267,24 +297,44 @@ def apply_defaults(parser, args, defaults, without_ckpt=False):
         if args.vb_steps == 1:
             parser.error("argument --vb_steps: 0 (all of the schedule's timesteps) or at least 2, "
                          "got 1")
-        if not 0 < args.select_fraction < 1:
-            parser.error(f"argument --select_fraction: must be in (0, 1), got {args.select_fraction}")
         if args.ckpt:
             return args  # everything else comes from the checkpoints
     elif args.ckpt:
         parser.error("argument --ckpt: only used with --eval_only")
-    args.dataset = args.dataset or list(defaults)[0]
-    for key, value in defaults[args.dataset].items():
+    if args.data is None:
+        args.dataset = args.dataset or list(defaults)[0]
+    for key, value in (data_defaults if args.data else defaults[args.dataset]).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.val_every is None:
-        args.val_every = max(1, args.num_epochs // 10)
-    if not 0 < args.label_dropout < 1:  # 0 would leave p(x), and with it i(x; y), untrained
-        parser.error(f"argument --label_dropout: must be in (0, 1): the share of samples that "
-                     f"train p(x) without a label; got {args.label_dropout}")
     if args.fit_proposal and not 8 <= args.fit_proposal:
         parser.error(f"argument --fit_proposal: needs at least 8 samples (0: off), got "
                      f"{args.fit_proposal}")
     if args.val_npoints & (args.val_npoints - 1):
         parser.error(f"argument --val_npoints: must be a power of 2, got {args.val_npoints}")
+    lo, hi = args.logsnr_loc - args.clip * args.logsnr_scale, args.logsnr_loc + args.clip * args.logsnr_scale
+    if not -35 <= lo < hi <= 35:
+        parser.error(f"argument --clip: the log-SNR range loc +- clip * scale = [{lo:g}, {hi:g}] "
+                     "must lie within [-35, 35] (beyond, the channel's sigmoids round to 0 or 1)")
     return args
+
+
+def reachable(url, timeout=3.0):
+    """Whether `url` answers an HTTP HEAD request within `timeout` seconds (any status counts),
+    through the proxies urllib is configured with: a quick test before a download."""
+    import threading
+    import urllib.error
+    import urllib.request
+    answered = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except (OSError, ValueError):
+            pass
+    thread = threading.Thread(target=probe, daemon=True)  # bounds slow name lookups too
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)

@@ -1,18 +1,28 @@
-"""Denoisers: modules eps_hat = denoiser(z, logsnr) that predict the noise in z at log SNR a
-(logsnr of shape (batch,), output of z's shape). Anything with that signature works with
-DiffusionModel; these are the project's own. The diffusers U-Net adapter is in unet.py.
+"""Denoisers: modules eps_hat = denoiser(z, logsnr[, y]) that predict the noise in z (logsnr of
+shape (batch,), output of z's shape). Any module with that signature works with the estimators;
+these are the project's own (the diffusers U-Net adapter is in unet.py):
 
 - `MLPDenoiser`: the 2-D MLP with sinusoidal embeddings of the log SNR and of the input;
-- `GaussianDenoiser`: the optimal predictor of a Gaussian reference (utils.GaussianReference);
+- `GaussianDenoiser`: the optimal predictor of a Gaussian reference;
 - `GridRounding`: any denoiser with its estimate of x snapped to the data grid;
 - `Ensemble`: per log-SNR bin, the member with the lowest held-out error.
+
+A denoiser is one entry: `ARCHITECTURES` names the builders the scripts offer by name, and any
+importable class enters as "module:Class" with keyword arguments; a checkpoint keeps its
+`record` (class and arguments), from which `rebuild` makes it again (docs/extending.md).
 """
+import importlib
+import json
 import math
 
 import torch as t
 import torch.nn as nn
 
 import utils
+
+# builders "module:function"(args, data) -> (denoiser, what it is) of the architectures the
+# scripts offer by name (--denoiser NAME)
+ARCHITECTURES = {"mlp": "denoisers:mlp_from_args", "unet": "unet:from_args"}
 
 
 def sinusoidal(v, size, max_period):
@@ -24,12 +34,11 @@ def sinusoidal(v, size, max_period):
 
 
 class MLPDenoiser(nn.Module):
-    """eps_hat(z, a) for 2-D data: an MLP (SiLU) on the raw z, the log SNR (raw and as a sinusoidal
+    """eps_hat(z, a[, y]) for 2-D data: an MLP (SiLU) on z, the log SNR (raw and as a sinusoidal
     embedding) and, if input_embedding_scale > 0, a sinusoidal embedding of each coordinate of
-    input_embedding_scale * z (frequencies from that scale down to it / input_embedding_period,
-    for sharp densities). zero_output: the last layer starts at zero (a Gaussian residual then
-    starts exactly at the Gaussian predictor). num_classes: conditional, eps_hat(z, a, y), with a
-    learned embedding of the label (one more for "no label": y = -1 or None)."""
+    input_embedding_scale * z (frequencies from that scale down to it / input_embedding_period).
+    zero_output: the last layer starts at zero. num_classes: conditional, with a learned label
+    embedding (one more for "no label": y = -1 or None)."""
 
     def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32, input_embedding_scale=0.,
                  input_embedding_period=1e4, zero_output=False, num_classes=None):
@@ -38,14 +47,11 @@ class MLPDenoiser(nn.Module):
             raise ValueError(f"embedding_size must be an even number >= 2, got {embedding_size}")
         self.config = dict(hidden_size=hidden_size, hidden_layers=hidden_layers,
                            embedding_size=embedding_size, input_embedding_scale=input_embedding_scale,
-                           input_embedding_period=input_embedding_period)
+                           input_embedding_period=input_embedding_period, num_classes=num_classes)
+        self.num_classes = num_classes
         if num_classes is not None:
-            self.config["num_classes"] = num_classes
             self.labels = nn.Embedding(num_classes + 1, embedding_size)
-        self.embedding_size, self.input_embedding_scale = embedding_size, input_embedding_scale
-        self.input_embedding_period = input_embedding_period
-        width = 2 + 1 + embedding_size + (2 * embedding_size if input_embedding_scale > 0 else 0)
-        width += embedding_size if num_classes is not None else 0
+        width = 3 + embedding_size * (1 + 2 * (input_embedding_scale > 0) + (num_classes is not None))
         layers = []
         for _ in range(hidden_layers):
             layers += [nn.Linear(width, hidden_size), nn.SiLU()]
@@ -56,74 +62,61 @@ class MLPDenoiser(nn.Module):
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
 
-    # The architecture travels in the state dict, so a checkpoint alone rebuilds it
-    def get_extra_state(self):
-        return {"mlp": dict(self.config)}
-
-    def set_extra_state(self, state):
-        if state["mlp"] != self.config:
-            raise ValueError(f"the checkpoint's MLP is {state['mlp']}, this one {self.config}")
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # older checkpoints
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, z, logsnr, y=None):
-        a = logsnr.to(z.dtype)
-        features = [z, (a / 10).unsqueeze(-1), sinusoidal(a, self.embedding_size, 100.)]
-        if "num_classes" in self.config:
-            features.append(self.labels(no_label_last(y, len(z), self.config["num_classes"],
-                                                      z.device)).to(z.dtype))
-        if self.input_embedding_scale > 0:
-            scaled = self.input_embedding_scale * z
-            period = self.input_embedding_period
-            features += [sinusoidal(scaled[:, 0], self.embedding_size, period),
-                         sinusoidal(scaled[:, 1], self.embedding_size, period)]
+        c, a = self.config, logsnr.to(z.dtype)
+        features = [z, (a / 10).unsqueeze(-1), sinusoidal(a, c["embedding_size"], 100.)]
+        if self.num_classes is not None:
+            features.append(self.labels(no_label_last(y, len(z), self.num_classes, z.device))
+                            .to(z.dtype))
+        if c["input_embedding_scale"] > 0:
+            scaled = c["input_embedding_scale"] * z
+            features += [sinusoidal(scaled[:, i], c["embedding_size"], c["input_embedding_period"])
+                         for i in range(2)]
         return self.net(t.cat(features, -1))
 
 
+def mlp_from_args(args, data):
+    """The 2-D MLP of a run's flags (zero output under a Gaussian residual)."""
+    mlp = MLPDenoiser(args.hidden_size, args.hidden_layers, args.embedding_size,
+                      args.input_embedding_scale, args.input_embedding_period,
+                      zero_output=args.gaussian_residual, num_classes=data.num_classes)
+    return mlp, f"MLP {args.hidden_layers} x {args.hidden_size}"
+
+
 def no_label_last(y, n, num_classes, device):
-    """Labels as embedding indices: 0 .. num_classes - 1 as they are, "no label" (y None, or -1)
-    as num_classes."""
+    """Labels as embedding indices: 0 .. num_classes - 1 as they are, "no label" (None or -1) as
+    num_classes."""
     if y is None:
         return t.full((n,), num_classes, dtype=t.long, device=device)
     return t.where(y < 0, num_classes, y)
 
 
 class GaussianDenoiser(nn.Module):
-    """The optimal noise predictor of a Gaussian reference, eps_G(z, a), as a denoiser module."""
+    """The optimal noise predictor of a utils.GaussianReference (its label's, given labels)."""
 
     def __init__(self, reference):
         super().__init__()
         self.reference = reference
 
-    def forward(self, z, logsnr):
-        return self.reference.eps(z, logsnr)
+    def forward(self, z, logsnr, y=None):
+        return self.reference.eps(z, logsnr, y)
 
 
 class GridRounding(nn.Module):
     """A denoiser whose estimate of x is snapped to the data grid (a utils.Grid), per coordinate:
+    "hard" to the nearest grid value, "soft" to the posterior mean over the grid values given
+    x_hat ~ N(x, e^-a) under a uniform prior (docs/maths.md). Any function of z is a denoiser, so
+    estimates stay upper bounds; rounding helps at high SNR and hurts at low."""
 
-    - "hard": x_r = the nearest grid value (clamped to the grid's levels, if it has a number);
-    - "soft": x_r = the posterior mean over grid values g_k given x_hat ~ N(x, T e^-a) and a
-      uniform prior over the grid, sum_k g_k softmax_k(-(x_hat - g_k)^2 e^a / (2 T)), over the
-      2 * window grid values nearest x_hat. T = 1 is the softest temperature a denoiser can
-      justify (docs/maths.md); smaller T are sharper variants to choose between on held-out data.
+    WINDOW = 8  # grid values on each side of x_hat that the soft rounding weighs
 
-    eps_r = eps_from_x(z, a, x_r). Any function of z is a denoiser, so rounding keeps every
-    estimate an upper bound; it helps at high SNR (x_hat within half a bin of x), hurts at low.
-    """
-
-    def __init__(self, denoiser, grid, mode="hard", temperature=1., window=8):
+    def __init__(self, denoiser, grid, mode="hard"):
         super().__init__()
         if mode not in ("hard", "soft"):
             raise ValueError(f"mode must be 'hard' or 'soft', got {mode!r}")
-        if not grid.delta > 0 or not temperature > 0:
-            raise ValueError(f"delta and temperature must be > 0, got {grid.delta}, {temperature}")
-        if grid.levels is not None and grid.levels < 2:
-            raise ValueError(f"levels must be >= 2, got {grid.levels}")
+        if not grid.delta > 0 or (grid.levels is not None and grid.levels < 2):
+            raise ValueError(f"need delta > 0 and at least 2 levels, got {grid}")
         self.inner, self.grid, self.mode = denoiser, utils.Grid(*grid), mode
-        self.temperature, self.window = float(temperature), int(window)
 
     def forward(self, z, logsnr):
         return self.round_eps(z, logsnr, self.inner(z, logsnr))
@@ -131,36 +124,28 @@ class GridRounding(nn.Module):
     def round_eps(self, z, logsnr, eps_hat):
         """The rounded noise prediction from the inner denoiser's eps_hat."""
         x_hat = utils.x_from_eps(z, logsnr, eps_hat.to(z.dtype))
-        x_r = self._hard(x_hat) if self.mode == "hard" else self._soft(x_hat, logsnr)
+        delta, lo, levels = self.grid
+        if self.mode == "hard":
+            x_r = lo + delta * self._clamp(((x_hat - lo) / delta).round())
+        else:
+            a = utils.append_dims(logsnr.to(x_hat.dtype), x_hat.dim())
+            k = self._clamp(((x_hat - lo) / delta).floor()).unsqueeze(-1) + t.arange(
+                1 - self.WINDOW, self.WINDOW + 1, device=x_hat.device, dtype=x_hat.dtype)
+            values = lo + delta * k
+            logits = -(x_hat.unsqueeze(-1) - values) ** 2 * (a.exp() / 2).unsqueeze(-1)
+            if levels is not None:
+                logits = logits.masked_fill((k < 0) | (k > levels - 1), float("-inf"))
+            x_r = (logits.softmax(-1) * values).sum(-1)
         return utils.eps_from_x(z, logsnr, x_r)
 
     def _clamp(self, k):
         return k.clamp(0, self.grid.levels - 1) if self.grid.levels is not None else k
 
-    def _hard(self, x_hat):
-        delta, lo, _ = self.grid
-        return lo + delta * self._clamp(((x_hat - lo) / delta).round())
-
-    def _soft(self, x_hat, logsnr):
-        delta, lo, levels = self.grid
-        a = utils.append_dims(logsnr.to(x_hat.dtype), x_hat.dim())
-        k0 = self._clamp(((x_hat - lo) / delta).floor())
-        offsets = t.arange(1 - self.window, self.window + 1, device=x_hat.device, dtype=x_hat.dtype)
-        k = k0.unsqueeze(-1) + offsets
-        values = lo + delta * k
-        logits = -(x_hat.unsqueeze(-1) - values) ** 2 * (a.exp() / (2 * self.temperature)).unsqueeze(-1)
-        if levels is not None:
-            logits = logits.masked_fill((k < 0) | (k > levels - 1), float("-inf"))
-        return (logits.softmax(-1) * values).sum(-1)
-
 
 class Ensemble(nn.Module):
-    """eps_hat(z, a) = eps_hat_m(z, a) with m = choice[bin of a]: per log-SNR bin, the member with
-    the lowest MSE on held-out data (from_heldout, fed by diffusionmodel.heldout_errors). Log SNRs
-    outside the bins use the nearest bin. Choosing by log SNR alone keeps it a denoiser, so its
-    estimates stay upper bounds, and its expected error is at most each member's wherever the
-    held-out choice is right.
-    """
+    """eps_hat(z, a) = eps_hat_m(z, a) with m = choice[bin of a]: per log-SNR bin (edges), the
+    member with the lowest held-out MSE (from_heldout); outside the bins the nearest bin's.
+    Choosing by log SNR alone keeps it a denoiser, so its estimates stay upper bounds."""
 
     def __init__(self, members, edges, choice, heldout_mse=None):
         super().__init__()
@@ -173,12 +158,12 @@ class Ensemble(nn.Module):
 
     @classmethod
     def from_heldout(cls, members, edges, heldout_mse):
-        """The ensemble choosing, per bin, the member with the lowest held-out MSE (members x bins)."""
+        """The member with the lowest held-out MSE (members x bins) in each bin."""
         heldout_mse = t.as_tensor(heldout_mse, dtype=t.float64)
         return cls(members, edges, heldout_mse.argmin(0), heldout_mse)
 
     def member_of(self, logsnr):
-        """The index of the member used at each log SNR: bin k holds edges[k] <= a < edges[k+1]."""
+        """The member used at each log SNR: bin k holds edges[k] <= a < edges[k+1]."""
         inner = self.edges[1:-1].to(logsnr.device)
         return self.choice[t.bucketize(logsnr.detach().double(), inner.double(), right=True)]
 
@@ -190,3 +175,89 @@ class Ensemble(nn.Module):
             if len(rows):
                 out[rows] = member(z[rows], logsnr[rows]).to(out.dtype)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Denoisers by name, by class, and from a checkpoint's record
+# ---------------------------------------------------------------------------------------------
+def resolve(target):
+    """The object "module:name" (name may be dotted) names, or a ValueError naming what is wrong."""
+    module, _, name = target.partition(":")
+    if not module or not name:
+        raise ValueError(f"--denoiser {target}: give a name ({', '.join(ARCHITECTURES)}) or "
+                         "module:Class")
+    try:
+        found = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"--denoiser {target}: cannot import {module}: {err}") from None
+    for part in name.split("."):
+        if not hasattr(found, part):
+            raise ValueError(f"--denoiser {target}: {module} has no {name}")
+        found = getattr(found, part)
+    return found
+
+
+def build(target, kwargs=None):
+    """An instance of the class "module:Class" with keyword arguments, and its record."""
+    cls, kwargs = resolve(target), dict(kwargs or {})
+    try:
+        return cls(**kwargs), {"target": target, "kwargs": kwargs}
+    except TypeError as err:
+        raise ValueError(f"--denoiser {target}: its arguments {json.dumps(kwargs)} do not fit: "
+                         f"{err}") from None
+
+
+def from_args(args, data):
+    """(denoiser, record, what it is) of a run's --denoiser: an architecture of ARCHITECTURES
+    built from the run's flags, or an importable "module:Class" with --denoiser_args, checked on
+    the data's samples."""
+    if args.denoiser in ARCHITECTURES:
+        denoiser, where = resolve(ARCHITECTURES[args.denoiser])(args, data)
+        return denoiser, record(denoiser), where
+    try:
+        kwargs = json.loads(args.denoiser_args or "{}")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--denoiser_args is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--denoiser_args must be a JSON object of keyword arguments, got "
+                         f"{args.denoiser_args}")
+    denoiser, saved = build(args.denoiser, kwargs)
+    if not isinstance(denoiser, nn.Module):
+        raise ValueError(f"--denoiser {args.denoiser} made a {type(denoiser).__name__}, not a "
+                         "torch.nn.Module")
+    check(denoiser, data.x_shape, data.num_classes)
+    return denoiser, saved, args.denoiser
+
+
+def record(denoiser):
+    """{"target": "module:Class", "kwargs": ...} that rebuilds a denoiser whose class keeps its
+    constructor's arguments in `config` (the project's own do), else None."""
+    config = getattr(denoiser, "config", None)
+    if not isinstance(config, dict):
+        return None
+    return {"target": f"{type(denoiser).__module__}:{type(denoiser).__qualname__}",
+            "kwargs": dict(config)}
+
+
+def rebuild(saved, where="the checkpoint"):
+    """The denoiser of a record, with fresh weights (the caller loads them)."""
+    if not isinstance(saved, dict) or "target" not in saved:
+        raise ValueError(f"{where} does not say how to rebuild its denoiser (it was written "
+                         "before denoisers were recorded: train it again)")
+    return build(saved["target"], saved.get("kwargs"))[0]
+
+
+def check(denoiser, x_shape, num_classes=None):
+    """A ValueError unless the denoiser maps two samples of x_shape (and labels, for a
+    conditional run) to a floating tensor of their shape."""
+    z, a = t.zeros((2,) + tuple(x_shape)), t.zeros(2)
+    try:
+        with t.no_grad():
+            out = denoiser(z, a) if num_classes is None else denoiser(z, a, t.tensor([0, -1]))
+    except Exception as err:  # anything a foreign forward raises means the same to the user
+        raise ValueError(f"the denoiser {type(denoiser).__name__} fails on samples of shape "
+                         f"{tuple(x_shape)}: {type(err).__name__}: {err}") from None
+    if not t.is_tensor(out) or not out.is_floating_point() or out.shape != z.shape:
+        got = f"{out.dtype} {tuple(out.shape)}" if t.is_tensor(out) else type(out).__name__
+        raise ValueError(f"the denoiser {type(denoiser).__name__} returned {got}; it must return "
+                         f"a floating tensor of the input's shape {tuple(z.shape)}")

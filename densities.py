@@ -1,16 +1,13 @@
-"""The 2-D densities that ship with the project: how to draw them and, in closed form, their exact
--log p and entropy in raw units (before the standardisation datasets.py applies). Each
-make_xxx(n, rng) draws n raw points (numpy (n, 2)) from a numpy Generator; xxx_nll(x, n) takes
-points x (m, 2) (anything torch.as_tensor accepts) and returns -log p(x) in nats, float64, shape
-(m,), and xxx_entropy(n) the differential entropy in nats, for a set of n points (only moons
-depends on n: its arcs hold n // 2 and n - n // 2 points). datasets.SETS_2D names them.
+"""The 2-D densities that ship with the project, in numpy: make_xxx(n, rng) draws n raw points
+(n, 2) from a numpy Generator (labelled sets also return labels); in closed form xxx_nll(x, n) is
+-log p(x) in nats (float64 (m,)) of raw points x (m, 2) and xxx_entropy(n) the differential
+entropy, for a set of n points (only moons depends on n). datasets.SETS_2D names them; docs/2d.md
+describes them and how each closed form is checked.
 """
 import math
 
 import numpy as np
-import torch as t
-
-import utils
+from scipy.special import log_ndtr, logsumexp
 
 SCG_RHO = -0.495 / 0.505
 SCG_ENTROPY = math.log(2 * math.pi * math.e) + 0.5 * math.log(1 - SCG_RHO ** 2)  # 1.2185 nats
@@ -27,177 +24,48 @@ DINO_OUTLINE = np.array([
     (2.0, 2.2), (1.0, 2.0),                                                    # tail underside
 ])
 DINO_JITTER = 0.04  # std of the jitter, in the outline's units (the body is ~10 units long)
-
-
-def scg_nll(x, n=None):
-    """Exact -log p(x) of the strongly correlated Gaussian N(0, [[1, rho], [rho, 1]]), in nats."""
-    x = t.as_tensor(x, dtype=t.float64)
-    quad = (x[:, 0] ** 2 - 2 * SCG_RHO * x[:, 0] * x[:, 1] + x[:, 1] ** 2) / (1 - SCG_RHO ** 2)
-    return math.log(2 * math.pi) + 0.5 * math.log(1 - SCG_RHO ** 2) + 0.5 * quad
-
-
-def scg_entropy(n=None):
-    return SCG_ENTROPY
-
-
-# ---------------------------------------------------------------------------------------------
-# Exact densities of the other 2-D datasets, in raw units (before standardisation)
-# ---------------------------------------------------------------------------------------------
-# Each xxx_nll(x) takes points x (m, 2) (anything torch.as_tensor accepts) and returns -log p(x)
-# in nats, float64, shape (m,). exact_nll_2d wraps them for the data as served.
 MOONS_NOISE = 0.03    # std of make_moons' Gaussian noise
-MOONS_NODES = 512     # Gauss-Legendre nodes in theta per arc (see moons_nll)
-CIRCLE_JITTER = 0.03  # make_circle's jitter radius R: points lie within R of their lattice direction
-# The nonzero points of the lattice {-2, ..., 2}^2; make_circle picks one uniformly, keeps its direction
+MOONS_NODES = 512     # Gauss-Legendre nodes per arc (moons_log_given)
+CIRCLE_JITTER = 0.03  # make_circle's jitter radius R
+# The nonzero points of the lattice {-2, ..., 2}^2; make_circle keeps the direction of one
 CIRCLE_LATTICE = np.array([(i, j) for i in range(-2, 3) for j in range(-2, 3) if (i, j) != (0, 0)])
-_CHUNK = 2048         # points per chunk: bounds the (points, segments or nodes) temporaries
+# blobs: three overlapping isotropic Gaussians labelled by component
+BLOBS_WEIGHTS = (0.5, 0.3, 0.2)
+BLOBS_MEANS = ((-1.0, 0.0), (1.0, 0.0), (0.0, 1.2))
+BLOBS_STDS = (0.6, 0.5, 0.4)
+_CHUNK = 2048  # points per chunk: bounds the (points, segments or nodes) temporaries
 
 
 def _chunked(f, x, *shape):
     """f over chunks of the points x (m, 2), concatenated: (m, *shape)."""
-    x = t.as_tensor(x, dtype=t.float64)
-    if x.dim() != 2 or x.shape[1] != 2:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"need points of shape (m, 2), got {tuple(x.shape)}")
-    return t.cat([f(c) for c in x.split(_CHUNK)]) if len(x) else x.new_zeros((0, *shape))
+    if not len(x):
+        return np.zeros((0, *shape))
+    return np.concatenate([f(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
 
 
-def dino_nll(x, n=None):
-    """Exact -log p(x) of `make_dino` in the outline's units: uniform along the closed polyline
-    DINO_OUTLINE (total length L) convolved with N(0, DINO_JITTER^2 I),
-    p(x) = (1/L) sum_s (1/sigma) phi(n_s/sigma) [Phi(t_s/sigma) - Phi((t_s - L_s)/sigma)], with
-    t_s the coordinate of x along segment s from its start, n_s its distance from the segment's
-    line, L_s the segment's length. Summed in log space: finite (~ d^2 / (2 sigma^2) at distance d
-    from the outline) however far x is."""
-    start = t.as_tensor(DINO_OUTLINE, dtype=t.float64)
-    seg = t.roll(start, -1, 0) - start
-    length = seg.norm(dim=1)
-    along = seg / length[:, None]
-    across = t.stack([-along[:, 1], along[:, 0]], 1)
-    sigma = DINO_JITTER
-    const = -math.log(length.sum().item()) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
-
-    def f(x):
-        rel = x[:, None, :] - start[None]                 # (m, segments, 2)
-        t_s, n_s = (rel * along).sum(-1) / sigma, (rel * across).sum(-1) / sigma
-        log_terms = -0.5 * n_s ** 2 + utils.log_ndtr_diff(t_s - length / sigma, t_s)
-        return -(const + t.logsumexp(log_terms, 1))
-    return _chunked(f, x)
+def _log_ndtr_diff(a, b):
+    """log(Phi(b) - Phi(a)) for a < b, stable in both tails (reflected so that the larger CDF is
+    at most ~1/2 away from its tail)."""
+    flip = a + b > 0
+    a, b = np.where(flip, -b, a), np.where(flip, -a, b)
+    log_b = log_ndtr(b)
+    return log_b + np.log(-np.expm1(log_ndtr(a) - log_b))
 
 
-def _gauss_legendre(nodes, _cache={}):
-    if nodes not in _cache:  # numpy's nodes and weights on [-1, 1], computed once per size
-        _cache[nodes] = np.polynomial.legendre.leggauss(nodes)
-    return _cache[nodes]
-
-
-def moons_log_given(x, n=8000, nodes=MOONS_NODES):
-    """log p(x | arc) of `make_moons` (scikit-learn's make_moons(n, noise=0.03), labelled by its
-    arc: 0 outer, 1 inner) in its raw units, (m, 2), in the continuum limit: the outer arc
-    (cos u, sin u) or the inner arc (1 - cos u, 1/2 - sin u), u uniform on [0, pi], plus
-    N(0, 0.03^2 I) noise: p(x | arc) = (1/pi) int_0^pi N(x; c_arc(u), 0.03^2 I) du, by
-    Gauss-Legendre with `nodes` nodes per arc, in log space (finite however far x is). The arcs
-    hold n // 2 and n - n // 2 points (moons_log_prior).
-
-    make_moons itself places its points at u evenly spaced over [0, pi], both ends included (for
-    n = 8000 the spacing is pi / 3999 = 8e-4 rad, against a noise of 0.03 rad along the arc), so
-    its marginal density is the finite mixture of those n Gaussians. That differs from this
-    continuum by log(n_arc / (n_arc - 1)) = 2.5e-4 nats in the bulk, and near the four arc ends,
-    where an end point carries a full 1 / n_arc instead of half of one, by 0.010 nats at the end
-    itself, up to 0.03 nats on data points just beyond it. Averaged over data points the two agree
-    to ~1e-4 nats (7e-5 on the default validation split; tests/test_exact2d.py checks these).
-    The quadrature (512 nodes) is accurate to < 1e-8 nats within a distance ~10 of the arcs, and
-    to a relative 1e-7 beyond.
-    """
-    sigma = MOONS_NOISE
-    u, w = _gauss_legendre(nodes)
-    u = t.as_tensor((u + 1) * math.pi / 2, dtype=t.float64)
-    log_w = t.log(t.as_tensor(w / 2, dtype=t.float64))  # (pi/2) w / pi: 1/pi-normalised weights
-    cos, sin = t.cos(u), t.sin(u)
-    const = log_w - math.log(2 * math.pi * sigma ** 2)
-
-    def f(x):
-        # |x - c(u)|^2 expanded: outer c = (cos, sin); inner c = (1, 1/2) - (cos, sin)
-        z = x - t.tensor([1.0, 0.5], dtype=t.float64)
-        d_out = (x ** 2).sum(1, keepdim=True) + 1 - 2 * (x[:, :1] * cos + x[:, 1:] * sin)
-        d_in = (z ** 2).sum(1, keepdim=True) + 1 + 2 * (z[:, :1] * cos + z[:, 1:] * sin)
-        return t.stack([t.logsumexp(const - d / (2 * sigma ** 2), 1) for d in (d_out, d_in)], 1)
-    return _chunked(f, x, 2)
-
-
-def moons_log_prior(n=8000):
-    """log p(arc): make_moons puts n // 2 points on the outer arc, the rest on the inner."""
-    return t.tensor([math.log((n // 2) / n), math.log((n - n // 2) / n)], dtype=t.float64)
-
-
-def moons_nll(x, n=8000, nodes=MOONS_NODES):
-    """-log p(x) of `make_moons` in its raw units: -log sum_arcs p(arc) p(x | arc)."""
-    return -(moons_log_given(x, n, nodes) + moons_log_prior(n)).logsumexp(1)
-
-
-def line_nll(x, n=None):
-    """Exact -log p(x) of `make_line`, uniform on [-1/2, 1/2] x [-1, 1]: log 2 inside, +inf outside."""
-    def f(x):
-        inside = (x[:, 0].abs() <= 0.5) & (x[:, 1].abs() <= 1)
-        return t.full_like(x[:, 0], math.log(2)).masked_fill(~inside, math.inf)
-    return _chunked(f, x)
-
-
-def line_entropy(n=None):
-    """Uniform on an area of 2."""
-    return math.log(2)
-
-
-def _circle_directions():
-    """The 16 distinct directions of CIRCLE_LATTICE, as unit-circle centres (16, 2) float64 computed
-    as `make_circle` computes them, and their probabilities (the count of lattice points on each / 24:
-    1/12 for the 4 axes and 4 diagonals, 1/24 for the 8 others)."""
-    angle, count = np.unique(np.arctan2(*CIRCLE_LATTICE.T[::-1]), return_counts=True)
-    centre = np.stack([np.cos(angle), np.sin(angle)], 1)
-    return t.as_tensor(centre), t.as_tensor(count / count.sum())
-
-
-def circle_nll(x, n=None):
-    """Exact -log p(x) of `make_circle` in its raw units. A point is its direction's centre c_k on the
-    unit circle (probability w_k) plus a displacement of length U(0, R) (R = CIRCLE_JITTER) in a
-    uniform direction, whose density is 1 / (2 pi R |d|) for |d| < R. The discs do not overlap
-    (nearest centres 0.32 apart), so p(x) = w_k / (2 pi R |x - c_k|) within R of c_k and 0 beyond:
-    -log p is +inf outside the 16 discs (and -inf at a centre itself)."""
-    centre, weight = _circle_directions()
-    R = CIRCLE_JITTER
-
-    def f(x):
-        r = (x[:, None, :] - centre).norm(dim=-1)  # (m, 16); not cdist, whose matmul form
-        # loses the relative precision of small distances
-        p = t.where(r < R, weight / (2 * math.pi * R * r), 0).sum(1)
-        return -t.log(p)
-    return _chunked(f, x)
-
-
-def _grid_entropy(nll, lo, hi, h):
-    """-int p log p over the box [lo, hi] (2-D) by the rectangle rule on a grid of spacing h:
-    spectrally accurate for densities smooth on the scale h that vanish at the box's edges."""
-    grid = [t.arange(a, b + h / 2, h, dtype=t.float64) for a, b in zip(lo, hi)]
-    pts = t.stack(t.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 2)
-    v = nll(pts)
-    return (t.exp(-v) * v).sum().item() * h * h
-
-
+# ---------------------------------------------------------------------------------------------
+# Generators
+# ---------------------------------------------------------------------------------------------
 def make_scg(n, rng):
-    cov = np.array([[1.0, SCG_RHO], [SCG_RHO, 1.0]])
-    return rng.multivariate_normal(np.zeros(2), cov, size=n)
+    return rng.multivariate_normal(np.zeros(2), [[1.0, SCG_RHO], [SCG_RHO, 1.0]], size=n)
 
 
 def make_moons(n, rng):
     """n points and their arc (0 outer, 1 inner)."""
     from sklearn.datasets import make_moons
     return make_moons(n, noise=MOONS_NOISE, random_state=int(rng.integers(2 ** 31)))
-
-
-# blobs: three overlapping isotropic Gaussians labelled by component (a Bayes classifier errs on
-# about a sixth of them)
-BLOBS_WEIGHTS = (0.5, 0.3, 0.2)
-BLOBS_MEANS = ((-1.0, 0.0), (1.0, 0.0), (0.0, 1.2))
-BLOBS_STDS = (0.6, 0.5, 0.4)
 
 
 def make_blobs(n, rng):
@@ -207,37 +75,14 @@ def make_blobs(n, rng):
     return x, y
 
 
-def blobs_log_given(x, n=None):
-    """log p(x | component) of `make_blobs`, (m, 3): isotropic Gaussians in closed form."""
-    means, stds = t.tensor(BLOBS_MEANS, dtype=t.float64), t.tensor(BLOBS_STDS, dtype=t.float64)
-
-    def f(x):
-        d2 = ((x[:, None, :] - means) ** 2).sum(-1)
-        return -d2 / (2 * stds ** 2) - t.log(2 * math.pi * stds ** 2)
-    return _chunked(f, x, 3)
-
-
-def blobs_log_prior(n=None):
-    return t.tensor(BLOBS_WEIGHTS, dtype=t.float64).log()
-
-
-def blobs_entropy(n=None):
-    """The raw entropy of `make_blobs` by the rectangle rule (as dino_entropy)."""
-    def nll(x):
-        return -(blobs_log_given(x) + blobs_log_prior()).logsumexp(1)
-    lo, hi = np.min(BLOBS_MEANS, 0) - 10 * max(BLOBS_STDS), np.max(BLOBS_MEANS, 0) + 10 * max(BLOBS_STDS)
-    return _grid_entropy(nll, lo, hi, min(BLOBS_STDS) / 2)
-
-
 def make_line(n, rng):
     return np.stack([rng.uniform(-0.5, 0.5, n), rng.uniform(-1, 1, n)], 1)
 
 
 def make_circle(n, rng):
-    # Directions of the nonzero points of the lattice {-2, ..., 2}^2: 16 distinct angles, with
-    # the diagonals and the axes twice as likely (hit by (1, 1) and (2, 2), (1, 0) and (2, 0)).
-    grid = CIRCLE_LATTICE
-    angle = np.arctan2(*grid[rng.integers(len(grid), size=n)].T[::-1])
+    """The direction of a lattice point of CIRCLE_LATTICE (16 distinct angles), pushed off the
+    unit circle by a displacement of length U(0, R) in a uniform direction."""
+    angle = np.arctan2(*CIRCLE_LATTICE[rng.integers(len(CIRCLE_LATTICE), size=n)].T[::-1])
     jitter_angle = rng.uniform(0, 2 * np.pi, n)
     radius = rng.uniform(0, CIRCLE_JITTER, n)
     return np.stack([np.cos(angle) + radius * np.cos(jitter_angle),
@@ -245,35 +90,150 @@ def make_circle(n, rng):
 
 
 def make_dino(n, rng):
-    start = DINO_OUTLINE
-    end = np.roll(DINO_OUTLINE, -1, axis=0)
+    """Uniform along the outline (a segment by length, then a point on it), plus jitter."""
+    start, end = DINO_OUTLINE, np.roll(DINO_OUTLINE, -1, axis=0)
     lengths = np.linalg.norm(end - start, axis=1)
-    # Uniform along the outline: pick a segment by length, then a point on it.
     seg = rng.choice(len(start), size=n, p=lengths / lengths.sum())
-    frac = rng.uniform(0, 1, n)[:, None]
-    points = start[seg] + frac * (end[seg] - start[seg])
+    points = start[seg] + rng.uniform(0, 1, n)[:, None] * (end[seg] - start[seg])
     return points + DINO_JITTER * rng.standard_normal((n, 2))
 
 
+# ---------------------------------------------------------------------------------------------
+# Exact densities and entropies, in raw units
+# ---------------------------------------------------------------------------------------------
+def scg_nll(x, n=None):
+    """The correlated Gaussian N(0, [[1, rho], [rho, 1]])."""
+    x = np.asarray(x, dtype=np.float64)
+    quad = (x[:, 0] ** 2 - 2 * SCG_RHO * x[:, 0] * x[:, 1] + x[:, 1] ** 2) / (1 - SCG_RHO ** 2)
+    return math.log(2 * math.pi) + 0.5 * math.log(1 - SCG_RHO ** 2) + 0.5 * quad
+
+
+def scg_entropy(n=None):
+    return SCG_ENTROPY
+
+
+def dino_nll(x, n=None):
+    """Uniform along the closed polyline (length L) convolved with N(0, sigma^2 I):
+    p(x) = (1/L) sum_s (1/sigma) phi(n_s/sigma) [Phi(t_s/sigma) - Phi((t_s - L_s)/sigma)], in
+    log space (finite however far x is; docs/2d.md)."""
+    start = DINO_OUTLINE
+    seg = np.roll(start, -1, 0) - start
+    length = np.linalg.norm(seg, axis=1)
+    along = seg / length[:, None]
+    across = np.stack([-along[:, 1], along[:, 0]], 1)
+    sigma = DINO_JITTER
+    const = -math.log(length.sum()) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
+
+    def f(x):
+        rel = x[:, None, :] - start[None]
+        t_s, n_s = (rel * along).sum(-1) / sigma, (rel * across).sum(-1) / sigma
+        return -(const + logsumexp(-0.5 * n_s ** 2 + _log_ndtr_diff(t_s - length / sigma, t_s), 1))
+    return _chunked(f, x)
+
+
 def dino_entropy(n=None):
-    """The raw entropy of `make_dino` by the rectangle rule on a grid of spacing sigma over the
-    outline plus 10 sigma: accurate to ~1e-8 nats (quadrature error ~exp(-2 pi^2 (sigma / h)^2);
-    tests/test_exact2d.py checks it against a finer grid)."""
+    """By the rectangle rule on a grid of spacing sigma over the outline plus 10 sigma (~1e-8)."""
     pad = 10 * DINO_JITTER
     return _grid_entropy(dino_nll, DINO_OUTLINE.min(0) - pad, DINO_OUTLINE.max(0) + pad,
                          DINO_JITTER)
 
 
+def moons_log_given(x, n=8000, nodes=MOONS_NODES):
+    """log p(x | arc), (m, 2): the outer arc (cos u, sin u) or the inner (1 - cos u, 1/2 - sin u),
+    u uniform on [0, pi], plus N(0, 0.03^2 I), by Gauss-Legendre in log space: the continuum
+    limit of make_moons' n evenly spaced points (within ~1e-4 nats on average; docs/2d.md)."""
+    sigma = MOONS_NOISE
+    u, w = np.polynomial.legendre.leggauss(nodes)
+    u = (u + 1) * math.pi / 2
+    const = np.log(w / 2) - math.log(2 * math.pi * sigma ** 2)  # 1/pi-normalised weights
+    cos, sin = np.cos(u), np.sin(u)
+
+    def f(x):  # |x - c(u)|^2 expanded: outer c = (cos, sin); inner c = (1, 1/2) - (cos, sin)
+        z = x - np.array([1.0, 0.5])
+        d_out = (x ** 2).sum(1, keepdims=True) + 1 - 2 * (x[:, :1] * cos + x[:, 1:] * sin)
+        d_in = (z ** 2).sum(1, keepdims=True) + 1 + 2 * (z[:, :1] * cos + z[:, 1:] * sin)
+        return np.stack([logsumexp(const - d / (2 * sigma ** 2), 1) for d in (d_out, d_in)], 1)
+    return _chunked(f, x, 2)
+
+
+def moons_log_prior(n=8000):
+    """make_moons puts n // 2 points on the outer arc, the rest on the inner."""
+    return np.log([(n // 2) / n, (n - n // 2) / n])
+
+
+def moons_nll(x, n=8000):
+    return -logsumexp(moons_log_given(x, n) + moons_log_prior(n), 1)
+
+
 def moons_entropy(n=8000):
-    """The raw entropy of `make_moons` by the rectangle rule (as dino_entropy); the arcs span
-    [-1, 2] x [-1/2, 1]."""
     pad = 10 * MOONS_NOISE
     return _grid_entropy(lambda x: moons_nll(x, n), (-1 - pad, -0.5 - pad), (2 + pad, 1 + pad),
                          MOONS_NOISE)
 
 
+def blobs_log_given(x, n=None):
+    """log p(x | component), (m, 3): isotropic Gaussians."""
+    means, stds = np.asarray(BLOBS_MEANS), np.asarray(BLOBS_STDS)
+
+    def f(x):
+        d2 = ((x[:, None, :] - means) ** 2).sum(-1)
+        return -d2 / (2 * stds ** 2) - np.log(2 * math.pi * stds ** 2)
+    return _chunked(f, x, 3)
+
+
+def blobs_log_prior(n=None):
+    return np.log(BLOBS_WEIGHTS)
+
+
+def blobs_entropy(n=None):
+    def nll(x):
+        return -logsumexp(blobs_log_given(x) + blobs_log_prior(), 1)
+    pad = 10 * max(BLOBS_STDS)
+    return _grid_entropy(nll, np.min(BLOBS_MEANS, 0) - pad, np.max(BLOBS_MEANS, 0) + pad,
+                         min(BLOBS_STDS) / 2)
+
+
+def line_nll(x, n=None):
+    """Uniform on [-1/2, 1/2] x [-1, 1]: log 2 inside, +inf outside."""
+    x = np.asarray(x, dtype=np.float64)
+    inside = (np.abs(x[:, 0]) <= 0.5) & (np.abs(x[:, 1]) <= 1)
+    return np.where(inside, math.log(2), math.inf)
+
+
+def line_entropy(n=None):
+    return math.log(2)
+
+
+def _circle_directions():
+    """The 16 distinct directions of CIRCLE_LATTICE as unit-circle centres (16, 2), computed as
+    make_circle computes them, and their probabilities (lattice points on each / 24)."""
+    angle, count = np.unique(np.arctan2(*CIRCLE_LATTICE.T[::-1]), return_counts=True)
+    return np.stack([np.cos(angle), np.sin(angle)], 1), count / count.sum()
+
+
+def circle_nll(x, n=None):
+    """p(x) = w_k / (2 pi R |x - c_k|) within R of the centre c_k (the discs do not overlap), 0
+    beyond: +inf outside the 16 discs."""
+    centre, weight = _circle_directions()
+    R = CIRCLE_JITTER
+
+    def f(x):
+        r = np.linalg.norm(x[:, None, :] - centre, axis=-1)
+        with np.errstate(divide="ignore"):  # -inf at a centre, +inf outside the discs
+            return -np.log(np.where(r < R, weight / (2 * math.pi * R * r), 0).sum(1))
+    return _chunked(f, x)
+
+
 def circle_entropy(n=None):
-    """On disc k, -log p = -log w_k + log(2 pi R) + log r with r ~ U(0, R), and E[log r] = log R - 1:
-    H = H(w) + log(2 pi R^2) - 1."""
+    """-log p = -log w_k + log(2 pi R) + log r with r ~ U(0, R), E log r = log R - 1."""
     _, w = _circle_directions()
-    return -(w * t.log(w)).sum().item() + math.log(2 * math.pi * CIRCLE_JITTER ** 2) - 1
+    return -(w * np.log(w)).sum() + math.log(2 * math.pi * CIRCLE_JITTER ** 2) - 1
+
+
+def _grid_entropy(nll, lo, hi, h):
+    """-int p log p over the box [lo, hi] by the rectangle rule on a grid of spacing h (spectrally
+    accurate for densities smooth on the scale h that vanish at the box's edges)."""
+    grid = [np.arange(a, b + h / 2, h) for a, b in zip(lo, hi)]
+    pts = np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 2)
+    v = nll(pts)
+    return float((np.exp(-v) * v).sum() * h * h)

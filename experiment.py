@@ -1,9 +1,11 @@
-"""The runs both scripts share: an `Experiment` owns training, the evaluation of checkpoints and
-the error path; a script subclasses it with its data, its denoiser and its figures (its flags and
-DEFAULTS live at the script's top, cli.py parses them). Also here: the Trainer built from the
-flags, run folders, checkpoints and the run's summary."""
+"""The runs both scripts share: `main(family, argv)` parses a script's command line, then trains
+(`train`) or evaluates checkpoints (`evaluate`); a `Family` is what a script's runs are made of
+(its data, its figures, how it describes a run). Also here: the Trainer built from the flags, run
+folders, checkpoints (`load_model`) and the run's summary.
+"""
 import argparse
-import functools
+import csv
+import dataclasses
 import glob
 import json
 import logging
@@ -14,6 +16,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Callable, Optional
 
 import pytorch_lightning as pl
 import torch as t
@@ -22,16 +25,50 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import callbacks as cb
+import denoisers
 import evaluation
 import ode
 import utils
-import viz
 from callbacks import shown_path
 from cli import UserError
-import unet
-from denoisers import MLPDenoiser
 from diffusionmodel import DiffusionModel
 from proposals import FittedProposal
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one script's runs are made of.
+
+    script: the script's file name (checkpoints name it); parse(argv, checkpoint_args) -> args;
+    data(args, evaluation) -> a datamodules.Data; data_keys: the run arguments that fix the data;
+    callbacks(args, data, curve) -> its figures' callbacks; trainer: Trainer keyword arguments;
+    describe(args, trainer, model, values) -> a line printed at the start, or None;
+    pretrained(args, data) -> (model, name) evaluated as it is without --ckpt.
+    """
+    script: str
+    parse: Callable
+    data: Callable
+    data_keys: tuple
+    callbacks: Callable = lambda args, data, curve: []
+    trainer: dict = dataclasses.field(default_factory=dict)
+    describe: Optional[Callable] = None
+    pretrained: Optional[Callable] = None
+
+
+def main(family, argv=None):
+    """A script's run from its command line."""
+    args = family.parse(argv, checkpoint_args(family.script))
+    set_threads(args.num_threads)
+    return evaluate(args, family) if args.eval_only else train(args, family)
+
+
+def set_threads(n):
+    """PyTorch's CPU threads for this process, with a warning beyond the cores it may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if n > (cores or n):
+        print(f"warning: --num_threads {n} is more than the {cores} cores this process may use; "
+              "it will run slower, not faster", file=sys.stderr, flush=True)
+    t.set_num_threads(n)
 
 
 def run_cli(main):
@@ -39,12 +76,10 @@ def run_cli(main):
     with one line saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process
     group left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
-    # Lightning's doubt about mid-epoch resumes: the training loaders resume exactly themselves
-    # (datasets.Sharded.train_loader)
+    # Lightning doubts mid-epoch resumes: the training loaders resume exactly themselves
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
     cb.Interrupted.message = cb.Interrupted.status = None  # a run's own interruption only
-    # Lightning's own lines on Ctrl-C: ours (callbacks.Interrupted) says what was kept
-    for name in ("pytorch_lightning.utilities.rank_zero",
+    for name in ("pytorch_lightning.utilities.rank_zero",  # Lightning's own lines on Ctrl-C
                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).addFilter(lambda record: not re.search(
             "KeyboardInterrupt|weights_only", record.getMessage()))
@@ -70,9 +105,8 @@ def run_cli(main):
 # The Trainer and run folders
 # ---------------------------------------------------------------------------------------------
 class RunLogger(TensorBoardLogger):
-    """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ... : a run never overwrites another.
-    The free name is chosen when the folder is first needed, so failed starts leave nothing
-    behind. Global rank 0's is the run's: use trainer.log_dir (broadcast) or rank 0's logger."""
+    """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ...: a run never overwrites another.
+    The free name is chosen when the folder is first needed, so failed starts leave nothing."""
 
     def __init__(self, log_dir, run, resume=False):
         super().__init__(log_dir, name="", version=run if resume else None, default_hp_metric=False)
@@ -92,9 +126,8 @@ REFITS = 20  # --fit_proposal refits per run
 def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
     """A Trainer from the shared flags, or a UserError for settings Lightning rejects; nothing is
     written yet. With `run` (a name, or the folder of a run to resume) it logs to TensorBoard and
-    checkpoints the best val_loss and the last epoch into <run folder>/checkpoints, each with the
-    run's arguments ("run_args"), so a checkpoint alone rebuilds its model and data; with
-    --fit_proposal, callbacks.FitProposal refits the log-SNR proposal during training."""
+    checkpoints the last and the best val_loss into <run>/checkpoints, each with the run's
+    arguments, so a checkpoint alone rebuilds its model and data."""
     class RunArgs(pl.Callback):
         def on_save_checkpoint(self, trainer, pl_module, checkpoint):
             checkpoint["run_args"] = dict(vars(args), script=script)
@@ -105,8 +138,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         resume = os.path.isdir(run)
         folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
         logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
-        # last.ckpt: the latest model at every validation (save_last=True would follow only
-        # improvements of val_loss); best-*.ckpt: the lowest val_loss
+        # last.ckpt: the latest model at every validation and at the end; best-*: lowest val_loss
         callbacks = [ModelCheckpoint(filename="last", enable_version_counter=False),
                      ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
                      RunArgs(), cb.ValidateLastEpoch(), cb.Interrupted(), cb.RunSize(),
@@ -117,7 +149,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
                              strategy=args.strategy, num_nodes=args.num_nodes,
                              precision=args.precision, logger=logger,
-                             use_distributed_sampler=False,  # the datamodules shard (datasets.Sharded)
+                             use_distributed_sampler=False,  # datamodules.Data shards itself
                              callbacks=[cb.show_progress(), *callbacks], **kwargs)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
@@ -130,14 +162,12 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
 
 def _devices(value):
     """--devices as Lightning takes it: 'auto', a count, or a list like '0,1'."""
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return value
+    return int(value) if isinstance(value, str) and value.isdigit() else value
 
 
 def check_writable(folder, flag):
     """A UserError unless `folder` exists or can be created, and can be written; the folders the
-    check creates are removed again (the run creates its own when it starts)."""
+    check creates are removed again."""
     created, path = [], os.path.abspath(folder)
     while not os.path.exists(path):
         created.append(path)
@@ -155,9 +185,8 @@ def check_writable(folder, flag):
 
 
 def resumed_run_dir(checkpoint, recorded=None):
-    """The run a checkpoint continues, so that a resumed run continues its TensorBoard curves and
-    checkpoints there: RUN for a checkpoint in RUN/checkpoints/, else the run folder the
-    checkpoint recorded (`recorded`) if it is still there; None if neither is."""
+    """The run a checkpoint continues: RUN for a checkpoint in RUN/checkpoints/, else the run
+    folder the checkpoint recorded if it is still there; None if neither is."""
     if not checkpoint:
         return None
     folder = os.path.dirname(os.path.abspath(checkpoint))
@@ -169,9 +198,8 @@ def resumed_run_dir(checkpoint, recorded=None):
 
 
 def requeued_checkpoint(log_dir, resume=None):
-    """In a SLURM job started again after a requeue (SLURM_RESTART_COUNT > 0): the newest
-    checkpoint of the run this job trained (callbacks.SlurmJob marked it; a run under log_dir,
-    or the one the job's own --resume named), to resume from; None otherwise."""
+    """In a SLURM job started again after a requeue: the newest checkpoint of the run this job
+    trained (callbacks.SlurmJob marked it; under log_dir, or the run its --resume named)."""
     job = cb.slurm_job_id()
     if job is None or int(os.environ.get("SLURM_RESTART_COUNT", 0)) < 1:
         return None
@@ -192,11 +220,15 @@ def requeued_checkpoint(log_dir, resume=None):
 
 def fit(trainer, model, data, ckpt_path=None):
     """trainer.fit, then a validation of the final model if training stopped elsewhere than at
-    the end of an epoch that validated (--max_steps)."""
+    the end of an epoch that validated (--max_steps), and its last.ckpt saved."""
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
-    last = next((c for c in trainer.callbacks if isinstance(c, cb.ValidateLastEpoch)), None)
-    if last is not None and last.step != trainer.global_step:
+    last = next(c for c in trainer.callbacks if isinstance(c, cb.ValidateLastEpoch))
+    if last.step != trainer.global_step and trainer.global_step > 0:
         trainer.validate(model, datamodule=data, verbose=False)
+        checkpoint = trainer.checkpoint_callbacks[0]
+        path = os.path.join(checkpoint.dirpath, "last.ckpt")
+        trainer.save_checkpoint(path)
+        checkpoint.best_model_path = checkpoint.last_model_path = path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +238,8 @@ SCRIPTS = ("train_2d.py", "train_cifar10.py")
 
 
 def load_checkpoint(path, script=None):
-    """A checkpoint written by `script` (by default either script; its run arguments are saved
-    with it), or a UserError saying what is wrong with it."""
+    """A checkpoint written by `script` (by default either script), or a UserError saying what
+    is wrong with it."""
     if os.path.isdir(path):
         found = sorted(os.path.relpath(p, path) for p in glob.glob(os.path.join(path, "**", "*.ckpt"),
                                                                      recursive=True))
@@ -232,35 +264,23 @@ def load_checkpoint(path, script=None):
     return ckpt
 
 
-def rebuild_denoiser(state_dict, prefix="model.", where=None):
-    """The denoiser a DiffusionModel state dict holds, from the architecture it saved (the 2-D
-    MLP's or the U-Net's extra state), with random weights; if it saved none, None, or with
-    `where` (the checkpoint's name) a UserError."""
-    state = state_dict.get(prefix + "_extra_state")
-    if isinstance(state, dict) and "mlp" in state:
-        return MLPDenoiser(**state["mlp"])
-    if isinstance(state, dict) and "unet_config" in state:
-        return unet.from_state_dict(state_dict, prefix)
-    if where is not None:
-        raise UserError(f"{where} does not say how to rebuild its denoiser (written before "
-                        "denoisers saved their architecture: load it through its script)")
-    return None
-
-
 def load_model(path, script=None):
-    """The trained DiffusionModel of a checkpoint either script wrote (or `script` alone), in
-    eval mode, on the CPU."""
-    ckpt = load_checkpoint(path, script)
-    return model_from_checkpoint(ckpt, rebuild_denoiser(ckpt["state_dict"], where=path))
+    """The trained DiffusionModel of a checkpoint either script wrote, in eval mode, on the CPU."""
+    return model_from_checkpoint(load_checkpoint(path, script), path)
 
 
-def model_from_checkpoint(ckpt, denoiser):
-    """The trained DiffusionModel of a loaded checkpoint around `denoiser` (its architecture, with
-    any weights), in eval mode."""
-    model = DiffusionModel(denoiser, **ckpt["hyper_parameters"])
+def model_from_checkpoint(ckpt, path="the checkpoint"):
+    """The trained DiffusionModel of a loaded checkpoint (its denoiser rebuilt from its record),
+    in eval mode."""
+    record = ckpt.get("denoiser")
+    try:
+        denoiser = denoisers.rebuild(record, path)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
+    model = DiffusionModel(denoiser, record=record, **ckpt["hyper_parameters"])
     model.load_state_dict(ckpt["state_dict"])
-    model.on_load_checkpoint(ckpt)  # a fitted proposal, if it has one
-    return unet.with_fallback(model).eval()
+    model.on_load_checkpoint(ckpt)
+    return model.eval()
 
 
 def checkpoint_args(script):
@@ -282,23 +302,21 @@ def checkpoint_names(paths):
 # ---------------------------------------------------------------------------------------------
 # The summary of a run
 # ---------------------------------------------------------------------------------------------
-# The summary's lines in the order they print; a script adds its own by name (Experiment.summary)
 SUMMARY_LINES = ("title", "validation", "gaussian", "exact", "information", "accuracy", "curve",
                  "suggested", "proposal", "contours", "logs", "checkpoint", "figures", "view")
 
 
 def summarize(trainer, model, curve, values, start):
-    """The end of a run as a dict: validation E[-log p] beside the baselines (callbacks.Baselines:
-    the Gaussian's, the exact one where known), where the last MSE curve stands against the
-    Gaussian MMSE and what it suggests, where things went."""
+    """The end of a run as a dict: validation E[-log p] beside the baselines, where the last MSE
+    curve stands against the Gaussian MMSE and what it suggests, where things went."""
     metrics, log_dir = trainer.callback_metrics, trainer.logger.log_dir
     s = dict(epochs=trainer.current_epoch, steps=trainer.global_step,
              wall_time_s=time.time() - start, run_dir=shown_path(log_dir),
              checkpoint=shown_path(trainer.checkpoint_callbacks[0].best_model_path),
              best_checkpoint=shown_path(trainer.checkpoint_callbacks[1].best_model_path),
              val_nll=float(metrics["val_loss"]), val_nll_stderr=float(metrics["val_loss_stderr"]),
-             d=model.d, **values)
-    if isinstance(model.proposal, FittedProposal):  # --fit_proposal
+             d=model.d, conditional=model.num_classes is not None, **values)
+    if isinstance(model.proposal, FittedProposal):
         s["proposal"] = dict(model.proposal.state(), moved=model.proposal.moved())
     if curve.last is not None:
         c = curve.last
@@ -308,11 +326,10 @@ def summarize(trainer, model, curve, values, start):
     return s
 
 
-def summary_lines(s, extra=None):
-    """The summary as text: the named lines of a summarize() dict and the script's `extra` ones,
-    in SUMMARY_LINES order (names it does not know go before the paths)."""
+def summary_lines(s):
+    """The summary as text: its named lines in SUMMARY_LINES order."""
     bpd = utils.nats_to_bpd(s["val_nll"], s["d"])
-    given = "(x | y)" if "val_mi" in s else ""  # a conditional model's val_loss is -log p(x | y)
+    given = "(x | y)" if s.get("conditional") else "(x)"
     lines = dict(title=f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in "
                        f"{s['wall_time_s']:.1f} s",
                  validation=f"  validation E[-log p{given}] = {s['val_nll']:.4f} +- "
@@ -325,9 +342,8 @@ def summary_lines(s, extra=None):
                       f"{shlex.quote(os.path.dirname(s['run_dir']) or '.')}")
     if "val_nll_exact" in s:
         outside = s["exact_outside_support"]
-        exact = s["val_nll_exact"]
-        lines["exact"] = (f"  exact value on the validation set = {exact:.4f} nats (gap "
-                          f"{s['val_nll'] - exact:+.4f}"
+        lines["exact"] = (f"  exact E[-log p{given}] on the validation set = {s['val_nll_exact']:.4f} "
+                          f"nats (gap {s['val_nll'] - s['val_nll_exact']:+.4f}"
                           f"{f'; {outside} points outside the support left out' if outside else ''})")
     if "val_mi" in s:
         exact = (f" (exact on these points {s['val_mi_exact']:.4f} +- "
@@ -351,198 +367,183 @@ def summary_lines(s, extra=None):
     if "proposal" in s:
         lines["proposal"] = (f"  log-SNR proposal fitted to the model: "
                              f"{100 * s['proposal']['moved']:.0f}% of the logistic's mass moved")
-    lines.update(extra or {})
-    order = list(SUMMARY_LINES)
-    order[order.index("logs"):order.index("logs")] = [k for k in lines if k not in order]
-    return "\n".join(lines[k] for k in order if k in lines)
+    if "contour_cells" in s:
+        lines["contours"] = (f"  density contours: {s['contour_cells']} cells shown, standard "
+                             f"error median {s['contour_stderr_median']:.3f}, max "
+                             f"{s['contour_stderr_max']:.3f} nats")
+        lines["figures"] = f"  figures:     {shlex.quote(s['figures'])}"
+    return "\n".join(lines[k] for k in SUMMARY_LINES if k in lines)
 
 
 # ---------------------------------------------------------------------------------------------
-# The experiment: one driver per mode
+# The drivers
 # ---------------------------------------------------------------------------------------------
-class Experiment:
-    """The runs of one script. `main(argv)` parses the command line and either trains (`train`)
-    or evaluates checkpoints (`evaluate`, --eval_only). A script subclasses it and provides:
+def new_model(args, data, denoiser=None, record=None):
+    """The DiffusionModel of a run's arguments for the data's samples (and labels), around
+    `denoiser` (default: a new one from --denoiser: denoisers.from_args)."""
+    if denoiser is None:
+        denoiser, record, _ = denoisers.from_args(args, data)
+    return DiffusionModel(
+        denoiser, x_shape=data.x_shape, learning_rate=args.learning_rate,
+        logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale, clip=args.clip,
+        gaussian_residual=args.gaussian_residual, val_npoints=args.val_npoints,
+        lr_schedule=args.lr_schedule, seed=args.seed, num_classes=data.num_classes,
+        label_dropout=args.label_dropout, record=record)
 
-    - `script`, `parse_args` (its command line: cli.parse with its DEFAULTS), `defaults` (those
-      DEFAULTS), `data_keys` (the run arguments that fix its evaluation data) and `older` (values
-      of flags its checkpoints may predate);
-    - `data(args, evaluation)`: its LightningDataModule (a datasets.DataSource);
-    - `denoiser(args, data)`: a new denoiser (a checkpoint's is rebuilt from the architecture
-      it saved, rebuild_denoiser, or for older ones from its run arguments);
-    - optionally `prepare`, `callbacks` (its figures), `trainer_kwargs`, `describe`, `summary`
-      (its lines, by name) and `pretrained` (a model evaluated without a checkpoint).
-    """
 
-    script = None
-    parse_args = None
-    defaults = {}
-    data_keys = ("dataset", "seed")
-    older = {}
-
-    # -- what a script provides
-    def data(self, args, evaluation=False):
-        raise NotImplementedError
-
-    def denoiser(self, args, data):
-        raise NotImplementedError
-
-    def rebuild(self, ckpt, where="the checkpoint"):
-        """The checkpoint's denoiser, with random weights; for a script with `older` defaults,
-        a checkpoint from before denoisers saved their architecture gets the one its run
-        arguments build."""
-        if not self.older:
-            return rebuild_denoiser(ckpt["state_dict"], where=where)
-        denoiser = rebuild_denoiser(ckpt["state_dict"])
-        return denoiser or self.denoiser(argparse.Namespace(**dict(self.older, **ckpt["run_args"])),
-                                         None)
-
-    def prepare(self, args):
-        """Process settings, before anything else."""
-
-    def callbacks(self, args, data, curve):
-        return []
-
-    def trainer_kwargs(self, args):
-        return {}
-
-    def describe(self, args, trainer, model, values):
+def train(args, family):
+    """Trains a new run, or resumes one (--resume): TensorBoard logs, checkpoints, figures, and
+    the summary printed and written to summary.json (global rank 0, which returns it)."""
+    start = time.time()
+    args.resume = requeued_checkpoint(args.log_dir, args.resume) or args.resume
+    ckpt = load_checkpoint(args.resume, family.script) if args.resume else None
+    run = resumed_run_dir(args.resume, ckpt and ckpt.get("run_dir"))
+    if ckpt is not None:
+        _check_unfinished(ckpt, args)
+        if run is None and ckpt.get("run_dir"):
+            print(f"note: the run folder {shown_path(ckpt['run_dir'])} of {args.resume} no longer "
+                  f"exists: the resumed run continues in a new folder under {args.log_dir}",
+                  flush=True)
+    pl.seed_everything(args.seed, verbose=False)  # before any random initialisation
+    data = family.data(args)
+    _check_missing(data)
+    if ckpt is not None:
+        _check_shape(ckpt, data, args.resume)
+        data.resumed_steps = ckpt["global_step"]
+        model = model_from_checkpoint(ckpt, args.resume).train()
+    else:
+        model = new_model(args, data)
+    baselines = cb.Baselines(lambda *a: family.describe and family.describe(args, *a),
+                             fit=ckpt is None)
+    curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
+    extra = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
+    extra += family.callbacks(args, data, curve)
+    trainer = make_trainer(args, family.script, [baselines, curve, *extra],
+                           run=run or f"{data.name}-{args.experiment_name}",
+                           max_epochs=args.num_epochs, max_steps=args.max_steps,
+                           check_val_every_n_epoch=args.val_every, **family.trainer)
+    fit(trainer, model, data, args.resume)
+    if not trainer.is_global_zero:
         return None
+    s = dict(dataset=data.name, **summarize(trainer, model, curve, baselines.values, start))
+    for callback in extra:
+        s.update(getattr(callback, "values", {}), **getattr(callback, "results", {}))
+    s["args"] = vars(args)
+    with open(os.path.join(trainer.logger.log_dir, "summary.json"), "w") as f:
+        json.dump(s, f, indent=1)
+    print(summary_lines(s))
+    return s
 
-    def summary(self, args, s):
-        """Extra summary keys (added to s) and lines {name: text}."""
-        return {}
 
-    def pretrained(self, args, data):
-        """(model, name) evaluated as it is when --eval_only has no --ckpt."""
-        raise NotImplementedError
-
-    # -- the drivers
-    def main(self, argv=None):
-        args = self.parse_args(argv, checkpoint_args(self.script))
-        self.prepare(args)
-        return self.evaluate(args) if args.eval_only else self.train(args)
-
-    def model(self, args, denoiser, data):
-        """The DiffusionModel of a run's arguments around `denoiser`, for the data's samples (and
-        labels, for a conditional run)."""
-        return unet.with_fallback(DiffusionModel(
-            denoiser, x_shape=data.x_shape, learning_rate=args.learning_rate,
-            logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale, clip=args.clip,
-            gaussian_residual=args.gaussian_residual, val_npoints=args.val_npoints,
-            lr_schedule=args.lr_schedule, seed=args.seed, num_classes=data.num_classes,
-            label_dropout=args.label_dropout))
-
-    def from_checkpoint(self, ckpt, data, path):
-        """The trained model of a loaded checkpoint, in eval mode, checked against the data."""
-        _check_shape(ckpt, data, path)
-        return model_from_checkpoint(ckpt, self.rebuild(ckpt, path))
-
-    def train(self, args):
-        """Trains a new run, or resumes one (--resume): TensorBoard logs, checkpoints, figures, and
-        the summary printed and written to summary.json (global rank 0, which returns it)."""
-        start = time.time()
-        # a requeued job continues where it stopped, also when its command resumes an older point
-        args.resume = requeued_checkpoint(args.log_dir, args.resume) or args.resume
-        ckpt = load_checkpoint(args.resume, self.script) if args.resume else None
-        run = resumed_run_dir(args.resume, ckpt and ckpt.get("run_dir"))
-        if ckpt is not None:
-            _check_unfinished(ckpt, args)
-            if run is None and ckpt.get("run_dir"):
-                print(f"note: the run folder {shown_path(ckpt['run_dir'])} of {args.resume} no longer "
-                      f"exists: the resumed run continues in a new folder under {args.log_dir}",
+def evaluate(args, family):
+    """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
+    data-matched Gaussian) on their run's validation data, or on every sample of --data, through
+    a Trainer built from the device flags; printed and written as JSON by global rank 0 (never
+    over an existing file), every sample's values to --per_sample. Without --ckpt, the family's
+    pretrained model as it is."""
+    start, scored, files = time.time(), None, None
+    if args.ckpt:
+        ckpts = [load_checkpoint(path, family.script) for path in args.ckpt]
+        run_args = argparse.Namespace(**dict(vars(args), **checkpoints_data(args, ckpts,
+                                                                              family.data_keys)))
+        models = [model_from_checkpoint(c, p) for c, p in zip(ckpts, args.ckpt)]
+        data = family.data(run_args, evaluation=True) if not args.data else None
+        if args.data:  # every sample of the file scored; the run's own data for the selection
+            whole = family.data(argparse.Namespace(**dict(vars(run_args), data=args.data)),
+                                evaluation=True, whole=True)
+            whole.setup()
+            scored, files = (whole.eval_data()[0], whole.eval_labels()), whole.files
+            try:
+                data = family.data(run_args, evaluation=True)
+            except (FileNotFoundError, ValueError):
+                print(f"note: the data {run_args.data or run_args.dataset} the run was trained on "
+                      f"is not here: the selection pass uses {args.data} itself, so the ensemble "
+                      "and rounding rows are chosen on the scored samples", flush=True)
+                data = whole
+        _check_missing(data)
+        for c, p in zip(ckpts, args.ckpt):
+            _check_shape(c, whole if args.data else data, p)
+        names = checkpoint_names(args.ckpt)
+        info = dict(script=family.script, dataset=data.name, scored=args.data)
+        path = evaluation.results_path(args.results, ckpt=args.ckpt[0])
+    else:
+        data = family.data(args, evaluation=True)
+        _check_missing(data)
+        model, name = family.pretrained(args, data)
+        data.prepare_data()
+        data.setup()
+        models, names = [model.fit_reference(data.reference_data()).eval()], [name]
+        info = dict(script=family.script, dataset=data.name, pretrained=args.pretrained)
+        path = evaluation.results_path(args.results, name=name, folder=args.log_dir)
+    trainer = make_trainer(args, inference_mode=True, enable_model_summary=False,
+                           enable_checkpointing=False, callbacks=[cb.Interrupted()])
+    if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
+        raise UserError(f"--strategy {args.strategy}: evaluation keeps its selection between "
+                        "two passes, which spawned processes lose; use --strategy ddp (or "
+                        "torchrun, SLURM)")
+    ode_settings = ode.settings(args.ode_trace, models[0].d, args.ode_probes,
+                                args.ode_tol) if args.ode else None
+    ev = evaluation.Evaluation(models, names, data, scored, args.seed, args.npoints,
+                               args.eval_batch_size, args.select_fraction, vb_steps=args.vb_steps,
+                               proposal=args.eval_proposal, ode=ode_settings,
+                               limit=args.eval_samples)
+    outputs = [p for p in (path, args.per_sample) if p]
+    if trainer.is_global_zero:
+        for output in outputs:
+            evaluation.claim_results_file(output)
+        for ckpt in args.ckpt or []:
+            if os.path.basename(ckpt).startswith("best"):
+                print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
+                      "is now scored on, so its numbers are optimistic; last.ckpt is not",
                       flush=True)
-        run = run or f"{args.dataset}-{args.experiment_name}"
-        pl.seed_everything(args.seed, verbose=False)  # before any random initialisation
-        data = self.data(args)
-        if ckpt is not None:
-            _check_shape(ckpt, data, args.resume)
-            data.resumed_steps = ckpt["global_step"]
-        model = self.model(args, self.rebuild(ckpt, args.resume) if ckpt else self.denoiser(args, data),
-                           data)
-        baselines = cb.Baselines(functools.partial(self.describe, args), fit=ckpt is None)
-        curve = viz.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
-        labels = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
-        trainer = make_trainer(
-            args, self.script, [baselines, curve, *labels, *self.callbacks(args, data, curve)],
-            run=run,
-            max_epochs=args.num_epochs, check_val_every_n_epoch=args.val_every,
-            **self.trainer_kwargs(args))
-        fit(trainer, model, data, args.resume)
-        if not trainer.is_global_zero:
-            return None
-        values = dict(baselines.values, **(labels[0].values if labels else {}))
-        s = dict(dataset=args.dataset, **summarize(trainer, model, curve, values, start))
-        extra = self.summary(args, s)
-        s["args"] = vars(args)
-        with open(os.path.join(trainer.logger.log_dir, "summary.json"), "w") as f:
-            json.dump(s, f, indent=1)
-        print(summary_lines(s, extra))
-        return s
-
-    def evaluate(self, args):
-        """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
-        data-matched Gaussian) on their run's validation data, through a Trainer built from the
-        device flags; printed and written as JSON by global rank 0 (never over an existing file).
-        Without --ckpt, the script's pretrained model as it is."""
-        start = time.time()
-        if args.ckpt:
-            ckpts = [load_checkpoint(path, self.script) for path in args.ckpt]
-            saved = checkpoints_data(args, ckpts, self.data_keys, self.defaults, self.older)
-            data = self.data(argparse.Namespace(**dict(vars(args), **saved)), evaluation=True)
-            _check_data(data)
-            models = [self.from_checkpoint(c, data, p) for c, p in zip(ckpts, args.ckpt)]
-            names, info = checkpoint_names(args.ckpt), dict(script=self.script,
-                                                            dataset=saved["dataset"])
-            path = evaluation.results_path(args.results, ckpt=args.ckpt[0])
-        else:
-            data = self.data(args, evaluation=True)
-            _check_data(data)
-            model, name = self.pretrained(args, data)
-            models, names = [model.eval()], [name]
-            info = dict(script=self.script, dataset=args.dataset, pretrained=args.pretrained)
-            path = evaluation.results_path(args.results, name=name, folder=args.log_dir)
-        trainer = make_trainer(args, inference_mode=True, enable_model_summary=False,
-                               enable_checkpointing=False,
-                               callbacks=[cb.Interrupted()])
-        if type(trainer.strategy.launcher).__name__ == "_MultiProcessingLauncher":
-            raise UserError(f"--strategy {args.strategy}: evaluation keeps its selection between "
-                            "two passes, which spawned processes lose; use --strategy ddp (or "
-                            "torchrun, SLURM)")
-        ode_settings = ode.settings(args.ode_trace, models[0].d, args.ode_probes,
-                                    args.ode_tol) if args.ode else None
-        ev = evaluation.Evaluation(models, names, data, args.seed, args.npoints,
-                                   args.eval_batch_size, args.select_fraction,
-                                   fit_reference=not args.ckpt, vb_steps=args.vb_steps,
-                                   proposal=args.eval_proposal, ode=ode_settings)
-        if trainer.is_global_zero:
-            evaluation.claim_results_file(path)
-            for ckpt in args.ckpt or []:
-                if os.path.basename(ckpt).startswith("best"):
-                    print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
-                          "is now scored on, so its numbers are optimistic; last.ckpt is not",
-                          flush=True)
-        try:
-            with cb.stop_at_once():
-                ev.run(trainer)
-        except BaseException:
-            if trainer.is_global_zero and os.path.exists(path):
-                os.remove(path)  # nothing half-written stays behind
-            raise
+    try:
+        with cb.stop_at_once():
+            ev.run(trainer)
         results = ev.results(info, args.ckpt or [], time.time() - start)
         if trainer.is_global_zero:
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
-            print(evaluation.format_results(results["rows"], results["header"]))
-            print(f"written to {shown_path(path)}")
-        return dict(results, per_sample=ev.per_sample, path=path)
+            write_file(path, json.dumps(results, indent=1))
+            if args.per_sample:
+                header, rows = evaluation.per_sample_table(ev, files)
+                write_file(args.per_sample, _csv([header, *rows]))
+    except BaseException:
+        if trainer.is_global_zero:
+            for output in outputs:  # nothing half-written stays behind
+                if os.path.exists(output):
+                    os.remove(output)
+        raise
+    if trainer.is_global_zero:
+        print(evaluation.format_results(results["rows"], results["header"]))
+        print(f"written to {shown_path(path)}"
+              + (f"; every sample's values to {shown_path(args.per_sample)}" if args.per_sample else ""))
+    return dict(results, per_sample=ev.per_sample, path=path)
+
+
+def _csv(rows):
+    with tempfile.SpooledTemporaryFile(mode="w+", newline="") as f:
+        csv.writer(f).writerows(rows)
+        f.seek(0)
+        return f.read()
+
+
+def write_file(path, text):
+    """Writes text to path through a temporary file in the same folder, then renames it: a file
+    is never left half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _check_unfinished(ckpt, args):
     """A UserError if the checkpoint to resume holds the whole run already."""
     epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-    max_steps = getattr(args, "max_steps", -1)
-    if epochs >= args.num_epochs or 0 < max_steps <= ckpt["global_step"]:
+    if epochs >= args.num_epochs or 0 < args.max_steps <= ckpt["global_step"]:
         raise UserError(f"already finished: {args.resume} holds all {epochs} epochs "
                         f"({ckpt['global_step']} steps) of its run; evaluate it with "
                         f"--eval_only --ckpt {shlex.quote(args.resume)}")
@@ -555,19 +556,18 @@ def _check_shape(ckpt, data, path):
                         f"{tuple(data.x_shape)}")
 
 
-def _check_data(data):
-    """A UserError if the data is neither here nor to be downloaded (datasets.Images.missing)."""
-    problem = data.missing() if hasattr(data, "missing") else None
+def _check_missing(data):
+    """A UserError if the data is neither here nor to be downloaded."""
+    problem = data.missing()
     if problem:
         raise UserError(problem)
 
 
-def checkpoints_data(args, ckpts, keys, defaults, older=None):
-    """The run arguments that fix the evaluation data (`older` for checkpoints that predate one),
-    checked to agree across checkpoints and with --dataset; flags left unset take the
-    checkpoints' dataset's defaults."""
+def checkpoints_data(args, ckpts, keys):
+    """The run arguments that fix the evaluation data, checked to agree across checkpoints and
+    with --dataset."""
     def saved(ckpt):
-        return {k: ckpt["run_args"].get(k, (older or {}).get(k)) for k in keys}
+        return {k: ckpt["run_args"].get(k) for k in keys}
     first = saved(ckpts[0])
     for path, ckpt in zip(args.ckpt[1:], ckpts[1:]):
         other = saved(ckpt)
@@ -577,8 +577,9 @@ def checkpoints_data(args, ckpts, keys, defaults, older=None):
                             "an ensemble needs one data set")
     if args.dataset is not None and args.dataset != first["dataset"]:
         raise UserError(f"--dataset {args.dataset}, but {args.ckpt[0]} was trained on "
-                        f"{first['dataset']}")
-    for key, value in defaults[first["dataset"]].items():
+                        f"{first['dataset'] or first.get('data')}")
+    run_args = ckpts[0]["run_args"]
+    for key, value in run_args.items():  # the settings the run was trained with
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return first

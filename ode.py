@@ -1,23 +1,12 @@
-"""-log p(x) of the density a denoiser's probability-flow ODE defines (DiffusionModel.nll_ode),
-the likelihood most diffusion papers report, beside the information-theoretic estimate.
+"""-log p(x) of the density a denoiser's probability-flow ODE defines, the likelihood most
+diffusion papers report, beside the information-theoretic estimate.
 
-In y = z / sqrt(s(a)) the channel is y = x + sigma eps with sigma = e^(-a/2), and the flow
-dy/d sigma = eps_hat(sqrt(s(a)) y, a) carries the data's density to the noise's; along it
-d log p / d sigma = -sqrt(s(a)) div_z eps_hat. Over the model's log-SNR range [a_lo, a_hi] the
-flow is integrated numerically in sigma (as k-diffusion does: 25% fewer evaluations than in log
-SNR for the same error in 2-D); beyond it the denoiser is the Gaussian reference's exact one,
-whose flow is linear, so both ends are closed forms (docs/maths.md):
-
-    -log p(x) = -log N(y(a_lo); m, Sigma + e^(-a_lo) I) - Int sqrt(s(a)) div_z eps_hat d sigma
-                - 1/2 sum_i log(1 + e^(-a_hi) / lambda_i),
-    y(a_hi) = m + U diag(sqrt(1 + e^(-a_hi) / lambda_i)) U^T (x - m).
-
-The solver is Dormand-Prince 5(4) (the pair of scipy's RK45, which score_sde's likelihood uses,
-and of torchdiffeq's dopri5) written for a batch whose samples each keep their own step size:
-every stage is one batched denoiser call over the samples still integrating, and a sample's
-steps depend on its own errors alone (not on the others in its batch or process), on any
-device. A float32 denoiser's rounding still differs a little with the batch's size, and an
-adaptive step can turn that into a difference up to the tolerance.
+In y = z / sqrt(s(a)) the flow dy/d sigma = eps_hat(sqrt(s(a)) y, a), sigma = e^(-a/2), carries
+the data's density to the noise's, with d log p / d sigma = -sqrt(s(a)) div_z eps_hat. Over the
+log-SNR range it is integrated numerically in sigma; beyond it the denoiser is the Gaussian
+reference's, whose flow is linear, so both ends are closed forms (docs/maths.md). The solver is
+Dormand-Prince 5(4) with a step size per sample: every stage is one batched denoiser call, and a
+sample's steps follow its own errors alone (docs/likelihoods.md).
 """
 import math
 
@@ -50,39 +39,42 @@ _PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed
 def divergence(fn, z, trace="exact", probes=None):
     """(fn(z), div_z fn(z)) per sample for a map acting on each sample alone: exact (one
     vector-Jacobian product per dimension) or Hutchinson's v^T J v averaged over `probes`
-    (K, B, d) Rademacher vectors."""
+    (K, B, d) Rademacher vectors; 0 where fn does not depend on z."""
     with t.inference_mode(False), t.enable_grad():  # also under Trainer(inference_mode=True)
         z = z.clone().requires_grad_(True)
         out = fn(z)
         flat = out.flatten(1)
+        if not flat.requires_grad:  # a constant map
+            return out.detach(), t.zeros(len(z), dtype=out.dtype, device=z.device)
+
+        def vjp(v, retain):
+            return t.autograd.grad(flat, z, v, retain_graph=retain, materialize_grads=True)[0].flatten(1)
         if trace == "exact":
-            div = sum(t.autograd.grad(flat[:, i].sum(), z, retain_graph=i + 1 < flat.shape[1])[0]
-                      .flatten(1)[:, i] for i in range(flat.shape[1]))
+            eye = t.eye(flat.shape[1], dtype=flat.dtype, device=z.device)
+            div = sum(vjp(eye[i].expand_as(flat), i + 1 < flat.shape[1])[:, i]
+                      for i in range(flat.shape[1]))
         else:
-            div = sum((t.autograd.grad(flat, z, v.to(flat.dtype).view_as(flat),
-                                       retain_graph=k + 1 < len(probes))[0].flatten(1) * v).sum(1)
+            div = sum((vjp(v.to(flat.dtype).view_as(flat), k + 1 < len(probes)) * v).sum(1)
                       for k, v in enumerate(probes)) / len(probes)
     return out.detach(), div.detach()
 
 
-def nll_ode(model, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, index=None,
-            max_steps=10000):
-    """-log p(x) in nats per sample of the density model's probability-flow ODE defines (the
-    model over its proposal's range, the reference's exact denoiser beyond), and info: {"nfe":
-    (B,) denoiser evaluations per sample (each with its divergence), "trace", "probes", "rtol",
-    "atol", "logsnr_range"}. Hutchinson's probes are named by (seed, index, probe, dimension), so
-    a sample's value does not depend on its batch; with trace="exact" nothing is random."""
+def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5,
+            seed=None, index=None, max_steps=10000):
+    """-log p(x) in nats per sample of the density the probability-flow ODE defines (the
+    denoiser over logsnr_range, the reference's beyond), and info: {"nfe": (B,) denoiser
+    evaluations per sample (each with its divergence), "trace", "probes", "rtol", "atol",
+    "logsnr_range"}. Hutchinson's probes are named by (seed, index, probe, dimension)."""
     if trace not in TRACES:
         raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"need rtol > 0 and atol > 0, got {rtol}, {atol}")
-    x = model._data(x)
-    ref, (a_lo, a_hi), dtype = model.reference, model.proposal.range, x.dtype
-    b, d, dev = len(x), model.d, x.device
+    if not (0 < rtol < 1 and 0 < atol < 1):
+        raise ValueError(f"the ODE's tolerances must be in (0, 1), got rtol {rtol}, atol {atol}")
+    ref, (a_lo, a_hi), dtype = reference, logsnr_range, x.dtype
+    b, d, dev = len(x), x[0].numel(), x.device
     lam, m = ref.eigvals.double(), ref.mean.double()
     # the Gaussian's flow from a = +inf down to a_hi, in closed form
     gain = (1 + math.exp(-a_hi) / lam).sqrt()
-    y = m + ref._unrotate(ref._rotate(x.double().flatten(1) - m) * gain)
+    y = m + ref.unrotate(ref.rotate(x.double().flatten(1) - m) * gain)
     log_det = 0.5 * (1 + math.exp(-a_hi) / lam).log().sum()
     probe_vectors = None
     if trace == "hutchinson":
@@ -100,9 +92,9 @@ def nll_ode(model, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, 
         sigma = sigma_lo + s
         a = -2 * sigma.log()
         alpha = t.sigmoid(a).sqrt()
-        z = (alpha.unsqueeze(1) * state[:, :d]).to(dtype).view((-1,) + model.x_shape)
+        z = (alpha.unsqueeze(1) * state[:, :d]).to(dtype).view((-1,) + x.shape[1:])
         pr = None if probe_vectors is None else probe_vectors[:, rows].to(dtype)
-        eps, div = divergence(lambda zz: model.forward(zz, a.to(dtype)), z, trace, pr)
+        eps, div = divergence(lambda zz: denoiser(zz, a.to(dtype)), z, trace, pr)
         return t.cat([eps.flatten(1).double(), (alpha * div.double()).unsqueeze(1)], 1)
 
     state = t.cat([y, t.zeros(b, 1, dtype=t.float64, device=dev)], 1)
@@ -110,7 +102,7 @@ def nll_ode(model, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5, seed=None, 
     y_end, integral = state[:, :d], state[:, d]
     # the Gaussian's marginal at a_lo: N(m, Sigma + e^(-a_lo) I)
     var = lam + math.exp(-a_lo)
-    r = ref._rotate(y_end - m)
+    r = ref.rotate(y_end - m)
     nll_end = 0.5 * (d * utils.LOG_2PI + var.log().sum() + (r ** 2 / var).sum(1))
     nll = nll_end - integral - log_det
     info = dict(nfe=nfe, trace=trace, probes=probes if trace == "hutchinson" else None,

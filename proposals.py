@@ -271,26 +271,19 @@ class FittedProposal(LogisticProposal):
 # ---------------------------------------------------------------------------------------------
 # The log-SNR range from a covariance spectrum or a measured MSE curve
 # ---------------------------------------------------------------------------------------------
-SPECTRUM_RULES = {"moment": 3 / math.pi ** 2, "paper": 3 / math.pi}
+SPECTRUM_VARIANCE = 3 / math.pi  # c of spectrum_logsnr_params (docs/maths.md)
 
 
-def spectrum_logsnr_params(eigvals, rule="paper", margin=8., min_clip=4.):
-    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues lambda_i (e.g. a fitted
-    GaussianReference's eigvals).
-
-    loc = -mean_i log lambda_i (the mean of the Gaussian MSE curve's density over a);
-    scale = sqrt(1 + c Var(log lambda)) with c = 3/pi ("paper", the default: lower estimator
-    variance in tests/test_spectrum.py) or 3/pi^2 ("moment": the variance of that density);
-    clip reaches `margin` beyond the outermost crossings -log lambda_i.
-    """
-    if rule not in SPECTRUM_RULES:
-        raise ValueError(f"rule must be one of {sorted(SPECTRUM_RULES)}, got {rule!r}")
+def spectrum_logsnr_params(eigvals, margin=8., min_clip=4.):
+    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues lambda_i: loc = -mean log
+    lambda_i, scale = sqrt(1 + c Var(log lambda)), clip reaching `margin` beyond the outermost
+    crossings -log lambda_i (docs/maths.md)."""
     lam = t.as_tensor(eigvals, dtype=t.float64).flatten()
     if lam.numel() == 0 or not t.isfinite(lam).all() or not (lam > 0).all():
         raise ValueError("eigenvalues must be finite and > 0")
     log = lam.log()
     var = log.var(unbiased=False).item() if lam.numel() > 1 else 0.
-    loc, scale = -log.mean().item(), math.sqrt(1 + SPECTRUM_RULES[rule] * var)
+    loc, scale = -log.mean().item(), math.sqrt(1 + SPECTRUM_VARIANCE * var)
     reach = max(-log.min().item() + margin - loc, loc + log.max().item() + margin)
     return loc, scale, max(min_clip, reach / scale)
 

@@ -1,15 +1,10 @@
-"""The diffusers U-Net adapter: a UNet2DModel as a denoiser eps_hat = denoiser(z, logsnr).
+"""The diffusers U-Net adapter: a UNet2DModel as a denoiser eps_hat = denoiser(z, logsnr[, y]).
 
-A log SNR becomes the continuous timestep at which the model's own schedule has it
-(docs/maths.md), and the output, whatever the scheduler's prediction_type (epsilon, v_prediction
-or sample), becomes the noise prediction. Outside the trained range (DDPM: -10.12 ... +9.21) the
-timestep is clamped ("clamp": the U-Net still sees how noisy z is, and fine-tuning teaches it
-those SNRs) or the data-matched Gaussian's optimal predictor takes over ("gaussian"); both are
-denoisers, so estimates stay upper bounds.
-
-`build` makes one from a hub id, a local folder or a small random U-Net sized for the data;
-`from_state_dict` rebuilds the one a checkpoint holds. Both end in UNetDenoiser, which checks
-what it is given once.
+A log SNR becomes the continuous timestep at which the model's own schedule has it, and the
+output, whatever the scheduler's prediction_type, becomes the noise prediction. Outside the
+trained range the timestep is clamped ("clamp") or the data-matched Gaussian's optimal predictor
+takes over ("gaussian"); both are denoisers, so estimates stay upper bounds (docs/images.md).
+`build` makes one from a hub id, a local folder or a small random U-Net sized for the data.
 """
 import contextlib
 import json
@@ -21,6 +16,7 @@ import warnings
 import torch as t
 
 import utils
+import cli
 from cli import UserError
 from denoisers import no_label_last
 
@@ -65,21 +61,16 @@ def logsnr_to_timestep(logsnr, table):
 
 
 class UNetDenoiser(t.nn.Module):
-    """denoiser(z, logsnr) -> eps_hat for a UNet2DModel with positional timestep embeddings, trained
-    on the schedule `alphas_cumprod` (default: DDPM, linear betas 1e-4..0.02, T = 1000) to predict
-    `prediction_type` (diffusers' scheduler names), converted to the noise with
-    alpha = sqrt(s(a)), sigma = sqrt(s(-a)) at the channel's own log SNR a:
-
-    - "epsilon": eps_hat = output;
-    - "v_prediction": v = alpha eps - sigma x, so eps_hat = sigma z + alpha v;
-    - "sample": x_hat = output, eps_hat = (z - alpha x_hat) / sigma (utils.eps_from_x).
-
-    The U-Net's config, the schedule and the prediction type travel in the module's state dict
-    (extra state), so a checkpoint alone rebuilds the architecture (`from_state_dict`).
-    """
+    """denoiser(z, logsnr[, y]) -> eps_hat for a UNet2DModel (or its config) with positional
+    timestep embeddings, trained on the schedule `alphas_cumprod` (default: DDPM's) to predict
+    `prediction_type` ("epsilon", "v_prediction" or "sample"), converted to the noise at the
+    channel's own log SNR. `config` holds what rebuilds it (denoisers.record)."""
 
     def __init__(self, unet, alphas_cumprod=None, outside="clamp", prediction_type="epsilon"):
         super().__init__()
+        if isinstance(unet, dict):  # a config (a checkpoint's record): random weights
+            from diffusers import UNet2DModel
+            unet = UNet2DModel.from_config(unet)
         if outside not in ("clamp", "gaussian"):
             raise ValueError(f"outside must be 'clamp' or 'gaussian', got {outside!r}")
         if prediction_type not in PREDICTION_TYPES:
@@ -108,12 +99,15 @@ class UNetDenoiser(t.nn.Module):
         self.logsnr_table = utils.schedule_logsnr(self.alphas_cumprod)
         self._tables = {}
 
+    @property
+    def config(self):
+        return dict(unet=_plain_config(self.unet.config), alphas_cumprod=self.alphas_cumprod.tolist(),
+                    outside=self.outside, prediction_type=self.prediction_type)
+
     def set_fallback(self, reference):
-        """Outside the trained range, eps_hat = reference.eps(z, a) (a utils.GaussianReference,
-        normally the DiffusionModel's own, data-matched one). Stored as a bound method so the
-        reference is not registered twice in the state dict. reference=None gives 0 there: the
-        fallback for a U-Net whose output is added to the Gaussian predictor
-        (DiffusionModel(gaussian_residual=True))."""
+        """Outside the trained range under outside="gaussian": reference.eps(z, a, y) (the model's
+        data-matched Gaussian, kept as a bound method so it is not registered twice), or 0 for
+        reference=None (a U-Net added to the Gaussian's prediction)."""
         self.fallback = _zero if reference is None else reference.eps
         return self
 
@@ -152,7 +146,7 @@ class UNetDenoiser(t.nn.Module):
             inside = ((logsnr >= lo) & (logsnr <= hi)).view((-1,) + (1,) * (z.dim() - 1))
             # The U-Net runs on the whole batch so that every parameter takes part in each step
             # (DDP requires it); rows outside the range take the Gaussian prediction.
-            eps = t.where(inside, eps, self.fallback(z, logsnr).to(eps.dtype))
+            eps = t.where(inside, eps, self.fallback(z, logsnr, y).to(eps.dtype))
         return eps
 
     def to_eps(self, z, logsnr, out):
@@ -167,25 +161,8 @@ class UNetDenoiser(t.nn.Module):
         a = utils.append_dims(logsnr.to(z.dtype), z.dim())  # v_prediction
         return t.sigmoid(-a).sqrt() * z + t.sigmoid(a).sqrt() * out
 
-    def get_extra_state(self):
-        return {"unet_config": _plain_config(self.unet.config),
-                "alphas_cumprod": self.alphas_cumprod.clone(), "outside": self.outside,
-                "prediction_type": self.prediction_type}
 
-    def set_extra_state(self, state):
-        if state["unet_config"] != _plain_config(self.unet.config):
-            raise ValueError("the checkpoint's U-Net config differs from this model's")
-        if state.get("outside", self.outside) != self.outside:
-            raise ValueError(f"the checkpoint's U-Net was trained with --outside "
-                             f"{state['outside']}, not {self.outside}")
-        saved = state.get("prediction_type", "epsilon")  # older checkpoints: epsilon
-        if saved != self.prediction_type:
-            raise ValueError(f"the checkpoint's U-Net predicts {saved!r}, this model's "
-                             f"{self.prediction_type!r}")
-        self._set_schedule(state["alphas_cumprod"])
-
-
-def _zero(z, logsnr):
+def _zero(z, logsnr, y=None):
     return t.zeros_like(z)
 
 
@@ -360,24 +337,15 @@ def with_class_embeddings(denoiser, num_classes):
     return denoiser
 
 
-def from_state_dict(state_dict, prefix="model."):
-    """The UNetDenoiser a DiffusionModel state dict holds (config, schedule, prediction type and
-    --outside travel as its extra state; checkpoints from before prediction types: "epsilon"),
-    with random weights: the caller loads them."""
-    from diffusers import UNet2DModel
-    try:
-        state = state_dict[prefix + "_extra_state"]
-    except KeyError:
-        raise UserError("the checkpoint holds no U-Net config (was it written by "
-                        "train_cifar10.py?)") from None
-    return UNetDenoiser(UNet2DModel.from_config(state["unet_config"]), state["alphas_cumprod"],
-                        state.get("outside", "clamp"), state.get("prediction_type", "epsilon"))
+def from_args(args, data):
+    """The U-Net of a run's flags (--pretrained, or a small one sized for the data) and where it
+    came from; the hub is asked only when allowed and reachable."""
+    from proposals import LogisticProposal
 
-
-def with_fallback(model):
-    """A DiffusionModel, with a UNetDenoiser's fallback outside its trained range set for
-    outside="gaussian": the model's data-matched Gaussian, or 0 for a residual U-Net (it adds
-    nothing to the Gaussian there); other denoisers as they are."""
-    if getattr(model.model, "outside", None) == "gaussian":
-        model.model.set_fallback(None if model.hparams.gaussian_residual else model.reference)
-    return model
+    def online():
+        from huggingface_hub import constants
+        return (not args.offline and not constants.HF_HUB_OFFLINE
+                and cli.reachable(constants.ENDPOINT))
+    logsnrs = LogisticProposal(args.logsnr_loc, args.logsnr_scale, args.clip).range
+    return build(args.pretrained, data.x_shape, logsnrs, args.from_scratch, args.unet_width,
+                 args.outside, args.gaussian_residual, online, data.num_classes)

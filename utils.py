@@ -169,114 +169,171 @@ def keyed_sobol(seed, set_keys, point, n, dims, device=None):
 # Gaussian reference
 # ---------------------------------------------------------------------------------------------
 class GaussianReference(t.nn.Module):
-    """q = N(mean, U diag(eigvals) U^T) over flattened x, with everything about it in closed form.
+    """q = N(mean, U diag(eigvals) U^T) over flattened x, everything about it in closed form
+    (docs/maths.md). With num_classes it also holds one Gaussian per label, q(x | y): every method
+    taking labels y (-1: none) uses each sample's own. `eigvecs` of shape (0,) means U = I (the
+    default N(0, I)); loading a state dict adopts its shapes."""
 
-    `eigvecs` of shape (0,) means U = I (an axis-aligned reference, the default N(0, I)). The
-    buffers are saved in checkpoints; loading adopts the checkpoint's shapes.
-    """
-
-    def __init__(self, d):
+    def __init__(self, d, num_classes=None):
         super().__init__()
-        self.d = int(d)
+        self.d, k = int(d), num_classes or 0
         self.register_buffer("mean", t.zeros(self.d))
         self.register_buffer("eigvals", t.ones(self.d))
         self.register_buffer("eigvecs", t.zeros(0))
+        self.register_buffer("class_mean", t.zeros(k, self.d))
+        self.register_buffer("class_eigvals", t.ones(k, self.d))
+        self.register_buffer("class_eigvecs", t.zeros(0))
 
     @t.no_grad()
-    def fit(self, x, min_eigval=1e-6, diagonal=False):
-        """Moment-match q to data x (n, ...): mean and covariance eigen-decomposition, in float64.
-
-        With n < 10 d the sample covariance is noisy (singular for n <= d), so Ledoit-Wolf
-        shrinkage (scikit-learn) is used instead (docs/maths.md); eigenvalues are floored at min_eigval * their mean so that directions in
-        which the data does not vary (a pixel always black) keep a finite density.
-        """
+    def fit(self, x, y=None, min_eigval=1e-6, diagonal=False):
+        """Moment-match q to data x (n, ...) in float64, and each class's q(x | k) to its samples
+        where labels y are given: Ledoit-Wolf shrinkage below 10 samples per dimension,
+        eigenvalues floored at min_eigval times their mean (docs/maths.md)."""
         x = x.detach().flatten(1).to("cpu", t.float64)
-        n, d = x.shape
-        if d != self.d:
-            raise ValueError(f"reference data has {d} dimensions per sample, expected {self.d}")
-        if n < 2:
-            raise ValueError(f"need at least 2 samples to fit a Gaussian reference, got {n}")
+        if x.shape[1] != self.d:
+            raise ValueError(f"reference data has {x.shape[1]} dimensions per sample, expected {self.d}")
         if not t.isfinite(x).all():
             raise ValueError("reference data contains non-finite values")
-        mean = x.mean(0)
-        xc = x - mean
-        if diagonal:
-            eigvals, eigvecs = xc.var(0), t.zeros(0, dtype=t.float64)
-        else:
-            if n < 10 * d:
-                from sklearn.covariance import ledoit_wolf
-                cov = t.from_numpy(ledoit_wolf(xc.numpy(), assume_centered=True)[0])
-            else:
-                cov = xc.T @ xc / (n - 1)
-            eigvals, eigvecs = t.linalg.eigh(cov)
-        eigvals = eigvals.clamp_min(min_eigval * eigvals.clamp_min(0).mean().clamp_min(1e-300))
-        for name, value in (("mean", mean), ("eigvals", eigvals), ("eigvecs", eigvecs)):
-            setattr(self, name, value.to(self.mean.device, self.mean.dtype))
+        like = self.mean  # the device and dtype the fitted buffers keep
+        parts = [_moments(x, min_eigval, diagonal)]
+        if y is not None:
+            if not self.num_classes:
+                raise ValueError("labels given to a reference without classes (num_classes)")
+            y = t.as_tensor(y).cpu().view(-1)
+            parts += [_moments(x[y == k], min_eigval, diagonal, f"samples of label {k}")
+                      for k in range(self.num_classes)]
+        values = list(parts[0]) + ([t.stack(v) if v[0].numel() else v[0] for v in zip(*parts[1:])]
+                                   if len(parts) > 1 else [])
+        for name, value in zip(_BUFFERS, values):
+            setattr(self, name, value.to(like.device, like.dtype))
         return self
 
+    @property
+    def num_classes(self):
+        """The labels it holds a Gaussian for, or None."""
+        return len(self.class_mean) or None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("mean", "eigvals", "eigvecs"):
+        for name in _BUFFERS:
             if prefix + name in state_dict:
                 setattr(self, name, t.empty_like(state_dict[prefix + name], device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _rotate(self, x):
-        """Coordinates in the eigenbasis, U^T x, for flattened x (n, d); never in reduced precision."""
-        if self.eigvecs.numel() == 0:
+    def _parts(self, k):
+        """(mean, eigvals, eigvecs) of component k: 0 the marginal, 1 + label the classes'."""
+        if k == 0:
+            return self.mean, self.eigvals, self.eigvecs
+        vecs = self.class_eigvecs[k - 1] if self.class_eigvecs.numel() else self.class_eigvecs
+        return self.class_mean[k - 1], self.class_eigvals[k - 1], vecs
+
+    def _per_label(self, fn, y, *rows):
+        """fn(parts, *rows) with each row's component (its label's, or the marginal's), rows
+        grouped by label: one call per label present."""
+        if y is None:
+            return fn(self._parts(0), *rows)
+        if not self.num_classes:
+            raise ValueError("labels given to a reference without classes (num_classes)")
+        k = t.as_tensor(y, device=rows[0].device).view(-1) + 1
+        out = None
+        for j in k.unique().tolist():
+            at = (k == j).nonzero().squeeze(1)
+            part = fn(self._parts(j), *(r[at] for r in rows))
+            out = part.new_empty((len(k),) + part.shape[1:]) if out is None else out
+            out[at] = part
+        return out
+
+    def rotate(self, x, vecs=None):
+        """U^T x for flattened x (n, d) in the marginal's (or `vecs`') eigenbasis, never in
+        reduced precision."""
+        vecs = self.eigvecs if vecs is None else vecs
+        if vecs.numel() == 0:
             return x
         with t.autocast(x.device.type, enabled=False):
-            return x @ self.eigvecs.to(x.dtype)
+            return x @ vecs.to(x.dtype)
 
-    def _unrotate(self, y):
-        if self.eigvecs.numel() == 0:
+    def unrotate(self, y, vecs=None):
+        vecs = self.eigvecs if vecs is None else vecs
+        if vecs.numel() == 0:
             return y
         with t.autocast(y.device.type, enabled=False):
-            return y @ self.eigvecs.to(y.dtype).T
+            return y @ vecs.to(y.dtype).T
+
+    def _whitened(self, parts, x):
+        """(y^2 / lambda, lambda) with y = U^T (x - mean), per coordinate."""
+        mean, lam, vecs = parts
+        y = self.rotate(x.flatten(1) - mean.to(x.dtype), vecs)
+        return y ** 2 / lam.to(x.dtype), lam.to(x.dtype)
 
     def entropy(self):
         """h(q) = d/2 log(2 pi e) + 1/2 sum_i log lambda_i."""
         return 0.5 * self.d * (LOG_2PI + 1) + 0.5 * self.eigvals.log().sum()
 
-    def nll(self, x):
-        """-log q(x) = d/2 log(2 pi) + 1/2 sum_i log lambda_i + 1/2 sum_i y_i^2 / lambda_i,
-        y = U^T (x - mean)."""
-        y = self._rotate(x.flatten(1) - self.mean.to(x.dtype))
-        lam = self.eigvals.to(x.dtype)
-        return 0.5 * (self.d * LOG_2PI + lam.log().sum() + (y ** 2 / lam).sum(1))
+    def nll(self, x, y=None):
+        """-log q(x) (-log q(x | y) with labels) = d/2 log(2 pi) + 1/2 sum_i log lambda_i +
+        1/2 sum_i y_i^2 / lambda_i."""
+        def nll(parts, x):
+            r, lam = self._whitened(parts, x)
+            return 0.5 * (self.d * LOG_2PI + lam.log().sum() + r.sum(1))
+        return self._per_label(nll, y, x)
 
     def mmse(self, logsnr):
-        """mmse_G(a) = sum_i s(a + log lambda_i), the noise-prediction MMSE of q (any shape of a)."""
+        """mmse_G(a) = sum_i s(a + log lambda_i), the marginal's noise-prediction MMSE."""
         return t.sigmoid(logsnr.unsqueeze(-1) + self.eigvals.to(logsnr.dtype).log()).sum(-1)
 
-    def error_integral(self, x, lo, hi):
-        """Int_lo^hi E_eps ||eps - eps_G(z, a)||^2 da per sample of x, in closed form (lo may be
-        -inf; hi finite). With y = U^T (x - mean), v_i = a + log lambda_i, r_i = y_i^2 / lambda_i,
-        the antiderivative is sum_i softplus(v_i) + s(-v_i) (1 - r_i) (docs/maths.md)."""
-        y = self._rotate(x.flatten(1) - self.mean.to(x.dtype))
-        lam = self.eigvals.to(x.dtype)
-        r = y ** 2 / lam
+    def error_integral(self, x, lo, hi, y=None):
+        """Int_lo^hi E_eps ||eps - eps_G(z, a)||^2 da per sample (lo may be -inf, hi finite):
+        sum_i softplus(v_i) + s(-v_i) (1 - r_i) between the ends, v_i = a + log lambda_i."""
+        def integral(parts, x):
+            r, lam = self._whitened(parts, x)
 
-        def antiderivative(a):
-            v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
-            return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
-        return antiderivative(hi) - antiderivative(lo)
+            def antiderivative(a):
+                v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
+                return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
+            return antiderivative(hi) - antiderivative(lo)
+        return self._per_label(integral, y, x)
 
-    def eps(self, z, logsnr):
-        """Optimal noise predictor of q, in z's dtype:
-        eps_G = U diag(1 / (sqrt(s(-a)) (1 + lambda_i e^a))) U^T (z - sqrt(s(a)) mean)."""
-        a = logsnr.to(z.dtype).view(-1, 1)
-        zf = z.flatten(1) - t.sigmoid(a).sqrt() * self.mean.to(z.dtype)
-        log_gain = -0.5 * F.logsigmoid(-a) - F.softplus(a + self.eigvals.to(z.dtype).log())
-        return self._unrotate(self._rotate(zf) * log_gain.exp()).view_as(z)
+    def eps(self, z, logsnr, y=None):
+        """The optimal noise predictor, in z's dtype: eps_G = U diag(1 / (sqrt(s(-a))
+        (1 + lambda_i e^a))) U^T (z - sqrt(s(a)) mean)."""
+        def eps(parts, z, logsnr):
+            mean, lam, vecs = parts
+            a = logsnr.to(z.dtype).view(-1, 1)
+            zf = z.flatten(1) - t.sigmoid(a).sqrt() * mean.to(z.dtype)
+            log_gain = -0.5 * F.logsigmoid(-a) - F.softplus(a + lam.to(z.dtype).log())
+            return self.unrotate(self.rotate(zf, vecs) * log_gain.exp(), vecs).view_as(z)
+        return self._per_label(eps, y, z, logsnr.expand(len(z)))
 
     def sample(self, n, logsnr=None, generator=None):
-        """Draws from q, or from its noisy marginal N(sqrt(s(a)) mean, s(a) Sigma + s(-a) I)."""
+        """Draws from the marginal, or from its noisy marginal N(sqrt(s(a)) mean, s(a) Sigma + s(-a) I)."""
         e = t.randn(n, self.d, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         if logsnr is None:
-            return self.mean + self._unrotate(e * self.eigvals.sqrt())
+            return self.mean + self.unrotate(e * self.eigvals.sqrt())
         a = t.as_tensor(logsnr, dtype=self.mean.dtype, device=self.mean.device)
         std = (t.sigmoid(a) * self.eigvals + t.sigmoid(-a)).sqrt()
-        return t.sigmoid(a).sqrt() * self.mean + self._unrotate(e * std)
+        return t.sigmoid(a).sqrt() * self.mean + self.unrotate(e * std)
+
+
+_BUFFERS = ("mean", "eigvals", "eigvecs", "class_mean", "class_eigvals", "class_eigvecs")
+
+
+def _moments(x, min_eigval, diagonal, what="reference data"):
+    """(mean, eigvals, eigvecs) of samples x (n, d) float64 (eigvecs (0,) when diagonal)."""
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to fit a Gaussian to the {what}, got {n}")
+    mean = x.mean(0)
+    xc = x - mean
+    if diagonal:
+        eigvals, eigvecs = xc.var(0), t.zeros(0, dtype=t.float64)
+    else:
+        if n < 10 * d:
+            from sklearn.covariance import ledoit_wolf
+            cov = t.from_numpy(ledoit_wolf(xc.numpy(), assume_centered=True)[0])
+        else:
+            cov = xc.T @ xc / (n - 1)
+        eigvals, eigvecs = t.linalg.eigh(cov)
+    eigvals = eigvals.clamp_min(min_eigval * eigvals.clamp_min(0).mean().clamp_min(1e-300))
+    return mean, eigvals, eigvecs
 
 
 def log_ndtr_diff(a, b):

@@ -1,33 +1,23 @@
 """The discrete-time variational bound of a T-step schedule (DDPM, Ho et al. 2020), the row the
-paper's Table 2 compares the information-theoretic bounds with (evaluation.py). Derivations:
-docs/maths.md.
+paper's Table 2 compares the information-theoretic bounds with. Derivations: docs/maths.md.
 """
 import torch as t
 
 import utils
-from diffusionmodel import DiffusionModel, default_chunk, in_chunks
+from estimators import default_chunk, in_chunks
 
-POSTERIOR_VARIANCES = ("fixed_small", "fixed_large")
 _VB_STREAM = 0x5642  # tags the bound's random numbers apart from the other keyed streams
 
 
 class VBSchedule:
-    """The coefficients of the discrete-time bound of a schedule alphas_cumprod (T,), float64,
-    indexed by t = 0 .. T (ab_0 = 1; DDPM's t is alphas_cumprod's index + 1):
+    """The coefficients of the discrete-time bound of a schedule alphas_cumprod (T,) with DDPM's
+    fixed_small variances, float64, indexed by t = 0 .. T (ab_0 = 1): a_t, beta_t, beta_tilde_t,
+    sigma_t^2 = beta_tilde_t (the decoder's sigma_1^2 = beta_tilde_2, as DDPM's code clips it),
+    and per coordinate the KL of step t in x, coef_x_t (x - x_hat)^2 with coef_x_t =
+    ab_{t-1} beta_t^2 / (2 sigma_t^2 (1 - ab_t)^2), and in eps, coef_t (eps - eps_hat)^2
+    (docs/maths.md)."""
 
-    a_t = log(ab_t / (1 - ab_t)), beta_t = 1 - ab_t / ab_{t-1}, beta_tilde_t = (1 - ab_{t-1}) /
-    (1 - ab_t) beta_t, sigma_t^2 = beta_tilde_t ("fixed_small") or beta_t ("fixed_large") for
-    t >= 2; the decoder's sigma_1^2 = beta_tilde_2 with either choice (beta_tilde_1 = 0; DDPM's
-    code clips the log variance to it). Per coordinate the KL of step t is
-    coef_t (eps - eps_hat)^2 + const_t with coef_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - ab_t))
-    and const_t = (log r + 1 / r - 1) / 2, r = sigma_t^2 / beta_tilde_t (docs/maths.md); in x,
-    coef_x_t (x - x_hat)^2 + const_t with coef_x_t = ab_{t-1} beta_t^2 / (2 sigma_t^2 (1 - ab_t)^2).
-    """
-
-    def __init__(self, alphas_cumprod, posterior_variance="fixed_small", device=None):
-        if posterior_variance not in POSTERIOR_VARIANCES:
-            raise ValueError(f"posterior_variance must be one of {POSTERIOR_VARIANCES}, got "
-                             f"{posterior_variance!r}")
+    def __init__(self, alphas_cumprod, device=None):
         ab = t.as_tensor(alphas_cumprod).detach().to("cpu", t.float64)
         if ab.dim() != 1 or len(ab) < 3:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 3 timesteps, got shape "
@@ -37,48 +27,32 @@ class VBSchedule:
         if not (ab[1:] < ab[:-1]).all():
             raise ValueError("alphas_cumprod must be strictly decreasing (t = 1 is the least noisy "
                              "step, as in diffusers' DDPMScheduler.alphas_cumprod)")
-        self.T, self.posterior_variance = len(ab), posterior_variance
+        self.T = len(ab)
         ab = t.cat([t.ones(1, dtype=t.float64), ab])
         log_ab = ab.log()
         a = t.cat([t.full((1,), float("inf"), dtype=t.float64), utils.schedule_logsnr(ab[1:])])
         beta = t.cat([t.zeros(1, dtype=t.float64), -t.expm1(log_ab[1:] - log_ab[:-1])])
         beta_tilde = t.cat([t.zeros(1, dtype=t.float64), (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])
-        sigma2 = (beta_tilde if posterior_variance == "fixed_small" else beta).clone()
+        sigma2 = beta_tilde.clone()
         sigma2[:2] = beta_tilde[2]
-        ratio = t.ones_like(sigma2)
-        ratio[2:] = sigma2[2:] / beta_tilde[2:]
         coef = beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - ab))
-        coef[:2] = 0
         coef_x = t.cat([t.zeros(1, dtype=t.float64), ab[:-1]]) * beta ** 2 / (2 * sigma2 * (1 - ab) ** 2)
-        coef_x[:2] = 0
-        const = 0.5 * (ratio.log() + 1 / ratio - 1)
-        const[:2] = 0
-        (self.ab, self.logsnr, self.beta, self.beta_tilde, self.sigma2, self.coef, self.coef_x,
-         self.const) = (v.to(device) for v in (ab, a, beta, beta_tilde, sigma2, coef, coef_x, const))
+        coef[:2] = coef_x[:2] = 0
+        (self.ab, self.logsnr, self.beta, self.beta_tilde, self.sigma2, self.coef,
+         self.coef_x) = (v.to(device) for v in (ab, a, beta, beta_tilde, sigma2, coef, coef_x))
 
     def prior(self, x):
-        """L_T = KL(N(sqrt(ab_T) x, (1 - ab_T) I) || N(0, I)) per sample, float64:
-        1/2 sum_i [ab_T (x_i^2 - 1) - log(1 - ab_T)]."""
+        """L_T = KL(N(sqrt(ab_T) x, (1 - ab_T) I) || N(0, I)) per sample, float64."""
         ab = self.ab[-1]
         return 0.5 * (ab * (x.double().flatten(1) ** 2 - 1) - t.log1p(-ab)).sum(1)
 
 
 def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
-    """The terms of the discrete-time bound for rows (x, t, eps), in nats (float64, (rows,)):
-    z = noisy_channel(x, a_t, eps) (DDPM's x_t), eps_hat = model(z, a_t),
-    x_hat = x_from_eps(z, a_t, eps_hat), clipped to the grid's range [lo, hi] with clip=True (as
-    DDPM's calc_bpd_loop, clip_denoised=True, which its published numbers use), and
-
-    - t >= 2: L_{t-1} = KL(q(x_{t-1} | x_t, x) || p(x_{t-1} | x_t)) = sum_i coef_x_t (x_i -
-      x_hat_i)^2 + d const_t: the Gaussians' means differ by sqrt(ab_{t-1}) beta_t / (1 - ab_t)
-      (x - x_hat) (unclipped, the same as sum_i coef_t (eps_i - eps_hat_i)^2);
-    - t = 1: L_0 = -log of the discretised Gaussian decoder's mass at grid data x: per
-      coordinate the mass of N(x_hat, sigma_1^2) over [x - delta/2, x + delta/2], the outermost
-      bins reaching -+inf when the grid has a number of levels (mu_theta(x_1) = x_hat since
-      ab_0 = 1).
-
-    schedule: a VBSchedule. Exposed so that the terms can be checked against closed forms.
-    """
+    """The bound's terms for rows (x, t, eps) in nats (float64 (rows,)), with z =
+    noisy_channel(x, a_t, eps) (DDPM's x_t) and x_hat from model(z, a_t), clipped to the grid's
+    range (clip, as DDPM's published numbers): L_{t-1} = sum_i coef_x_t (x_i - x_hat_i)^2 for
+    t >= 2 (unclipped, the same as sum_i coef_t (eps_i - eps_hat_i)^2), and for t = 1 L_0,
+    -log of the discretised Gaussian decoder's mass at x (docs/maths.md)."""
     timesteps = t.as_tensor(timesteps, dtype=t.int64, device=x.device).view(-1)
     if len(timesteps) and not (1 <= int(timesteps.min()) and int(timesteps.max()) <= schedule.T):
         raise ValueError(f"timesteps must lie in 1 .. {schedule.T}")
@@ -88,14 +62,12 @@ def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
     a = schedule.logsnr.to(x.device)[timesteps]
     z = utils.noisy_channel(x, a, eps)
     eps_hat = model(z, a.to(x.dtype)).to(x.dtype)
-    d = x[0].numel()
-    const = d * schedule.const.to(x.device)[timesteps]
     x_hat = utils.x_from_eps(z.double(), a, eps_hat.double())
     if clip:
         x_hat = x_hat.clamp(grid.lo, grid.hi)
-        kl = schedule.coef_x.to(x.device)[timesteps] * utils.sq_norm(x.double() - x_hat) + const
+        kl = schedule.coef_x.to(x.device)[timesteps] * utils.sq_norm(x.double() - x_hat)
     else:
-        kl = schedule.coef.to(x.device)[timesteps] * utils.sq_norm((eps - eps_hat).double()) + const
+        kl = schedule.coef.to(x.device)[timesteps] * utils.sq_norm((eps - eps_hat).double())
     first = timesteps == 1
     if not first.any():
         return kl
@@ -108,9 +80,7 @@ def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
 
 
 def _log_bin_mass(x, mean, std, grid):
-    """log of the mass of N(mean, std^2) over x's grid bin [x - delta/2, x + delta/2] (the
-    outermost bins reach -+inf when the grid has a number of levels), elementwise, stably
-    (utils.log_ndtr_diff)."""
+    """log of the mass of N(mean, std^2) over x's grid bin (the outermost bins reaching -+inf)."""
     delta, lo, levels = grid
     below = (x - delta / 2 - mean) / std
     above = (x + delta / 2 - mean) / std
@@ -122,39 +92,16 @@ def _log_bin_mass(x, mean, std, grid):
 
 
 @t.no_grad()
-def variational_bound(model, x, grid, alphas_cumprod, steps=None, posterior_variance="fixed_small",
-                      seed=None, index=None, chunk_size=None, clip=True):
-    """The negative ELBO of a T-step discrete-time diffusion (DDPM, Ho et al. 2020) for every
-    sample of data x on a utils.Grid, in nats: an upper bound on -log P(x),
-
-        -L = L_T + sum_{t=2}^{T} L_{t-1} + L_0          (vb_terms; docs/maths.md)
-
-    Args:
-        model: a DiffusionModel or any denoiser model(z, a) -> eps_hat, called at each step's log
-            SNR a_t = log(ab_t / (1 - ab_t)) (our channel at a_t is DDPM's x_t).
-        alphas_cumprod: (T,) strictly decreasing, e.g. diffusers' DDPMScheduler.alphas_cumprod.
-        steps: None sums all T - 1 KL terms (one noise draw each); an int k in 2 .. T - 1 draws
-            k timesteps per sample uniformly without replacement among 2 .. T and scales their sum
-            by (T - 1) / k (unbiased). L_T is exact; L_0 is the mean of two noise draws.
-        posterior_variance: "fixed_small" (sigma_t^2 = beta_tilde_t) or "fixed_large" (beta_t).
-        clip: x_hat clipped to the grid's range in every term, as DDPM's published numbers
-            (calc_bpd_loop's clip_denoised=True); False gives the unclipped bound.
-        index: the samples' positions in the data set (int offset or (B,); default 0 .. B-1):
-            every random number is named by (seed, index, t, draw), so a sample's
-            value does not depend on the batch it is in.
-        chunk_size: at most this many (sample, t) rows per denoiser call.
-    Returns:
-        (nll, stderr), each (B,), in x's dtype. stderr^2 = var_KL + (L_0' - L_0'')^2 / 4 (the two
-        decoder draws); var_KL = (T - 1)^2 s^2 / k for subsampled steps (s^2 the sample variance of
-        the k terms; no finite-population correction, since the terms' own noise is not reduced
-        by sampling without replacement: conservative by at most a factor 1 / (1 - k / (T - 1))),
-        and for steps=None the successive-difference estimate
-        n / (2 (n - 1)) sum_t (L_t - L_{t-1})^2 of the variance of the sum of n = T - 1
-        independent terms (conservative by the terms' trend in t only).
-    """
-    if isinstance(model, DiffusionModel):
-        x = model._data(x)
-    schedule = VBSchedule(alphas_cumprod, posterior_variance, device=x.device)
+def variational_bound(model, x, grid, alphas_cumprod, steps=None, seed=None, index=None,
+                      chunk_size=None, clip=True):
+    """DDPM's negative ELBO, an upper bound on -log P(x), in nats for every sample of data x on
+    a utils.Grid: L_T + sum_{t=2}^{T} L_{t-1} + L_0 (vb_terms), with model(z, a) any denoiser
+    called at each step's log SNR a_t and alphas_cumprod (T,) strictly decreasing (diffusers'
+    DDPMScheduler.alphas_cumprod). steps: None sums all T - 1 KL terms; k draws k timesteps per
+    sample without replacement, scaled by (T - 1) / k (unbiased). L_0 averages two noise draws.
+    Every draw is named by (seed, index, t, draw). Returns (nll, stderr) (B,) each: stderr^2 =
+    the KL part's variance estimate plus the decoder draws' (docs/maths.md)."""
+    schedule = VBSchedule(alphas_cumprod, device=x.device)
     T = schedule.T
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
                               or not 2 <= steps <= T - 1):

@@ -1,17 +1,13 @@
-"""Figures: MSE curves (model vs Gaussian MMSE) and the callback that logs them, shared by both
-scripts; for 2-D data, density contours (and the refined pointwise estimates behind them),
-samples beside the data and the validation NLL against epoch; for images, a callback showing
-model samples in TensorBoard. Figures are matplotlib Figure objects, drawn without pyplot's global
-state, so no backend needs choosing."""
+"""Every figure: MSE curves against the Gaussian's MMSE, the log-SNR proposal; for 2-D data
+density contours (and the refined pointwise estimates behind them), the gap to the exact density,
+i(x; y) maps, samples beside the data and the validation NLL against epoch; for images sample
+grids and per-pixel information. matplotlib Figures drawn without pyplot's global state."""
 import math
-import os
 
 import matplotlib
 import numpy as np
-import pytorch_lightning as pl
 import torch as t
 from matplotlib.figure import Figure
-from pytorch_lightning.loggers import TensorBoardLogger
 
 import proposals
 import utils
@@ -257,7 +253,8 @@ def plot_samples(data, samples, title=None):
     return fig
 
 
-def plot_val_history(runs, references=None, title=None, ylim=None):
+def plot_val_history(runs, references=None, title=None, ylim=None,
+                     ylabel=r"validation $E[-\log p(x)]$ (nats)"):
     """Validation E[-log p] (nats) against epoch for one or more runs, with standard errors as
     error bars, and horizontal lines at known reference values.
 
@@ -279,7 +276,7 @@ def plot_val_history(runs, references=None, title=None, ylim=None):
             if off:
                 ax.plot(off, [ylim[1]] * len(off), "^", color="0.4", ms=5, clip_on=False)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(r"validation $E[-\log p(x)]$ (nats)")
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
@@ -293,27 +290,12 @@ def save(fig, path):
     return path
 
 
-class SampleImages(pl.Callback):
-    """A grid of model samples in TensorBoard ("samples") after each validation epoch, for image
-    models: DiffusionModel.sample (DDIM in log-SNR space) from a fixed seed, so that epochs are
-    comparable. Runs on global rank 0 only; it calls the module directly, outside DDP, so the
-    other ranks are not waited for."""
-
-    def __init__(self, n=16, steps=100, seed=0):
-        self.n, self.steps, self.seed = n, steps, seed
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if (trainer.sanity_checking or not trainer.is_global_zero
-                or not isinstance(trainer.logger, TensorBoardLogger)):
-            return
-        from torchvision.utils import make_grid
-
-        generator = t.Generator(device=pl_module.device).manual_seed(self.seed)
-        x = pl_module.sample(self.n, self.steps, generator=generator).float()
-        grid = make_grid(((x + 1) / 2).clamp(0, 1), nrow=math.ceil(math.sqrt(self.n)), padding=1)
-        zoom = max(1, 128 // grid.shape[-1])  # tiny images (digits: 8x8) are enlarged
-        grid = grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2)
-        trainer.logger.experiment.add_image("samples", grid.cpu(), trainer.global_step)
+def image_grid(x):
+    """Images (n, C, H, W) in [-1, 1] as one grid image in [0, 1], tiny ones enlarged."""
+    from torchvision.utils import make_grid
+    grid = make_grid(((x + 1) / 2).clamp(0, 1), nrow=math.ceil(math.sqrt(len(x))), padding=1)
+    zoom = max(1, 128 // grid.shape[-1])
+    return grid.repeat_interleave(zoom, -1).repeat_interleave(zoom, -2).cpu()
 
 
 def plot_attribution(images, maps, labels, title=None):
@@ -336,64 +318,3 @@ def plot_attribution(images, maps, labels, title=None):
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-
-class InformationMaps(pl.Callback):
-    """A conditional image model at the end of training: the first `n` validation images above
-    the per-pixel part of their pointwise mutual information with their label
-    (DiffusionModel.mi_points(per_dim=True), `npoints` points each), to TensorBoard
-    ("information") and, when given, a PNG. Global rank 0."""
-
-    def __init__(self, n=8, npoints=256, seed=0, path=None):
-        self.n, self.npoints, self.seed, self.path = n, npoints, seed, path
-
-    def on_fit_end(self, trainer, pl_module):
-        if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
-            return
-        data = trainer.datamodule
-        x = data.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
-        y = data.val_labels[:self.n].to(pl_module.device)
-        maps = pl_module.mi_points(x, y, self.npoints, seed=self.seed, per_dim=True)
-        fig = plot_attribution(x.cpu(), maps.cpu(), y.cpu(),
-                               title="where each label's information lives")
-        trainer.logger.experiment.add_figure("information", fig, trainer.global_step, close=False)
-        save(fig, os.path.join(trainer.logger.log_dir, "information.png"))
-
-
-class MSECurve(pl.Callback):
-    """After each validation: the MSE curve of the first `samples` points of global rank 0's first
-    validation batch (one noise draw each, a fixed seed) against the reference's MMSE, with the suggested (logsnr_loc,
-    logsnr_scale) logged and the figure sent to TensorBoard. The last curve is kept in `last`
-    for the run's summary, so the summary and TensorBoard show the same one. Global rank 0 only
-    (no collectives: the other ranks are not waited for)."""
-
-    def __init__(self, samples=256, points=48, seed=0):
-        self.samples, self.points, self.seed = samples, points, seed
-        self._x, self.last = None, None
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0):
-        if batch_idx == 0:
-            self._x = pl_module._data(batch)[:self.samples]
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not trainer.is_global_zero or self._x is None:
-            return
-        self.last = self.measure(pl_module, self._x)
-        loc, scale = self.last["suggested"]
-        if math.isfinite(loc) and math.isfinite(scale):
-            pl_module.log_dict({"suggested_logsnr_loc": loc, "suggested_logsnr_scale": scale},
-                               rank_zero_only=True)
-        if isinstance(trainer.logger, TensorBoardLogger):
-            fig = plot_mse_curve(self.last["logsnrs"], self.last["mse"], self.last["mmse"],
-                                 pl_module.d)
-            trainer.logger.experiment.add_figure("mse_curve", fig, trainer.global_step)
-
-    def measure(self, model, x):
-        """{logsnrs, mse, mmse (the reference's), suggested (loc, scale)} of `model` on x."""
-        logsnrs = model.curve_logsnrs(self.points).to(model.device)
-        generator = t.Generator(model.device).manual_seed(self.seed)
-        mse, mmse = model.mse_curve(x.to(model.device), logsnrs, generator=generator)
-        logsnrs, mse, mmse = logsnrs.cpu(), mse.cpu(), mmse.cpu()
-        return dict(logsnrs=logsnrs, mse=mse, mmse=mmse,
-                    suggested=proposals.suggest_logsnr_params(logsnrs, mse, model.d))

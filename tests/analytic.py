@@ -34,7 +34,7 @@ class GaussianMixture(t.nn.Module):
         a = logsnr.to(z.dtype).view(-1, 1)
         out = []
         for lw, c in zip(self.log_weights, self.components):
-            y = c._rotate(z.flatten(1) - t.sigmoid(a).sqrt() * c.mean.to(z.dtype))
+            y = c.rotate(z.flatten(1) - t.sigmoid(a).sqrt() * c.mean.to(z.dtype))
             var = t.sigmoid(a) * c.eigvals.to(z.dtype) + t.sigmoid(-a)
             out.append(lw - 0.5 * (y ** 2 / var + var.log() + math.log(2 * math.pi)).sum(1))
         return t.stack(out, 1)

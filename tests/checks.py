@@ -1,17 +1,20 @@
 """Statistical checks shared by the estimator tests of discrete data, ensembles and the log-SNR
-range, `fit_ensemble`, the held-out ensemble these tests build, and `Points` with
+range, `fit_ensemble`, the held-out ensemble these tests build, `with_denoiser` and `rounded`
+(a DiffusionModel around another denoiser, with a model's settings), and `Points` with
 `quiet_trainer` for running an evaluation.Evaluation on fixed points.
 
 Estimates are repeated by scoring R copies of the same points in one batched call: copy r of point
 j has sample index r * J + j, so its randomised QMC points are independent of every other copy's
-(DiffusionModel._rqmc_terms names them by (seed, sample index)).
+(estimators.rqmc_terms names them by (seed, sample index)).
 """
 import scipy.stats
 import torch as t
 
+import datamodules
 import utils
-from denoisers import Ensemble, GaussianDenoiser
-from diffusionmodel import DiffusionModel, bin_edges, heldout_errors
+from denoisers import Ensemble, GaussianDenoiser, GridRounding
+from diffusionmodel import DiffusionModel
+from estimators import bin_edges, heldout_errors
 from proposals import BINS
 
 
@@ -76,23 +79,29 @@ def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, refere
     return Ensemble.from_heldout(everyone, edges, errors.mean(0).T)
 
 
-class Points:
-    """A minimal data source for evaluation.Evaluation: fixed points, no grid, no exact density."""
+def with_denoiser(like, denoiser, reference=None):
+    """A DiffusionModel around `denoiser` (as it is: no Gaussian residual, no labels) with the
+    settings and proposal of `like` and a copy of `reference` (default: like's)."""
+    copy = utils.GaussianReference(like.d)
+    copy.load_state_dict((like.reference if reference is None else reference).state_dict())
+    hparams = dict(like.hparams, gaussian_residual=False, num_classes=None)
+    model = DiffusionModel(denoiser, reference=copy, **hparams).to(copy.mean.device)
+    model.proposal = like.proposal
+    return model
 
-    def __init__(self, x):
-        self.x = x
 
-    def prepare_data(self):
-        pass
+def rounded(model, grid, mode="hard"):
+    """The model with x_hat snapped to the grid (GridRounding), as a DiffusionModel."""
+    return with_denoiser(model, GridRounding(model, grid, mode))
 
-    def setup(self):
-        pass
 
-    def eval_data(self):
-        return self.x, None
-
-    def exact_nll(self, x):
-        return None
+def Points(x, labels=None, grid_levels=None):
+    """A datamodules.Data serving fixed points x as its evaluation data (no exact density)."""
+    x = t.as_tensor(x)
+    return datamodules.Data("points", lambda: dict(train=x, val=x, train_labels=labels,
+                                                   val_labels=labels), x.shape[1:],
+                            num_classes=None if labels is None else int(labels.max()) + 1,
+                            levels=grid_levels)
 
 
 def quiet_trainer():

@@ -1,0 +1,354 @@
+"""The estimators of information-theoretic diffusion as functions over any denoiser
+eps_hat = denoiser(z, logsnr[, y]), a utils.GaussianReference q and a log-SNR proposal
+(proposals.py), in nats (derivations: docs/maths.md):
+
+    -log p(x) = -log q(x) + 1/2 Int E_eps[ ||eps - eps_hat(z, a)||^2 - ||eps - eps_G(z, a)||^2 ] da
+
+with z = sqrt(s(a)) x + sqrt(s(-a)) eps and eps_G q's optimal predictor on the same noise: exact for
+the optimal denoiser, an upper bound in expectation for any other; outside the proposal's range the
+denoiser is taken to be q's. With labels y, q(x | y) and eps_hat(z, a, y) give -log p(x | y).
+Pointwise estimates use randomised quasi-Monte Carlo points named by (seed, sample index), so a
+sample's value does not depend on its batch.
+"""
+import math
+
+import torch as t
+
+import utils
+from proposals import BINS, FittedProposal
+
+_NO_LABEL = -1
+
+
+def denoise(denoiser, z, logsnr, y=None):
+    """eps_hat(z, a[, y]) in z's dtype, checked to have z's shape."""
+    eps_hat = denoiser(z, logsnr) if y is None else denoiser(z, logsnr, y)
+    if eps_hat.shape != z.shape:
+        raise ValueError(f"denoiser returned shape {tuple(eps_hat.shape)}, expected the input "
+                         f"shape {tuple(z.shape)}")
+    return eps_hat.to(z.dtype)
+
+
+def mse_gap(denoiser, reference, x, logsnr, eps, y=None):
+    """||eps - eps_hat(z, a[, y])||^2 - ||eps - eps_G(z, a[, y])||^2 on the same noise."""
+    z = utils.noisy_channel(x, logsnr, eps)
+    return (utils.sq_norm(eps - denoise(denoiser, z, logsnr, y))
+            - utils.sq_norm(eps - reference.eps(z, logsnr, y)))
+
+
+def loss(denoiser, reference, proposal, x, y=None, label_dropout=0., generator=None):
+    """-log p(x_i) (-log p(x_i | y_i), each label dropped with probability label_dropout) per
+    sample, unbiased, from one log SNR each: stratified across the batch and assigned at random;
+    the training loss is its mean."""
+    a, w = proposal.sample((len(x),), generator=generator, device=x.device, dtype=x.dtype)
+    perm = t.randperm(len(x), generator=generator, device=x.device)
+    a, w = a[perm], w[perm]
+    if y is not None and label_dropout > 0:
+        y = y.masked_fill(t.rand(len(y), generator=generator, device=y.device) < label_dropout,
+                          _NO_LABEL)
+    eps = t.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    g = 0.5 * w * mse_gap(denoiser, reference, x, a, eps, y)
+    return finite(reference.nll(x, y) + g, x, a, g)
+
+
+def rqmc_terms(x, npoints, replicates, integrand, proposal, seed=None, index=None,
+               chunk_size=None, labels=None):
+    """Terms 1/2 w(a) integrand(x, a, eps[, labels]) at `npoints` points per sample, whose mean
+    estimates the log-SNR integral: `replicates` digitally shifted Sobol sets in (u, noise) named
+    by (seed, index[i], replicate) (utils.keyed_sobol), a = the proposal's quantile of u, eps =
+    Phi^-1 of the rest. Two integrands given the same seed and index see the same (a, eps).
+    Returns (log SNRs (B, R, m), terms (B, R, m, ...)), m = npoints // R."""
+    check_points(npoints, replicates)
+    b, m, d, dev = len(x), npoints // replicates, x[0].numel(), x.device
+    seed = utils.fresh_seed(seed)
+    sample = utils.sample_index(index, b, dev).repeat_interleave(replicates * m)
+    replicate = t.arange(replicates, device=dev).repeat_interleave(m).repeat(b)
+    point = t.arange(m, device=dev).repeat(b * replicates)
+    u = utils.keyed_sobol(seed, (sample, replicate), point, m, [0], dev)[:, 0]
+    a, w = proposal.from_uniform(u, x.dtype)
+    dims = t.arange(1, 1 + d, device=dev)
+
+    def block(rows):
+        eps = t.special.ndtri(utils.keyed_sobol(seed, (sample[rows], replicate[rows]), point[rows],
+                                                m, dims, dev)).to(x.dtype).view((-1,) + x.shape[1:])
+        s = rows // (replicates * m)
+        return integrand(x[s], a[rows], eps, *([] if labels is None else [labels[s]]))
+    values = in_chunks(block, chunk_size or default_chunk(d, dev), t.arange(len(a), device=dev))
+    terms = 0.5 * utils.append_dims(w, values.dim()) * values
+    return a.view(b, replicates, m), terms.view((b, replicates, m) + values.shape[1:])
+
+
+@t.no_grad()
+def nll_points(denoiser, reference, proposal, x, npoints=200, replicates=4, seed=None,
+               index=None, y=None, chunk_size=None):
+    """-log p(x) (with labels y, -log p(x | y)) in nats per sample of x, and its standard error
+    std_r / sqrt(R) over the R replicates (NaN for R = 1). Sample i's points depend only on
+    (seed, index[i]) (index: positions in the data set, default 0 .. B-1)."""
+    def gap(xs, a, eps, ys=None):
+        return mse_gap(denoiser, reference, xs, a, eps, ys)
+    a, g = rqmc_terms(x, npoints, replicates, gap, proposal, seed, index, chunk_size, y)
+    nll = finite(reference.nll(x, y) + g.flatten(1).mean(1), x, a, g)
+    return nll, _replicate_stderr(g.mean(-1))
+
+
+@t.no_grad()
+def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicates=4, seed=None,
+                index=None, chunk_size=None, per_dim=False):
+    """For every sample and each of its labels k ((B, L), or (L,) for every sample; -1: none) the
+    replicates' estimates (B, R, L) of -log p(x | k) = -log q(x | k) + 1/2 Int E[||eps -
+    eps_hat(z, a, k)||^2 - ||eps - eps_G(z, a, k)||^2] da, every label on the sample's points of
+    nll_points (same seed and index): differences between labels are paired. per_dim: the
+    integrand's mean in every coordinate instead, (B, L, *x_shape)."""
+    labels = t.as_tensor(labels, device=x.device).long()
+    labels = labels.expand(len(x), -1) if labels.dim() == 1 else labels
+    n = labels.shape[1]
+
+    def gaps(xs, a, eps, ys):  # ys (rows, n): every label of a row on its one (a, eps)
+        copies = (n,) + (1,) * (xs.dim() - 1)
+        zs, aa, ee, yy = (utils.noisy_channel(xs, a, eps).repeat(copies), a.repeat(n),
+                          eps.repeat(copies), ys.T.flatten())
+        gap = (eps_errors(denoiser, zs, aa, ee, yy) - (ee - reference.eps(zs, aa, yy)) ** 2)
+        gap = gap.view((n, -1) + xs.shape[1:])
+        return (gap if per_dim else gap.flatten(2).sum(2)).transpose(0, 1)
+    _, g = rqmc_terms(x, npoints, replicates, gaps, proposal, seed, index,
+                      max(1, (chunk_size or default_chunk(x[0].numel(), x.device)) // n), labels)
+    if per_dim:
+        return g.mean((1, 2))
+    q = t.stack([reference.nll(x, labels[:, j]) for j in range(n)], 1)
+    return q.unsqueeze(1) + g.mean(2)
+
+
+def eps_errors(denoiser, z, logsnr, eps, y=None):
+    """(eps - eps_hat(z, a[, y]))^2 per coordinate."""
+    return (eps - denoise(denoiser, z, logsnr, y)) ** 2
+
+
+@t.no_grad()
+def mi_points(denoiser, reference, proposal, x, y, npoints=200, replicates=4, seed=None,
+              index=None, chunk_size=None, per_dim=False):
+    """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) per sample, with standard
+    errors: the difference of label_terms without and with y on the same noise. per_dim: where
+    the label's information lives, (B, *x_shape) (sums to the integral part)."""
+    terms = label_terms(denoiser, reference, proposal, x, t.stack([t.full_like(y, _NO_LABEL), y], 1),
+                        npoints, replicates, seed, index, chunk_size, per_dim)
+    if per_dim:
+        return terms[:, 0] - terms[:, 1]
+    gain = terms[..., 0] - terms[..., 1]
+    return gain.mean(1), _replicate_stderr(gain)
+
+
+@t.no_grad()
+def class_log_posterior(denoiser, reference, proposal, x, log_prior, npoints=200, replicates=4,
+                        seed=None, index=None, chunk_size=None):
+    """log p(y | x) for every label, (B, K), by Bayes' rule from -log p(x | k) of every label on
+    common points, jackknifed over the replicates (label_log_posterior), and each entry's
+    integration standard error."""
+    k = len(log_prior)
+    terms = label_terms(denoiser, reference, proposal, x, t.arange(k, device=x.device), npoints,
+                        replicates, seed, index, chunk_size)
+    return label_log_posterior(terms, log_prior)
+
+
+def label_log_posterior(nll_given, log_prior):
+    """log p(k | x) = log_softmax_k(log p(k) - nll_k) from the replicates' -log p(x | k)
+    (B, R, K): the jackknife over replicates removes the first-order bias of a function of
+    noisy means (docs/maths.md). Returns (log posterior, jackknife standard error), each (B, K)."""
+    prior = t.as_tensor(log_prior).to(nll_given)
+    return jackknife(lambda v: (prior - v).log_softmax(-1), nll_given)
+
+
+def label_statistics(terms, log_prior, y=None):
+    """The conditional statistics of samples from their label_terms of no label and every label
+    (B, R, 1 + K), each (values, integration standard errors) for the samples' labels y, or
+    (B, K) for every label where y is None: "given" -log p(x | y); "information" i(x; y) as the
+    difference of the two bounds; "bayes" i(x; y) = log p(y | x) - log p(y) by Bayes' rule
+    (jackknifed); "correct" 1 where argmax_k p(k | x) is y."""
+    prior = t.as_tensor(log_prior).to(terms)
+    given = terms[..., 1:]
+    gain = terms[..., :1] - given
+    posterior, spread = label_log_posterior(given, prior)
+    right = (posterior.argmax(1, keepdim=True) == t.arange(len(prior), device=terms.device)).to(terms)
+    stats = dict(given=(given.mean(1), _replicate_stderr(given)),
+                 information=(gain.mean(1), _replicate_stderr(gain)),
+                 bayes=(posterior - prior, spread), correct=(right, t.zeros_like(right)))
+    if y is None:
+        return stats
+    return {k: tuple(v.gather(1, y.view(-1, 1))[:, 0] for v in pair) for k, pair in stats.items()}
+
+
+def jackknife(fn, replicates):
+    """The jackknife over replicates (B, R, ...) of fn(mean over R): (R f(all) - (R - 1)
+    mean_r f(without r), its standard error sqrt((R - 1)/R sum_r (f(without r) - mean)^2))."""
+    r = replicates.shape[1]
+    full = fn(replicates.mean(1))
+    left_out = fn((replicates.sum(1, keepdim=True) - replicates) / (r - 1))  # (B, R, ...)
+    mean = left_out.mean(1)
+    stderr = ((r - 1) / r * (left_out - mean.unsqueeze(1)).pow(2).sum(1)).sqrt()
+    return r * full - (r - 1) * mean, stderr
+
+
+@t.no_grad()
+def nll_discrete_points(denoiser, reference, proposal, x, grid, npoints=256, replicates=4,
+                        seed=None, index=None, tails=True, chunk_size=None):
+    """-log P(x) in nats per sample of data x on a utils.Grid, with standard errors:
+    1/2 Int E_eps ||eps - eps_hat||^2 da over the proposal's range, plus (tails) the rest in
+    closed form (tail_terms). Exact for the discrete data's optimal denoiser, an upper bound in
+    expectation for any other; the points are nll_points' (same seed and index)."""
+    grid.index(x)
+
+    def error(xs, a, eps):
+        return eps_errors(denoiser, utils.noisy_channel(xs, a, eps), a, eps).flatten(1).sum(1)
+    a, g = rqmc_terms(x, npoints, replicates, error, proposal, seed, index, chunk_size)
+    nll = g.flatten(1).mean(1)
+    if tails:
+        nll = nll + sum(tail_terms(reference, proposal.range, x, grid))
+    return finite(nll, x, a, g), _replicate_stderr(g.mean(-1))
+
+
+def tail_terms(reference, logsnr_range, x, grid):
+    """The parts of 1/2 Int E ||eps - eps_hat||^2 da outside the range for grid data x, (below,
+    above), each (B,): the reference's error below (closed form), hard rounding's above
+    (utils.rounding_tail). Both are errors of actual denoisers: the total stays a bound."""
+    a_lo, a_hi = logsnr_range
+    return 0.5 * reference.error_integral(x, float("-inf"), a_lo), utils.rounding_tail(x, grid, a_hi)
+
+
+@t.no_grad()
+def mse_curve(denoiser, reference, x, logsnrs, generator=None, chunk_size=None):
+    """E_x E_eps ||eps - eps_hat(z, a)||^2 at each a of `logsnrs` (one noise draw per sample and
+    a), batched over both, and the reference's MMSE there: ((K,), (K,))."""
+    b, k = len(x), len(logsnrs)
+    logsnrs = logsnrs.to(x.device, x.dtype)
+
+    def mse(xs, a):
+        eps = t.randn(xs.shape, generator=generator, device=xs.device, dtype=xs.dtype)
+        return eps_errors(denoiser, utils.noisy_channel(xs, a, eps), a, eps).flatten(1).sum(1)
+    values = in_chunks(mse, chunk_size or default_chunk(x[0].numel(), x.device),
+                       x.repeat((k,) + (1,) * (x.dim() - 1)), logsnrs.repeat_interleave(b))
+    return values.view(k, b).mean(1), reference.mmse(logsnrs)
+
+
+@t.no_grad()
+def sample(denoiser, reference, proposal, n, x_shape, steps=200, generator=None):
+    """Deterministic DDIM-style sampler on the proposal's quadrature grid in log SNR: from the
+    reference's noisy marginal at the lowest log SNR, step a -> a' with x_hat from eps_hat and
+    z' = noisy_channel(x_hat, a', eps_hat). Returns x_hat at the highest."""
+    dtype = reference.mean.dtype
+    grid, _ = proposal.quadrature(steps, device=reference.mean.device, dtype=dtype)
+    z = reference.sample(n, grid[0], generator).view((n,) + tuple(x_shape))
+    for i in range(steps):
+        a = grid[i].expand(n)
+        eps_hat = denoise(denoiser, z, a)
+        x_hat = utils.x_from_eps(z, a, eps_hat)
+        if i + 1 < steps:
+            z = utils.noisy_channel(x_hat, grid[i + 1].expand(n), eps_hat)
+    return x_hat
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out errors per log-SNR bin: the fitted proposal and the evaluation's choices
+# ---------------------------------------------------------------------------------------------
+def bin_edges(logsnr_range, bins, device=None):
+    """bins + 1 equal-width log-SNR bin edges over logsnr_range (float64)."""
+    if not logsnr_range[0] < logsnr_range[1] or bins < 1:
+        raise ValueError(f"need logsnr_range lo < hi and bins >= 1, got {logsnr_range}, {bins}")
+    return t.linspace(*logsnr_range, bins + 1, dtype=t.float64, device=device)
+
+
+def heldout_logsnrs(index, seed, edges, draws=1):
+    """For every sample (index), bin and draw, a log SNR uniform in the bin named by (seed,
+    index, bin, draw): (n, bins, draws) float64."""
+    index = t.as_tensor(index).view(-1)
+    dev, bins = index.device, len(edges) - 1
+    edges = t.as_tensor(edges, dtype=t.float64, device=dev)
+    k, j = t.arange(bins, device=dev).view(1, -1, 1), t.arange(draws, device=dev).view(1, 1, -1)
+    u = utils.counter_uniform(seed, index.view(-1, 1, 1), k, j, 0, device=dev)
+    return edges[k] + (edges[k + 1] - edges[k]) * u
+
+
+@t.no_grad()
+def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
+    """||eps - eps_hat_m(z, a)||^2 of every candidate m, (B, bins, M) float64 averaged over the
+    draws: per (sample, bin, draw) a log SNR (heldout_logsnrs) and a noise vector common to all
+    candidates, named by (seed, index, bin, draw). candidates(z, a) -> list of M predictions."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    n, bins, dev, d = len(x), len(edges) - 1, x.device, x[0].numel()
+    key = t.as_tensor(index, device=dev).view(-1)
+    a = heldout_logsnrs(key, seed, edges, draws).flatten().to(x.dtype)
+    sample, k, j = (v.flatten() for v in t.meshgrid(
+        t.arange(n, device=dev), t.arange(bins, device=dev), t.arange(draws, device=dev),
+        indexing="ij"))
+    dims = t.arange(1, d + 1, device=dev)
+
+    def block(rows):
+        u = utils.counter_uniform(seed, key[sample[rows], None], k[rows, None], j[rows, None], dims,
+                                  device=dev)
+        eps = t.special.ndtri(u).to(x.dtype).view((-1,) + x.shape[1:])
+        z = utils.noisy_channel(x[sample[rows]], a[rows], eps)
+        return t.stack([utils.sq_norm(eps - e.to(z.dtype)) for e in candidates(z, a[rows])], 1)
+    errors = in_chunks(block, chunk_size or default_chunk(d, dev), t.arange(len(a), device=dev))
+    return errors.view(n, bins, draws, -1).double().mean(2)
+
+
+@t.no_grad()
+def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mix=0.5, seed=None,
+                 chunk_size=None):
+    """The proposal's logistic mixed with bins that follow the integrand 1/2 mse_gap on held-out
+    samples x (FittedProposal.from_draws; docs/maths.md): per sample, bin and pilot draw one
+    (log SNR, noise); the logistic itself where the denoiser equals the reference."""
+    if len(x) < FittedProposal.MIN_SAMPLES:
+        raise ValueError(f"fit_proposal needs at least {FittedProposal.MIN_SAMPLES} held-out "
+                         f"samples, got {len(x)}")
+    if pilot_points < 1 or bins < 1:
+        raise ValueError(f"need pilot_points >= 1 and bins >= 1, got {pilot_points}, {bins}")
+    draws = x.repeat_interleave(pilot_points, 0)  # each draw keyed as a sample of its own
+    index, seed = t.arange(len(draws), device=x.device), utils.fresh_seed(seed)
+    edges = bin_edges(proposal.range, bins, x.device)
+    errors = heldout_errors(lambda z, a: [denoise(denoiser, z, a), reference.eps(z, a)], draws,
+                            index, seed, edges, chunk_size=chunk_size)
+    return FittedProposal.from_draws(proposal, heldout_logsnrs(index, seed, edges)[..., 0],
+                                     0.5 * (errors[..., 0] - errors[..., 1]), mix, bins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing
+# ---------------------------------------------------------------------------------------------
+def default_chunk(d, device):
+    """Rows per denoiser call: cache-sized on CPU; on an accelerator large enough to fill it."""
+    return max(1, (2 ** 18 if t.device(device).type == "cpu" else 2 ** 21) // d)
+
+
+def check_points(npoints, replicates):
+    if npoints < 1 or not 1 <= replicates <= npoints:
+        raise ValueError(f"need npoints >= 1 and replicates between 1 and npoints, got {npoints}, "
+                         f"{replicates}")
+
+
+def in_chunks(fn, chunk_size, *rows):
+    """fn applied to consecutive row blocks of at most chunk_size rows, concatenated."""
+    n = len(rows[0])
+    if chunk_size is None or n <= chunk_size:
+        return fn(*rows)
+    return t.cat([fn(*(r[i:i + chunk_size] for r in rows)) for i in range(0, n, chunk_size)])
+
+
+def _replicate_stderr(means):
+    """std_r / sqrt(R) of the replicates' means (B, R, ...) (NaN for one replicate)."""
+    r = means.shape[1]
+    if r < 2:
+        return t.full_like(means[:, 0], math.nan)
+    return means.std(1) / math.sqrt(r)
+
+
+def finite(nll, x, logsnr, terms):
+    """nll, or an error naming the cause: non-finite data, reference, or log SNRs."""
+    if t.isfinite(nll).all():
+        return nll
+    if not t.isfinite(x).all():
+        raise ValueError("x contains non-finite values (nan or inf)")
+    bad = sorted({round(v, 3) for v in logsnr.expand_as(terms)[~t.isfinite(terms)].tolist()})
+    if not bad:
+        raise FloatingPointError("non-finite -log q(x) under the Gaussian reference")
+    raise FloatingPointError(f"non-finite loss at log SNR {bad[:10]}"
+                             + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
