@@ -355,6 +355,7 @@ class Figures2D(pl.Callback):
                 ylabel=f"validation E[{quantity}] (nats)"), "val_loss")
         pl_module.train(was_training)
         self.results = dict(
+            history=list(self.history),  # (epoch, val_loss, stderr) per validation
             contour_cells=int(shown.sum()), contour_stderr_median=float(stderr[shown].median()),
             contour_stderr_max=float(stderr[shown].max()), figures=shown_path(folder),
             samples_mean=samples.mean(0).tolist(),
@@ -374,18 +375,33 @@ class Figures2D(pl.Callback):
 
 
 class Interrupted(pl.Callback):
-    """Ctrl-C or SIGTERM (what batch systems send before they kill): during training the state of
-    the exact step is saved to <run>/checkpoints/interrupted.ckpt, and experiment.run_cli ends
-    with one line (global rank 0) naming it and the command that resumes, exit status 130 (Ctrl-C)
-    or 143 (SIGTERM); during an evaluation nothing is written."""
+    """Ctrl-C or SIGTERM (what batch systems send before they kill). During training the first
+    Ctrl-C, like SIGTERM, stops the run at the next point Lightning can resume exactly from (the
+    end of the current step or validation batch; a second Ctrl-C stops at once); the state is
+    saved to <run>/checkpoints/interrupted.ckpt and experiment.run_cli ends with one line naming
+    it and the command that resumes, exit status 130 (Ctrl-C) or 143 (SIGTERM). During an
+    evaluation nothing is written."""
 
-    message, status, log_dir = None, None, None
+    message, status, log_dir, ctrl_c = None, None, None, False
 
     def on_train_start(self, trainer, pl_module):
         self.log_dir = trainer.log_dir  # rank 0's, shared with every process
+        Interrupted.ctrl_c = False
+
+        def graceful(signum, frame):  # Lightning's deferred stop, as for SIGTERM
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one: at once
+            Interrupted.ctrl_c = True
+            print("\ninterrupted: stopping after this step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.previous = signal.signal(signal.SIGINT, graceful)
+
+    def on_train_end(self, trainer, pl_module):
+        signal.signal(signal.SIGINT, self.previous)
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, KeyboardInterrupt) or (
+                isinstance(exception, SIGTERMException) and Interrupted.ctrl_c):
             Interrupted.status, cause = 130, "interrupted"
         elif isinstance(exception, SIGTERMException):
             Interrupted.status, cause = 143, "stopped by SIGTERM"

@@ -105,7 +105,7 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     data_help: what --data reads; denoiser: the default --denoiser; threads: --num_threads'."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
                                 allow_abbrev=False)
-    p.may_change = RESUME_MAY_CHANGE
+    p.may_change, p.architecture = RESUME_MAY_CHANGE, denoiser
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
     group = p.add_argument_group("data")
@@ -172,9 +172,8 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     group.add_argument("--resume", default=None, metavar="CKPT",
                        help=f"continue a run from its checkpoint (e.g. exps/{list(defaults)[0]}-"
                             "base/checkpoints/last.ckpt) in its folder, with its data and "
-                            "settings; of those only " + ", ".join(
-                                f"--{k}" for k in sorted(p.may_change - PER_INVOCATION))
-                            + " may be changed (a one-cycle schedule keeps its planned length)")
+                            "settings; of those only {may_change} may be changed (a "
+                            "one-cycle schedule keeps its planned length)")
     group = p.add_argument_group("output")
     group.add_argument("--log_dir", default="exps",
                        help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
@@ -238,6 +237,11 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
     it is an error naming both values), then the dataset's defaults (data_defaults for --data)
     for flags left at None. checkpoint_args(path) -> a checkpoint's run arguments; without it
     (the early pass, before the heavy imports) a --resume command returns None."""
+    known = {a.dest for a in parser._actions}  # --resume's help names the script's own flags
+    for action in parser._actions:
+        if action.dest == "resume":
+            action.help = action.help.replace("{may_change}", ", ".join(
+                f"--{k}" for k in sorted(parser.may_change - PER_INVOCATION) if k in known))
     args = parser.parse_args(argv)
     if args.eval_only and args.resume:
         parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
@@ -289,6 +293,9 @@ def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
         parser.error("argument --data: give --dataset or --data, not both")
     if args.per_sample and not args.eval_only:
         parser.error("argument --per_sample: only used with --eval_only")
+    if ":" not in args.denoiser and args.denoiser != parser.architecture:
+        parser.error(f"argument --denoiser: this script's network is {parser.architecture}; "
+                     f"another is given as module:Class, got {args.denoiser}")
     if args.eval_only:
         if not args.ckpt and not without_ckpt:
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")

@@ -105,7 +105,8 @@ def points_2d(name, n, seed=42):
     if spec.log_given is not None:
         given, prior = raw(spec.log_given), spec.log_prior(n)
         exact = Exact(lambda v: -_logsumexp(given(v) + log_jacobian + prior)[:, 0],
-                      spec.entropy(n) - log_jacobian, lambda v: given(v) + log_jacobian, prior)
+                      spec.entropy(n) - log_jacobian if spec.entropy else None,
+                      lambda v: given(v) + log_jacobian, prior)
     elif spec.nll is not None:
         exact = Exact(lambda v: raw(spec.nll)(v) - log_jacobian,
                       spec.entropy(n) - log_jacobian if spec.entropy else None)
@@ -298,6 +299,8 @@ def read_images(path):
     ImageFolder), or a .npy/.npz uint8 array (N, H, W) or (N, H, W, C) (an .npz: x, optional y)."""
     if os.path.isdir(path):
         return _image_folder(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
     if os.path.splitext(path)[1].lower() not in (".npy", ".npz"):
         raise ValueError(f"{path}: images are read from a folder or a .npy/.npz array")
     x, y = _arrays(path)
@@ -354,20 +357,16 @@ def _arrays(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if path.lower().endswith(".npz"):
-                if "x" not in data:
-                    raise ValueError(f"{path}: an .npz needs an array named x, got "
-                                     f"{', '.join(data.files) or 'none'}")
-                return data["x"], data["y"] if "y" in data else None
-    except AttributeError:  # np.load returned a plain array (.npy): not a context manager
-        pass
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable numpy file ({err})") from None
-    try:
-        return np.load(path, allow_pickle=False), None
+        loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         raise ValueError(f"{path}: not a readable numpy file ({err})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one array
+        return loaded, None
+    with loaded as data:
+        if "x" not in data:
+            raise ValueError(f"{path}: an .npz needs an array named x, got "
+                             f"{', '.join(data.files) or 'none'}")
+        return data["x"], data["y"] if "y" in data else None
 
 
 def _numeric(row):

@@ -274,7 +274,7 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     in eval mode."""
     record = ckpt.get("denoiser")
     try:
-        denoiser = denoisers.rebuild(record, path)
+        denoiser = denoisers.rebuild(record)  # its errors are prefixed with the path below
     except ValueError as err:
         raise UserError(f"{path}: {err}") from None
     model = DiffusionModel(denoiser, record=record, **ckpt["hyper_parameters"])
@@ -406,13 +406,13 @@ def train(args, family):
                   flush=True)
     pl.seed_everything(args.seed, verbose=False)  # before any random initialisation
     data = family.data(args)
-    _check_missing(data)
     if ckpt is not None:
+        _check_missing(data)
         _check_shape(ckpt, data, args.resume)
         data.resumed_steps = ckpt["global_step"]
         model = model_from_checkpoint(ckpt, args.resume).train()
     else:
-        model = new_model(args, data)
+        model = _check_missing(data, lambda: new_model(args, data))
     baselines = cb.Baselines(lambda *a: family.describe and family.describe(args, *a),
                              fit=ckpt is None)
     curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
@@ -441,15 +441,15 @@ def evaluate(args, family):
     a Trainer built from the device flags; printed and written as JSON by global rank 0 (never
     over an existing file), every sample's values to --per_sample. Without --ckpt, the family's
     pretrained model as it is."""
-    start, scored, files = time.time(), None, None
+    start, scored, files, scored_path = time.time(), None, None, args.data
     if args.ckpt:
         ckpts = [load_checkpoint(path, family.script) for path in args.ckpt]
         run_args = argparse.Namespace(**dict(vars(args), **checkpoints_data(args, ckpts,
                                                                               family.data_keys)))
         models = [model_from_checkpoint(c, p) for c, p in zip(ckpts, args.ckpt)]
-        data = family.data(run_args, evaluation=True) if not args.data else None
-        if args.data:  # every sample of the file scored; the run's own data for the selection
-            whole = family.data(argparse.Namespace(**dict(vars(run_args), data=args.data)),
+        data = family.data(run_args, evaluation=True) if not scored_path else None
+        if scored_path:  # every sample of the file scored; the run's own data for the selection
+            whole = family.data(argparse.Namespace(**dict(vars(run_args), data=scored_path)),
                                 evaluation=True, whole=True)
             whole.setup()
             scored, files = (whole.eval_data()[0], whole.eval_labels()), whole.files
@@ -457,19 +457,18 @@ def evaluate(args, family):
                 data = family.data(run_args, evaluation=True)
             except (FileNotFoundError, ValueError):
                 print(f"note: the data {run_args.data or run_args.dataset} the run was trained on "
-                      f"is not here: the selection pass uses {args.data} itself, so the ensemble "
-                      "and rounding rows are chosen on the scored samples", flush=True)
+                      f"is not here: the selection pass uses {scored_path} itself, so the "
+                      "ensemble and rounding rows are chosen on the scored samples", flush=True)
                 data = whole
         _check_missing(data)
         for c, p in zip(ckpts, args.ckpt):
-            _check_shape(c, whole if args.data else data, p)
+            _check_shape(c, whole if scored_path else data, p)
         names = checkpoint_names(args.ckpt)
-        info = dict(script=family.script, dataset=data.name, scored=args.data)
+        info = dict(script=family.script, dataset=data.name, scored=scored_path)
         path = evaluation.results_path(args.results, ckpt=args.ckpt[0])
     else:
         data = family.data(args, evaluation=True)
-        _check_missing(data)
-        model, name = family.pretrained(args, data)
+        model, name = _check_missing(data, lambda: family.pretrained(args, data))
         data.prepare_data()
         data.setup()
         models, names = [model.fit_reference(data.reference_data()).eval()], [name]
@@ -489,8 +488,13 @@ def evaluate(args, family):
                                limit=args.eval_samples)
     outputs = [p for p in (path, args.per_sample) if p]
     if trainer.is_global_zero:
-        for output in outputs:
-            evaluation.claim_results_file(output)
+        for k, output in enumerate(outputs):
+            try:
+                evaluation.claim_results_file(output)
+            except UserError:  # the files claimed before it are not left behind, empty
+                for claimed in outputs[:k]:
+                    os.remove(claimed)
+                raise
         for ckpt in args.ckpt or []:
             if os.path.basename(ckpt).startswith("best"):
                 print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
@@ -556,11 +560,19 @@ def _check_shape(ckpt, data, path):
                         f"{tuple(data.x_shape)}")
 
 
-def _check_missing(data):
-    """A UserError if the data is neither here nor to be downloaded."""
+def _check_missing(data, build=None):
+    """A UserError if the data is neither here nor to be downloaded; else build()'s result.
+    build (the model, whose weights may be missing too) is tried either way, so that one error
+    names every missing input, a line each."""
     problem = data.missing()
-    if problem:
-        raise UserError(problem)
+    if not problem:
+        return build() if build is not None else None
+    try:
+        if build is not None:
+            build()
+    except (UserError, ValueError) as err:
+        raise UserError(f"{problem}\nerror: {err}") from None
+    raise UserError(problem)
 
 
 def checkpoints_data(args, ckpts, keys):

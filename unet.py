@@ -94,8 +94,9 @@ class UNetDenoiser(t.nn.Module):
 
     def _set_schedule(self, alphas_cumprod):
         # A plain attribute, not a buffer: "16-true"/"bf16-true" precision would otherwise round
-        # the table to 8 bits of mantissa. Device copies are cached on first use.
-        self.alphas_cumprod = t.as_tensor(alphas_cumprod).to("cpu", t.float64)
+        # the table to 8 bits of mantissa. Device copies are cached on first use. float64 also
+        # from a list (a checkpoint's record), which as_tensor would make float32.
+        self.alphas_cumprod = t.as_tensor(alphas_cumprod, dtype=t.float64, device="cpu")
         self.logsnr_table = utils.schedule_logsnr(self.alphas_cumprod)
         self._tables = {}
 

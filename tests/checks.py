@@ -31,7 +31,7 @@ def repeated(estimate, x, repeats, **kwargs):
 def assert_unbiased_and_calibrated(est, se, expected, band=(0.7, 1.4)):
     """est, se: (R, J) estimates and reported standard errors of J points over R repeats.
 
-    As in tests/test_estimator.py: per point |mean error| / its standard error < 4.5, the sum of
+    As in tests/test_estimators.py: per point |mean error| / its standard error < 4.5, the sum of
     squared z-scores below the 1e-4 upper quantile of a chi-square with J degrees of freedom (a
     small error shared by every point still fails), and the spread of the repeats over the mean
     reported standard error inside `band`.
@@ -55,14 +55,14 @@ def paired_difference(a, b):
 def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, reference=None,
                  chunk_size=None):
     """The Ensemble of the data-matched Gaussian and `members`, chosen per log-SNR bin on held-out
-    samples x through the library's selection path (diffusionmodel.heldout_errors, then
+    samples x through the library's selection path (estimators.heldout_errors, then
     Ensemble.from_heldout): members[0] of the result is GaussianDenoiser(reference).
 
     bins, logsnr_range: equal-width bins over logsnr_range (default: the first DiffusionModel
     member's proposal range); draws: (log SNR, noise) draws per sample and bin, named by (seed,
     sample, bin, draw); reference: the Gaussian member (default: fitted to x). A DiffusionModel
-    around it: like.with_denoiser(ensemble) (add reference=ensemble.members[0].reference unless the
-    ensemble was fitted with like's reference).
+    around it: with_denoiser(like, ensemble) (add reference=ensemble.members[0].reference unless
+    the ensemble was fitted with like's reference).
     """
     members = list(members)
     if logsnr_range is None:

@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import cli
 import experiment
 import train_2d
 import train_cifar10
@@ -31,9 +33,12 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_2d, ["--strategy", "bogus"], TRAINER),
     (train_2d, ["--precision", "bf16-true"], "would cast the Gaussian reference"),
     (train_2d, ["--log_dir", "afile/exps"], "afile/exps cannot be written: "),
-    (train_2d, ["--learning_rate", "-1e-3"], "--learning_rate: must be a number > 0, got -1e-3"),
+    (train_2d, ["--learning_rate", "-1e-3"],
+     "--learning_rate: must be a finite number > 0 and <= 10, got -1e-3"),
     (train_2d, ["--val_npoints", "100"], "--val_npoints: must be a power of 2, got 100"),
-    (train_2d, ["--num_points", "1000000000"], "GiB of memory"),
+    (train_2d, ["--num_points", "1000000000"], "--num_points: must be a whole number >= 20 and "
+                                                "<= 100000000, got 1000000000"),
+    (train_2d, ["--hidden_size", "65536"], "GiB of memory"),  # 400 GiB of weights
     (train_2d, ["--num_epochs", "0"], "--num_epochs: must be a whole number > 0, got 0"),
     (train_2d, ["--fit_proposal", "3"], "--fit_proposal: needs at least 8 samples"),
     (train_2d, ["--eval_only", "--ckpt", "x.ckpt", "--eval_proposal", "flat"], "invalid choice: 'flat'"),
@@ -45,7 +50,8 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_cifar10, ["--dataset", "digits", "--val_npoints", "100"], "must be a power of 2"),
     (train_cifar10, ["--dataset", "digits", "--log_dir", "afile/x", "--unet_width", "8"],
      "afile/x cannot be written: "),
-    (train_cifar10, ["--dataset", "fake", "--fake_size", "100000000"], "GiB of memory"),
+    (train_cifar10, ["--dataset", "fake"], "invalid choice: 'fake'"),  # the fake set is gone
+    (train_cifar10, ["--dataset", "digits", "--image_size", "16"], "unrecognized arguments"),
     (train_cifar10, ["--eval_only", "--dataset", "digits"], "or a --pretrained U-Net"),
     (train_cifar10, ["--dataset", "digits", "--precision", "16-true"], "would cast"),
     # a run name is one folder under --log_dir: nothing may be written outside it, or nowhere
@@ -57,10 +63,25 @@ MISTAKES = [  # (script, flags, what the last line of stderr says)
     (train_cifar10, ["--dataset", "digits", "--experiment_name", "../x"], ONE_FOLDER),
     (train_2d, ["--seed", "-1"], "--seed: must be a whole number >= 0"),
     (train_2d, ["--num_epochs", "1.5"], "--num_epochs: must be a whole number > 0, got 1.5"),
-    (train_2d, ["--conditional", "--label_dropout", "0"], "--label_dropout: must be in (0, 1)"),
+    (train_2d, ["--conditional", "--label_dropout", "0"],
+     "--label_dropout: must be a finite number > 0 and < 1, got 0"),
     (train_2d, ["--conditional", "maybe"], "expected a boolean (true/false), got 'maybe'"),
     (train_cifar10, ["--dataset", "digits", "--conditional", "--eval_only", "--pretrained", "x"],
      "--conditional with --pretrained evaluates untrained labels"),
+    # flags of the restructure: --train_batch_size became --batch_size, --num_threads is >= 1
+    (train_2d, ["--train_batch_size", "128"], "unrecognized arguments: --train_batch_size"),
+    (train_2d, ["--num_threads", "0"], "--num_threads: must be a whole number >= 1, got 0"),
+    (train_cifar10, ["--dataset", "digits", "--num_threads", "0"], "must be a whole number >= 1"),
+    (train_2d, ["--dataset", "scg", "--data", "p.csv"], "give --dataset or --data, not both"),
+    (train_2d, ["--per_sample", "out.csv"], "--per_sample: only used with --eval_only"),
+    # the network is the script's own or a module:Class, never the other script's
+    (train_2d, ["--denoiser", "unet"], "--denoiser: this script's network is mlp"),
+    (train_cifar10, ["--dataset", "digits", "--denoiser", "mlp"],
+     "--denoiser: this script's network is unet"),
+    (train_2d, ["--denoiser", "torch.nn:Linear", "--denoiser_args", "{width"],
+     "error: --denoiser_args is not JSON"),
+    (train_2d, ["--denoiser", "torch.nn:Linear", "--denoiser_args", "[2, 2]"],
+     "error: --denoiser_args must be a JSON object of keyword arguments, got [2, 2]"),
 ]
 
 
@@ -98,6 +119,7 @@ def test_a_folder_given_for_a_checkpoint_names_the_checkpoints_in_it(script, fla
     assert os.listdir(tmp_path / "exps_folder") == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_paths_with_spaces_print_shell_quoted(tmp_path, monkeypatch, capsys):
     # a space is allowed in a run name (no separator); the summary's paths must paste into a shell
     monkeypatch.chdir(tmp_path)
@@ -126,14 +148,17 @@ def test_help_shows_only_the_scripts_own_flags_and_paths(capsys):
         # --resume's example is the script's own first dataset's run; its list of the flags a
         # resumed run may change holds the script's own (cli.build_parser's may_change)
         resume = text[text.index("--resume CKPT continue"):text.index("(a one-cycle schedule")]
+        assert "--max_steps" in resume  # both scripts' flag now
         if script is train_2d:
             assert "exps/moons-base/checkpoints/last.ckpt" in resume and "--grid_size" in resume
-            assert "--max_steps" not in text and "--curve_samples" not in text
+            assert "--curve_samples" not in text and "--pretrained" not in text
         else:
-            assert "exps/cifar10-base/checkpoints/last.ckpt" in resume and "--max_steps" in resume
+            assert "exps/cifar10-base/checkpoints/last.ckpt" in resume
+            assert "--curve_samples" in resume
             assert "moons-base" not in text and "--grid_size" not in text
 
 
+@pytest.mark.slow
 def test_a_pretrained_folder_without_weights_is_one_error_line(tmp_path):
     # a UNet2DModel config.json alone (save_config, no weights): one error line, and nothing from
     # diffusers (it logs the missing file and its advice on unsafe serialization to stderr). A
@@ -144,17 +169,20 @@ def test_a_pretrained_folder_without_weights_is_one_error_line(tmp_path):
     config = dict(unet.small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
     UNet2DModel.from_config(config).save_config(str(tmp_path / "unet"))
     assert os.listdir(tmp_path / "unet") == ["config.json"]
+    np.save(tmp_path / "images.npy", np.random.default_rng(0).integers(0, 256, (32, 8, 8, 3),
+                                                                         dtype=np.uint8))
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train_cifar10.py"), "--dataset", "fake",
-         "--image_size", "8", "--fake_size", "32", "--num_epochs", "1", "--num_workers", "0",
-         "--pretrained", "unet"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [sys.executable, os.path.join(REPO, "train_cifar10.py"), "--data", "images.npy",
+         "--num_epochs", "1", "--num_workers", "0", "--pretrained", "unet"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300)
     err = proc.stderr
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()], err  # one line
     assert err.startswith("error: cannot load the U-Net from unet: ")
-    assert sorted(os.listdir(tmp_path)) == ["unet"]
+    assert sorted(os.listdir(tmp_path)) == ["images.npy", "unet"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     common = ["--dataset", "scg", "--num_points", "2000", "--grid_size", "4", "--num_samples",
               "10", "--sample_steps", "4", "--val_npoints", "8", "--num_threads", "1"]
@@ -189,28 +217,184 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_continues_the_run(tmp_path):
     done = subprocess.run([sys.executable, *command[1:], "--num_epochs", "4"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "scg: 4 epochs" in done.stdout and "exact value on the validation set" in done.stdout
+    assert "scg: 4 epochs" in done.stdout
+    assert "exact E[-log p(x)] on the validation set" in done.stdout
     assert os.listdir(tmp_path / "exps") == ["scg-base"]
     assert os.path.isfile(tmp_path / "exps" / "scg-base" / "checkpoints" / "last.ckpt")
 
 
-def test_resume_gives_flags_a_checkpoint_predates_their_old_values(tmp_path):
-    # a checkpoint written before --input_embedding_period existed used a period of 1e4
-    # (train_2d.OLDER); resuming it must rebuild that network, not the new default's (100)
+@pytest.mark.slow
+def test_a_checkpoint_without_a_denoiser_record_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                     capsys):
+    # checkpoints of earlier unreleased versions did not record how to rebuild their denoiser:
+    # evaluating or resuming one is one error line, and nothing is written
     import torch as t
     s = train_2d.main(["--dataset", "scg", "--num_epochs", "1", "--num_points", "200",
                        "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
-                       "--log_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "1"])
+                       "--log_dir", str(tmp_path / "exps"), "--accelerator", "cpu",
+                       "--devices", "1", "--lr_schedule", "constant"])  # may run longer
     ckpt = t.load(s["checkpoint"], weights_only=False)
-    assert ckpt["run_args"]["input_embedding_period"] == 100.
-    del ckpt["run_args"]["input_embedding_period"]
-    old = tmp_path / "old.ckpt"
-    t.save(ckpt, old)
-    resume = experiment.checkpoint_args("train_2d.py")
-    assert train_2d.parse_args(["--resume", str(old)], resume).input_embedding_period == 1e4
-    assert train_2d.parse_args(["--resume", s["checkpoint"]], resume).input_embedding_period == 100.
+    assert ckpt["denoiser"]["target"] == "denoisers:MLPDenoiser"
+    del ckpt["denoiser"]
+    (tmp_path / "old").mkdir()
+    t.save(ckpt, tmp_path / "old" / "old.ckpt")
+    monkeypatch.chdir(tmp_path / "old")
+    capsys.readouterr()
+    for flags in (["--eval_only", "--ckpt", "old.ckpt"],
+                  ["--resume", "old.ckpt", "--num_epochs", "2"]):
+        with pytest.raises(SystemExit) as exit_:
+            experiment.run_cli(lambda: train_2d.main(flags))
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines() == [err.strip()], err  # one line
+        assert err.startswith("error: old.ckpt") and "does not say how to rebuild its denoiser" in err
+        assert os.listdir(".") == ["old.ckpt"]
+    with pytest.raises(cli.UserError, match="train it again"):
+        experiment.load_model(str(tmp_path / "old" / "old.ckpt"))
 
 
+BAD_POINTS = {  # file name -> (content, what the error line says)
+    "three.csv": ("1,2,3,4\n5,6,7,8\n", "need 2 numeric columns and an optional label column"),
+    "words.csv": ("x,y\n1,2\na,b\n", "a value of the first two columns is not a number"),
+    "labels.csv": ("1,2,0.5\n3,4,1\n", "labels must be whole numbers >= 0"),
+    "empty.csv": ("x,y\n", "no data rows"),
+    "points.txt": ("1 2\n", "points are read from .csv, .npy or .npz files"),
+    "nan.npy": (np.array([[0.0, np.nan], [1.0, 2.0]]), "the data contain NaN or inf"),
+    "wide.npy": (np.zeros((5, 3)), "need points of shape (n, 2), got (5, 3)"),
+    "nox.npz": ({"points": np.zeros((5, 2))}, "an .npz needs an array named x, got points"),
+    "broken.npy": (b"not numpy", "not a readable numpy file"),
+}
+BAD_IMAGES = {
+    "float.npy": (np.zeros((4, 8, 8, 3)), "need a uint8 array (N, H, W) or (N, H, W, C)"),
+    "five.npy": (np.zeros((4, 8, 8, 5), np.uint8), "with 1 or 3 channels"),
+    "notes/": ({"a.png": (8, 8), "b.txt": None}, "b.txt is not a PNG or JPEG image"),
+    "sizes/": ({"a.png": (8, 8), "b.png": (16, 16)}, "all images must be one size and mode"),
+    "points.csv": ("1,2\n", "images are read from a folder or a .npy/.npz array"),
+}
+
+
+def write_data(path, content):
+    """A data file or folder of the content BAD_POINTS / BAD_IMAGES give."""
+    if isinstance(content, str):
+        path.write_text(content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, np.ndarray):
+        np.save(path, content)
+    elif path.suffix == ".npz":
+        np.savez(path, **content)
+    else:  # a folder of images (name -> (height, width)) and other files
+        from PIL import Image
+        path.mkdir()
+        for name, size in content.items():
+            if size is None:
+                (path / name).write_text("not an image")
+            else:
+                Image.fromarray(np.zeros(size + (3,), np.uint8)).save(path / name)
+
+
+@pytest.mark.parametrize("script, name, content, message", [
+    *[(train_2d, name, *v) for name, v in BAD_POINTS.items()],
+    *[(train_cifar10, name, *v) for name, v in BAD_IMAGES.items()],
+    (train_2d, "none.csv", None, "No such file or directory"),
+    (train_cifar10, "none.npy", None, "none.npy: no such file"),
+    (train_2d, "unlabelled.csv", ("1,2\n3,4\n5,6\n", "--conditional: "), "has no labels"),
+    (train_cifar10, "unlabelled.npy", (np.zeros((4, 8, 8), np.uint8), "--conditional: "),
+     "has no labels"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_bad_data_is_one_line_and_no_run_folder(script, name, content, message, tmp_path,
+                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data", name, "--num_epochs", "1", "--accelerator", "cpu"]
+    if isinstance(content, tuple) and content[1] == "--conditional: ":
+        content, flags = content[0], flags + ["--conditional"]
+    if content is not None:
+        write_data(tmp_path / name.rstrip("/"), content)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: script.main(flags))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: "), err
+    assert message in err and name.rstrip("/") in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # no exps/ or run folder
+
+
+DENOISERS = """
+import torch as t
+
+
+class Net(t.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.net = t.nn.Sequential(t.nn.Linear(3, width), t.nn.SiLU(), t.nn.Linear(width, 2))
+
+    def forward(self, z, logsnr):
+        return self.net(t.cat([z, logsnr[:, None]], 1))
+
+
+class WrongShape(t.nn.Module):
+    def forward(self, z, logsnr):
+        return z[:, :1]
+
+
+class Fails(t.nn.Module):
+    def forward(self, z, logsnr):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+
+def not_a_module():
+    return 3
+"""
+DENOISER_MISTAKES = [  # (--denoiser, --denoiser_args, what the error says)
+    ("itd_no_such_module:Net", "{}", "--denoiser itd_no_such_module:Net: cannot import "
+                                     "itd_no_such_module: No module named 'itd_no_such_module'"),
+    ("itd_cli_denoisers:Missing", "{}", "--denoiser itd_cli_denoisers:Missing: "
+                                        "itd_cli_denoisers has no Missing"),
+    ("itd_cli_denoisers:Net", '{"depth": 2}', "--denoiser itd_cli_denoisers:Net: its arguments "
+                                              '{"depth": 2} do not fit: '),
+    ("itd_cli_denoisers:Net", "{}", "--denoiser itd_cli_denoisers:Net: its arguments {} do not "
+                                    "fit: "),
+    ("itd_cli_denoisers:WrongShape", "{}", "the denoiser WrongShape returned torch.float32 (2, 1); "
+                                           "it must return a floating tensor of the input's shape "
+                                           "(2, 2)"),
+    ("itd_cli_denoisers:Fails", "{}", "the denoiser Fails fails on samples of shape (2,): "
+                                      "RuntimeError: mat1 and mat2"),
+    ("itd_cli_denoisers:not_a_module", "{}", "made a int, not a torch.nn.Module"),
+]
+
+
+@pytest.fixture
+def cli_denoisers(tmp_path, monkeypatch):
+    """tests' own denoiser module on sys.path (tmp_path/mods), the working directory
+    tmp_path/work."""
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "itd_cli_denoisers.py").write_text(DENOISERS)
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    yield
+    sys.modules.pop("itd_cli_denoisers", None)
+
+
+@pytest.mark.parametrize("target, kwargs, message", DENOISER_MISTAKES,
+                         ids=[m[0].split(":")[1] + m[1] for m in DENOISER_MISTAKES])
+def test_a_denoiser_that_does_not_fit_is_one_clear_error(target, kwargs, message, cli_denoisers,
+                                                         capsys):
+    flags = ["--dataset", "scg", "--num_points", "200", "--num_epochs", "1", "--denoiser", target,
+             "--denoiser_args", kwargs, "--accelerator", "cpu"]
+    with pytest.raises((ValueError, cli.UserError)) as err:  # called as a library
+        train_2d.main(flags)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as exit_:  # and from the command line
+        experiment.run_cli(lambda: train_2d.main(flags))
+    out = capsys.readouterr()
+    assert exit_.value.code == 2 and "Traceback" not in out.err
+    assert out.err.strip().splitlines() == [f"error: {err.value}"]
+    assert os.listdir(".") == []
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags, code", [
     ("train_2d.py", ["--help"], 0), ("train_2d.py", ["--learning_rate", "-1e-3"], 2),
     ("train_2d.py", ["--embedding_size", "7"], 2), ("train_cifar10.py", ["--help"], 0),

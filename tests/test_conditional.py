@@ -6,11 +6,13 @@ both scripts' command lines.
 """
 import math
 
+import numpy as np
 import pytest
 import torch as t
 
-import datasets
+import datamodules
 import densities
+import estimators as est
 import experiment
 import train_2d
 import train_cifar10
@@ -19,6 +21,17 @@ from tests.analytic import overlapping_2d
 from tests.checks import assert_unbiased_and_calibrated, gen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def labelled_images(tmp_path_factory):
+    """80 random 3x8x8 RGB images with labels 0 .. 9 (8 each) in fake.npz (x, y): 8 held out for
+    validation."""
+    path = tmp_path_factory.mktemp("images") / "fake.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (80, 8, 8, 3), dtype=np.uint8),
+             y=rng.permutation(np.arange(80) % 10))
+    return str(path)
 
 
 def labelled_model():
@@ -46,9 +59,12 @@ def test_conditional_nll_and_mutual_information_are_unbiased_per_point():
     exact = mix.nll(x) - mix.nll_given(x, y)  # i(x; y) = log p(x | y) - log p(x)
     assert exact.std() > 0.2  # overlapping components: i(x; y) differs from point to point
     assert_unbiased_and_calibrated(mi.view(reps, 12), se.view(reps, 12), exact)
-    # the per-coordinate parts sum to i(x; y) on the same points
+    # the per-coordinate parts sum to the integral part of i(x; y) on the same points: the rest
+    # is the references' log q(x | y) - log q(x) (each label has its own data-matched Gaussian)
     parts = dm.mi_points(x, y, 128, seed=4, per_dim=True)
-    assert t.allclose(parts.sum(1), dm.mi_points(x, y, 128, seed=4)[0], atol=1e-9)
+    references = dm.reference.nll(x) - dm.reference.nll(x, y)
+    assert references.abs().max() > 0.1
+    assert t.allclose(parts.sum(1) + references, dm.mi_points(x, y, 128, seed=4)[0], atol=1e-9)
 
 
 def test_class_posterior_matches_bayes_on_common_points():
@@ -58,7 +74,13 @@ def test_class_posterior_matches_bayes_on_common_points():
     reps = 40
     xs, index = x.repeat(reps, 1), t.arange(12 * reps)
     posterior = dm.class_log_posterior(xs, 128, seed=5, index=index)
-    assert t.allclose(posterior.exp().sum(1), t.ones(12 * reps, dtype=t.float64), atol=1e-12)
+    # jackknifed over the replicates: Bayes' rule on the mean estimates, normalised, shifted by
+    # one bias correction of the log normaliser per sample, the same for every label
+    terms = est.label_terms(dm, dm.reference, dm.proposal, xs, t.arange(3), 128, seed=5,
+                            index=index)
+    plain = (dm.label_log_prior - terms.mean(1)).log_softmax(1)
+    shift = posterior - plain
+    assert t.allclose(shift, shift[:, :1].expand(-1, 3), atol=1e-12)
     odds = (posterior - posterior[:, :1]).view(reps, 12, 3)[..., 1:]
     exact = mix.log_posterior(x)  # the component weights are the label prior here
     exact = (exact - exact[:, :1])[:, 1:]
@@ -96,6 +118,7 @@ def test_training_drops_labels_at_the_given_rate():
         dm.nll((x, t.full((4000,), 3)))
 
 
+@pytest.mark.slow
 def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys):
     flags = ["--dataset", "blobs", "--conditional", "true", "--num_points", "1000",
              "--num_epochs", "2", "--grid_size", "6", "--num_samples", "0", "--val_npoints", "8",
@@ -107,11 +130,12 @@ def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys
     for key in ("val_mi", "val_mi_exact", "val_mi_bayes", "val_accuracy", "val_accuracy_bayes",
                 "val_nll_exact"):
         assert math.isfinite(s[key]), key
-    # the exact values on the validation points, from the data's densities (densities.py)
-    data = datasets.Points2D("blobs", 1000, 0, 0.1, conditional=True)
+    # the exact -log p(x | y) of the validation points and their labels, from the data's
+    # densities (densities.py through datasets.Exact)
+    data = datamodules.points(train_2d.parse_args(flags))
     data.setup()
-    given = data.exact_log_given(data.val)[t.arange(len(data.val)), data.val_labels]
-    assert s["val_nll_exact"] == pytest.approx(-given.mean().item(), rel=1e-9)
+    given, _, _ = data.exact_labels(data.val_data(), data.val_labels)
+    assert len(given) == 100 and s["val_nll_exact"] == pytest.approx(given.mean().item(), rel=1e-9)
     assert (tmp_path / "blobs-base" / "figures" / "information.png").is_file()
     # the evaluation table: conditional rows of the model, beside the exact ones
     results = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
@@ -123,18 +147,19 @@ def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys
     accuracy = rows[("blobs-base/last.ckpt", "accuracy")]
     assert accuracy["unit"] == "fraction" and 0 <= accuracy["value"] <= 1
     assert accuracy["nats"] is None and accuracy["evaluations"] == 8 * 4  # one pass: no label and the 3 labels
-    # i(x; y) by Bayes' rule from the accuracy row's posteriors: log p(y | x) <= 0, so each
+    # i(x; y) by Bayes' rule from the same pass's posteriors: log p(y | x) <= 0, so each
     # sample's value is at most -log p(y), and the row spent no evaluations of its own
     bayes = rows[("blobs-base/last.ckpt", "information, Bayes' rule")]
     assert bayes["evaluations"] == 8 * 4 and bayes["unit"] == "nats, not per dimension"
     assert bayes["nats"] <= -math.log(min(densities.BLOBS_WEIGHTS))
 
 
-def test_an_image_conditional_run_and_its_table(tmp_path, capsys):
-    # a class-conditional U-Net (diffusers' class embeddings, one more for "no label") on
-    # FakeData's random labels: the plumbing end to end
-    flags = ["--dataset", "fake", "--conditional", "true", "--image_size", "8", "--fake_size",
-             "32", "--unet_width", "8", "--num_epochs", "1", "--num_workers", "0",
+@pytest.mark.slow
+def test_an_image_conditional_run_and_its_table(labelled_images, tmp_path, capsys):
+    # a class-conditional U-Net (diffusers' class embeddings, one more for "no label") on random
+    # images with random labels of one's own (--data): the plumbing end to end
+    flags = ["--data", labelled_images, "--conditional", "true", "--unet_width", "8",
+             "--batch_size", "24", "--num_epochs", "1", "--num_workers", "0",
              "--num_samples", "0", "--val_npoints", "4", "--curve_samples", "4",
              "--log_dir", str(tmp_path)]
     s = train_cifar10.main(flags)

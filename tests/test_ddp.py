@@ -16,6 +16,8 @@ import utils
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+TIMEOUT = 3600  # a safety net against a hung process only: a busy machine takes minutes
+pytestmark = pytest.mark.slow  # every test here spawns processes
 
 
 def test_train_2d_with_two_processes(tmp_path):
@@ -23,12 +25,12 @@ def test_train_2d_with_two_processes(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "train_2d.py"), "--dataset", "scg", "--num_epochs", "2",
          "--num_points", "400", "--grid_size", "6", "--num_samples", "50", "--sample_steps", "5",
-         "--val_npoints", "8", "--train_batch_size", "64", "--log_dir", str(logs), *DDP],
-        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+         "--val_npoints", "8", "--batch_size", "64", "--log_dir", str(logs), *DDP],
+        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both ranks wrote into one run directory, and only rank 0 reported
     assert os.listdir(logs) == ["scg-base"]
-    assert proc.stdout.count("validation E[-log p]") == 1
+    assert proc.stdout.count("validation E[-log p(x)]") == 1
     with open(logs / "scg-base" / "summary.json") as f:
         summary = json.load(f)
     # 360 training points, 180 per process, batches of 64 (last one dropped): 2 steps per epoch
@@ -69,7 +71,7 @@ def test_val_loss_is_reduced_over_processes(tmp_path):
     script, out = tmp_path / "validate.py", tmp_path / "metrics.json"
     script.write_text(SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(out)], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         metrics = json.load(f)
@@ -97,7 +99,7 @@ def evaluate_in(script, processes, ckpts, results, *flags):
     devices = ["--devices", "1"] if processes == 1 else ["--devices", "2", "--strategy", "ddp"]
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), "--eval_only", "--ckpt",
                            *ckpts, "--accelerator", "cpu", *devices, "--results", str(results),
-                           *flags], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+                           *flags], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("written to") == 1  # rank 0 alone prints and writes
     with open(results) as f:
@@ -128,9 +130,9 @@ def test_2d_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
     for seed in (0, 1):  # two checkpoints, so the ensemble row is there too
         s = train_2d.main(["--dataset", "scg", "--num_epochs", "2", "--num_points", "300",
                            "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
-                           "--train_batch_size", "64", "--seed", "0", "--experiment_name", str(seed),
+                           "--batch_size", "64", "--seed", "0", "--experiment_name", str(seed),
                            "--learning_rate", str(3e-3 * (1 + seed)), "--log_dir", str(tmp_path),
-                           "--accelerator", "cpu", "--devices", "1", "--num_threads", "0"])
+                           "--accelerator", "cpu", "--devices", "1", "--num_threads", "1"])
         ckpts.append(os.path.abspath(s["checkpoint"]))
     one = evaluate_in("train_2d.py", 1, ckpts, tmp_path / "one.json", "--npoints", "16",
                       "--eval_batch_size", "7")
@@ -141,13 +143,17 @@ def test_2d_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
 
 
 def test_image_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
+    import numpy as np
     import train_cifar10
-    train_cifar10.main(["--dataset", "fake", "--image_size", "8", "--fake_size", "36",
-                        "--batch_size", "12", "--unet_width", "8", "--num_epochs", "1",
-                        "--val_npoints", "2", "--curve_samples", "4", "--num_samples", "0",
-                        "--num_workers", "0", "--accelerator", "cpu", "--devices", "1",
-                        "--log_dir", str(tmp_path)])
-    ckpt = str(tmp_path / "fake-base" / "checkpoints" / "last.ckpt")
+    # 90 random 3 x 8 x 8 images: 81 for training, 9 for validation (4 for the selection, 5
+    # scored in the evaluation)
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (90, 8, 8, 3), dtype=np.uint8))
+    train_cifar10.main(["--data", str(images), "--batch_size", "12", "--unet_width", "8",
+                        "--num_epochs", "1", "--val_npoints", "2", "--curve_samples", "4",
+                        "--num_samples", "0", "--num_workers", "0", "--accelerator", "cpu",
+                        "--devices", "1", "--num_threads", "1", "--log_dir", str(tmp_path)])
+    ckpt = str(tmp_path / "images-base" / "checkpoints" / "last.ckpt")
     flags = ("--npoints", "8", "--eval_batch_size", "3", "--seed", "1")  # no tie: see above
     one = evaluate_in("train_cifar10.py", 1, [ckpt], tmp_path / "one.json", *flags)
     two = evaluate_in("train_cifar10.py", 2, [ckpt], tmp_path / "two.json", *flags)
@@ -162,32 +168,38 @@ def test_image_evaluation_is_the_same_on_one_and_two_processes(tmp_path):
 # Downloads happen once per node, in prepare_data
 # ---------------------------------------------------------------------------------------------
 DOWNLOAD_SCRIPT = textwrap.dedent("""
-    import dataclasses, os, sys
+    import argparse, dataclasses, os, sys
+    import numpy as np
     import pytorch_lightning as pl
     import torch as t
+    import datamodules
     import datasets
     from diffusionmodel import DiffusionModel
 
     log, data_dir = sys.argv[1], sys.argv[2]
 
-    def fake_download(root):  # stands in for torchvision's download: records who called it
+    def fake_download(name, root):  # stands in for torchvision's download: records who called it
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\\n")
         os.makedirs(os.path.join(root, datasets.CIFAR10_FOLDER), exist_ok=True)
 
-    def fake_files(root, seed=0, image_size=32, fake_size=0):  # and for reading the files
-        g = t.Generator().manual_seed(0)
-        return [(t.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=t.uint8),
-                 t.randint(0, 10, (n,), generator=g)) for n in (8, 8)]
+    def fake_files(root, seed=0):  # and for reading the files
+        rng = np.random.default_rng(0)
+        return [v for n in (8, 8) for v in (rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8),
+                                            rng.integers(0, 10, n))]
 
-    datasets.IMAGE_SETS["cifar10"] = dataclasses.replace(
-        datasets.IMAGE_SETS["cifar10"], load=fake_files, download=fake_download)
+    datasets.IMAGE_SETS["cifar10"] = dataclasses.replace(datasets.IMAGE_SETS["cifar10"],
+                                                         load=fake_files)
+    datasets.download = fake_download
 
     class Zero(t.nn.Module):
         def forward(self, z, logsnr):
             return t.zeros_like(z)
 
-    data = datasets.Images("cifar10", data_dir, eval_batch_size=4)
+    args = argparse.Namespace(data=None, dataset="cifar10", data_dir=data_dir, seed=0,
+                              batch_size=4, eval_batch_size=4, conditional=False,
+                              dequantize=False, reference_size=8, num_workers=0, offline=True)
+    data = datamodules.images(args)
     model = DiffusionModel(Zero(), x_shape=data.x_shape, val_npoints=2)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -200,6 +212,6 @@ def test_datamodule_downloads_once_for_two_processes(tmp_path):
     script, log = tmp_path / "download.py", tmp_path / "calls.txt"
     script.write_text(DOWNLOAD_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(log), str(tmp_path / "data")],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(log.read_text().split()) == 1  # two processes, one download

@@ -4,7 +4,7 @@ discrete-limit conversions.
 
 Exact answers come from distributions on a few grid points (tests/analytic.py DiscreteAtoms): the
 posterior over atoms given z is a softmax, so the optimal denoiser is closed form and
--log P(x_m) = -log pi_m. Statistical checks are seeded and pooled as in tests/test_estimator.py
+-log P(x_m) = -log pi_m. Statistical checks are seeded and pooled as in tests/test_estimators.py
 (tests/checks.py); expected values that are not -log pi say where they come from.
 """
 import math
@@ -15,6 +15,7 @@ import scipy.integrate
 import scipy.stats
 import torch as t
 
+import estimators
 import utils
 from denoisers import GridRounding
 from diffusionmodel import DiffusionModel
@@ -22,7 +23,7 @@ from utils import Grid
 from tests.analytic import (DiscreteAtoms, GaussianMixture, Zero, discretised_gaussian,
                             gaussian)
 from tests.checks import (assert_unbiased_and_calibrated, fit_ensemble, gen, paired_difference,
-                          repeated)
+                          repeated, rounded, with_denoiser)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +56,12 @@ def exact_model(dist, reference="moments", **kwargs):
     if reference == "moments":
         dm.reference.load_state_dict(moment_reference(dist).state_dict())
     return dm
+
+
+def mse(denoiser, x, logsnr, eps):
+    """||eps - eps_hat(z, a)||^2 per sample, z = noisy_channel(x, a, eps)."""
+    z = utils.noisy_channel(x, logsnr, eps)
+    return estimators.eps_errors(denoiser, z, logsnr, eps).flatten(1).sum(1)
 
 
 def smoothed(dist, std=0.15):
@@ -193,10 +200,11 @@ def test_hard_rounding_of_z_has_the_closed_form_error():
         def forward(self, z, logsnr):
             return t.zeros_like(z)
     grid = Grid(0.25, -1., 9)
-    dm = DiffusionModel(GridRounding(Zero(), grid, "hard"), x_shape=(1,)).double()
+    hard = GridRounding(Zero(), grid, "hard")
     for x0, a in ((-1., 3.), (0.25, 4.), (0.5, 6.)):
         x = t.full((40000, 1), x0, dtype=t.float64)
-        err = dm.mse(x, t.full((40000,), a, dtype=t.float64), generator=gen(4))
+        eps = t.randn(x.shape, generator=gen(4), dtype=t.float64)
+        err = mse(hard, x, t.full((40000,), a, dtype=t.float64), eps)
         exact = rounding_error(x0, a, grid)
         assert abs(err.mean().item() - exact) < 5 * err.std().item() / math.sqrt(len(err))
 
@@ -224,7 +232,7 @@ def test_tails_are_negligible_with_the_default_range():
     dist, grid = atoms_1d()
     dm = exact_model(dist)
     x, _ = dist.support()
-    below, above = dm.tail_terms(x, grid)
+    below, above = estimators.tail_terms(dm.reference, dm.proposal.range, x, grid)
     assert (below < 1e-5).all() and (above < 1e-12).all()
     with_tails = dm.nll_discrete_points(x, grid, 64, seed=0)[0]
     without = dm.nll_discrete_points(x, grid, 64, seed=0, tails=False)[0]
@@ -264,7 +272,7 @@ def test_tails_are_right_when_the_range_is_cut_short():
     dm = exact_model(dist, logsnr_loc=0.25, logsnr_scale=1.3, clip=2.5)
     x, p = dist.support()
     exact = t.tensor([exact_tails(dist, v.item(), -3., 3.5) for v in x[:, 0]], dtype=t.float64)
-    below, above = dm.tail_terms(x, grid)
+    below, above = estimators.tail_terms(dm.reference, dm.proposal.range, x, grid)
     assert t.allclose(below, exact[:, 0], rtol=0.01)
     assert (p * above).sum() >= (p * exact[:, 1]).sum()
     est, se = repeated(dm.nll_discrete_points, x, 100, grid=grid, seed=5)
@@ -289,8 +297,8 @@ def test_tails_are_right_when_the_range_is_cut_short():
 # Rounding to the grid
 # ---------------------------------------------------------------------------------------------
 def test_soft_rounding_of_z_is_the_optimal_denoiser_of_a_uniform_grid():
-    # eps_hat = 0 means x_hat = z / sqrt(s(a)) = x + e^{-a/2} eps, and with temperature 1 soft
-    # rounding is the posterior mean over grid values under a uniform prior: exactly the optimal
+    # eps_hat = 0 means x_hat = z / sqrt(s(a)) = x + e^{-a/2} eps, and soft rounding is the
+    # posterior mean over grid values under a uniform prior: exactly the optimal
     # denoiser of the uniform distribution on the 5-level grid (DiscreteAtoms), at every SNR
     uniform = DiscreteAtoms(t.linspace(-1, 1, 5).view(-1, 1), t.ones(5))
     soft = GridRounding(Zero(), Grid(0.5, -1., 5), "soft")
@@ -312,12 +320,12 @@ def test_rounding_lowers_the_high_snr_error(mode):
     # standard errors), while at a = 3 rounding makes it worse: where to round must be chosen.
     dist, grid = atoms_2d()
     dm = exact_model(smoothed(dist), reference="standard")
-    rounded = dm.rounded(grid, mode)
+    snap = rounded(dm, grid, mode)
     x = dist.sample(4000, generator=gen(6))
     eps = t.randn(x.shape, generator=gen(7), dtype=t.float64)
     for a, better in ((3., False), (6., True), (8., True), (10., True)):
         a = t.full((len(x),), a, dtype=t.float64)
-        plain, snapped = dm.mse(x, a, eps), rounded.mse(x, a, eps)
+        plain, snapped = mse(dm, x, a, eps), mse(snap, x, a, eps)
         diff = snapped - plain
         se = diff.std().item() / math.sqrt(len(diff))
         if better:
@@ -333,10 +341,10 @@ def test_heldout_choice_of_rounding_is_never_worse():
     # and much better than the unrounded one.
     dist, grid = atoms_2d()
     dm = exact_model(smoothed(dist), reference="standard")
-    variants = {"none": dm, "hard": dm.rounded(grid, "hard"), "soft": dm.rounded(grid, "soft")}
+    variants = {"none": dm, "hard": rounded(dm, grid, "hard"), "soft": rounded(dm, grid, "soft")}
     ensemble = fit_ensemble(list(variants.values()), dist.sample(500, generator=gen(8)), seed=9,
                             bins=24)
-    ensemble = dm.with_denoiser(ensemble, reference=ensemble.members[0].reference)
+    ensemble = with_denoiser(dm, ensemble, reference=ensemble.members[0].reference)
     x, _ = dist.support()
     score = {name: repeated(m.nll_discrete_points, x, 30, grid=grid, seed=10)[0]
              for name, m in variants.items()}
@@ -383,6 +391,6 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="non-finite"):
         dm.nll_discrete_points(x * float("nan"), grid)
     with pytest.raises(ValueError, match="mode"):
-        dm.rounded(grid, "nearest")
+        rounded(dm, grid, "nearest")
     with pytest.raises(ValueError, match="index"):
         dm.nll_discrete_points(x, grid, index=t.arange(3))

@@ -1,6 +1,6 @@
 """Tests of Ensemble: per log-SNR bin, the member with the lowest held-out MSE, chosen through the
-library's held-out selection (diffusionmodel.heldout_errors, Ensemble.from_heldout; tests/checks.py
-fit_ensemble) and used as a DiffusionModel through with_denoiser.
+library's held-out selection (estimators.heldout_errors, Ensemble.from_heldout; tests/checks.py
+fit_ensemble) and used as a DiffusionModel through tests/checks.py with_denoiser.
 
 Two deliberately imperfect closed-form denoisers of tests/analytic.py's mixture_2d, each bad in a
 different log-SNR region: A has the right weights and means but components 3x too broad (right at
@@ -15,7 +15,7 @@ import torch as t
 from denoisers import GaussianDenoiser
 from diffusionmodel import DiffusionModel
 from tests.analytic import GaussianMixture, mixture_2d, reference_nll
-from tests.checks import fit_ensemble, gen, paired_difference, repeated
+from tests.checks import fit_ensemble, gen, paired_difference, repeated, with_denoiser
 from utils import Grid
 
 
@@ -37,7 +37,7 @@ def model(denoiser, fit_to):
 def as_model(ensemble, like):
     """A DiffusionModel around the ensemble with `like`'s hyperparameters and the ensemble's
     Gaussian member (fitted to its held-out samples) as its reference."""
-    return like.with_denoiser(ensemble, reference=ensemble.members[0].reference)
+    return with_denoiser(like, ensemble, reference=ensemble.members[0].reference)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""DiffusionModel.nll_ode (ode.py): -log p(x) of the density the probability-flow ODE defines.
+"""ode.nll_ode and DiffusionModel.nll_ode: -log p(x) of the density the probability-flow ODE defines.
 
 With a denoiser that is optimal for its data, the ODE's density is the data's density, so the
 expected numbers are the closed-form -log p(x) of the Gaussians and Gaussian mixtures of
@@ -47,9 +47,9 @@ def test_the_reference_alone_gives_its_own_density():
     # (to the solver's tolerance: 3e-5 nats at the default 1e-5, 1e-8 at 1e-10)
     mix = mixture_2d()
     dm = model_of(mix)
-    gauss = dm.with_denoiser(GaussianDenoiser(dm.reference))
     x = mix.sample(16, generator=gen(2))
-    nll, _ = gauss.nll_ode(x, rtol=1e-10, atol=1e-10)
+    nll, _ = ode.nll_ode(GaussianDenoiser(dm.reference), dm.reference, dm.proposal.range, x,
+                         rtol=1e-10, atol=1e-10)
     assert (nll - dm.reference.nll(x)).abs().max() < 1e-6
 
 
@@ -93,12 +93,12 @@ def test_the_ode_row_is_nll_ode_on_the_scored_points():
     ev = evaluation.Evaluation([dm], ["mixture"], Points(x), seed=3, npoints=16, batch_size=7,
                                ode=settings)
     ev.run(quiet_trainer())
-    scored = ev.data["score"]
+    scored = ev.samples["score"]
     expected, info = dm.nll_ode(scored, seed=3, index=t.arange(len(scored)), **settings)
-    assert t.allclose(ev.per_sample[("mixture", "ode")], expected, rtol=0, atol=1e-9)
+    assert t.allclose(ev.per_sample[("mixture", "ode")][0], expected, rtol=0, atol=1e-9)
     row = next(r for r in ev.rows if (r["model"], r["estimate"]) == ("mixture", "ode"))
     assert row["evaluations"] == pytest.approx(info["nfe"].double().mean().item())
     assert "rtol 1e-05, atol 1e-05, divergence exact" in row["meaning"]
     # the Gaussian's ODE row is -log q of the same points, to the solver's tolerance
-    gauss = ev.per_sample[("gaussian", "ode")]
+    gauss = ev.per_sample[("gaussian", "ode")][0]
     assert t.allclose(gauss, dm.reference.nll(scored), rtol=0, atol=2e-4)

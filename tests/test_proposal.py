@@ -19,7 +19,8 @@ import torch as t
 from diffusionmodel import DiffusionModel
 from proposals import FittedProposal, LogisticProposal
 from tests.analytic import mixture_2d, ring_2d
-from tests.checks import assert_unbiased_and_calibrated, Points, gen, quiet_trainer, repeated
+from tests.checks import (assert_unbiased_and_calibrated, Points, gen, quiet_trainer, repeated,
+                          with_denoiser)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -286,8 +287,8 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
         rows = {(r["model"], r["estimate"]): r for r in ev.rows}
         row = rows[("ring", "continuous")]
         assert row["proposal"]["kind"] == kind
-        scored = ev.data["score"]
-        err = ev.per_sample[("ring", "continuous")] - ring.nll(scored).double()
+        scored = ev.samples["score"]
+        err = ev.per_sample[("ring", "continuous")][0] - ring.nll(scored).double()
         # unbiased: the mean error within 4 of its standard errors
         assert abs(err.mean()) < 4 * err.std() / math.sqrt(len(err)), kind
         errors[kind] = err.pow(2).mean().sqrt().item()
@@ -300,7 +301,7 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
     # two models with different ranges: the held-out bins span both ([-13.2, 13.2]), and each
     # row is fitted in 48 bins over its own whole range (none of it left to the logistic alone),
     # unbiased, and with less integration noise per sample than the logistic for every row
-    wide = model.with_denoiser(ring)
+    wide = with_denoiser(model, ring)
     wide.proposal = LogisticProposal(0., 3.3, 4.)
     noise = {}
     for kind in ("fitted", "logistic"):
@@ -309,13 +310,13 @@ def test_evaluation_fits_each_rows_proposal_on_the_selection_samples():
         ev.run(quiet_trainer())
         noise[kind] = {r["model"]: r["integration_nats"] for r in ev.rows}
         if kind == "fitted":
-            spans = {name: span for name, _, _, span in ev.jobs}
-            assert ev.edges["continuous"][[0, -1]].tolist() == [-13.2, 13.2]
+            spans = {entry.name: span for entry, _, _, span in ev.jobs}
+            assert ev.plan.edges["continuous"][[0, -1]].tolist() == [-13.2, 13.2]
             for name, lo in (("wide", -13.2), ("ring", -12.), ("ensemble", -13.2)):
                 assert isinstance(spans[name], FittedProposal)
                 assert spans[name].bins_range == spans[name].range == (lo, -lo)
                 assert len(spans[name].weights) == 48
-            err = ev.per_sample[("ring", "continuous")] - ring.nll(ev.data["score"]).double()
+            err = ev.per_sample[("ring", "continuous")][0] - ring.nll(ev.samples["score"]).double()
             assert abs(err.mean()) < 4 * err.std() / math.sqrt(len(err))
     for name in ("wide", "ring", "ensemble"):
         assert noise["fitted"][name] < noise["logistic"][name], noise

@@ -9,6 +9,7 @@ Lightning's own SIGTERM handler makes it (trainer.received_sigterm set during a 
 tiny: scg with a few thousand points, a 4 x 4 contour grid, no samples.
 """
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -73,12 +74,39 @@ class SigtermAt(pl.Callback):
             trainer._signal_connector.received_sigterm = True
 
 
+class CtrlCAt(pl.Callback):
+    """Ctrl-C as a user presses it: SIGINT sent to this process once global step `step` is done,
+    in the hook `hook` (on_train_batch_end: mid-epoch; on_validation_start: in the end-of-epoch
+    validation; on_train_epoch_start: between two epochs)."""
+
+    def __init__(self, step, hook):
+        self.step, self.sent = step, False
+        setattr(self, hook, self.interrupt)
+
+    def interrupt(self, trainer, *args):
+        if trainer.global_step == self.step and not trainer.sanity_checking and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def sigint_restored():
+    """The SIGINT handler as it was before each test (an interrupted run may leave another)."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+def interrupt_at(monkeypatch, callback):
+    """The next train_2d runs carry `callback` (an interruption)."""
+    family = train_2d.FAMILY
+    monkeypatch.setattr(train_2d, "FAMILY", dataclasses.replace(
+        family, callbacks=lambda args, data, curve: family.callbacks(args, data, curve) + [callback]))
+
+
 def sigterm_at(monkeypatch, step):
     """The next train_2d runs get a SIGTERM during global step `step`."""
-    own = train_2d.TwoD.callbacks
-    monkeypatch.setattr(train_2d.TwoD, "callbacks",
-                        lambda self, args, data, curve: own(self, args, data, curve)
-                        + [SigtermAt(step)])
+    interrupt_at(monkeypatch, SigtermAt(step))
 
 
 def read_until(proc, prefix, limit=120.):
@@ -128,6 +156,7 @@ def same(a, b):
 # ---------------------------------------------------------------------------------------------
 # SIGTERM and SLURM: real processes
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_keeps_the_exact_step_and_says_how_to_resume(tmp_path, monkeypatch, capsys,
                                                             fresh_interrupted):
     # a run name with a space: the kept path and the resume command must be shell-quoted
@@ -183,6 +212,7 @@ def test_sigterm_keeps_the_exact_step_and_says_how_to_resume(tmp_path, monkeypat
     assert f"logs:        {shlex.quote(s['run_dir'])}" in out
 
 
+@pytest.mark.slow
 def test_sigterm_stops_an_evaluation_at_once_and_leaves_no_results(tmp_path, monkeypatch):
     # an evaluation has nothing to keep: it stops within seconds, not at the end of a batch of
     # minutes (Lightning's own handler waits for it, and lets the last batch finish)
@@ -203,6 +233,7 @@ def test_sigterm_stops_an_evaluation_at_once_and_leaves_no_results(tmp_path, mon
     assert "Traceback" not in err and not list(tmp_path.rglob("eval-*.json"))
 
 
+@pytest.mark.slow
 def test_slurm_requeue_saves_requeues_and_the_requeued_job_continues_its_run(tmp_path,
                                                                            monkeypatch, capsys):
     # A fake scontrol first on PATH records how Lightning calls it (SLURM's own is not here).
@@ -284,32 +315,47 @@ def test_slurm_requeue_saves_requeues_and_the_requeued_job_continues_its_run(tmp
 # ---------------------------------------------------------------------------------------------
 # Exact resume, in-process
 # ---------------------------------------------------------------------------------------------
-def test_resume_mid_epoch_takes_exactly_the_steps_and_weights_of_the_whole_run(
-        tmp_path, monkeypatch, capsys, fresh_interrupted):
-    # 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps.
-    # --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 20
-    # spread over 3 epochs): the run is cut in epoch 1, after its refit, so the resumed run must
-    # carry that proposal and refit the next one as the whole run does.
-    common = TINY + ["--num_epochs", "3", "--train_batch_size", "256", "--fit_proposal", "16",
-                     "--log_dir", str(tmp_path)]
-    whole = train_2d.main(common + ["--experiment_name", "whole"])
-    assert whole["steps"] == 21
-    cut_at = 10  # not a multiple of 7: the 4th of epoch 1's 7 steps
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """The uninterrupted run the interrupted ones are compared with (trained once)."""
+    return train_2d.main(RESUMED + ["--log_dir", str(tmp_path_factory.mktemp("whole")),
+                                    "--experiment_name", "whole"])
+
+
+# 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps.
+# --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 20
+# spread over 3 epochs), so the resumed run must carry that proposal and refit as the whole does.
+RESUMED = TINY + ["--num_epochs", "3", "--batch_size", "256", "--fit_proposal", "16",
+                  "--val_every", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, step, hook, kept_step", [
+    ("sigterm", 10, None, 10),                      # the 4th of epoch 1's 7 steps
+    ("ctrl-c", 10, "on_train_batch_end", 10),       # the same, by Ctrl-C
+    ("ctrl-c", 7, "on_validation_start", 7),        # epoch 0 done, during its validation
+    # between epochs 1 and 2: the run stops where Lightning can resume exactly, after a step
+    ("ctrl-c", 14, "on_train_epoch_start", 15),
+])
+def test_an_interrupted_run_resumes_to_exactly_the_steps_and_weights_of_the_whole_run(
+        how, step, hook, kept_step, whole_run, tmp_path, monkeypatch, capsys, fresh_interrupted):
+    common = RESUMED + ["--log_dir", str(tmp_path)]
     with monkeypatch.context() as patch:
-        sigterm_at(patch, cut_at)
+        interrupt_at(patch, SigtermAt(step) if how == "sigterm" else CtrlCAt(step, hook))
         with pytest.raises(SystemExit) as exit_:
             experiment.run_cli(lambda: train_2d.main(common + ["--experiment_name", "cut"]))
-    assert exit_.value.code == 143
+    assert exit_.value.code == (143 if how == "sigterm" else 130)
     kept = tmp_path / "scg-cut" / "checkpoints" / "interrupted.ckpt"
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-        f"stopped by SIGTERM at epoch 2, step {cut_at}: kept {experiment.shown_path(str(kept))}")
-    assert t.load(kept, map_location="cpu", weights_only=False)["global_step"] == cut_at
+    cause = "stopped by SIGTERM" if how == "sigterm" else "interrupted"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"{cause} at epoch ") and f", step {kept_step}: kept " in last, last
+    assert t.load(kept, map_location="cpu", weights_only=False)["global_step"] == kept_step
     resumed = train_2d.main(common + ["--experiment_name", "cut", "--resume", str(kept)])
-    assert f"{21 - cut_at} steps to go of 21" in capsys.readouterr().out
+    assert f"{21 - kept_step} steps to go of 21" in capsys.readouterr().out
 
     a, b = (t.load(s["checkpoint"], map_location="cpu", weights_only=False)
-            for s in (whole, resumed))
-    assert a["global_step"] == b["global_step"] == 21
+            for s in (whole_run, resumed))
+    assert a["global_step"] == b["global_step"] == 21 and resumed["epochs"] == 3
     assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
     assert "fitted_proposal" in a and same(a["fitted_proposal"], b["fitted_proposal"])
     # every tensor of the model, bit for bit (the same seed: same data order, same noise)
@@ -355,11 +401,12 @@ def files(folder):
     return found
 
 
+@pytest.mark.slow
 def test_finished_runs_are_refused_and_moved_checkpoints_find_their_run(tmp_path, monkeypatch,
                                                                        capsys, fresh_interrupted):
     # 400 points: 360 for training in batches of 128, 2 steps an epoch; 2 epochs: 4 steps
     logs = tmp_path / "exps"
-    common = ["--dataset", "scg", "--num_points", "400", "--train_batch_size", "128",
+    common = ["--dataset", "scg", "--num_points", "400", "--batch_size", "128",
               "--num_epochs", "2", "--grid_size", "4", "--num_samples", "0", "--val_npoints", "8",
               "--num_threads", "1", "--log_dir", str(logs), "--experiment_name", "r"]
     run = logs / "scg-r"
@@ -452,6 +499,7 @@ def reference_nll(checkpoint, x):
         x.double().numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_every_listed_precision_trains_a_2d_run(precision, run_2d):
     s = run_2d(precision)
@@ -469,16 +517,17 @@ def test_every_listed_precision_trains_a_2d_run(precision, run_2d):
         r = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
                            "--precision", precision, "--num_threads", "1"])
         assert os.path.isfile(r["path"]) and all(math.isfinite(row["nats"]) for row in r["rows"])
-        # the scored points, rebuilt as tests/test_evaluate.py does: the run's validation split
-        # less the evaluation's seeded selection part
-        _, val = datasets.split_2d(datasets.get_2d_dataset("scg", n=400),
-                                   train_2d.DEFAULTS["scg"]["val_fraction"], seed=0)
+        # the scored points, rebuilt: the run's validation split less the evaluation's seeded
+        # selection part
+        points, _, _ = datasets.points_2d("scg", 400)
+        _, val = datasets.split(400, datasets.SETS_2D["scg"].defaults["val_fraction"], seed=0)
+        val = t.as_tensor(points[val])
         perm = t.randperm(len(val), generator=t.Generator().manual_seed(r["seed"]))
         scored = val[perm[r["n_selection"]:]]
         rows = {(row["model"], row["estimate"]): row["nats"] for row in r["rows"]}
         # the exact row is scg's closed form on them (measured: equal)
         assert rows[("exact", "continuous")] == pytest.approx(
-            densities.scg_nll(scored).mean().item(), rel=1e-12)
+            densities.scg_nll(scored.numpy()).mean(), rel=1e-12)
         # the Gaussian's continuous estimate is -log q exactly (its integrand is zero): scipy's
         # on the checkpoint's reference within 1e-6 relative (measured 3.7e-8; per point up to
         # 2e-7, the saved eigenvectors being float32-rounded, so not quite orthonormal)
@@ -486,15 +535,18 @@ def test_every_listed_precision_trains_a_2d_run(precision, run_2d):
             reference_nll(s["checkpoint"], scored).mean(), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_64_true_trains_and_evaluates_an_image_run(tmp_path):
-    # 16 fake 8 x 8 images in batches of 8: 2 steps; 4 for validation, 2 scored in evaluation;
-    # the same run in 32-true beside it
+    # 40 random 3 x 8 x 8 images: 36 for training in batches of 16 (2 steps), 4 for validation,
+    # 2 of them scored in evaluation; the same run in 32-true beside it
+    images = tmp_path / "images.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
     runs = {}
     for precision in ("64-true", "32-true"):
         fast = ["--num_workers", "0", "--accelerator", "cpu", "--devices", "1",
                 "--eval_batch_size", "4", "--precision", precision]
-        s = train_cifar10.main(["--dataset", "fake", "--image_size", "8", "--fake_size", "16",
-                                "--batch_size", "8", "--unet_width", "8", "--num_epochs", "1",
+        s = train_cifar10.main(["--data", str(images), "--batch_size", "16", "--unet_width", "8",
+                                "--num_epochs", "1",
                                 "--val_npoints", "4", "--curve_samples", "4", "--num_samples",
                                 "0", "--log_dir", str(tmp_path / precision), *fast])
         # --vb_steps 2: the fewest KL terms the variational bound takes (vb.variational_bound)

@@ -1,20 +1,36 @@
 """Tests of the log-SNR range from the data covariance spectrum (the fitted GaussianReference's
 eigenvalues, proposals.spectrum_logsnr_params), including the test that decides between the paper
-code's c = 3/pi and the moment-matching c = 3/pi^2 in scale = sqrt(1 + c Var(log lambda)).
+code's c = 3/pi and the moment-matching c = 3/pi^2 in scale = sqrt(1 + c Var(log lambda)): the
+library keeps the paper's (proposals.SPECTRUM_VARIANCE); the moment rule is defined here.
 """
 import math
 
 import pytest
 import torch as t
 
+import estimators
 import proposals
 import utils
-from diffusionmodel import DiffusionModel
+from proposals import LogisticProposal
 from tests.analytic import gaussian, reference_nll
 from tests.checks import gen
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# c in scale = sqrt(1 + c Var(log lambda)): the paper code's 3/pi, and moment matching's 3/pi^2
+# (the variance of a standard logistic is pi^2/3)
+RULES = {"paper": 3 / math.pi, "moment": 3 / math.pi ** 2}
+
+
+def spectrum_params(eigvals, rule):
+    """proposals.spectrum_logsnr_params with the constant c of `rule` in place of the library's."""
+    saved = proposals.SPECTRUM_VARIANCE
+    proposals.SPECTRUM_VARIANCE = RULES[rule]
+    try:
+        return proposals.spectrum_logsnr_params(eigvals)
+    finally:
+        proposals.SPECTRUM_VARIANCE = saved
 
 
 def rotated(eigvals, seed):
@@ -30,10 +46,12 @@ def test_params_by_hand():
     # 4 + 8 and -1 - 8: 11 units above loc = 1 is the farther
     lam = t.tensor([-4., -1., 0., 1.], dtype=t.float64).exp()
     for rule, c in (("paper", 3 / math.pi), ("moment", 3 / math.pi ** 2)):
-        loc, scale, clip = proposals.spectrum_logsnr_params(lam, rule)
+        loc, scale, clip = spectrum_params(lam, rule)
         assert loc == pytest.approx(1.0) and scale == pytest.approx(math.sqrt(1 + c * 3.5))
         assert clip == pytest.approx(max(4., 11 / scale))
-    assert proposals.spectrum_logsnr_params(lam) == proposals.spectrum_logsnr_params(lam, "paper")
+    # the library's rule is the paper's
+    assert proposals.SPECTRUM_VARIANCE == 3 / math.pi
+    assert proposals.spectrum_logsnr_params(lam) == spectrum_params(lam, "paper")
     # one eigenvalue: scale 1 (a single logistic CDF), clip from the margin
     assert proposals.spectrum_logsnr_params([math.exp(2.)]) == pytest.approx((-2., 1., 8.))
 
@@ -50,8 +68,8 @@ def test_params_from_data_with_a_known_covariance():
     tol = 5 * math.sqrt(2 / n)
     assert ((est.log() - lam.log()).abs() < tol).all()
     for rule in ("paper", "moment"):
-        got = proposals.spectrum_logsnr_params(est, rule)
-        true = proposals.spectrum_logsnr_params(lam, rule)
+        got = spectrum_params(est, rule)
+        true = spectrum_params(lam, rule)
         assert got[0] == pytest.approx(true[0], abs=tol) and got[1] == pytest.approx(true[1], abs=tol)
 
 
@@ -101,8 +119,6 @@ def test_bad_input_raises_value_error():
     for eig in ([], [1., 0.], [1., -2.], [float("nan")]):
         with pytest.raises(ValueError, match="eigenvalues"):
             proposals.spectrum_logsnr_params(eig)
-    with pytest.raises(ValueError, match="rule"):
-        proposals.spectrum_logsnr_params([1.], "median")
 
 
 def estimator_variance(rule, loglam, reference, points=8, repeats=100, npoints=64):
@@ -115,12 +131,13 @@ def estimator_variance(rule, loglam, reference, points=8, repeats=100, npoints=6
     cov = rotated(loglam.exp(), 4)
     mean = 0.5 * t.randn(d, generator=gen(5), dtype=t.float64)
     dist = gaussian(mean, cov)
-    loc, scale, clip = proposals.spectrum_logsnr_params(loglam.exp(), rule)
-    dm = DiffusionModel(dist, x_shape=(d,), logsnr_loc=loc, logsnr_scale=scale, clip=clip).double()
+    proposal = LogisticProposal(*spectrum_params(loglam.exp(), rule))
+    ref = utils.GaussianReference(d).double()
     if reference == "diagonal":
-        dm.reference.mean, dm.reference.eigvals = mean.clone(), cov.diagonal().clone()
+        ref.mean, ref.eigvals = mean.clone(), cov.diagonal().clone()
     x = dist.sample(points, generator=gen(6))
-    est = dm.nll_points(x.repeat(repeats, 1), npoints, replicates=2, seed=7)[0]
+    est = estimators.nll_points(dist, ref, proposal, x.repeat(repeats, 1), npoints, replicates=2,
+                                seed=7)[0]
     est = est.view(repeats, points)
     err = est.mean(0) - reference_nll(dist, x)
     return est.var(0).mean().item(), err.mean().item(), (est.var(0) / repeats).mean().sqrt().item()

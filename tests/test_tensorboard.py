@@ -41,11 +41,12 @@ def wait_for(fn, deadline):
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_val_loss_and_the_mse_curve(tmp_path, one_thread):
     summary = train_2d.main(["--dataset", "scg", "--num_epochs", "2", "--num_points", "400",
                              "--grid_size", "6", "--num_samples", "50", "--sample_steps", "5",
                              "--val_npoints", "8", "--log_dir", str(tmp_path), "--accelerator",
-                             "cpu", "--devices", "1", "--num_threads", "0"])
+                             "cpu", "--devices", "1", "--num_threads", "1"])
     server = subprocess.Popen(
         [TENSORBOARD, "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", "0",
          "--load_fast", "false", "--reload_interval", "0"],

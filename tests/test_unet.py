@@ -4,22 +4,29 @@ local folder or the hub cache without network."""
 import functools
 import math
 import os
-import types
 
 import numpy as np
 
 import pytest
 import torch as t
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.configuration_utils import FrozenDict
 
+import denoisers
+import estimators
+import experiment
 import utils
 from cli import UserError
 from diffusionmodel import DiffusionModel
 from proposals import LogisticProposal
 from tests.analytic import gaussian, reference_nll
 from tests.checks import assert_unbiased_and_calibrated, gen
-from unet import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, from_state_dict,
-                  load, logsnr_to_timestep, small_unet_config)
+from unet import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, load,
+                  logsnr_to_timestep, small_unet_config)
+
+# one PyTorch thread (tests/conftest.py): on a busy machine two threads made one 192 x 192
+# eigendecomposition take seconds instead of milliseconds
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(small_unet_config(channels=3, size=8, width=8), layers_per_block=1)
 
@@ -93,12 +100,13 @@ def test_clamp_outside_the_trained_range():
 
 def test_gaussian_outside_the_trained_range():
     denoiser = tiny_denoiser("gaussian")
-    model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
     x = t.randn(64, 3, 8, 8) * t.linspace(0.2, 2, 192).view(3, 8, 8)
-    model.fit_reference(x)
     with pytest.raises(RuntimeError, match="set_fallback"):
         denoiser(x[:2], t.zeros(2))
-    denoiser.set_fallback(model.reference)
+    # a DiffusionModel sets its reference as the fallback itself (the bound method, so a later
+    # fit_reference is seen)
+    model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
+    model.fit_reference(x)
     a = t.tensor([-30., -10.5, -5., 0., 9., 9.5, 20.])
     inside = t.tensor([False, False, True, True, True, False, False])
     z = t.randn(7, 3, 8, 8)
@@ -108,7 +116,7 @@ def test_gaussian_outside_the_trained_range():
         gauss = model.reference.eps(z, a)
         assert t.equal(out[inside], net[inside]) and t.equal(out[~inside], gauss[~inside])
         # So the control-variate integrand is exactly 0 outside the trained range.
-        gap = model.mse_gap(x[:7], a, eps=t.randn(7, 3, 8, 8))
+        gap = estimators.mse_gap(model, model.reference, x[:7], a, eps=t.randn(7, 3, 8, 8))
     assert (gap[~inside] == 0).all() and (gap[inside] != 0).all()
 
 
@@ -143,9 +151,11 @@ def save_tiny(folder, beta_end=0.01, pipeline=False, scheduler=True, unet_config
 
 
 def same_weights(a, b):
+    """The same tensors under the same names (in any order: a U-Net that gained label embeddings
+    registers them last, its rebuilt copy where diffusers' constructor does)."""
     sa, sb = a.state_dict(), b.state_dict()
-    tensors = [k for k, v in sa.items() if t.is_tensor(v)]
-    return tensors == [k for k, v in sb.items() if t.is_tensor(v)] and all(
+    tensors = {k for k, v in sa.items() if t.is_tensor(v)}
+    return tensors == {k for k, v in sb.items() if t.is_tensor(v)} and all(
         t.equal(sa[k], sb[k]) for k in tensors)
 
 
@@ -215,35 +225,35 @@ def test_builtin_ddpm_cifar10_config():
     assert round(sum(p.numel() for p in denoiser.unet.parameters()) / 1e6, 1) == 35.7
 
 
+def checkpoint(model, path):
+    """What a checkpoint holds for experiment.model_from_checkpoint (the denoiser's record, the
+    hyperparameters, the weights), saved and read back as plain data (weights_only)."""
+    t.save({"denoiser": model.record, "hyper_parameters": dict(model.hparams),
+            "state_dict": model.state_dict()}, path)
+    return t.load(path, weights_only=True)
+
+
 def test_checkpoint_rebuilds_the_unet(tmp_path):
     schedule = DDPMScheduler(beta_end=0.01).alphas_cumprod
     denoiser = UNetDenoiser(UNet2DModel.from_config(TINY), schedule, prediction_type="v_prediction")
     model = DiffusionModel(denoiser, x_shape=(3, 8, 8))
-    path = str(tmp_path / "model.pt")
-    t.save(model.state_dict(), path)
-    state = t.load(path, weights_only=True)  # the extra state must be plain data
-    rebuilt_denoiser = from_state_dict(state)
-    # the prediction type travels in the checkpoint
-    assert rebuilt_denoiser.prediction_type == "v_prediction"
-    rebuilt = DiffusionModel(rebuilt_denoiser, x_shape=(3, 8, 8))
-    rebuilt.load_state_dict(state)
-    assert same_weights(rebuilt, model)
+    # the record names the class and its arguments; the weights carry no extra state
+    assert model.record["target"] == "unet:UNetDenoiser"
+    assert not any(k.endswith("_extra_state") for k in model.state_dict())
+    ckpt = checkpoint(model, str(tmp_path / "model.ckpt"))
+    rebuilt = experiment.model_from_checkpoint(ckpt)
+    # the prediction type, the schedule and the architecture travel in the record
+    assert rebuilt.model.prediction_type == "v_prediction"
+    assert t.equal(rebuilt.model.alphas_cumprod, denoiser.alphas_cumprod)
     assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
-    # The same U-Net read as a noise predictor would give wrong numbers: refused.
-    as_eps = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(TINY), schedule),
-                            x_shape=(3, 8, 8))
-    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
-        as_eps.load_state_dict(state)
-    # A checkpoint from before prediction types (no key in the extra state) predicts the noise.
-    old = dict(state, **{"model._extra_state": {k: v for k, v in state["model._extra_state"].items()
-                                                 if k != "prediction_type"}})
-    assert from_state_dict(old).prediction_type == "epsilon"
-    as_eps.load_state_dict(old)
-    # Same parameter shapes, different architecture: caught by the config in the extra state.
-    other = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(dict(TINY, norm_eps=1e-3))),
-                           x_shape=(3, 8, 8))
-    with pytest.raises(ValueError, match="config differs"):
-        other.load_state_dict(state)
+    assert _plain_config(rebuilt.model.unet.config) == _plain_config(denoiser.unet.config)
+    assert same_weights(rebuilt, model)
+    # a record of a different architecture with the same parameter shapes rebuilds that one
+    other = denoisers.rebuild({"target": "unet:UNetDenoiser",
+                               "kwargs": dict(model.record["kwargs"],
+                                              unet=dict(model.record["kwargs"]["unet"],
+                                                        norm_eps=1e-3))})
+    assert other.unet.config.norm_eps == 1e-3 and other.prediction_type == "v_prediction"
 
 
 def test_a_pretrained_unet_gains_labels_that_start_at_zero(tmp_path):
@@ -260,8 +270,9 @@ def test_a_pretrained_unet_gains_labels_that_start_at_zero(tmp_path):
         for y in (t.tensor([0, 3, 9, -1]), None):
             assert t.equal(denoiser.eval()(z, a, y), plain(z, a))
     model = DiffusionModel(denoiser, x_shape=(3, 8, 8), num_classes=10)
-    rebuilt = from_state_dict(model.state_dict())
-    assert rebuilt.num_classes == 10
+    rebuilt = experiment.model_from_checkpoint(checkpoint(model, str(tmp_path / "model.ckpt")))
+    assert rebuilt.model.num_classes == 10 and rebuilt.num_classes == 10
+    assert same_weights(rebuilt, model)
 
 
 def test_rejects_unsupported_unets():
@@ -329,8 +340,10 @@ class FakeUNet(t.nn.Module):
     def __init__(self, dist, table, prediction_type):
         super().__init__()
         channels = dist.x_shape[0]
-        self.config = types.SimpleNamespace(time_embedding_type="positional",
-                                            in_channels=channels, out_channels=channels)
+        # diffusers' own config type (a dict with attribute access), as the adapter's record
+        # reads a UNet2DModel's config
+        self.config = FrozenDict(time_embedding_type="positional", in_channels=channels,
+                                 out_channels=channels)
         self.dist, self.table, self.prediction_type = dist, table, prediction_type
 
     def forward(self, z, timestep, return_dict=True):
@@ -345,7 +358,6 @@ class FakeUNet(t.nn.Module):
         return (out[self.prediction_type],)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_the_three_parametrisations_give_the_same_density():
     # The optimal denoiser of a 4-D Gaussian (1 x 2 x 2 images, tests/analytic.py), expressed as
     # noise, velocity and sample prediction, must give the exact -log p of torch.distributions

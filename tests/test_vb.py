@@ -49,16 +49,17 @@ def bin_mass(x0, x_hat, sigma, delta):
                     scipy.stats.norm.cdf(u) - scipy.stats.norm.cdf(l))
 
 
-def direct_kl(x0, z, x_hat, ab, t_step, posterior_variance):
+def direct_kl(x0, z, x_hat, ab, t_step):
     """KL(q(x_{t-1} | x_t, x_0) || N(mu_tilde(x_t, x_hat), sigma^2 I)) for each row, written out
     from Ho et al. (2020) eq. (7): mu_tilde = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x_0 + sqrt(alpha_t)
-    (1 - ab_{t-1}) / (1 - ab_t) x_t, beta_tilde = (1 - ab_{t-1}) / (1 - ab_t) beta_t."""
+    (1 - ab_{t-1}) / (1 - ab_t) x_t, beta_tilde = (1 - ab_{t-1}) / (1 - ab_t) beta_t, and DDPM's
+    fixed_small variances sigma^2 = beta_tilde."""
     out = []
     for x0i, zi, xhi, ti in zip(x0, z, x_hat, t_step.tolist()):
         ab_t, ab_p = ab[ti - 1].item(), ab[ti - 2].item()
         beta = 1 - ab_t / ab_p
         bt = (1 - ab_p) / (1 - ab_t) * beta
-        var = bt if posterior_variance == "fixed_small" else beta
+        var = bt
         c0 = math.sqrt(ab_p) * beta / (1 - ab_t)
         ct = math.sqrt(1 - beta) * (1 - ab_p) / (1 - ab_t)
         mu_q, mu_p = c0 * x0i + ct * zi, c0 * xhi + ct * zi
@@ -74,31 +75,28 @@ MEAN = t.tensor([0.1, -0.2], dtype=t.float64)
 # ---------------------------------------------------------------------------------------------
 # 1. Exactness against closed forms, the same eps fed to both
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("posterior_variance", ["fixed_small", "fixed_large"])
-def test_kl_terms_match_the_gaussian_posterior_in_closed_form(posterior_variance):
+def test_kl_terms_match_the_gaussian_posterior_in_closed_form():
     # 2-D Gaussian data with its exact denoiser (tests/analytic.py gaussian): every L_{t-1},
     # t = 2 .. 10, equals the KL written out from Ho et al.'s eq. (7) with x_hat the Gaussian
     # posterior mean (direct_kl), for the same eps, to 1e-6 relative (measured: ~1e-13)
     T = 10
     ab = schedule(T)
-    sched = VBSchedule(ab, posterior_variance)
+    sched = VBSchedule(ab)
     x0 = t.tensor([[0.4, -0.7]], dtype=t.float64).expand(T - 1, 2)
     steps = t.arange(2, T + 1)
     eps = t.randn(T - 1, 2, generator=gen(0), dtype=t.float64)
     got = vb_terms(gaussian(MEAN, COV), x0, steps, eps, sched, clip=False)
     abt = ab[steps - 1]
     z = abt.sqrt()[:, None] * x0 + (1 - abt).sqrt()[:, None] * eps
-    expected = direct_kl(x0, z, posterior_mean(MEAN, COV, z, abt), ab, steps, posterior_variance)
+    expected = direct_kl(x0, z, posterior_mean(MEAN, COV, z, abt), ab, steps)
     assert t.allclose(got, expected, rtol=1e-6, atol=0)
-    if posterior_variance == "fixed_small":
-        # and in x-space the coefficient is VDM's (SNR_{t-1} - SNR_t) / 2 (Kingma et al. 2021)
-        snr = ab / (1 - ab)
-        coef_x = sched.coef[2:] * snr[1:]   # ||eps - eps_hat||^2 = SNR_t ||x - x_hat||^2
-        assert t.allclose(coef_x, 0.5 * (snr[:-1] - snr[1:]), rtol=1e-10)
+    # and in x-space the coefficient is VDM's (SNR_{t-1} - SNR_t) / 2 (Kingma et al. 2021)
+    snr = ab / (1 - ab)
+    coef_x = sched.coef[2:] * snr[1:]   # ||eps - eps_hat||^2 = SNR_t ||x - x_hat||^2
+    assert t.allclose(coef_x, 0.5 * (snr[:-1] - snr[1:]), rtol=1e-10)
 
 
-@pytest.mark.parametrize("posterior_variance", ["fixed_small", "fixed_large"])
-def test_whole_bound_matches_a_direct_computation(posterior_variance):
+def test_whole_bound_matches_a_direct_computation():
     # variational_bound(steps=None) on grid data (delta = 0.1) with the exact Gaussian denoiser:
     # the test records every (z, a) the model is called with, recovers eps = (z - sqrt(ab) x) /
     # sqrt(1 - ab), and recomputes L_T (KL to N(0, I)), each L_{t-1} (direct_kl) and L_0 (the
@@ -107,9 +105,7 @@ def test_whole_bound_matches_a_direct_computation(posterior_variance):
     ab = schedule(T)
     model = Recorder(gaussian(MEAN, COV))
     x = t.tensor([[0.4, -0.7], [-0.1, 0.2]], dtype=t.float64)
-    nll, _ = variational_bound(model, x, Grid(delta), ab, posterior_variance=posterior_variance,
-                               clip=False,
-                               seed=3)
+    nll, _ = variational_bound(model, x, Grid(delta), ab, clip=False, seed=3)
     z = t.cat([c[0] for c in model.calls])
     a = t.cat([c[1] for c in model.calls])
     logsnr = (ab / (1 - ab)).log()
@@ -121,8 +117,7 @@ def test_whole_bound_matches_a_direct_computation(posterior_variance):
     x_hat = posterior_mean(MEAN, COV, z, abt)
     terms = t.zeros(len(z), dtype=t.float64)
     kl_rows = steps >= 2
-    terms[kl_rows] = direct_kl(x0[kl_rows], z[kl_rows], x_hat[kl_rows], ab, steps[kl_rows],
-                               posterior_variance)
+    terms[kl_rows] = direct_kl(x0[kl_rows], z[kl_rows], x_hat[kl_rows], ab, steps[kl_rows])
     beta2 = 1 - ab[1] / ab[0]
     sigma = math.sqrt((1 - ab[0]) / (1 - ab[1]) * beta2)
     dec = ~kl_rows
@@ -260,7 +255,6 @@ def test_a_sample_does_not_depend_on_its_batch(steps):
     (dict(alphas_cumprod=schedule(2)), "at least 3 timesteps"),
     (dict(steps=10), r"2 \.\. T - 1 = 9"),
     (dict(steps=1), r"2 \.\. T - 1 = 9"),
-    (dict(posterior_variance="learned"), "posterior_variance must be one of"),
     (dict(), "clipping x_hat needs the range of the data's grid"),  # Grid(0.1): no top
 ])
 def test_mistakes_are_refused(change, message):

@@ -1,14 +1,17 @@
-"""--eval_only of both scripts: the results table and its JSON file, determinism across batch sizes,
+"""--eval_only of both scripts: the results table and its JSON file, every sample's values
+(--per_sample), a subset of the samples (--eval_samples), determinism across batch sizes,
 ensembles of checkpoints, discrete estimates of grid data, and the errors for bad checkpoints.
 
 The checkpoints come from tiny training runs (a few hundred points or one U-Net step), so the
 numbers are not good, only checkable: where a value is compared with something, the test says
 where that number comes from.
 """
+import csv
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch as t
 
@@ -20,8 +23,8 @@ import train_cifar10
 import unet
 
 TINY_2D = ["--num_points", "400", "--grid_size", "6", "--num_samples", "50", "--sample_steps", "5",
-           "--val_npoints", "8", "--train_batch_size", "128", "--accelerator", "cpu",
-           "--devices", "1", "--num_threads", "0", "--hidden_size", "32", "--hidden_layers", "2"]
+           "--val_npoints", "8", "--batch_size", "128", "--accelerator", "cpu",
+           "--devices", "1", "--num_threads", "1", "--hidden_size", "32", "--hidden_layers", "2"]
 TINY_DIGITS = ["--dataset", "digits", "--batch_size", "300", "--max_steps", "2", "--num_epochs", "1",
                "--unet_width", "8", "--accelerator", "cpu", "--devices", "1", "--num_workers", "0",
                "--eval_batch_size", "100", "--val_npoints", "4", "--curve_samples", "8",
@@ -44,10 +47,27 @@ def scg_runs(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """80 random 3x16x16 RGB images (uint8, N H W C) in fake.npz: 8 held out for validation."""
+    path = tmp_path_factory.mktemp("images") / "fake.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (80, 16, 16, 3), dtype=np.uint8))
+    return str(path)
+
+
 def rows_by(results):
     return {(r["model"], r["estimate"]): r for r in results["rows"]}
 
 
+def read_csv(path):
+    """(header, rows) of a --per_sample file."""
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    return header, rows
+
+
+@pytest.mark.slow
 def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     path = scg_runs[0]
     results = train_2d.main(["--eval_only", "--ckpt", path, "--npoints", "16"])
@@ -57,9 +77,9 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
     with open(written) as f:
         saved = json.load(f)
     # The schema a reader of the file relies on.
-    assert saved["schema"] == "itd-eval/3" and saved["script"] == "train_2d.py"
+    assert saved["schema"] == "itd-eval/4" and saved["script"] == "train_2d.py"
     assert saved["dataset"] == "scg" and saved["x_shape"] == [2] and saved["d"] == 2
-    assert saved["npoints"] == 16 and saved["grid"] is None
+    assert saved["npoints"] == 16 and saved["grid"] is None and saved["scored"] is None
     assert saved["n_scored"] + saved["n_selection"] == 40  # 10% of the 400 points
     for row in saved["rows"]:
         assert set(row) >= {"model", "estimate", "nats", "nats_stderr", "bpd", "bpd_stderr"}
@@ -71,12 +91,12 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
         for estimate in ("continuous", "ode")}
     # The exact row is scg's closed-form density (densities.scg_nll) on the scored points: the
     # run's validation split, less the seeded selection half.
-    points = datasets.get_2d_dataset("scg", n=400)
-    _, val = datasets.split_2d(points, train_2d.DEFAULTS["scg"]["val_fraction"], seed=0)
+    points, _, _ = datasets.points_2d("scg", 400)
+    _, val = datasets.split(400, datasets.SETS_2D["scg"].defaults["val_fraction"], seed=0)
     perm = t.randperm(len(val), generator=t.Generator().manual_seed(0))
-    scored = val[perm[saved["n_selection"]:]]
+    scored = points[val][perm[saved["n_selection"]:].numpy()]
     assert rows[("exact", "continuous")]["nats"] == pytest.approx(
-        densities.scg_nll(scored).double().mean().item(), rel=1e-6)
+        densities.scg_nll(scored).mean(), rel=1e-6)
     assert results["rows"] == saved["rows"]
     # A second evaluation goes to a new file.
     train_2d.main(["--eval_only", "--ckpt", path, "--npoints", "16"])
@@ -85,6 +105,55 @@ def test_eval_table_json_and_never_overwrite(scg_runs, capsys):
         assert json.load(f) == saved
 
 
+@pytest.mark.slow
+def test_per_sample_values_average_to_the_table(scg_runs, tmp_path, capsys):
+    # --per_sample: a line per scored sample, its index in the validation data, then per model
+    # and row its nats, integration stderr and bits/dim; the means of the columns are the
+    # table's rows to the digits it prints
+    results = train_2d.main(["--eval_only", "--ckpt", *scg_runs, "--npoints", "16", "--ode",
+                             "false", "--results", str(tmp_path / "table.json"),
+                             "--per_sample", str(tmp_path / "samples.csv")])
+    out = capsys.readouterr().out
+    assert f"every sample's values to {tmp_path / 'samples.csv'}" in out
+    header, lines = read_csv(tmp_path / "samples.csv")
+    assert len(lines) == results["n_scored"] == 20 and header[0] == "index"
+    index = [int(line[0]) for line in lines]
+    assert index == sorted(index) and len(set(index)) == 20 and max(index) < 40
+    columns = {name: np.array([float(line[k]) for line in lines]) for k, name in enumerate(header)}
+    models = [r for r in results["rows"] if r["model"] != "exact"]
+    assert len(models) == 4 and len(header) == 1 + 3 * len(models)
+    for r in models:
+        name = f"{r['model']}: {r['estimate']}"
+        nats, bpd = columns[f"{name} (nats)"].mean(), columns[f"{name} (bits/dim)"].mean()
+        assert f"{nats:.4f}" == f"{r['nats']:.4f}" and f"{bpd:.4f}" == f"{r['bpd']:.4f}", name
+        stderr = columns[f"{name} (integration stderr, nats)"]
+        assert f"{math.sqrt((stderr ** 2).mean()):.4f}" == f"{r['integration_nats']:.4f}"
+        line = next(v for v in out.splitlines() if v.startswith(r["model"] + " ")
+                    and r["estimate"] in v)
+        assert f"{r['nats']:.4f}" in line
+    # the values returned (in the scored samples' order) are the file's (in index order)
+    values, _ = results["per_sample"][("scg-s0/last.ckpt", "continuous")]
+    assert sorted(values.tolist()) == pytest.approx(
+        sorted(columns["scg-s0/last.ckpt: continuous (nats)"].tolist()), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_eval_samples_scores_the_first_n_samples(scg_runs, tmp_path):
+    common = ["--eval_only", "--ckpt", scg_runs[0], "--npoints", "16", "--ode", "false"]
+    every = train_2d.main(common + ["--results", str(tmp_path / "every.json")])
+    five = train_2d.main(common + ["--eval_samples", "5", "--results", str(tmp_path / "five.json"),
+                                   "--per_sample", str(tmp_path / "five.csv")])
+    assert (every["n_scored"], five["n_scored"]) == (20, 5)
+    assert five["n_selection"] == every["n_selection"] == 20  # the selection is the same
+    assert len(read_csv(tmp_path / "five.csv")[1]) == 5
+    assert "on 5 scored samples" in five["header"]
+    # the first five of the same scored samples, with the same draws: the same values
+    for key, (values, stderr) in five["per_sample"].items():
+        assert values.tolist() == pytest.approx(every["per_sample"][key][0][:5].tolist(), rel=1e-6)
+        assert stderr.tolist() == pytest.approx(every["per_sample"][key][1][:5].tolist(), rel=1e-6)
+
+
+@pytest.mark.slow
 def test_eval_proposal_logistic_means_the_logistic(tmp_path, capsys):
     # a checkpoint whose proposal was refitted in training (--fit_proposal): with
     # --eval_proposal logistic every row uses the logistic of its range (the checkpoint's loc,
@@ -111,6 +180,7 @@ def test_eval_proposal_logistic_means_the_logistic(tmp_path, capsys):
         assert line.split()[-1] == kind
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_across_batch_sizes(scg_runs, tmp_path):
     common = ["--eval_only", "--ckpt", scg_runs[0], "--npoints", "16", "--seed", "3"]
     a = train_2d.main(common + ["--eval_batch_size", "7", "--results", str(tmp_path / "a.json")])
@@ -122,13 +192,14 @@ def test_eval_is_deterministic_across_batch_sizes(scg_runs, tmp_path):
     assert [r["nats"] for r in c["rows"]] != [r["nats"] for r in a["rows"]]
 
 
+@pytest.mark.slow
 def test_ensemble_is_no_worse_than_its_members(scg_runs, tmp_path):
     results = train_2d.main(["--eval_only", "--ckpt", *scg_runs, "--npoints", "64",
                              "--results", str(tmp_path / "e.json")])
     rows = rows_by(results)
     assert {m for m, _ in rows} == {"exact", "gaussian", "scg-s0/last.ckpt", "scg-s1/last.ckpt",
                                     "ensemble"}
-    nll = results["per_sample"]
+    nll = {key: values for key, (values, _) in results["per_sample"].items()}
     for member in ("gaussian", "scg-s0/last.ckpt", "scg-s1/last.ckpt"):
         # All rows use the same points, so the per-sample differences are paired: the ensemble
         # may exceed a member only by the noise of the paired mean difference (the per-log-SNR
@@ -137,6 +208,7 @@ def test_ensemble_is_no_worse_than_its_members(scg_runs, tmp_path):
         assert diff.mean() <= 3 * diff.std() / math.sqrt(len(diff)), member
 
 
+@pytest.mark.slow
 def test_eval_errors_are_one_clear_message(scg_runs, tmp_path, capsys):
     def run(*flags):  # in-process through the scripts' entry point (tests/test_cli.py)
         with pytest.raises(SystemExit) as exit_:
@@ -155,9 +227,19 @@ def test_eval_errors_are_one_clear_message(scg_runs, tmp_path, capsys):
     foreign = tmp_path / "foreign.ckpt"
     t.save({"state_dict": {}, "run_args": {"script": "train_cifar10.py"}}, foreign)
     assert "not a checkpoint written by train_2d.py" in run("--ckpt", str(foreign))
-    assert not list(tmp_path.glob("*.json"))
+    # a --per_sample file that cannot be written: before the evaluation, and no results file
+    (tmp_path / "afile").write_text("not a folder")
+    folder = os.path.dirname(scg_runs[0])  # where the results would go
+    before = sorted(os.listdir(folder))
+    assert run("--ckpt", scg_runs[0], "--per_sample", str(tmp_path / "afile" / "x.csv")) == (
+        f"error: cannot write the results to {tmp_path / 'afile' / 'x.csv'}: "
+        f"{tmp_path / 'afile'} is a file, not a folder")
+    assert "--eval_samples: must be a whole number > 0" in run("--ckpt", scg_runs[0],
+                                                              "--eval_samples", "0")
+    assert not list(tmp_path.glob("*.json")) and sorted(os.listdir(folder)) == before
 
 
+@pytest.mark.slow
 def test_digits_discrete_rows(tmp_path):
     logs = str(tmp_path / "exps")
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
@@ -194,13 +276,13 @@ def test_digits_discrete_rows(tmp_path):
                     < rows[(model, "discrete, no rounding")]["nats"])
 
 
-def test_image_checkpoint_shape_mismatch(tmp_path, capsys):
+@pytest.mark.slow
+def test_image_checkpoint_shape_mismatch(fake, tmp_path, capsys):
     logs = str(tmp_path / "exps")
     train_cifar10.main(TINY_DIGITS + ["--log_dir", logs])
     ckpt = os.path.join(logs, "digits-base", "checkpoints", "last.ckpt")
     saved = t.load(ckpt, weights_only=False)
-    saved["run_args"]["dataset"] = "fake"  # a digits U-Net pointed at 3x32x32 images
-    saved["run_args"]["fake_size"], saved["run_args"]["image_size"] = 8, 16
+    saved["run_args"]["dataset"], saved["run_args"]["data"] = None, fake  # 3x16x16 images
     t.save(saved, tmp_path / "moved.ckpt")
     with pytest.raises(SystemExit):
         experiment.run_cli(lambda: train_cifar10.main(["--eval_only", "--ckpt",
@@ -208,9 +290,17 @@ def test_image_checkpoint_shape_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "was trained on samples of shape (1, 8, 8); fake's are (3, 16, 16)" in err
+    # the same for images of another shape given to score (--data)
+    with pytest.raises(SystemExit):
+        experiment.run_cli(lambda: train_cifar10.main(["--eval_only", "--ckpt", ckpt,
+                                                       "--data", fake]))
+    err = capsys.readouterr().err
+    assert "was trained on samples of shape (1, 8, 8); fake's are (3, 16, 16)" in err
+    assert not list(tmp_path.glob("**/eval-*.json"))
 
 
-def test_pretrained_unet_evaluated_as_it_is(tmp_path):
+@pytest.mark.slow
+def test_pretrained_unet_evaluated_as_it_is(fake, tmp_path):
     # --eval_only without --ckpt: the U-Net of --pretrained DIR (saved here with save_pretrained,
     # the same path as a hub id) with the Gaussian fitted to the training images.
     from diffusers import UNet2DModel
@@ -219,16 +309,17 @@ def test_pretrained_unet_evaluated_as_it_is(tmp_path):
     UNet2DModel.from_config(dict(unet.small_unet_config(3, 16, 8),
                                  layers_per_block=1)).save_pretrained(folder)
     logs = str(tmp_path / "exps")
-    results = train_cifar10.main(["--eval_only", "--dataset", "fake", "--pretrained", folder,
-                                  "--image_size", "16", "--fake_size", "32", "--npoints", "8",
-                                  "--log_dir", logs, "--accelerator", "cpu"])
+    results = train_cifar10.main(["--eval_only", "--data", fake, "--pretrained", folder,
+                                  "--npoints", "8", "--log_dir", logs, "--accelerator", "cpu",
+                                  "--num_workers", "0"])
     assert os.path.isfile(os.path.join(logs, "eval-tiny-unet.json"))
     assert results["pretrained"] == folder and results["checkpoints"] == []
     assert results["grid"] == {"delta": 2 / 255, "lo": -1.0, "levels": 256}  # 8-bit images
+    assert results["n_scored"] + results["n_selection"] == 8  # fake.npz's validation images
     rows = rows_by(results)
     assert {m for m, _ in rows} == {"gaussian", "tiny-unet", "ensemble"}
     # The ensemble chooses among everything the others are made of, rounded variants included.
-    nll = results["per_sample"]
+    nll = {key: values for key, (values, _) in results["per_sample"].items()}
     for e in ("continuous", "discrete, hard rounding", "discrete, soft rounding"):
         for member in ("gaussian", "tiny-unet"):
             diff = nll[("ensemble", e)] - nll[(member, e)]  # paired: same points
