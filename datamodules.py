@@ -144,7 +144,7 @@ class Data(pl.LightningDataModule):
         return None if known is None else tuple(t.as_tensor(v) for v in known)
 
     def entropy(self):
-        return None if self.exact is None else self.exact.entropy
+        return None if self.exact is None or self.exact.entropy is None else self.exact.entropy()
 
     def _rank_world(self):
         trainer = self.trainer

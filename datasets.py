@@ -6,6 +6,7 @@ docs/images.md describe the sets and how their defaults were chosen.
 """
 import csv
 import dataclasses
+import functools
 import os
 import shutil
 import urllib.parse
@@ -63,9 +64,9 @@ POINTS_DEFAULTS = SMOOTH  # a user's points (--data), used in their own units
 class Exact:
     """The exact density of served points, where known (numpy float64): nll(x) -> -log p(x) (+inf
     outside the support); for labelled data log_given(x) -> log p(x | y) (m, K) and log_prior
-    log p(y) (K,); entropy in nats."""
+    log p(y) (K,); entropy() in nats."""
     nll: Callable
-    entropy: Optional[float] = None
+    entropy: Optional[Callable] = None
     log_given: Optional[Callable] = None
     log_prior: Optional[np.ndarray] = None
 
@@ -105,13 +106,16 @@ def points_2d(name, n, seed=42):
     if spec.log_given is not None:
         given, prior = raw(spec.log_given), spec.log_prior(n)
         exact = Exact(lambda v: -_logsumexp(given(v) + log_jacobian + prior)[:, 0],
-                      spec.entropy(n) - log_jacobian if spec.entropy else None,
-                      lambda v: given(v) + log_jacobian, prior)
+                      _entropy(spec, n, log_jacobian), lambda v: given(v) + log_jacobian, prior)
     elif spec.nll is not None:
-        exact = Exact(lambda v: raw(spec.nll)(v) - log_jacobian,
-                      spec.entropy(n) - log_jacobian if spec.entropy else None)
+        exact = Exact(lambda v: raw(spec.nll)(v) - log_jacobian, _entropy(spec, n, log_jacobian))
     points = ((x - mean) / std).astype(np.float32)
     return points, None if y is None else np.asarray(y, dtype=np.int64), exact
+
+
+def _entropy(spec, n, log_jacobian):
+    """entropy() of the served density, computed when first asked for (a quadrature), or None."""
+    return None if spec.entropy is None else functools.cache(lambda: spec.entropy(n) - log_jacobian)
 
 
 def set_2d(name):

@@ -4,6 +4,7 @@
 entropy, for a set of n points (only moons depends on n). datasets.SETS_2D names them; docs/2d.md
 describes them and how each closed form is checked.
 """
+import functools
 import math
 
 import numpy as np
@@ -143,7 +144,7 @@ def moons_log_given(x, n=8000, nodes=MOONS_NODES):
     u uniform on [0, pi], plus N(0, 0.03^2 I), by Gauss-Legendre in log space: the continuum
     limit of make_moons' n evenly spaced points (within ~1e-4 nats on average; docs/2d.md)."""
     sigma = MOONS_NOISE
-    u, w = np.polynomial.legendre.leggauss(nodes)
+    u, w = _gauss_legendre(nodes)
     u = (u + 1) * math.pi / 2
     const = np.log(w / 2) - math.log(2 * math.pi * sigma ** 2)  # 1/pi-normalised weights
     cos, sin = np.cos(u), np.sin(u)
@@ -154,6 +155,12 @@ def moons_log_given(x, n=8000, nodes=MOONS_NODES):
         d_in = (z ** 2).sum(1, keepdims=True) + 1 + 2 * (z[:, :1] * cos + z[:, 1:] * sin)
         return np.stack([logsumexp(const - d / (2 * sigma ** 2), 1) for d in (d_out, d_in)], 1)
     return _chunked(f, x, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _gauss_legendre(nodes):
+    """numpy's Gauss-Legendre nodes and weights on [-1, 1], computed once per size (0.5 s)."""
+    return np.polynomial.legendre.leggauss(nodes)
 
 
 def moons_log_prior(n=8000):

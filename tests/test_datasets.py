@@ -137,7 +137,7 @@ def test_scg_exact_density_and_entropy():
     assert abs(nll.mean() - densities.SCG_ENTROPY) < 4 / math.sqrt(100000)
     # scg is served as drawn (not standardised): the exact density of the data is scg_nll itself
     assert np.array_equal(exact.nll(x), densities.scg_nll(x))
-    assert exact.entropy == densities.SCG_ENTROPY
+    assert exact.entropy() == densities.SCG_ENTROPY
 
 
 def _local_flatness(x, k=200, n=200):
