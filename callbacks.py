@@ -11,12 +11,14 @@ import time
 
 import pytorch_lightning as pl
 import torch as t
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+import cli
 import estimators as est
 import proposals
 import utils
@@ -83,7 +85,8 @@ class Labels(pl.Callback):
             pl_module.fit_label_prior(trainer.datamodule.train_labels)
 
     @t.no_grad()
-    def on_fit_end(self, trainer, pl_module):
+    def final(self, trainer, pl_module):
+        """The end-of-training pass (experiment.train calls it after training)."""
         if not trainer.is_global_zero:
             return
         data, was_training = trainer.datamodule, pl_module.training
@@ -170,9 +173,10 @@ class LogInterval(pl.Callback):
 
 class ValidateLastEpoch(pl.Callback):
     """Validation after the last epoch whatever the interval, so the final val_loss (and the
-    summary) belongs to the final model; `step` is the step of the last validation."""
+    summary) belongs to the final model; `step` is the step of the last validation and `metrics`
+    its metrics, both in checkpoints (a resume that finishes a run reports them)."""
 
-    step = -1
+    step, metrics = -1, {}
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == trainer.max_epochs - 1:
@@ -181,6 +185,13 @@ class ValidateLastEpoch(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
             self.step = trainer.global_step
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    def state_dict(self):
+        return {"step": self.step, "metrics": self.metrics}
+
+    def load_state_dict(self, state):
+        self.step, self.metrics = state["step"], state["metrics"]
 
 
 class RunSize(pl.Callback):
@@ -213,6 +224,12 @@ class MSECurve(pl.Callback):
     def __init__(self, samples=256, points=48, seed=0):
         self.samples, self.points, self.seed = samples, points, seed
         self.first, self.last = None, None
+
+    def state_dict(self):
+        return {"last": self.last}
+
+    def load_state_dict(self, state):
+        self.last = state.get("last")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):
@@ -266,9 +283,10 @@ class InformationMaps(pl.Callback):
     def __init__(self, n=8, npoints=256, seed=0):
         self.n, self.npoints, self.seed = n, npoints, seed
 
-    def on_fit_end(self, trainer, pl_module):
+    def final(self, trainer, pl_module):
         if not trainer.is_global_zero or not isinstance(trainer.logger, TensorBoardLogger):
             return
+        print(f"information maps: i(x; y) per pixel of {self.n} validation images", flush=True)
         data = trainer.datamodule
         x = data.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
         y = data.val_labels[:self.n].to(pl_module.device)
@@ -299,8 +317,14 @@ class Figures2D(pl.Callback):
             self.history.append((trainer.current_epoch + 1, float(metrics["val_loss"]),
                                  float(metrics["val_loss_stderr"])))
 
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state):
+        self.history = list(state.get("history", []))
+
     @t.no_grad()
-    def on_fit_end(self, trainer, pl_module):
+    def final(self, trainer, pl_module):
         if not trainer.is_global_zero:
             return
         data, name = trainer.datamodule, trainer.datamodule.name
@@ -377,15 +401,16 @@ class Figures2D(pl.Callback):
 class Interrupted(pl.Callback):
     """Ctrl-C or SIGTERM (what batch systems send before they kill). During training the first
     Ctrl-C, like SIGTERM, stops the run at the next point Lightning can resume exactly from (the
-    end of the current step or validation batch; a second Ctrl-C stops at once); the state is
-    saved to <run>/checkpoints/interrupted.ckpt and experiment.run_cli ends with one line naming
-    it and the command that resumes, exit status 130 (Ctrl-C) or 143 (SIGTERM). During an
-    evaluation nothing is written."""
+    end of the current step or validation batch, of the optimizer step when gradients
+    accumulate; a second Ctrl-C stops at once); the state is saved to
+    <run>/checkpoints/interrupted.ckpt and experiment.run_cli ends with one line naming it and
+    the command that resumes, exit status 130 (Ctrl-C) or 143 (SIGTERM). During an evaluation
+    nothing is written. `kept`: the newest complete checkpoint, (path, step)."""
 
-    message, status, log_dir, ctrl_c = None, None, None, False
+    message, status, log_dir, ctrl_c, kept = None, None, None, False, None
 
     def on_train_start(self, trainer, pl_module):
-        self.log_dir = trainer.log_dir  # rank 0's, shared with every process
+        self.log_dir, self.deferred = trainer.log_dir, False  # rank 0's, shared with every process
         Interrupted.ctrl_c = False
 
         def graceful(signum, frame):  # Lightning's deferred stop, as for SIGTERM
@@ -396,32 +421,112 @@ class Interrupted(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
         self.previous = signal.signal(signal.SIGINT, graceful)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        """A stop asked for while gradients accumulate waits for their optimizer step (a
+        checkpoint in between would lose them). The last callback: after any that asks."""
+        connector = trainer._signal_connector
+        within = ((batch_idx + 1) % trainer.accumulate_grad_batches
+                  and batch_idx + 1 < trainer.num_training_batches)
+        if connector.received_sigterm and within:
+            connector.received_sigterm, self.deferred = False, True
+        elif self.deferred and not within:
+            connector.received_sigterm = True
+
     def on_train_end(self, trainer, pl_module):
         signal.signal(signal.SIGINT, self.previous)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        """A checkpoint saved as an epoch starts (SLURM's requeue, an exception in
+        on_train_epoch_start) holds the finished epoch's batch progress, with which Lightning
+        would skip the next epoch: the batch counters are reset to the epoch's start."""
+        loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        epoch, batches = loop.get("epoch_progress", {}).get("current"), loop.get(
+            "epoch_loop.batch_progress")
+        if (epoch and batches and batches["current"]["ready"]
+                and epoch["ready"] == epoch["started"] + 1 == epoch["processed"] + 1):
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
+
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) or (
-                isinstance(exception, SIGTERMException) and Interrupted.ctrl_c):
-            Interrupted.status, cause = 130, "interrupted"
-        elif isinstance(exception, SIGTERMException):
-            Interrupted.status, cause = 143, "stopped by SIGTERM"
-        else:
-            return
-        if self.log_dir is None:
-            Interrupted.message = f"{cause}: nothing was written"
-            return
-        path = os.path.join(self.log_dir, "checkpoints", "interrupted.ckpt")
+        if interruption(exception) and self.log_dir is None:
+            Interrupted.message = f"{interruption(exception)}: nothing was written"
+        elif interruption(exception):
+            keep(trainer, exception)
+
+
+def interruption(exception):
+    """The cause of an interruption (Ctrl-C, SIGTERM; with its exit status in Interrupted.status),
+    or None."""
+    if isinstance(exception, KeyboardInterrupt) or (
+            isinstance(exception, SIGTERMException) and Interrupted.ctrl_c):
+        Interrupted.status = 130
+        return "interrupted"
+    if isinstance(exception, SIGTERMException):
+        Interrupted.status = 143
+        return "stopped by SIGTERM"
+    return None
+
+
+def keep(trainer, exception):
+    """The trainer's state saved to <run>/checkpoints/interrupted.ckpt on an interruption, and the
+    line saying so and how to resume (Interrupted.message)."""
+    path = os.path.join(trainer.log_dir, "checkpoints", "interrupted.ckpt")
+    cause, steps = interruption(exception), trainer.global_step
+    done = (trainer.fit_loop.epoch_progress.current.processed >= trainer.max_epochs
+            or 0 < trainer.max_steps <= steps)
+    where = f"after training ({steps} steps)" if done else (
+        f"at epoch {trainer.current_epoch + 1}, step {steps}")
+    try:
         trainer.save_checkpoint(path)
-        argv, skip = [], False  # the command as given, resuming from the checkpoint
-        for word in sys.argv[1:]:
-            if skip or word == "--resume" or word.startswith("--resume="):
-                skip = word == "--resume"
-                continue
-            argv.append(word)
-        command = shlex.join(["python", sys.argv[0], *argv, "--resume", shown_path(path)])
-        Interrupted.message = (f"{cause} at epoch {trainer.current_epoch + 1}, step "
-                               f"{trainer.global_step}: kept {shlex.quote(shown_path(path))}; resume with "
-                               f"{command}")
+    except OSError as err:
+        Interrupted.message = (f"{cause} {where}: cannot write {shown_path(path)} "
+                               f"({err.strerror}); {kept()}")
+        return
+    Interrupted.message = (f"{cause} {where}: kept {shlex.quote(shown_path(path))}; "
+                           f"{'finish the run' if done else 'resume'} with {resume_command(path)}")
+
+
+def kept(command=False):
+    """What a failure leaves: the newest complete checkpoint (Interrupted.kept), with the command
+    resuming from it."""
+    if Interrupted.kept is None or isinstance(Interrupted.kept, str):  # str: said as it is
+        return Interrupted.kept or "nothing was kept"
+    path, step = Interrupted.kept
+    return (f"kept {shlex.quote(shown_path(path))} (step {step})"
+            + (f"; resume with {resume_command(path)}" if command else ""))
+
+
+def resume_command(path):
+    """The command line as given, resuming from the checkpoint at path."""
+    argv, skip = [], False
+    for word in sys.argv[1:]:
+        if skip or word == "--resume" or word.startswith("--resume="):
+            skip = word == "--resume"
+            continue
+        argv.append(word)
+    return shlex.join(["python", sys.argv[0], *argv, "--resume", shown_path(path)])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all (cli.write_file: a temporary file in the target
+    folder, then a rename), every error raised; the newest is Interrupted.kept."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        cli.write_file(str(path), lambda f: t.save(checkpoint, f))
+        Interrupted.kept = (str(path), checkpoint.get("global_step"))
+
+
+@contextlib.contextmanager
+def final_stage(trainer):
+    """The work after training (figures, label pass, summary): SIGTERM stops it at once, and an
+    interruption keeps the trained state as interrupted.ckpt, whose --resume finishes the run."""
+    try:
+        with stop_at_once():
+            yield
+    except (KeyboardInterrupt, SIGTERMException) as err:
+        keep(trainer, err)
+        raise
 
 
 @contextlib.contextmanager
@@ -453,8 +558,7 @@ class SlurmJob(pl.Callback):
         trainer._default_root_dir = folder  # where Lightning's requeue handler saves
         if trainer.is_global_zero:
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, SLURM_MARK), "w") as f:
-                f.write(job)
+            cli.write_file(os.path.join(trainer.log_dir, SLURM_MARK), job)
 
 
 SLURM_MARK = "slurm_job_id"  # the file in a run folder naming the SLURM job that trains it

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import re
+import secrets
 import sys
 
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
@@ -20,8 +21,21 @@ RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "eval_batch_size", "val_ever
                                       "max_steps", "grid_size", "curve_samples"}
 
 
+LOGSNR_LIMIT = 36  # |log SNR| and clip: float64 tells s(a) = 1 / (1 + e^-a) from 1 only below
+# a = ln 2^53 = 36.7 (the logistic's truncation points, every schedule's alpha_bar)
+
+
 class UserError(RuntimeError):
     """A problem the user can fix: experiment.run_cli prints it as one line, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one line, `error: ...` (exit status 2); --help as
+    argparse's."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -103,8 +117,7 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     """A parser with the flags both scripts share. `defaults` maps each dataset (the choices of
     --dataset, the first the default) to its values of the flags left at None (apply_defaults);
     data_help: what --data reads; denoiser: the default --denoiser; threads: --num_threads'."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
     p.may_change, p.architecture = RESUME_MAY_CHANGE, denoiser
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -116,13 +129,14 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
                             "dataset when training; with --eval_only --ckpt, every sample is scored")
     group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; "
                                  "--fit_proposal mixes it with bins fitted to the model)")
-    group.add_argument("--logsnr_loc", type=number(float, -30, 30), default=None,
+    group.add_argument("--logsnr_loc", type=number(float, -LOGSNR_LIMIT, LOGSNR_LIMIT), default=None,
                        help=per_dataset(defaults, "logsnr_loc", "its location; the run's summary "
                                         "and MSE-curve figure suggest a value"))
-    group.add_argument("--logsnr_scale", type=number(float, above=0, high=30), default=None,
+    group.add_argument("--logsnr_scale", type=positive(float), default=None,
                        help=per_dataset(defaults, "logsnr_scale", "its scale"))
-    group.add_argument("--clip", type=number(float, above=0, high=30), default=4.,
-                       help="the log-SNR integral covers loc +- clip * scale, within +-35")
+    group.add_argument("--clip", type=number(float, above=0, high=LOGSNR_LIMIT), default=4.,
+                       help="the log-SNR integral covers loc +- clip * scale, within +-36 (float64 "
+                            "tells sigmoid(a) from 1 only for a < ln 2^53 = 36.7)")
     group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
                        help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
                                         "model on N >= 8 training samples 20 times during "
@@ -213,9 +227,9 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
                        help="the log-SNR importance distribution of every row: fitted to the row "
                             "on the selection samples' errors (no extra evaluations), or the "
                             "checkpoint's own")
-    group.add_argument("--vb_steps", type=whole(0), default=100,
+    group.add_argument("--vb_steps", type=number(int, 0, 999), default=100,
                        help="grid data: timesteps per sample of the variational-bound rows (an "
-                            "unbiased subsample of the schedule's T; 0: all T)")
+                            "unbiased subsample of the schedule's T = 1000 steps; 0: all T)")
     group.add_argument("--ode", type=str2bool, nargs="?", const=True, default=None,
                        help=per_dataset(defaults, "ode", "also the likelihood of the probability-flow "
                                         "ODE (the `ode` rows; for grid data also dequantized)"))
@@ -274,13 +288,20 @@ def answer_early(name, parse_args):
         parse_args()
 
 
+def memory():
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_fits(parser, flag, value, nbytes):
-    """parser.error unless `nbytes` (what a flag's value would hold in memory) fits in half of
-    this machine's memory."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes > memory / 2:
-        parser.error(f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
-                     f"this machine has {memory / 2 ** 30:.0f} GiB")
+    """parser.error (a UserError without a parser) unless `nbytes` (what a flag's value would
+    hold in memory) fits in half of this machine's memory."""
+    if nbytes > memory() / 2:
+        message = (f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
+                   f"this machine has {memory() / 2 ** 30:.1f} GiB")
+        if parser is None:
+            raise UserError(message)
+        parser.error(message)
 
 
 def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
@@ -318,11 +339,51 @@ def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
                      f"{args.fit_proposal}")
     if args.val_npoints & (args.val_npoints - 1):
         parser.error(f"argument --val_npoints: must be a power of 2, got {args.val_npoints}")
-    lo, hi = args.logsnr_loc - args.clip * args.logsnr_scale, args.logsnr_loc + args.clip * args.logsnr_scale
-    if not -35 <= lo < hi <= 35:
-        parser.error(f"argument --clip: the log-SNR range loc +- clip * scale = [{lo:g}, {hi:g}] "
-                     "must lie within [-35, 35] (beyond, the channel's sigmoids round to 0 or 1)")
+    if args.conditional and args.val_npoints < 4:
+        parser.error(f"argument --val_npoints: --conditional needs at least 4 (the label pass's 4 "
+                     f"replicates), got {args.val_npoints}")
+    if args.max_steps == 0:
+        parser.error("argument --max_steps: -1 (no limit) or >= 1, got 0")
+    # the per-point index and uniform arrays of validation's estimator: 0.6 KB (measured)
+    check_fits(parser, "--val_npoints", f"{args.val_npoints} (x --eval_batch_size "
+               f"{args.eval_batch_size})", 600 * args.val_npoints * args.eval_batch_size)
+    lo, hi = logsnr_range(args)
+    if not -LOGSNR_LIMIT <= lo < hi <= LOGSNR_LIMIT:
+        parser.error(f"argument --clip: the log-SNR range loc -+ clip * scale = [{lo:g}, {hi:g}] "
+                     f"({range_flags(args)}) must lie within [-36, 36] (float64 tells sigmoid(a) "
+                     "from 1 only for a < 36.7)")
     return args
+
+
+def logsnr_range(args):
+    """The log-SNR range of a run's flags, loc -+ clip * scale."""
+    return (args.logsnr_loc - args.clip * args.logsnr_scale,
+            args.logsnr_loc + args.clip * args.logsnr_scale)
+
+
+def range_flags(args):
+    return f"--logsnr_loc {args.logsnr_loc:g} --logsnr_scale {args.logsnr_scale:g} --clip {args.clip:g}"
+
+
+def write_file(path, content):
+    """Writes content (str, bytes, or a function writing to a binary file) to path through a
+    temporary file in the same folder, then renames it: a file is never left half-written. An
+    OSError names the path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # open, not mkstemp: the file's mode follows the umask
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, OSError) and err.filename != path:
+            raise OSError(err.errno, err.strerror, path) from err
+        raise
 
 
 def reachable(url, timeout=3.0):

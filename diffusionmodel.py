@@ -53,7 +53,8 @@ class DiffusionModel(pl.LightningModule):
         self.d = math.prod(self.x_shape)
         self.proposal = LogisticProposal(logsnr_loc, logsnr_scale, clip)
         self.reference = reference or utils.GaussianReference(self.d, num_classes)
-        self.val_sums = t.nn.ModuleList([SumMetric().set_dtype(t.float64) for _ in range(3)])
+        self.val_sums = t.nn.ModuleList([SumMetric(nan_strategy="disable").set_dtype(t.float64)
+                                         for _ in range(3)])  # NaN is kept, never dropped
         if num_classes is not None:  # log p(y), for class_log_posterior (fit_label_prior)
             self.register_buffer("label_log_prior", t.full((num_classes,), -math.log(num_classes)))
         if hasattr(denoiser, "set_fallback"):  # a U-Net's denoiser outside its trained range
@@ -129,8 +130,11 @@ class DiffusionModel(pl.LightningModule):
         return self.proposal.grid(n)
 
     def sample(self, n, steps=200, generator=None):
-        """n samples from the deterministic sampler (estimators.sample)."""
-        return est.sample(self, self.reference, self.proposal, n, self.x_shape, steps, generator)
+        """n samples from the deterministic sampler (estimators.sample), a bounded number at a
+        time (estimators.default_chunk)."""
+        chunk = est.default_chunk(self.d, self.device)
+        return t.cat([est.sample(self, self.reference, self.proposal, min(chunk, n - i),
+                                 self.x_shape, steps, generator) for i in range(0, max(n, 1), chunk)])
 
     def fit_reference(self, x, y=None, **kwargs):
         """The data-matched Gaussian reference (and, with labels, each label's) from data."""
@@ -153,7 +157,10 @@ class DiffusionModel(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         micro = batch_idx % self.trainer.accumulate_grad_batches  # batches of one step
         noise = utils.derive_seed(self.hparams.seed, self.global_step, micro, self.global_rank)
-        loss = self.nll(batch, generator=t.Generator(self.device).manual_seed(noise))
+        try:
+            loss = self.nll(batch, generator=t.Generator(self.device).manual_seed(noise))
+        except FloatingPointError as err:
+            self._diverged("training", err)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps Lightning
             self.log("train_loss", loss, prog_bar=True, sync_dist=True)  # writes (1 ms a call)
         return loss
@@ -172,9 +179,12 @@ class DiffusionModel(pl.LightningModule):
         loaders = self.trainer.val_dataloaders
         keep = index < len((loaders[dataloader_idx] if isinstance(loaders, (list, tuple))
                             else loaders).dataset)
-        nll, _ = est.nll_points(self, self.reference, self.proposal, x[keep],
-                                self.hparams.val_npoints, 1, VAL_SEED, index[keep],
-                                None if y is None else y[keep])
+        try:
+            nll, _ = est.nll_points(self, self.reference, self.proposal, x[keep],
+                                    self.hparams.val_npoints, 1, VAL_SEED, index[keep],
+                                    None if y is None else y[keep])
+        except FloatingPointError as err:
+            self._diverged("validation", err)
         for metric, value in zip(self.val_sums, (nll, nll ** 2, t.ones_like(nll))):
             metric.update(value)
 
@@ -185,6 +195,8 @@ class DiffusionModel(pl.LightningModule):
         for m in self.val_sums:
             m.reset()
         mean, stderr = total / n, utils.stderr_from_sums(total, total_sq, n)
+        if not t.isfinite(mean):
+            self._diverged("validation", f"mean {mean.item()}")
         self.log_dict({"val_loss": mean.float(), "val_loss_stderr": stderr.float(),
                        "val_bpd": utils.nats_to_bpd(mean, self.d).float(),
                        "val_samples": n.float()}, sync_dist=True)
@@ -213,6 +225,11 @@ class DiffusionModel(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------ plumbing
+    def _diverged(self, loss, detail):
+        raise FloatingPointError(f"the {loss} loss is not finite at step {self.global_step} "
+                                 f"({detail}): the model may have diverged; a learning rate lower "
+                                 f"than {self.hparams.learning_rate:g} may help") from None
+
     def _data(self, batch):
         """x from a tensor or a (x, ...) batch, checked against x_shape."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -6,6 +6,7 @@ folders, checkpoints (`load_model`) and the run's summary.
 import argparse
 import csv
 import dataclasses
+import errno
 import glob
 import json
 import logging
@@ -14,6 +15,7 @@ import re
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from typing import Callable, Optional
@@ -25,6 +27,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 import callbacks as cb
+import cli
 import denoisers
 import evaluation
 import ode
@@ -71,32 +74,50 @@ def set_threads(n):
     t.set_num_threads(n)
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.EIO}  # a full, read-only or forbidden disk: exit status 74 (EX_IOERR)
+
+
 def run_cli(main):
-    """Runs main(); a user error ends with one line on stderr and exit status 2, Ctrl-C or SIGTERM
-    with one line saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process
-    group left by DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
+    """Runs main(); a user error ends with one line on stderr and exit status 2 (with the newest
+    complete checkpoint where training wrote one), a file that cannot be written with one line
+    naming it, what was kept and how to resume (exit status 74), Ctrl-C or SIGTERM with one line
+    saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process group left by
+    DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
     # Lightning doubts mid-epoch resumes: the training loaders resume exactly themselves
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
-    cb.Interrupted.message = cb.Interrupted.status = None  # a run's own interruption only
+    cb.Interrupted.message = cb.Interrupted.status = cb.Interrupted.kept = None  # this run's only
     for name in ("pytorch_lightning.utilities.rank_zero",  # Lightning's own lines on Ctrl-C
                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).addFilter(lambda record: not re.search(
             "KeyboardInterrupt|weights_only", record.getMessage()))
+    hook = threading.excepthook  # TensorBoard's writer thread: the main thread raises it again
+    threading.excepthook = lambda a: type(a.thread).__name__ == "_AsyncWriterThread" or hook(a)
     try:
         main()
-    except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
-        if os.environ.get("ITD_TRACEBACK"):  # to tell a bug from a mistake
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     except (SystemExit, KeyboardInterrupt):
         if cb.Interrupted.message is None:
             raise
         if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:
             print(cb.Interrupted.message, file=sys.stderr)
         sys.exit(cb.Interrupted.status)
+    except Exception as err:
+        disk = err
+        while disk is not None and not (isinstance(disk, OSError) and disk.errno in DISK_ERRORS):
+            disk = disk.__cause__ or disk.__context__  # Lightning wraps a logger's in ValueError
+        if os.environ.get("ITD_TRACEBACK") or not (disk or isinstance(err, (
+                ValueError, FileNotFoundError, FloatingPointError, UserError))):
+            raise  # ITD_TRACEBACK: to tell a bug from a mistake
+        if disk is not None:
+            where = shown_path(disk.filename) or "the run's TensorBoard files"  # (its thread's)
+            print(f"error: cannot write {where}: {disk.strerror}; {cb.kept(command=True)}",
+                  file=sys.stderr)
+            sys.exit(74)
+        print(f"error: {err}" + (f"; {cb.kept()}" if cb.Interrupted.kept else ""), file=sys.stderr)
+        sys.exit(2)
     finally:
+        threading.excepthook = hook
         if t.distributed.is_available() and t.distributed.is_initialized():
             t.distributed.destroy_process_group()
 
@@ -111,6 +132,14 @@ class RunLogger(TensorBoardLogger):
     def __init__(self, log_dir, run, resume=False):
         super().__init__(log_dir, name="", version=run if resume else None, default_hp_metric=False)
         self.run = run
+
+    def finalize(self, status):
+        """Flushed, not closed: what a run writes after trainer.fit (a validation, the figures)
+        goes to the same events file; experiment.train closes it."""
+        if self._experiment is not None:
+            self._experiment.flush()
+        if status == "success":
+            self.save()
 
     def _get_next_version(self):
         path, k = self.run, 1
@@ -138,18 +167,21 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         resume = os.path.isdir(run)
         folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
         logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
-        # last.ckpt: the latest model at every validation and at the end; best-*: lowest val_loss
-        callbacks = [ModelCheckpoint(filename="last", enable_version_counter=False),
-                     ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
-                     RunArgs(), cb.ValidateLastEpoch(), cb.Interrupted(), cb.RunSize(),
-                     cb.LogInterval(), cb.SlurmJob(), *callbacks]
+        # best-*: lowest val_loss; last.ckpt: the latest model at every validation and at the
+        # end, saved after best-* (the newest complete checkpoint: callbacks.Interrupted.kept)
+        callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
+                     ModelCheckpoint(filename="last", enable_version_counter=False),
+                     RunArgs(), cb.ValidateLastEpoch(), cb.RunSize(), cb.LogInterval(),
+                     cb.SlurmJob(), *callbacks]
         if getattr(args, "fit_proposal", 0):
             callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))
+        callbacks.append(cb.Interrupted())  # the last: it defers stops asked for by the others
     try:
         trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
                              strategy=args.strategy, num_nodes=args.num_nodes,
                              precision=args.precision, logger=logger,
                              use_distributed_sampler=False,  # datamodules.Data shards itself
+                             plugins=[cb.AtomicCheckpointIO()],
                              callbacks=[cb.show_progress(), *callbacks], **kwargs)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
@@ -219,16 +251,22 @@ def requeued_checkpoint(log_dir, resume=None):
 
 
 def fit(trainer, model, data, ckpt_path=None):
-    """trainer.fit, then a validation of the final model if training stopped elsewhere than at
-    the end of an epoch that validated (--max_steps), and its last.ckpt saved."""
+    """trainer.fit (from a checkpoint whose training is complete: its state restored), then a
+    validation of the final model if training stopped elsewhere than at the end of an epoch that
+    validated (--max_steps), and its last.ckpt saved. The last validation's metrics are in
+    trainer.callback_metrics (a finished run's from its checkpoint)."""
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     last = next(c for c in trainer.callbacks if isinstance(c, cb.ValidateLastEpoch))
     if last.step != trainer.global_step and trainer.global_step > 0:
+        if trainer.is_global_zero:
+            print(f"validating the final model (step {trainer.global_step})", flush=True)
         trainer.validate(model, datamodule=data, verbose=False)
-        checkpoint = trainer.checkpoint_callbacks[0]
+        checkpoint = trainer.checkpoint_callbacks[1]
         path = os.path.join(checkpoint.dirpath, "last.ckpt")
         trainer.save_checkpoint(path)
         checkpoint.best_model_path = checkpoint.last_model_path = path
+    for key, value in last.metrics.items():
+        trainer.callback_metrics.setdefault(key, t.tensor(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,8 +350,9 @@ def summarize(trainer, model, curve, values, start):
     metrics, log_dir = trainer.callback_metrics, trainer.logger.log_dir
     s = dict(epochs=trainer.current_epoch, steps=trainer.global_step,
              wall_time_s=time.time() - start, run_dir=shown_path(log_dir),
-             checkpoint=shown_path(trainer.checkpoint_callbacks[0].best_model_path),
-             best_checkpoint=shown_path(trainer.checkpoint_callbacks[1].best_model_path),
+             checkpoint=shown_path(trainer.checkpoint_callbacks[1].best_model_path
+                                   or (cb.Interrupted.kept or ("",))[0]),  # a moved run's
+             best_checkpoint=shown_path(trainer.checkpoint_callbacks[0].best_model_path),
              val_nll=float(metrics["val_loss"]), val_nll_stderr=float(metrics["val_loss_stderr"]),
              d=model.d, conditional=model.num_classes is not None, **values)
     if isinstance(model.proposal, FittedProposal):
@@ -399,7 +438,7 @@ def train(args, family):
     ckpt = load_checkpoint(args.resume, family.script) if args.resume else None
     run = resumed_run_dir(args.resume, ckpt and ckpt.get("run_dir"))
     if ckpt is not None:
-        _check_unfinished(ckpt, args)
+        _check_unfinished(ckpt, args, run)
         if run is None and ckpt.get("run_dir"):
             print(f"note: the run folder {shown_path(ckpt['run_dir'])} of {args.resume} no longer "
                   f"exists: the resumed run continues in a new folder under {args.log_dir}",
@@ -413,6 +452,12 @@ def train(args, family):
         model = model_from_checkpoint(ckpt, args.resume).train()
     else:
         model = _check_missing(data, lambda: new_model(args, data))
+    if args.fit_proposal and not data.missing():  # the refits draw from the reference data
+        data.setup()
+        n = min(len(data.train), data.reference_size or len(data.train))
+        if args.fit_proposal > n:
+            raise UserError(f"argument --fit_proposal: {args.fit_proposal} is more than the {n} "
+                            "training samples the refits draw from")
     baselines = cb.Baselines(lambda *a: family.describe and family.describe(args, *a),
                              fit=ckpt is None)
     curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
@@ -422,16 +467,21 @@ def train(args, family):
                            run=run or f"{data.name}-{args.experiment_name}",
                            max_epochs=args.num_epochs, max_steps=args.max_steps,
                            check_val_every_n_epoch=args.val_every, **family.trainer)
+    cb.Interrupted.kept = (args.resume, ckpt["global_step"]) if ckpt else None
     fit(trainer, model, data, args.resume)
     if not trainer.is_global_zero:
         return None
-    s = dict(dataset=data.name, **summarize(trainer, model, curve, baselines.values, start))
-    for callback in extra:
-        s.update(getattr(callback, "values", {}), **getattr(callback, "results", {}))
-    s["args"] = vars(args)
-    with open(os.path.join(trainer.logger.log_dir, "summary.json"), "w") as f:
-        json.dump(s, f, indent=1)
-    print(summary_lines(s))
+    with cb.final_stage(trainer):  # the end-of-training passes, then the summary
+        for callback in extra:
+            if hasattr(callback, "final"):
+                callback.final(trainer, model)
+        s = dict(dataset=data.name, **summarize(trainer, model, curve, baselines.values, start))
+        for callback in extra:
+            s.update(getattr(callback, "values", {}), **getattr(callback, "results", {}))
+        s["args"] = vars(args)
+        print(summary_lines(s), flush=True)
+        cli.write_file(os.path.join(trainer.logger.log_dir, "summary.json"), json.dumps(s, indent=1))
+        trainer.logger.experiment.close()
     return s
 
 
@@ -504,11 +554,13 @@ def evaluate(args, family):
         with cb.stop_at_once():
             ev.run(trainer)
         results = ev.results(info, args.ckpt or [], time.time() - start)
-        if trainer.is_global_zero:
-            write_file(path, json.dumps(results, indent=1))
+        if trainer.is_global_zero:  # the table first: a disk that fails the files keeps it
+            print(evaluation.format_results(results["rows"], results["header"]), flush=True)
+            cb.Interrupted.kept = "the table above is complete; nothing was written"
+            cli.write_file(path, json.dumps(results, indent=1))
             if args.per_sample:
                 header, rows = evaluation.per_sample_table(ev, files)
-                write_file(args.per_sample, _csv([header, *rows]))
+                cli.write_file(args.per_sample, _csv([header, *rows]))
     except BaseException:
         if trainer.is_global_zero:
             for output in outputs:  # nothing half-written stays behind
@@ -516,7 +568,6 @@ def evaluate(args, family):
                     os.remove(output)
         raise
     if trainer.is_global_zero:
-        print(evaluation.format_results(results["rows"], results["header"]))
         print(f"written to {shown_path(path)}"
               + (f"; every sample's values to {shown_path(args.per_sample)}" if args.per_sample else ""))
     return dict(results, per_sample=ev.per_sample, path=path)
@@ -529,25 +580,16 @@ def _csv(rows):
         return f.read()
 
 
-def write_file(path, text):
-    """Writes text to path through a temporary file in the same folder, then renames it: a file
-    is never left half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _check_unfinished(ckpt, args):
-    """A UserError if the checkpoint to resume holds the whole run already."""
+def _check_unfinished(ckpt, args, run):
+    """A UserError if the checkpoint to resume holds the whole run and the run its summary; if
+    only the summary is missing, a line saying that the resume finishes the run."""
     epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-    if epochs >= args.num_epochs or 0 < args.max_steps <= ckpt["global_step"]:
+    if epochs < args.num_epochs and not 0 < args.max_steps <= ckpt["global_step"]:
+        return
+    if not (run and os.path.isfile(os.path.join(run, "summary.json"))):
+        print(f"training is complete ({ckpt['global_step']} steps): finishing the run with its "
+              "end-of-training passes, figures and summary", flush=True)
+    else:
         raise UserError(f"already finished: {args.resume} holds all {epochs} epochs "
                         f"({ckpt['global_step']} steps) of its run; evaluate it with "
                         f"--eval_only --ckpt {shlex.quote(args.resume)}")

@@ -35,26 +35,37 @@ def parse_args(argv=None, checkpoint_args=None):
                        help=cli.per_dataset(defaults, "embedding_size", "size of each sinusoidal "
                                             "embedding (of the log SNR and of each coordinate); "
                                             "even"))
-    group.add_argument("--input_embedding_scale", type=cli.number(float, 0, 1e6), default=None,
+    group.add_argument("--input_embedding_scale", type=cli.number(float, 0, 1e5), default=None,
                        help=cli.per_dataset(defaults, "input_embedding_scale", "highest frequency "
-                                            "of the input embedding; 0: the raw coordinates only"))
-    group.add_argument("--input_embedding_period", type=cli.number(float, above=1, high=1e12),
+                                            "of the input embedding; 0: the raw coordinates only; "
+                                            "at most 1e5 (float32 angles of points |z| ~ 10 are "
+                                            "then within 0.1 rad)"))
+    group.add_argument("--input_embedding_period", type=cli.number(float, 1, 1e12),
                        default=100., help="ratio of the input embedding's highest frequency to its "
                                           "lowest")
     group.add_argument("--gaussian_residual", type=cli.str2bool, nargs="?", const=True,
                        default=True,
                        help="true: the denoiser adds to the data-matched Gaussian's optimal "
                             "predictor, so training starts at the Gaussian bound")
-    group.add_argument("--grid_size", type=cli.number(int, 2, 2000), default=40,
-                       help="density contours on a grid_size x grid_size grid")
+    group.add_argument("--grid_size", type=cli.number(int, 2, 576), default=40,
+                       help="density contours on a grid_size x grid_size grid (at most 576: a "
+                            "figure panel's pixels)")
     args = cli.parse(p, argv, defaults, datasets.POINTS_DEFAULTS, checkpoint_args)
     if args is None or args.eval_only:
         return args
     if args.embedding_size % 2:
         p.error(f"argument --embedding_size: must be even, got {args.embedding_size}")
+    # memory, measured (docs/2d.md): 16 B per parameter (weights, gradients, Adam's moments), a
+    # point with gradients 9 KB + 12 B per unit (training, the ODE), a contour cell's first pass
+    # 32 KB
+    h, layers = args.hidden_size, args.hidden_layers
+    inputs = 3 + args.embedding_size * (1 + 2 * (args.input_embedding_scale > 0) + args.conditional)
+    model = 16 * ((inputs + 3) * h + (layers - 1) * (h + 1) * h + 2)
+    row = 9000 + 12 * layers * h
     cli.check_fits(p, "--num_points", args.num_points, 48 * args.num_points)
-    cli.check_fits(p, "--hidden_size", args.hidden_size, 4 * 8 * args.hidden_size ** 2
-                   * args.hidden_layers)
+    cli.check_fits(p, "--hidden_size", f"{h} ({layers} layers)", model)
+    cli.check_fits(p, "--batch_size", args.batch_size, model + args.batch_size * row)
+    cli.check_fits(p, "--grid_size", args.grid_size, args.grid_size ** 2 * max(32000, row * args.ode))
     return args
 
 

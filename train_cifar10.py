@@ -33,7 +33,7 @@ def parse_args(argv=None, checkpoint_args=None):
                        help=cli.per_dataset(defaults, "dequantize", "add uniform noise within "
                                             "each pixel's bin, making the data a continuous "
                                             "density"))
-    group.add_argument("--reference_size", type=cli.positive(int), default=5000,
+    group.add_argument("--reference_size", type=cli.number(int, 2), default=5000,
                        help="training images the data-matched Gaussian reference is fit on")
     group.add_argument("--num_workers", type=cli.whole(0, 65), default=min(4, cli.available_cores() // 2),
                        help="data loader workers per process")
@@ -69,6 +69,14 @@ def parse_args(argv=None, checkpoint_args=None):
     args.pretrained = "none" if args.pretrained.lower() == "none" else args.pretrained
     if args.gaussian_residual is None:
         args.gaussian_residual = args.pretrained == "none"
+    if args.pretrained == "none" and not args.eval_only:  # its schedule spans the range
+        import utils  # torch: only once every other flag is known to be good
+        lo, hi = cli.logsnr_range(args)
+        try:
+            utils.schedule_logsnr(utils.logsnr_schedule(lo, hi))
+        except ValueError as err:
+            p.error(f"argument --clip: the small U-Net's 1000 timesteps over the log-SNR range "
+                    f"[{lo:g}, {hi:g}] ({cli.range_flags(args)}): {err}")
     if args.eval_only and args.gaussian_residual:
         p.error("argument --gaussian_residual: a pretrained U-Net is evaluated as it is, "
                 "not as a residual on the Gaussian")

@@ -348,5 +348,10 @@ def from_args(args, data):
         return (not args.offline and not constants.HF_HUB_OFFLINE
                 and cli.reachable(constants.ENDPOINT))
     logsnrs = LogisticProposal(args.logsnr_loc, args.logsnr_scale, args.clip).range
+    if args.pretrained == "none" and not args.eval_only:  # the small U-Net, measured: about
+        # 1000 width^2 parameters; a training sample 550 B per pixel and channel of the first level
+        size = data.x_shape[1] * data.x_shape[2] * args.unet_width
+        cli.check_fits(None, "--batch_size", f"{args.batch_size} (--unet_width {args.unet_width})",
+                       16 * 1000 * args.unet_width ** 2 + 550 * size * args.batch_size)
     return build(args.pretrained, data.x_shape, logsnrs, args.from_scratch, args.unet_width,
                  args.outside, args.gaussian_residual, online, data.num_classes)

@@ -1,12 +1,6 @@
-"""Numerical pieces of information-theoretic diffusion; a leaf module (it imports nothing of the
-project). Notation (docs/maths.md): s = sigmoid, a = log SNR, z = sqrt(s(a)) x + sqrt(s(-a)) eps.
-
-- The Gaussian channel and its inverses (`noisy_channel`, `x_from_eps`, `eps_from_x`).
-- Discrete-time schedules and their log SNRs.
-- Counter-based random numbers and randomised Sobol points named by (seed, sample index, ...).
-- `GaussianReference`: q = N(mean, Sigma) with its entropy, -log q, MMSE curve and optimal noise
-  predictor in closed form: the control variate and the baseline.
-- Grid data (`Grid`): dequantisation, the discrete-limit conversion, the closed-form rounding tail.
+"""Numerical pieces (a leaf module): the Gaussian channel, schedules, counter-based random numbers
+named by (seed, sample index, ...), the Gaussian reference in closed form, and grid data.
+Notation (docs/maths.md): s = sigmoid, a = log SNR, z = sqrt(s(a)) x + sqrt(s(-a)) eps.
 """
 import functools
 import hashlib
@@ -51,9 +45,8 @@ def sq_norm(v):
 
 
 def logsnr_schedule(lo, hi, steps=1000):
-    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo (t = steps-1):
-    timesteps that cover exactly an integration range (U-Nets trained from scratch; the
-    variational bound of a model without a schedule of its own)."""
+    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo: timesteps
+    that cover exactly an integration range."""
     if not -36 < lo < hi < 36:  # beyond, alpha_bar rounds to 0 or 1 in float64
         raise ValueError(f"log SNR range must lie within (-36, 36), got [{lo}, {hi}]")
     return t.sigmoid(t.linspace(hi, lo, steps, dtype=t.float64))
@@ -87,8 +80,7 @@ def _shr(x, k):
 
 
 def splitmix64(x):
-    """The SplitMix64 output function on int64 tensors (wrapping arithmetic): a bijection of the
-    64-bit integers whose outputs pass the usual statistical test batteries for distinct inputs."""
+    """The SplitMix64 output function on int64 tensors (wrapping arithmetic)."""
     x = x + _GOLDEN
     x = (x ^ _shr(x, 30)) * _MIX1
     x = (x ^ _shr(x, 27)) * _MIX2
@@ -111,15 +103,14 @@ def fresh_seed(seed=None):
 
 
 def derive_seed(seed, *keys):
-    """A 62-bit seed for another stream, named by the integers (seed, keys): e.g. one per epoch
-    (BLAKE2b of their decimal form: microseconds, as it runs once per training step)."""
+    """A 62-bit seed for another stream, named by the integers (seed, keys) (BLAKE2b)."""
     text = ",".join(str(int(k)) for k in (seed, *keys)).encode()
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 2
 
 
 def counter_hash(seed, *keys, device=None):
-    """64 random bits (int64) for each element of the broadcast integer keys: a function of
-    (seed, keys) only, so a draw does not depend on which other draws are made with it."""
+    """64 random bits (int64) per element of the broadcast integer keys, a function of (seed,
+    keys) alone: a draw does not depend on which others are made with it."""
     h = splitmix64(t.tensor(seed, dtype=t.int64, device=device))
     for key in keys:
         h = splitmix64(h ^ t.as_tensor(key, dtype=t.int64, device=device))
@@ -139,17 +130,9 @@ def _sobol_digits(n, dim, device=None):
 
 
 def keyed_sobol(seed, set_keys, point, n, dims, device=None):
-    """Point `point` of the randomised n-point Sobol set named by `set_keys`, in dimensions `dims`.
-
-    Args:
-        set_keys: tuple of int64 tensors (rows,) naming each row's set (sample index, replicate).
-        point: (rows,) point indices in [0, n). dims: (k,) dimension indices.
-    Returns:
-        (rows, k) float64 uniforms. Each set is digitally shifted (XOR with random digits
-        counter_hash(seed, *set_keys, dim)) and jittered within its finest cell, so every point
-        is exactly uniform and a set does not depend on which others are drawn with it.
-        Dimensions beyond SobolEngine.MAXDIM are iid uniforms.
-    """
+    """Uniforms (rows, len(dims)) float64: point `point` (rows,) of the n-point Sobol set named by
+    `set_keys` (a tuple of (rows,) keys), digitally shifted and jittered by counter hashes of
+    (seed, keys, dim) so every point is exactly uniform (iid beyond SobolEngine.MAXDIM)."""
     bits, maxdim = t.quasirandom.SobolEngine.MAXBIT, t.quasirandom.SobolEngine.MAXDIM
     dims = t.as_tensor(dims, dtype=t.int64, device=device).view(1, -1)
     keys = tuple(t.as_tensor(k, dtype=t.int64, device=device).view(-1, 1) for k in set_keys)
@@ -186,9 +169,8 @@ class GaussianReference(t.nn.Module):
 
     @t.no_grad()
     def fit(self, x, y=None, min_eigval=1e-6, diagonal=False):
-        """Moment-match q to data x (n, ...) in float64, and each class's q(x | k) to its samples
-        where labels y are given: Ledoit-Wolf shrinkage below 10 samples per dimension,
-        eigenvalues floored at min_eigval times their mean (docs/maths.md)."""
+        """Moment-match q to data x (n, ...), and each label's q(x | k) to its samples where labels
+        y are given, in float64 (Ledoit-Wolf below 10 samples per dimension; docs/maths.md)."""
         x = x.detach().flatten(1).to("cpu", t.float64)
         if x.shape[1] != self.d:
             raise ValueError(f"reference data has {x.shape[1]} dimensions per sample, expected {self.d}")
@@ -337,9 +319,8 @@ def _moments(x, min_eigval, diagonal, what="reference data"):
 
 
 def log_ndtr_diff(a, b):
-    """log(Phi(b) - Phi(a)) for a < b (either may be infinite), stable in both tails: reflected
-    (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)) so that the larger CDF is at most ~1/2 away from its
-    tail, then log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b)))."""
+    """log(Phi(b) - Phi(a)) for a < b (either may be infinite), stable in both tails (reflected so
+    that the larger CDF is at most ~1/2 away from its tail)."""
     flip = a + b > 0
     a, b = t.where(flip, -b, a), t.where(flip, -a, b)
     log_b = t.special.log_ndtr(b)
@@ -348,8 +329,7 @@ def log_ndtr_diff(a, b):
 
 
 def stderr_from_sums(total, total_sq, n):
-    """The standard error of a mean from the sums of n values and of their squares:
-    sqrt(s^2 / n) with the unbiased variance s^2 (so sums reduced across processes suffice)."""
+    """sqrt(s^2 / n), s^2 the unbiased variance, from the sums of n values and of their squares."""
     var = (total_sq - total ** 2 / n) / (n - 1)
     return (var.clamp_min(0) if t.is_tensor(var) else max(var, 0.)) ** 0.5 / n ** 0.5
 
@@ -363,8 +343,7 @@ def nats_to_bpd(nats, d):
 # Discrete data on a grid (Grid)
 # ---------------------------------------------------------------------------------------------
 def dequantize(x, delta, seed, index):
-    """x + delta * (U - 1/2): uniform noise over each bin, with U named by (seed, the sample's
-    index, coordinate), so a sample gets the same noise in any batch. index: (B,) positions."""
+    """x + delta * (U - 1/2), U named by (seed, the samples' positions `index`, coordinate)."""
     index = t.as_tensor(index, dtype=t.int64, device=x.device).view(-1)
     if len(index) != len(x):
         raise ValueError(f"index has {len(index)} entries for {len(x)} samples")
@@ -375,8 +354,7 @@ def dequantize(x, delta, seed, index):
 
 
 def discrete_limit_nats(nll_continuous, delta, d):
-    """-log P(x) ~= -log p(x) - d log(delta): a change of units (mass = density x bin volume),
-    not a bound."""
+    """-log P(x) ~= -log p(x) - d log(delta): a change of units, not a bound."""
     return nll_continuous - d * math.log(delta)
 
 
@@ -393,8 +371,7 @@ class Grid(NamedTuple):
         return None if self.levels is None else self.lo + (self.levels - 1) * self.delta
 
     def index(self, x, atol=1e-3):
-        """k (int64, shape of x) with x = lo + k * delta; ValueError unless every value is within
-        atol bins of the grid and, when `levels` is given, 0 <= k < levels."""
+        """k (int64) with x = lo + k * delta, or a ValueError for values off the grid or its levels."""
         if not self.delta > 0:
             raise ValueError(f"delta must be > 0, got {self.delta}")
         if not t.isfinite(x).all():
@@ -413,12 +390,8 @@ class Grid(NamedTuple):
 
 
 def rounding_tail(x, grid, logsnr):
-    """1/2 Int_logsnr^inf E_eps ||eps - eps_R(z, a)||^2 da per sample x on the grid, in closed form,
-    for eps_R the noise predictor of hard rounding z / sqrt(s(a)) to the grid (clamped to `levels`
-    values, if given). Per coordinate with n grid values on one side, c_j = j - 1/2,
-    r_0 = delta e^{logsnr/2}: sum_{j<=n} (4 / c_j) G(c_j r_0), G(u) = ((1 - u^2) Q(u) + u phi(u)) / 2
-    (docs/maths.md). Small once r_0 is a few units: logsnr >= 2 log(3 / delta).
-    """
+    """1/2 Int_logsnr^inf E_eps ||eps - eps_R(z, a)||^2 da per sample x on the grid in closed form,
+    eps_R the noise predictor of hard rounding z / sqrt(s(a)) to the grid (docs/maths.md)."""
     k, levels = grid.index(x).flatten(1), grid.levels
     r0 = grid.delta * math.exp(logsnr / 2)
     steps = math.ceil(40 / r0) + 1          # terms beyond c_j r0 = 40 are below 1e-300
@@ -440,9 +413,8 @@ def rounding_tail(x, grid, logsnr):
 
 
 def grid_resolved_logsnr(delta, tail=1e-5):
-    """The log SNR above which the rounding tail of one interior coordinate is below `tail` nats:
-    an upper end of the integration range that makes the closed-form upper tail negligible
-    (14.2 for 8-bit data, delta = 2/255; 8.6 for 17 levels)."""
+    """The log SNR above which one coordinate's rounding tail is below `tail` nats (14.2 for
+    8-bit data, 8.6 for 17 levels): a range top that makes the closed-form tail negligible."""
     one = t.zeros(1, 1, dtype=t.float64)
     lo, hi = 2 * math.log(1 / delta), 2 * math.log(60 / delta)
     for _ in range(60):

@@ -9,6 +9,7 @@ import numpy as np
 import torch as t
 from matplotlib.figure import Figure
 
+import cli
 import proposals
 import utils
 
@@ -285,8 +286,8 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
 
 
 def save(fig, path):
-    """Writes a figure (PNG by extension)."""
-    fig.savefig(path, dpi=120)
+    """Writes a figure (its format by the extension) whole or not at all (cli.write_file)."""
+    cli.write_file(str(path), lambda f: fig.savefig(f, dpi=120, format=str(path).rsplit(".")[-1]))
     return path
 
 

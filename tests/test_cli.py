@@ -5,6 +5,7 @@ takes the run's settings from the checkpoint.
 The mistakes run in-process through experiment.run_cli (the scripts' entry point), which is what
 `python train_2d.py ...` runs; test_train_2d.py and test_cifar10.py run a few as real processes.
 """
+import contextlib
 import os
 import re
 import shlex
@@ -96,8 +97,221 @@ def test_a_mistake_is_one_line_and_leaves_nothing(script, flags, message, tmp_pa
                                                if "--num_epochs" not in flags else flags))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
-    assert message in err.strip().splitlines()[-1], err
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("error: "), err  # one line
+    assert message in err, err
     assert os.listdir(tmp_path) == ["afile"]
+
+
+# The limits of the numeric flags, each at its edge (None: accepted) and just beyond (refused
+# with that message), parsed only. Where they come from (cli.py, train_2d.py, train_cifar10.py):
+# the log-SNR range and clip within +-36 (float64 tells sigmoid(a) from 1 only below ln 2^53 =
+# 36.7); the small U-Net's 1000-step schedule over [lo, hi] keeps its steps apart only while
+# hi < 36 + ln((hi - lo) / 999), 33.2 for lo = -30 (digits: loc 4, scale 2); an input
+# embedding's float32 angles within 0.1 rad for |z| ~ 10 up to scale 1e5, its frequencies falling
+# only for a period >= 1; a contour grid no finer than a 576-pixel panel; the schedule's 1000
+# timesteps (vb_steps <= 999); the conditional label pass's 4 replicates.
+RANGE = "must lie within [-36, 36]"
+SCHEDULE = "the small U-Net's 1000 timesteps over the log-SNR range [-30, 34]"
+LIMITS = [  # (script, flags, None or what the error line says)
+    (train_2d, ["--logsnr_loc", "0", "--logsnr_scale", "1", "--clip", "36"], None),
+    (train_2d, ["--logsnr_loc", "0", "--logsnr_scale", "1", "--clip", "36.01"],
+     "--clip: must be a finite number > 0 and <= 36, got 36.01"),
+    (train_2d, ["--logsnr_loc", "0.01", "--logsnr_scale", "1", "--clip", "36"],
+     "[-35.99, 36.01] (--logsnr_loc 0.01 --logsnr_scale 1 --clip 36) " + RANGE),
+    (train_2d, ["--logsnr_loc", "-0.01", "--logsnr_scale", "1", "--clip", "36"], RANGE),
+    (train_2d, ["--logsnr_loc", "36", "--logsnr_scale", "1e-9", "--clip", "1"], RANGE),
+    (train_2d, ["--logsnr_loc", "35", "--logsnr_scale", "1", "--clip", "1"], None),
+    (train_2d, ["--logsnr_loc", "nan"], "--logsnr_loc: must be a finite number"),
+    (train_2d, ["--logsnr_scale", "inf"], "--logsnr_scale: must be a finite number > 0, got inf"),
+    (train_2d, ["--logsnr_scale", "100"], RANGE),
+    (train_cifar10, ["--dataset", "digits", "--logsnr_loc", "1.5", "--logsnr_scale", "1",
+                     "--clip", "31.5"], None),  # [-30, 33]
+    (train_cifar10, ["--dataset", "digits", "--logsnr_loc", "2", "--logsnr_scale", "1",
+                     "--clip", "32"], SCHEDULE),  # [-30, 34]: within +-36, not for the schedule
+    (train_2d, ["--input_embedding_scale", "1e5"], None),
+    (train_2d, ["--input_embedding_scale", "100001"], "--input_embedding_scale: must be a finite "
+                                                       "number >= 0 and <= 100000, got 100001"),
+    (train_2d, ["--input_embedding_scale", "nan"], "must be a finite number >= 0"),
+    (train_2d, ["--input_embedding_period", "1"], None),
+    (train_2d, ["--input_embedding_period", "0.99"], "--input_embedding_period: must be a finite "
+                                                      "number >= 1"),
+    (train_2d, ["--input_embedding_period", "inf"], "--input_embedding_period: must be a finite"),
+    (train_2d, ["--grid_size", "2"], None),
+    (train_2d, ["--grid_size", "1"], "--grid_size: must be a whole number >= 2 and <= 576, got 1"),
+    (train_2d, ["--grid_size", "576"], None),
+    (train_2d, ["--grid_size", "577"], "--grid_size: must be a whole number >= 2 and <= 576"),
+    (train_2d, ["--max_steps", "-1"], None),
+    (train_2d, ["--max_steps", "1"], None),
+    (train_2d, ["--max_steps", "0"], "--max_steps: -1 (no limit) or >= 1, got 0"),
+    (train_2d, ["--max_steps", "-2"], "--max_steps: must be a whole number >= -1, got -2"),
+    (train_2d, ["--vb_steps", "999"], None),
+    (train_2d, ["--vb_steps", "1000"], "--vb_steps: must be a whole number >= 0 and <= 999"),
+    (train_2d, ["--dataset", "moons", "--conditional", "--val_npoints", "4"], None),
+    (train_2d, ["--dataset", "moons", "--conditional", "--val_npoints", "2"],
+     "--val_npoints: --conditional needs at least 4 (the label pass's 4 replicates), got 2"),
+    (train_2d, ["--fit_proposal", "8"], None),
+    (train_2d, ["--fit_proposal", "7"], "--fit_proposal: needs at least 8 samples"),
+    (train_2d, ["--learning_rate", "10"], None),
+    (train_2d, ["--learning_rate", "10.5"], "--learning_rate: must be a finite number > 0 and "
+                                             "<= 10, got 10.5"),
+    (train_2d, ["--learning_rate", "inf"], "--learning_rate: must be a finite number"),
+    (train_2d, ["--num_points", "20"], None),
+    (train_2d, ["--num_points", "19"], "--num_points: must be a whole number >= 20"),
+    (train_2d, ["--embedding_size", "2"], None),
+    (train_2d, ["--embedding_size", "3"], "--embedding_size: must be even, got 3"),
+    (train_cifar10, ["--dataset", "digits", "--unet_width", "8"], None),
+    (train_cifar10, ["--dataset", "digits", "--unet_width", "12"],
+     "--unet_width: must be a multiple of 8 (group norm), got 12"),
+    (train_cifar10, ["--dataset", "digits", "--unet_width", "4"], "--unet_width: must be a whole "
+                                                                   "number >= 8"),
+    (train_cifar10, ["--dataset", "digits", "--reference_size", "2"], None),
+    (train_cifar10, ["--dataset", "digits", "--reference_size", "1"],
+     "--reference_size: must be a whole number >= 2, got 1"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", LIMITS,
+                         ids=[f"{m[0].__name__} {' '.join(m[1])}" for m in LIMITS])
+def test_every_numeric_flag_is_refused_just_beyond_its_limit(script, flags, message, capsys,
+                                                              monkeypatch):
+    monkeypatch.setattr(cli, "memory", lambda: 2 ** 40)  # the limits here, not this machine's
+    if message is None:
+        assert script.parse_args(flags) is not None
+        assert capsys.readouterr().err == ""
+        return
+    with pytest.raises(SystemExit) as exit_:
+        script.parse_args(flags)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error: argument --") and message in err, err
+
+
+def test_argument_mistakes_are_one_line_and_help_is_argparse_s(capsys):
+    # argparse's own errors (an unknown flag, a bad choice, a missing value) without its usage
+    # block; --help prints the usage as argparse does
+    for flags, message in ((["--bogus"], "unrecognized arguments: --bogus"),
+                           (["--dataset"], "argument --dataset: expected one argument")):
+        with pytest.raises(SystemExit) as exit_:
+            train_2d.parse_args(flags)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err == f"error: {message}\n"
+    with pytest.raises(SystemExit) as exit_:
+        train_2d.parse_args(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+class Checked(Exception):
+    """Raised in place of building the Trainer: every check before any work has passed."""
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    # scg, 200 points: 180 for training (10% held out); the refits draw from them
+    (train_2d, ["--dataset", "scg", "--num_points", "200", "--fit_proposal", "180"], None),
+    (train_2d, ["--dataset", "scg", "--num_points", "200", "--fit_proposal", "181"],
+     "error: argument --fit_proposal: 181 is more than the 180 training samples the refits draw "
+     "from"),
+    # 40 images: 36 for training; --reference_size 10 of them: the reference data
+    (train_cifar10, ["--data", "images.npy", "--reference_size", "10", "--fit_proposal", "10"],
+     None),
+    (train_cifar10, ["--data", "images.npy", "--reference_size", "10", "--fit_proposal", "11"],
+     "error: argument --fit_proposal: 11 is more than the 10 training samples"),
+], ids=["2d 180", "2d 181", "images 10", "images 11"])
+def test_sizes_beyond_the_data_are_refused_before_any_work(script, flags, message, tmp_path,
+                                                           monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    np.save("images.npy", np.zeros((40, 8, 8), np.uint8))
+
+    def checked(*args, **kwargs):
+        raise Checked
+    monkeypatch.setattr(experiment, "make_trainer", checked)
+    flags = flags + ["--num_epochs", "2"] + ["--num_workers", "0"] * (script is train_cifar10)
+    if message is None:
+        with pytest.raises(Checked):
+            script.main(flags)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: script.main(flags))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith(message), err
+    assert os.listdir(tmp_path) == ["images.npy"]
+
+
+# Memory estimates on a machine of 8 GiB (cli.memory patched): a size must fit in half, 4 GiB =
+# 4294967296 B. The estimates (train_2d.parse_args, cli.apply_defaults, unet.from_args):
+# scg's MLP (embedding 32, no input embedding: 35 inputs) of H units in L = 3 layers holds
+# 16 B x ((35 + 3) H + 2 (H + 1) H + 2); a training point 9000 + 36 H B; a contour cell
+# max(32000, that point's) B; validation 600 B per point of eval_batch_size x val_npoints; the
+# small U-Net 16 B x 1000 width^2 + 550 B x pixels x width per training image.
+MEMORY = [  # (script, flags, None or what the error line says)
+    # the model alone beyond 4 GiB from H = 11576; with one training point from H = 11575
+    (train_2d, ["--dataset", "scg", "--hidden_size", "11574", "--batch_size", "1"], None),
+    (train_2d, ["--dataset", "scg", "--hidden_size", "11575", "--batch_size", "1"],
+     "--batch_size: 1 needs about 4.0 GiB"),
+    (train_2d, ["--dataset", "scg", "--hidden_size", "11576", "--batch_size", "1"],
+     "--hidden_size: 11576 (3 layers) needs about 4.0 GiB of memory; this machine has 8.0 GiB"),
+    (train_2d, ["--dataset", "scg", "--batch_size", "315576"], None),  # H = 128
+    (train_2d, ["--dataset", "scg", "--batch_size", "315577"], "--batch_size: 315577 needs about "
+                                                               "4.0 GiB"),
+    (train_2d, ["--dataset", "scg", "--grid_size", "366"], None),  # 366^2 x 32000 B: 4.0 GiB
+    (train_2d, ["--dataset", "scg", "--grid_size", "367"], "--grid_size: 367 needs about 4.0 GiB"),
+    (train_2d, ["--dataset", "scg", "--val_npoints", "4096"], None),  # x 1024 x 600 B: 2.3 GiB
+    (train_2d, ["--dataset", "scg", "--val_npoints", "8192"],
+     "--val_npoints: 8192 (x --eval_batch_size 1024) needs about 4.7 GiB"),
+    (train_cifar10, ["--dataset", "digits", "--batch_size", "3798"], None),  # 8 x 8, width 32
+    (train_cifar10, ["--dataset", "digits", "--batch_size", "3799"],
+     "--batch_size: 3799 (--unet_width 32) needs about 4.0 GiB"),
+]
+
+
+@pytest.mark.parametrize("script, flags, message", MEMORY,
+                         ids=[f"{m[0].__name__} {' '.join(m[1])}" for m in MEMORY])
+def test_sizes_beyond_half_the_memory_are_refused_with_the_estimate(script, flags, message,
+                                                                     tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "memory", lambda: 8 * 2 ** 30)
+
+    def checked(*args, **kwargs):
+        raise Checked
+    monkeypatch.setattr(experiment, "make_trainer", checked)
+    flags = flags + ["--num_epochs", "1", "--num_workers", "0"] * (script is train_cifar10)
+    # the U-Net's estimate is made as a run starts (main, up to the Trainer); the MLP's as the
+    # arguments are parsed (not building a model of gigabytes)
+    run = (lambda: script.main(flags)) if script is train_cifar10 else (
+        lambda: script.parse_args(flags))
+    if message is None:
+        with pytest.raises(Checked) if script is train_cifar10 else contextlib.nullcontext():
+            run()
+        return
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(run)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error: argument ") and message in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_fits_allows_half_the_memory(monkeypatch):
+    monkeypatch.setattr(cli, "memory", lambda: 8 * 2 ** 30)
+    cli.check_fits(None, "--x", 1, 4 * 2 ** 30)
+    with pytest.raises(cli.UserError, match=r"^argument --x: 1 needs about 4.0 GiB of memory; "
+                                            r"this machine has 8.0 GiB$"):
+        cli.check_fits(None, "--x", 1, 4 * 2 ** 30 + 1)
+
+
+def test_threads_beyond_the_cores_are_one_warning_line(monkeypatch, capsys):
+    # experiment.set_threads: more PyTorch threads than the cores this process may use (2 here)
+    import torch as t
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = t.get_num_threads()
+    try:
+        experiment.set_threads(2)
+        assert capsys.readouterr().err == ""
+        experiment.set_threads(3)
+    finally:
+        t.set_num_threads(threads)
+    assert capsys.readouterr().err == ("warning: --num_threads 3 is more than the 2 cores this "
+                                       "process may use; it will run slower, not faster\n")
 
 
 @pytest.mark.parametrize("script, flags", [

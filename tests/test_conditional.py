@@ -17,7 +17,7 @@ import experiment
 import train_2d
 import train_cifar10
 from diffusionmodel import DiffusionModel
-from tests.analytic import overlapping_2d
+from tests.analytic import Zero, overlapping_2d
 from tests.checks import assert_unbiased_and_calibrated, gen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,6 +116,35 @@ def test_training_drops_labels_at_the_given_rate():
     assert ((seen[0] == y) | (seen[0] == -1)).all()
     with pytest.raises(ValueError, match="labels must be one per sample"):
         dm.nll((x, t.full((4000,), 3)))
+
+
+def test_a_label_given_to_an_unconditional_model_is_refused_by_every_estimator():
+    # DiffusionModel.forward refuses labels without num_classes, so every estimator that takes
+    # labels refuses them in one line, whether called as a method or as estimators.* with the
+    # model as the denoiser; class_log_posterior needs a conditional model
+    dm = DiffusionModel(Zero(), x_shape=(2,))
+    x, y, a = t.randn(4, 2), t.tensor([0, 1, 0, 1]), t.zeros(4)
+    ref, prop, message = dm.reference, dm.proposal, "labels given to an unconditional model"
+    calls = {
+        "forward": lambda: dm(x, a, y),
+        "nll_points": lambda: dm.nll_points(x, 8, y=y),
+        "mi_points": lambda: dm.mi_points(x, y, 8),
+        "est.loss": lambda: est.loss(dm, ref, prop, x, y),
+        "est.nll_points": lambda: est.nll_points(dm, ref, prop, x, 8, y=y),
+        "est.mi_points": lambda: est.mi_points(dm, ref, prop, x, y, 8),
+        "est.label_terms": lambda: est.label_terms(dm, ref, prop, x, t.tensor([0, 1]), 8),
+        "est.class_log_posterior": lambda: est.class_log_posterior(dm, ref, prop, x,
+                                                                   t.zeros(2), 8),
+        "est.mse_gap": lambda: est.mse_gap(dm, ref, x, a, t.randn(4, 2), y),
+        "est.eps_errors": lambda: est.eps_errors(dm, x, a, t.randn(4, 2), y),
+        "class_log_posterior": lambda: dm.class_log_posterior(x, 8),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as err:
+            call()
+        text = str(err.value)
+        assert "\n" not in text and (message in text or "needs a conditional model" in text), (
+            name, text)
 
 
 @pytest.mark.slow

@@ -388,6 +388,15 @@ def test_sampler_reproduces_a_gaussian():
     assert ((draws.T.cov() - cov).abs() < tol).all(), (draws.T.cov() - cov)
 
 
+def test_the_model_samples_in_chunks_of_bounded_size(monkeypatch):
+    # DiffusionModel.sample: at most estimators.default_chunk samples per denoiser call (3 here:
+    # 7 samples as 3 + 3 + 1, each chunk its own steps), so --num_samples bounds only the time
+    monkeypatch.setattr(est, "default_chunk", lambda d, device: 3)
+    recorder = Recorder(Zero())
+    x = DiffusionModel(recorder, x_shape=(2,)).sample(7, steps=2, generator=gen(0))
+    assert x.shape == (7, 2) and [len(z) for z, _ in recorder.calls] == [3, 3, 3, 3, 1, 1]
+
+
 def test_score_is_the_noisy_marginal_score():
     # the score of the noisy marginal is -eps_hat(z, a) / sqrt(s(-a)) (Tweedie), which for the
     # Gaussian's optimal denoiser is

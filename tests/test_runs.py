@@ -11,6 +11,7 @@ tiny: scg with a few thousand points, a 4 x 4 contour grid, no samples.
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 import queue
@@ -315,47 +316,101 @@ def test_slurm_requeue_saves_requeues_and_the_requeued_job_continues_its_run(tmp
 # ---------------------------------------------------------------------------------------------
 # Exact resume, in-process
 # ---------------------------------------------------------------------------------------------
+def accumulating(patch, batches):
+    """The next train_2d runs accumulate the gradients of `batches` batches per optimizer step."""
+    family = train_2d.FAMILY
+    patch.setattr(train_2d, "FAMILY", dataclasses.replace(
+        family, trainer=dict(family.trainer, accumulate_grad_batches=batches)))
+
+
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
-    """The uninterrupted run the interrupted ones are compared with (trained once)."""
-    return train_2d.main(RESUMED + ["--log_dir", str(tmp_path_factory.mktemp("whole")),
-                                    "--experiment_name", "whole"])
+    """whole_run(accumulate): the uninterrupted run the interrupted ones are compared with, with
+    gradients accumulated over that many batches (each trained once)."""
+    done = {}
+
+    def run(accumulate):
+        if accumulate not in done:
+            with pytest.MonkeyPatch.context() as patch:
+                accumulating(patch, accumulate)
+                done[accumulate] = train_2d.main(RESUMED + [
+                    "--log_dir", str(tmp_path_factory.mktemp("whole")), "--experiment_name",
+                    "whole"])
+        return done[accumulate]
+    return run
 
 
-# 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps.
+# 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps (with
+# 2 batches a step, 4 steps an epoch, the last of one batch: 12 steps).
 # --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 20
 # spread over 3 epochs), so the resumed run must carry that proposal and refit as the whole does.
 RESUMED = TINY + ["--num_epochs", "3", "--batch_size", "256", "--fit_proposal", "16",
                   "--val_every", "1"]
 
 
+class RaiseAt(pl.Callback):
+    """KeyboardInterrupt raised in the hook `hook` once global step `step` is done: a checkpoint
+    saved there, as one that something other than the graceful stop saves (SLURM's requeue)."""
+
+    def __init__(self, step, hook):
+        self.step = step
+        setattr(self, hook, self.interrupt)
+
+    def interrupt(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class SigtermWithin(pl.Callback):
+    """SIGTERM during the first batch of the gradient accumulation that makes step `step`:
+    stopping after that batch would lose its gradients."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step - 1 and (batch_idx + 1) % trainer.accumulate_grad_batches:
+            trainer._signal_connector.received_sigterm = True
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("how, step, hook, kept_step", [
-    ("sigterm", 10, None, 10),                      # the 4th of epoch 1's 7 steps
-    ("ctrl-c", 10, "on_train_batch_end", 10),       # the same, by Ctrl-C
-    ("ctrl-c", 7, "on_validation_start", 7),        # epoch 0 done, during its validation
+@pytest.mark.parametrize("how, step, hook, kept_step, accumulate", [
+    ("sigterm", 10, None, 10, 1),                      # the 4th of epoch 1's 7 steps
+    ("ctrl-c", 10, "on_train_batch_end", 10, 1),       # the same, by Ctrl-C
+    ("ctrl-c", 7, "on_validation_start", 7, 1),        # epoch 0 done, during its validation
     # between epochs 1 and 2: the run stops where Lightning can resume exactly, after a step
-    ("ctrl-c", 14, "on_train_epoch_start", 15),
+    ("ctrl-c", 14, "on_train_epoch_start", 15, 1),
+    # a checkpoint saved as epoch 2 starts (its loop state normalised on load: Interrupted)
+    ("raise", 14, "on_train_epoch_start", 14, 1),
+    # 2 batches a step: SIGTERM within step 6's first batch stops after step 6 (epoch 1's 2nd)
+    ("within", 6, None, 6, 2),
 ])
 def test_an_interrupted_run_resumes_to_exactly_the_steps_and_weights_of_the_whole_run(
-        how, step, hook, kept_step, whole_run, tmp_path, monkeypatch, capsys, fresh_interrupted):
+        how, step, hook, kept_step, accumulate, whole_run, tmp_path, monkeypatch, capsys,
+        fresh_interrupted):
     common = RESUMED + ["--log_dir", str(tmp_path)]
+    steps = 21 if accumulate == 1 else 12
+    whole = whole_run(accumulate)
+    interrupter = {"sigterm": lambda: SigtermAt(step), "ctrl-c": lambda: CtrlCAt(step, hook),
+                   "raise": lambda: RaiseAt(step, hook), "within": lambda: SigtermWithin(step)}
     with monkeypatch.context() as patch:
-        interrupt_at(patch, SigtermAt(step) if how == "sigterm" else CtrlCAt(step, hook))
-        with pytest.raises(SystemExit) as exit_:
-            experiment.run_cli(lambda: train_2d.main(common + ["--experiment_name", "cut"]))
-    assert exit_.value.code == (143 if how == "sigterm" else 130)
-    kept = tmp_path / "scg-cut" / "checkpoints" / "interrupted.ckpt"
-    cause = "stopped by SIGTERM" if how == "sigterm" else "interrupted"
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith(f"{cause} at epoch ") and f", step {kept_step}: kept " in last, last
-    assert t.load(kept, map_location="cpu", weights_only=False)["global_step"] == kept_step
-    resumed = train_2d.main(common + ["--experiment_name", "cut", "--resume", str(kept)])
-    assert f"{21 - kept_step} steps to go of 21" in capsys.readouterr().out
+        accumulating(patch, accumulate)
+        with monkeypatch.context() as cut:
+            interrupt_at(cut, interrupter[how]())
+            with pytest.raises(SystemExit) as exit_:
+                experiment.run_cli(lambda: train_2d.main(common + ["--experiment_name", "cut"]))
+        assert exit_.value.code == (143 if how in ("sigterm", "within") else 130)
+        kept = tmp_path / "scg-cut" / "checkpoints" / "interrupted.ckpt"
+        cause = "stopped by SIGTERM" if how in ("sigterm", "within") else "interrupted"
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"{cause} at epoch ") and f", step {kept_step}: kept " in last, last
+        assert t.load(kept, map_location="cpu", weights_only=False)["global_step"] == kept_step
+        resumed = train_2d.main(common + ["--experiment_name", "cut", "--resume", str(kept)])
+    assert f"{steps - kept_step} steps to go of {steps}" in capsys.readouterr().out
 
     a, b = (t.load(s["checkpoint"], map_location="cpu", weights_only=False)
-            for s in (whole_run, resumed))
-    assert a["global_step"] == b["global_step"] == 21 and resumed["epochs"] == 3
+            for s in (whole, resumed))
+    assert a["global_step"] == b["global_step"] == steps and resumed["epochs"] == 3
     assert a["lr_schedulers"][0]["_last_lr"] == b["lr_schedulers"][0]["_last_lr"]
     assert "fitted_proposal" in a and same(a["fitted_proposal"], b["fitted_proposal"])
     # every tensor of the model, bit for bit (the same seed: same data order, same noise)
@@ -363,6 +418,137 @@ def test_an_interrupted_run_resumes_to_exactly_the_steps_and_weights_of_the_whol
     different = [k for k, v in a["state_dict"].items() if not same(v, b["state_dict"][k])]
     assert not different, different
     assert same(a["optimizer_states"], b["optimizer_states"])
+
+
+# 400 points: 360 for training, less than a batch: one step an epoch, validated at each end
+FINAL = TINY[:2] + ["--num_points", "400", "--num_epochs", "2", "--grid_size", "4",
+                    "--num_samples", "8", "--sample_steps", "4", "--val_npoints", "8",
+                    "--val_every", "1", "--num_threads", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, how", [("viz.plot_density", "ctrl-c"),
+                                        ("viz.plot_density", "sigterm"),
+                                        ("experiment.summary_lines", "ctrl-c")])
+def test_an_interruption_after_training_is_finished_by_the_command_it_prints(
+        where, how, tmp_path, monkeypatch, capsys, fresh_interrupted):
+    # Ctrl-C or SIGTERM during the final figures (the first, the density contours) or while the
+    # summary is made: one line, whose command finishes the run (the figures and summary.json)
+    # with the uninterrupted run's numbers, without training again; once finished, the same
+    # command is refused
+    monkeypatch.chdir(tmp_path)
+    whole = train_2d.main(FINAL + ["--log_dir", "whole"])
+    figures = sorted(os.listdir(os.path.join(whole["run_dir"], "figures")))
+    module, name = where.split(".")
+    real = getattr(sys.modules[module], name)
+
+    def interrupt(*args, **kwargs):
+        if how == "sigterm":  # at once: callbacks.final_stage's handler raises
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        raise KeyboardInterrupt
+    flags = FINAL + ["--log_dir", "cut"]
+    monkeypatch.setattr(sys, "argv", ["train_2d.py", *flags])
+    with monkeypatch.context() as patch:
+        patch.setattr(sys.modules[module], name, interrupt)
+        with pytest.raises(SystemExit) as exit_:
+            experiment.run_cli(lambda: train_2d.main(flags))
+    assert getattr(sys.modules[module], name) is real
+    err = capsys.readouterr().err
+    assert exit_.value.code == (143 if how == "sigterm" else 130)
+    kept = os.path.join("cut", "scg-base", "checkpoints", "interrupted.ckpt")
+    cause = "stopped by SIGTERM" if how == "sigterm" else "interrupted"
+    assert err.strip().splitlines()[-1] == (f"{cause} after training (2 steps): kept {kept}; "
+                                            f"finish the run with python train_2d.py "
+                                            f"{shlex.join(flags)} --resume {kept}"), err[-2000:]
+    assert not os.path.exists(os.path.join("cut", "scg-base", "summary.json"))
+
+    command = shlex.split(err.strip().splitlines()[-1].split(" with ", 1)[1])
+    s = train_2d.main(command[2:])
+    out = capsys.readouterr().out
+    assert "training is complete (2 steps): finishing the run" in out
+    assert "steps to go" not in out  # nothing trained
+    assert sorted(os.listdir(os.path.join("cut", "scg-base", "figures"))) == figures
+    with open(os.path.join("cut", "scg-base", "summary.json")) as f:
+        assert json.load(f)["val_nll"] == s["val_nll"]
+    # the same model, validation points and figures: the whole run's numbers, its history too
+    for key in ("steps", "epochs", "val_nll", "val_nll_stderr", "gaussian_val_loss", "history",
+                "contour_cells", "suggested_logsnr_loc", "samples_mean"):
+        assert s[key] == whole[key], key
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: train_2d.main(command[2:]))
+    assert exit_.value.code == 2 and "error: already finished: " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", [train_2d, train_cifar10], ids=["2d", "images"])
+def test_a_run_stopped_by_max_steps_before_any_validation_leaves_its_last_checkpoint(
+        script, tmp_path, monkeypatch, capsys):
+    # --max_steps ends the run inside its first epoch or at its end, before the first validation
+    # (every 5 epochs): the final model is validated and saved as last.ckpt, which the summary
+    # names. 2-D: 1800 points in batches of 512, 3 steps an epoch; images: 36 of 40 random 8 x 8
+    # images in batches of 16, 2 steps an epoch
+    monkeypatch.chdir(tmp_path)
+    np.save("images.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), np.uint8))
+    steps = 3 if script is train_2d else 2
+    flags = (TINY if script is train_2d else [
+        "--data", "images.npy", "--batch_size", "16", "--unet_width", "8", "--val_npoints", "4",
+        "--curve_samples", "4", "--num_samples", "0", "--num_workers", "0", "--num_threads", "1"])
+    s = script.main(flags + ["--num_epochs", "10", "--val_every", "5", "--max_steps", str(steps)])
+    last = os.path.join(s["run_dir"], "checkpoints", "last.ckpt")
+    assert s["checkpoint"] == last and s["steps"] == steps
+    assert t.load(last, map_location="cpu", weights_only=False)["global_step"] == steps
+    assert f"checkpoint:  {last}" in capsys.readouterr().out
+
+
+class Diverge(pl.Callback):
+    """The model's weights made NaN in the hook `hook` once global step `step` is done: a
+    diverged run."""
+
+    def __init__(self, step, hook):
+        self.step = step
+        setattr(self, hook, self.diverge)
+
+    def diverge(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.data.fill_(math.nan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook, step, loss", [("on_train_batch_end", 4, "training"),
+                                              ("on_validation_start", 6, "validation")])
+def test_a_diverged_model_ends_the_run_in_one_line_keeping_the_last_good_checkpoint(
+        hook, step, loss, tmp_path, monkeypatch, capsys, fresh_interrupted):
+    # 3 steps an epoch, validated at each end: the weights turn NaN after step 4 (the next
+    # step's loss is not finite) or before epoch 1's validation (at step 6); never a val_loss
+    # of 0 (NaN dropped), no summary; the last checkpoint is epoch 0's (step 3), finite
+    monkeypatch.chdir(tmp_path)
+    interrupt_at(monkeypatch, Diverge(step, hook))
+    with pytest.raises(SystemExit) as exit_:
+        experiment.run_cli(lambda: train_2d.main(TINY + ["--num_epochs", "3", "--val_every", "1"]))
+    out, err = capsys.readouterr()
+    last = os.path.join("exps", "scg-base", "checkpoints", "last.ckpt")
+    line = err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "Traceback" not in err and "val_loss 0" not in out
+    assert line.startswith(f"error: the {loss} loss is not finite at step {step} (non-finite "
+                           "loss at log SNR [") and line.endswith(
+        f"the model may have diverged; a learning rate lower than 0.003 may help; kept {last} "
+        "(step 3)"), line
+    assert not os.path.exists(os.path.join("exps", "scg-base", "summary.json"))
+    ckpt = t.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert all(v.isfinite().all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_validation_sums_keep_nan():
+    # DiffusionModel's validation sums: torchmetrics' SumMetric drops NaN by default (a diverged
+    # model's val_loss would be 0 / n = 0); here NaN is kept
+    import diffusionmodel
+    from tests.analytic import Zero
+    dm = diffusionmodel.DiffusionModel(Zero())
+    dm.val_sums[0].update(t.tensor([1.0, math.nan]))
+    assert math.isnan(dm.val_sums[0].compute().item())
 
 
 def test_time_estimate_after_a_mid_epoch_resume_counts_steps(monkeypatch, capsys):

@@ -82,7 +82,7 @@ def test_per_dataset_defaults_and_explicit_values():
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "spiral"], "invalid choice: 'spiral' (choose from 'moons', 'dino', 'scg'"),
-    (["--logsnr_scale", "0"], "--logsnr_scale: must be a finite number > 0 and <= 30, got 0"),
+    (["--logsnr_scale", "0"], "--logsnr_scale: must be a finite number > 0, got 0"),
     (["--num_epochs", "0"], "--num_epochs: must be a whole number > 0, got 0"),
     (["--gaussian_residual", "maybe"], "expected a boolean"),
     (["--embedding_size", "7"], "--embedding_size: must be even"),
@@ -99,7 +99,9 @@ def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         train_2d.parse_args(argv)
     assert err.value.code == 2
-    assert message in capsys.readouterr().err
+    text = capsys.readouterr().err
+    assert text.startswith("error: argument ") or text.startswith("error: unrecognized")
+    assert text.count("\n") == 1 and message in text  # one line, no usage block
 
 
 @pytest.mark.slow

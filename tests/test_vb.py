@@ -155,22 +155,24 @@ def test_decoder_mass_is_stable_in_the_tails():
 def test_bound_on_atoms_tightens_with_T():
     # four atoms on the 5-level grid -1 + k/2 with their exact denoiser: E[VB(x_m)] >= -log pi_m
     # within noise for every atom, and the gap shrinks as T grows on ab = sigmoid(linspace(10,
-    # -10, T)). Measured gaps (200 repeats per atom, fixed_small), E_P[gap]: T = 10: 4.2 nats,
-    # T = 50: 0.31, T = 250: 0.042 (per atom 6.09 / 2.48 / 5.67 / 4.93, 0.67 / 0.17 / 0.58 / 0.20,
-    # 0.15 / 0.02 / 0.08 / 0.02): roughly 1/T, the discretisation of 1/2 Int E||eps - eps_hat||^2 da
-    # (the fixed_small KL weighs step t's error by (e^{a_{t-1} - a_t} - 1) / 2 >= its width / 2).
+    # -10, T)), roughly as 1/T: the discretisation of 1/2 Int E||eps - eps_hat||^2 da (the
+    # fixed_small KL weighs step t's error by (e^{a_{t-1} - a_t} - 1) / 2 >= its width / 2).
+    # The exact E_P[gap], 3.5732 / 0.3007 / 0.0528 nats at T = 10 / 50 / 250: every term is an
+    # expectation over one standard normal eps (1-D data), integrated on a uniform grid of step
+    # 1e-4 over [-12, 12] (step 2e-4 gives the same digits). The Monte Carlo gaps must match it.
     dist = DiscreteAtoms([[-1.0], [-0.5], [0.0], [1.0]], [0.1, 0.4, 0.2, 0.3])
     x, p = dist.support()
     exact = dist.nll(x)
     reps = 200
-    gaps = []
-    for T in (10, 50, 250):
+    gaps, exact_gaps = [], (3.5732, 0.3007, 0.0528)
+    for T, exact_gap in zip((10, 50, 250), exact_gaps):
         est, se = variational_bound(dist, x.repeat(reps, 1), Grid(0.5, -1., 5),
                                     schedule(T, 10., -10.), seed=T, clip=False)
         est = est.view(reps, 4)
         mean, err = est.mean(0), est.std(0) / math.sqrt(reps)
         assert (mean - exact > -4 * err).all(), (T, (mean - exact).tolist(), err.tolist())
         gaps.append((p * (mean - exact)).sum().item())
+        assert abs(gaps[-1] - exact_gap) < 4 * (p ** 2 * err ** 2).sum().sqrt() + 5e-4, (T, gaps)
     assert gaps[0] > 2 and gaps[0] > 5 * gaps[1] > 0 and gaps[1] > 4 * gaps[2]
     assert gaps[2] < 0.1
 
