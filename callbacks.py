@@ -145,15 +145,19 @@ class FitProposal(pl.Callback):
         self.epochs = sorted({round(k * epochs / (refits + 1)) for k in range(1, refits + 1)}
                              & set(range(1, epochs)))  # epoch 0: the model starts at the Gaussian
 
+    seconds = 0.  # spent refitting (Timings)
+
     def on_train_epoch_start(self, trainer, pl_module):
         epoch = trainer.current_epoch
         if epoch not in self.epochs:
             return
+        started = time.perf_counter()
         x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device, pl_module.dtype)
         was_training = pl_module.training
         pl_module.eval()
         proposal = pl_module.fit_proposal(x, seed=utils.derive_seed(self.seed, epoch))
         pl_module.train(was_training)
+        self.seconds += time.perf_counter() - started
         if not isinstance(proposal, FittedProposal):  # the model is still the Gaussian
             return
         trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
@@ -161,6 +165,32 @@ class FitProposal(pl.Callback):
         if last and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_figure("proposal", viz.plot_proposal(proposal),
                                                  trainer.global_step)
+
+
+class Timings(pl.Callback):
+    """Where a run's wall time goes, `seconds`: start-up (from the script's start, imports
+    included; cli.STARTED), training steps, validation, proposal refits (FitProposal), and the
+    final figures and summary (timed by experiment.train)."""
+
+    def __init__(self, started=None):
+        self.started = started or time.time()
+        self.seconds = dict.fromkeys(("start-up", "steps", "validation", "refits", "final"), 0.)
+
+    def on_train_start(self, trainer, pl_module):
+        self.train_started = time.time()
+        self.seconds["start-up"] = self.train_started - self.started
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validation_started = time.time()
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seconds["validation"] += time.time() - self.validation_started
+
+    def on_train_end(self, trainer, pl_module):
+        refits = sum(c.seconds for c in trainer.callbacks if isinstance(c, FitProposal))
+        self.seconds.update(refits=refits, steps=time.time() - self.train_started - refits
+                            - self.seconds["validation"])
 
 
 class LogInterval(pl.Callback):
@@ -293,8 +323,9 @@ class InformationMaps(pl.Callback):
         maps = pl_module.mi_points(x, y, self.npoints, seed=self.seed, per_dim=True)
         fig = viz.plot_attribution(x.cpu(), maps.cpu(), y.cpu(),
                                    title="where each label's information lives")
-        trainer.logger.experiment.add_figure("information", fig, trainer.global_step, close=False)
-        viz.save(fig, os.path.join(trainer.logger.log_dir, "information.png"))
+        image = viz.save(fig, os.path.join(trainer.logger.log_dir, "information.png"))
+        trainer.logger.experiment.add_image("information", image, trainer.global_step,
+                                            dataformats="HWC")
 
 
 class Figures2D(pl.Callback):
@@ -332,8 +363,8 @@ class Figures2D(pl.Callback):
         os.makedirs(folder, exist_ok=True)
 
         def show(tag, fig, file=None):
-            trainer.logger.experiment.add_figure(tag, fig, trainer.global_step, close=False)
-            viz.save(fig, os.path.join(folder, f"{file or tag}.png"))
+            image = viz.save(fig, os.path.join(folder, f"{file or tag}.png"))
+            trainer.logger.experiment.add_image(tag, image, trainer.global_step, dataformats="HWC")
         was_training = pl_module.training
         pl_module.eval()
         print("figures: density contours, samples and curves", flush=True)
@@ -341,8 +372,11 @@ class Figures2D(pl.Callback):
         grid = t.as_tensor(grid, dtype=pl_module.dtype, device=pl_module.device)
         nll, stderr, shown = viz.grid_nll(pl_module, grid, seed=self.seed)
         show("density", viz.plot_density(xs, ys, nll.cpu(), title=f"{name}: model density"))
-        if self.ode:
-            flow, _ = pl_module.nll_ode(grid, **self.ode)
+        if self.ode:  # at 1e-3 everywhere (within 0.4 nats), at the run's tolerance where shown
+            rough = {k: max(self.ode[k], 1e-3) for k in ("rtol", "atol")}
+            flow, _ = pl_module.nll_ode(grid, **dict(self.ode, **rough))
+            near = flow <= flow.min() + viz.CONTOUR_DEPTH + 1
+            flow[near] = pl_module.nll_ode(grid[near], **self.ode)[0]
             show("density_ode", viz.plot_density(
                 xs, ys, {"IT estimate": nll.cpu(), "probability-flow ODE": flow.cpu()},
                 title=f"{name}: the model's density, two ways"))

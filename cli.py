@@ -8,8 +8,10 @@ import os
 import re
 import secrets
 import sys
+import time
 
 HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
+STARTED = None  # when a script started, before its imports (answer_early)
 # With --resume, flags not given take the checkpoint's values, except these, which belong to
 # the invocation; given ones may differ from the checkpoint's only if in RESUME_MAY_CHANGE.
 PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
@@ -139,7 +141,7 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
                             "tells sigmoid(a) from 1 only for a < ln 2^53 = 36.7)")
     group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
                        help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
-                                        "model on N >= 8 training samples 20 times during "
+                                        "model on N >= 8 training samples 5 times during "
                                         "training: lower-variance gradients and val_loss, "
                                         "unbiased either way; 0: keep the logistic"))
     group = p.add_argument_group("the denoiser")
@@ -284,7 +286,9 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
 def answer_early(name, parse_args):
     """In a script run as __main__ (`name`), parse the command line with parse_args() before the
     heavy imports that follow: --help and argument mistakes answer in a fraction of a second."""
+    global STARTED
     if name == "__main__":
+        STARTED = time.time()  # the run's start-up is timed from here (callbacks.Timings)
         parse_args()
 
 

@@ -35,8 +35,8 @@ class Set2D:
 
 # the flags every 2-D set shares, and the sharp sets' (docs/2d.md: how they were chosen)
 COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", val_fraction=0.1,
-              ode=True, batch_size=512, max_steps=-1)
-SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=15, input_embedding_scale=25.0,
+              ode=True, batch_size=512, max_steps=-1, hidden_size=128)
+SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=25, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
              val_npoints=64, fit_proposal=256)
 SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=6, input_embedding_scale=0.0,
@@ -45,7 +45,8 @@ SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=6, input_embeddi
 SETS_2D = {
     "moons": Set2D(densities.make_moons, SHARP, None, densities.moons_entropy, classes=2,
                    log_given=densities.moons_log_given, log_prior=densities.moons_log_prior),
-    "dino": Set2D(densities.make_dino, SHARP, densities.dino_nll, densities.dino_entropy),
+    "dino": Set2D(densities.make_dino, dict(SHARP, hidden_size=256, learning_rate=5e-3),
+                  densities.dino_nll, densities.dino_entropy),
     "scg": Set2D(densities.make_scg, SMOOTH, densities.scg_nll, densities.scg_entropy,
                  standardise=False),
     "line": Set2D(densities.make_line, SHARP, densities.line_nll, densities.line_entropy),

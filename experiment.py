@@ -149,7 +149,7 @@ class RunLogger(TensorBoardLogger):
         return path
 
 
-REFITS = 20  # --fit_proposal refits per run
+REFITS = 5  # --fit_proposal refits per run (20 gave the same gaps: docs/2d.md)
 
 
 def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
@@ -340,7 +340,7 @@ def checkpoint_names(paths):
 # ---------------------------------------------------------------------------------------------
 # The summary of a run
 # ---------------------------------------------------------------------------------------------
-SUMMARY_LINES = ("title", "validation", "gaussian", "exact", "information", "accuracy", "curve",
+SUMMARY_LINES = ("title", "time", "validation", "gaussian", "exact", "information", "accuracy", "curve",
                  "suggested", "proposal", "contours", "logs", "checkpoint", "figures", "view")
 
 
@@ -371,6 +371,7 @@ def summary_lines(s):
     given = "(x | y)" if s.get("conditional") else "(x)"
     lines = dict(title=f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in "
                        f"{s['wall_time_s']:.1f} s",
+                 time="  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.get("time_s", {}).items()),
                  validation=f"  validation E[-log p{given}] = {s['val_nll']:.4f} +- "
                             f"{s['val_nll_stderr']:.4f} nats = {bpd:.4f} bits/dim",
                  gaussian=f"  (data-matched Gaussian: {s['gaussian_val_loss']:.4f} nats = "
@@ -463,7 +464,8 @@ def train(args, family):
     curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
     extra = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
     extra += family.callbacks(args, data, curve)
-    trainer = make_trainer(args, family.script, [baselines, curve, *extra],
+    timings = cb.Timings(cli.STARTED or start)
+    trainer = make_trainer(args, family.script, [baselines, curve, timings, *extra],
                            run=run or f"{data.name}-{args.experiment_name}",
                            max_epochs=args.num_epochs, max_steps=args.max_steps,
                            check_val_every_n_epoch=args.val_every, **family.trainer)
@@ -472,10 +474,13 @@ def train(args, family):
     if not trainer.is_global_zero:
         return None
     with cb.final_stage(trainer):  # the end-of-training passes, then the summary
+        final = time.time()
         for callback in extra:
             if hasattr(callback, "final"):
                 callback.final(trainer, model)
-        s = dict(dataset=data.name, **summarize(trainer, model, curve, baselines.values, start))
+        timings.seconds["final"] = time.time() - final
+        s = dict(dataset=data.name, time_s=timings.seconds,
+                 **summarize(trainer, model, curve, baselines.values, cli.STARTED or start))
         for callback in extra:
             s.update(getattr(callback, "values", {}), **getattr(callback, "results", {}))
         s["args"] = vars(args)

@@ -27,8 +27,8 @@ def parse_args(argv=None, checkpoint_args=None):
     group.add_argument("--num_points", type=cli.number(int, 20, 10 ** 8), default=None,
                        help=cli.per_dataset(defaults, "num_points", "points drawn from the "
                                             "density, 10%% held out for validation"))
-    group.add_argument("--hidden_size", type=cli.number(int, 1, 2 ** 16), default=128,
-                       help="MLP width")
+    group.add_argument("--hidden_size", type=cli.number(int, 1, 2 ** 16), default=None,
+                       help=cli.per_dataset(defaults, "hidden_size", "MLP width"))
     group.add_argument("--hidden_layers", type=cli.number(int, 1, 64), default=3,
                        help="number of hidden layers")
     group.add_argument("--embedding_size", type=cli.number(int, 2, 2 ** 12), default=None,

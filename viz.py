@@ -286,9 +286,15 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
 
 
 def save(fig, path):
-    """Writes a figure (its format by the extension) whole or not at all (cli.write_file)."""
-    cli.write_file(str(path), lambda f: fig.savefig(f, dpi=120, format=str(path).rsplit(".")[-1]))
-    return path
+    """Writes a figure as PNG, whole or not at all (cli.write_file); returns the image, (H, W, 3)
+    uint8, for TensorBoard: the figure is drawn once."""
+    import io
+
+    from PIL import Image
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
+    cli.write_file(str(path), png.getvalue())
+    return np.asarray(Image.open(png).convert("RGB"))
 
 
 def image_grid(x):

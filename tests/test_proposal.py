@@ -137,11 +137,23 @@ def test_draws_stay_in_the_support_in_their_dtype(make):
 
 
 def test_refits_during_training_are_as_many_as_the_help_says():
-    # --fit_proposal's help: 20 times during training, each epoch but the first in shorter runs
+    # --fit_proposal's help: 5 times during training (experiment.REFITS), each epoch but the
+    # first in shorter runs
     from callbacks import FitProposal
-    assert len(FitProposal(256, 75, 20).epochs) == 20   # the 2-D defaults (24 before)
-    assert FitProposal(256, 75, 20).epochs[0] > 0
-    assert FitProposal(256, 5, 20).epochs == [1, 2, 3, 4]
+    from experiment import REFITS
+    assert REFITS == 5 and "5 times" in " ".join(train_2d_help().split())
+    assert FitProposal(256, 75, REFITS).epochs == [12, 25, 38, 50, 62]  # the 2-D defaults
+    assert FitProposal(256, 4, REFITS).epochs == [1, 2, 3]
+
+
+def train_2d_help():
+    import contextlib
+    import io
+    import train_2d
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        train_2d.parse_args(["--help"])
+    return out.getvalue()
 
 
 def test_bad_inputs_refused_and_state_round_trips():

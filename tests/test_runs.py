@@ -342,7 +342,7 @@ def whole_run(tmp_path_factory):
 
 # 2000 points: 1800 for training in batches of 256, 7 steps an epoch; 3 epochs: 21 steps (with
 # 2 batches a step, 4 steps an epoch, the last of one batch: 12 steps).
-# --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 20
+# --fit_proposal 16 refits the log-SNR proposal at the starts of epochs 1 and 2 (REFITS = 5
 # spread over 3 epochs), so the resumed run must carry that proposal and refit as the whole does.
 RESUMED = TINY + ["--num_epochs", "3", "--batch_size", "256", "--fit_proposal", "16",
                   "--val_every", "1"]

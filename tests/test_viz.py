@@ -55,11 +55,15 @@ def test_figures_are_written(tmp_path):
     lo, hi = bar.get_ylim()
     top = -nll.min()
     assert top - 8 - 1 <= lo <= top - 8 + 1 and top <= hi <= top + 1
-    paths = [viz.save(fig, tmp_path / "density.png"),
-             viz.save(viz.plot_density(xs, ys, nll, data=data), tmp_path / "density_data.png"),
-             viz.save(viz.plot_samples(data, samples, title="t"), tmp_path / "samples.png"),
-             viz.save(viz.plot_val_history({"run": ([1, 2, 3], [1.5, 1.3, 1.25], [.1, .1, .1])},
-                                           {"exact": 1.2185}), tmp_path / "val.png")]
+    figures = {"density.png": fig, "density_data.png": viz.plot_density(xs, ys, nll, data=data),
+               "samples.png": viz.plot_samples(data, samples, title="t"),
+               "val.png": viz.plot_val_history({"run": ([1, 2, 3], [1.5, 1.3, 1.25], [.1, .1, .1])},
+                                               {"exact": 1.2185})}
+    paths = []
+    for name, figure in figures.items():  # each drawn once: the PNG, and the image returned
+        image = viz.save(figure, tmp_path / name)
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        paths.append(tmp_path / name)
     # the density gap: exact -log p of the uniform square [-1, 1]^2 (+inf outside: masked cells)
     exact = np.where(np.abs(grid).max(1) <= 1, math.log(4), np.inf)
     fig = viz.plot_density_gap(xs, ys, nll, exact, title="normal vs uniform")
@@ -68,10 +72,12 @@ def test_figures_are_written(tmp_path):
     assert gap.mask.ravel()[~inside].all() and not gap.mask.ravel()[inside].any()
     assert np.allclose(gap.ravel()[inside], (nll - exact)[inside])
     assert fig.axes[-1].get_ylabel().startswith(r"$-\log p_{model}(x)")
-    paths.append(viz.save(fig, tmp_path / "density_gap.png"))
+    viz.save(fig, tmp_path / "density_gap.png")
+    paths.append(tmp_path / "density_gap.png")
     a = np.linspace(-12, 12, 30)
     mse = 2 / (1 + np.exp(-a))
-    paths.append(viz.save(viz.plot_mse_curve(a, mse, mse * 1.01, 2), tmp_path / "mse.png"))
+    viz.save(viz.plot_mse_curve(a, mse, mse * 1.01, 2), tmp_path / "mse.png")
+    paths.append(tmp_path / "mse.png")
     for path in paths:
         assert os.path.getsize(path) > 1000 and is_png(path)
 
