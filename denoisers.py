@@ -1,16 +1,4 @@
-"""Denoisers: modules eps_hat = denoiser(z, logsnr[, y]) that predict the noise in z (logsnr of
-shape (batch,), output of z's shape). Any module with that signature works with the estimators;
-these are the project's own (the diffusers U-Net adapter is in unet.py):
-
-- `MLPDenoiser`: the 2-D MLP with sinusoidal embeddings of the log SNR and of the input;
-- `GaussianDenoiser`: the optimal predictor of a Gaussian reference;
-- `GridRounding`: any denoiser with its estimate of x snapped to the data grid;
-- `Ensemble`: per log-SNR bin, the member with the lowest held-out error.
-
-A denoiser is one entry: `ARCHITECTURES` names the builders the scripts offer by name, and any
-importable class enters as "module:Class" with keyword arguments; a checkpoint keeps its
-`record` (class and arguments), from which `rebuild` makes it again (docs/extending.md).
-"""
+"""Denoisers eps_hat = denoiser(z, logsnr[, y]), by name and from a record (docs/extending.md)."""
 import importlib
 import json
 import math
@@ -20,8 +8,7 @@ import torch.nn as nn
 
 import utils
 
-# builders "module:function"(args, data) -> (denoiser, what it is) of the architectures the
-# scripts offer by name (--denoiser NAME)
+# --denoiser NAME: builders "module:function"(args, data) -> (denoiser, what it is)
 ARCHITECTURES = {"mlp": "denoisers:mlp_from_args", "unet": "unet:from_args"}
 
 
@@ -34,30 +21,27 @@ def sinusoidal(v, size, max_period):
 
 
 class MLPDenoiser(nn.Module):
-    """eps_hat(z, a[, y]) for 2-D data: an MLP (SiLU) on z, the log SNR (raw and as a sinusoidal
-    embedding) and, if input_embedding_scale > 0, a sinusoidal embedding of each coordinate of
-    input_embedding_scale * z (frequencies from that scale down to it / input_embedding_period).
-    zero_output: the last layer starts at zero. num_classes: conditional, with a learned label
-    embedding (one more for "no label": y = -1 or None)."""
+    """eps_hat(z, a[, y]) for 2-D data: an MLP on z, the log SNR and, if input_embedding_scale
+    > 0, sinusoidal embeddings of input_embedding_scale * z; num_classes: conditional."""
 
-    def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32, input_embedding_scale=0.,
-                 input_embedding_period=1e4, zero_output=False, num_classes=None):
+    def __init__(self, hidden_size=128, hidden_layers=3, embedding_size=32,
+                 input_embedding_scale=0., input_embedding_period=1e4, zero_output=False,
+                 num_classes=None):
         super().__init__()
         if embedding_size < 2 or embedding_size % 2:
             raise ValueError(f"embedding_size must be an even number >= 2, got {embedding_size}")
         self.config = dict(hidden_size=hidden_size, hidden_layers=hidden_layers,
-                           embedding_size=embedding_size, input_embedding_scale=input_embedding_scale,
+                           embedding_size=embedding_size,
+                           input_embedding_scale=input_embedding_scale,
                            input_embedding_period=input_embedding_period, num_classes=num_classes)
         self.num_classes = num_classes
         if num_classes is not None:
             self.labels = nn.Embedding(num_classes + 1, embedding_size)
-        width = 3 + embedding_size * (1 + 2 * (input_embedding_scale > 0) + (num_classes is not None))
-        layers = []
-        for _ in range(hidden_layers):
-            layers += [nn.Linear(width, hidden_size), nn.SiLU()]
-            width = hidden_size
-        layers.append(nn.Linear(width, 2))
-        self.net = nn.Sequential(*layers)
+        embeddings = 1 + 2 * (input_embedding_scale > 0) + (num_classes is not None)
+        sizes, layers = [3 + embedding_size * embeddings] + [hidden_size] * hidden_layers, []
+        for n_in, n_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.SiLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(sizes[-1], 2))
         if zero_output:
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
@@ -84,8 +68,7 @@ def mlp_from_args(args, data):
 
 
 def no_label_last(y, n, num_classes, device):
-    """Labels as embedding indices: 0 .. num_classes - 1 as they are, "no label" (None or -1) as
-    num_classes."""
+    """Embedding indices: labels as they are, "no label" (None or -1) as num_classes."""
     if y is None:
         return t.full((n,), num_classes, dtype=t.long, device=device)
     return t.where(y < 0, num_classes, y)
@@ -103,10 +86,7 @@ class GaussianDenoiser(nn.Module):
 
 
 class GridRounding(nn.Module):
-    """A denoiser whose estimate of x is snapped to the data grid (a utils.Grid), per coordinate:
-    "hard" to the nearest grid value, "soft" to the posterior mean over the grid values given
-    x_hat ~ N(x, e^-a) under a uniform prior (docs/maths.md). Any function of z is a denoiser, so
-    estimates stay upper bounds; rounding helps at high SNR and hurts at low."""
+    """x_hat snapped to the data grid: "hard" the nearest value, "soft" the posterior mean."""
 
     WINDOW = 8  # grid values on each side of x_hat that the soft rounding weighs
 
@@ -143,17 +123,13 @@ class GridRounding(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """eps_hat(z, a) = eps_hat_m(z, a) with m = choice[bin of a]: per log-SNR bin (edges), the
-    member with the lowest held-out MSE (from_heldout); outside the bins the nearest bin's.
-    Choosing by log SNR alone keeps it a denoiser, so its estimates stay upper bounds."""
+    """eps_hat(z, a) = eps_hat_m(z, a) with m = choice[bin of a] (outside: the nearest bin's)."""
 
-    def __init__(self, members, edges, choice, heldout_mse=None):
+    def __init__(self, members, edges, choice, heldout_mse):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("edges", t.as_tensor(edges, dtype=t.float64))
         self.register_buffer("choice", t.as_tensor(choice, dtype=t.long))
-        if heldout_mse is None:
-            heldout_mse = t.full((len(self.members), len(self.choice)), float("nan"))
         self.register_buffer("heldout_mse", t.as_tensor(heldout_mse, dtype=t.float64))
 
     @classmethod
@@ -162,13 +138,9 @@ class Ensemble(nn.Module):
         heldout_mse = t.as_tensor(heldout_mse, dtype=t.float64)
         return cls(members, edges, heldout_mse.argmin(0), heldout_mse)
 
-    def member_of(self, logsnr):
-        """The member used at each log SNR: bin k holds edges[k] <= a < edges[k+1]."""
-        inner = self.edges[1:-1].to(logsnr.device)
-        return self.choice[t.bucketize(logsnr.detach().double(), inner.double(), right=True)]
-
     def forward(self, z, logsnr):
-        which = self.member_of(logsnr)
+        inner = self.edges[1:-1].to(logsnr.device)  # bin k: edges[k] <= a < edges[k+1]
+        which = self.choice[t.bucketize(logsnr.detach().double(), inner.double(), right=True)]
         out = t.empty_like(z)
         for m, member in enumerate(self.members):
             rows = (which == m).nonzero().squeeze(1)
@@ -177,9 +149,7 @@ class Ensemble(nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Denoisers by name, by class, and from a checkpoint's record
-# ---------------------------------------------------------------------------------------------
+# --- Denoisers by name, by class, and from a checkpoint's record ---
 def resolve(target):
     """The object "module:name" (name may be dotted) names, or a ValueError naming what is wrong."""
     module, _, name = target.partition(":")
@@ -208,9 +178,7 @@ def build(target, kwargs=None):
 
 
 def from_args(args, data):
-    """(denoiser, record, what it is) of a run's --denoiser: an architecture of ARCHITECTURES
-    built from the run's flags, or an importable "module:Class" with --denoiser_args, checked on
-    the data's samples."""
+    """(denoiser, record, what it is) of a run's --denoiser and --denoiser_args."""
     if args.denoiser in ARCHITECTURES:
         denoiser, where = resolve(ARCHITECTURES[args.denoiser])(args, data)
         return denoiser, record(denoiser), where
@@ -230,13 +198,11 @@ def from_args(args, data):
 
 
 def record(denoiser):
-    """{"target": "module:Class", "kwargs": ...} that rebuilds a denoiser whose class keeps its
-    constructor's arguments in `config` (the project's own do), else None."""
-    config = getattr(denoiser, "config", None)
+    """{"target": "module:Class", "kwargs": its `config`} that rebuilds a denoiser, or None."""
+    config, cls = getattr(denoiser, "config", None), type(denoiser)
     if not isinstance(config, dict):
         return None
-    return {"target": f"{type(denoiser).__module__}:{type(denoiser).__qualname__}",
-            "kwargs": dict(config)}
+    return {"target": f"{cls.__module__}:{cls.__qualname__}", "kwargs": dict(config)}
 
 
 def rebuild(saved, where="the checkpoint"):
@@ -248,8 +214,7 @@ def rebuild(saved, where="the checkpoint"):
 
 
 def check(denoiser, x_shape, num_classes=None):
-    """A ValueError unless the denoiser maps two samples of x_shape (and labels, for a
-    conditional run) to a floating tensor of their shape."""
+    """A ValueError unless the denoiser maps two samples of x_shape to a floating tensor of it."""
     z, a = t.zeros((2,) + tuple(x_shape)), t.zeros(2)
     try:
         with t.no_grad():

@@ -1,9 +1,5 @@
-"""The 2-D densities that ship with the project, in numpy: make_xxx(n, rng) draws n raw points
-(n, 2) from a numpy Generator (labelled sets also return labels); in closed form xxx_nll(x, n) is
--log p(x) in nats (float64 (m,)) of raw points x (m, 2) and xxx_entropy(n) the differential
-entropy, for a set of n points (only moons depends on n). datasets.SETS_2D names them; docs/2d.md
-describes them and how each closed form is checked.
-"""
+"""The shipped 2-D densities, in numpy (docs/extending.md): make_xxx(n, rng) draws raw points (and
+labels); xxx_nll(x, n) is -log p(x) (m,) of raw points x (m, 2), xxx_entropy(n) the entropy."""
 import functools
 import math
 
@@ -24,9 +20,12 @@ DINO_OUTLINE = np.array([
     (4.2, 2.2), (4.1, 0.0), (3.3, 0.0), (3.2, 2.4),                            # hind leg
     (2.0, 2.2), (1.0, 2.0),                                                    # tail underside
 ])
+DINO_SEGMENTS = np.roll(DINO_OUTLINE, -1, 0) - DINO_OUTLINE  # each vertex to the next
+DINO_LENGTHS = np.linalg.norm(DINO_SEGMENTS, axis=1)
 DINO_JITTER = 0.04  # std of the jitter, in the outline's units (the body is ~10 units long)
 MOONS_NOISE = 0.03    # std of make_moons' Gaussian noise
 MOONS_NODES = 512     # Gauss-Legendre nodes per arc (moons_log_given)
+_gauss_legendre = functools.lru_cache(maxsize=4)(np.polynomial.legendre.leggauss)  # 0.5 s a size
 CIRCLE_JITTER = 0.03  # make_circle's jitter radius R
 # The nonzero points of the lattice {-2, ..., 2}^2; make_circle keeps the direction of one
 CIRCLE_LATTICE = np.array([(i, j) for i in range(-2, 3) for j in range(-2, 3) if (i, j) != (0, 0)])
@@ -37,8 +36,7 @@ BLOBS_STDS = (0.6, 0.5, 0.4)
 _CHUNK = 2048  # points per chunk: bounds the (points, segments or nodes) temporaries
 
 
-def _chunked(f, x, *shape):
-    """f over chunks of the points x (m, 2), concatenated: (m, *shape)."""
+def _chunked(f, x, *shape):  # f over chunks of the points x (m, 2), concatenated: (m, *shape)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"need points of shape (m, 2), got {tuple(x.shape)}")
@@ -47,18 +45,13 @@ def _chunked(f, x, *shape):
     return np.concatenate([f(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
 
 
-def _log_ndtr_diff(a, b):
-    """log(Phi(b) - Phi(a)) for a < b, stable in both tails (reflected so that the larger CDF is
-    at most ~1/2 away from its tail)."""
+def _log_ndtr_diff(a, b):  # log(Phi(b) - Phi(a)), a < b: utils.log_ndtr_diff in numpy
     flip = a + b > 0
     a, b = np.where(flip, -b, a), np.where(flip, -a, b)
     log_b = log_ndtr(b)
     return log_b + np.log(-np.expm1(log_ndtr(a) - log_b))
 
 
-# ---------------------------------------------------------------------------------------------
-# Generators
-# ---------------------------------------------------------------------------------------------
 def make_scg(n, rng):
     return rng.multivariate_normal(np.zeros(2), [[1.0, SCG_RHO], [SCG_RHO, 1.0]], size=n)
 
@@ -81,8 +74,7 @@ def make_line(n, rng):
 
 
 def make_circle(n, rng):
-    """The direction of a lattice point of CIRCLE_LATTICE (16 distinct angles), pushed off the
-    unit circle by a displacement of length U(0, R) in a uniform direction."""
+    """A CIRCLE_LATTICE point's direction on the unit circle, moved by U(0, R) in any direction."""
     angle = np.arctan2(*CIRCLE_LATTICE[rng.integers(len(CIRCLE_LATTICE), size=n)].T[::-1])
     jitter_angle = rng.uniform(0, 2 * np.pi, n)
     radius = rng.uniform(0, CIRCLE_JITTER, n)
@@ -92,16 +84,12 @@ def make_circle(n, rng):
 
 def make_dino(n, rng):
     """Uniform along the outline (a segment by length, then a point on it), plus jitter."""
-    start, end = DINO_OUTLINE, np.roll(DINO_OUTLINE, -1, axis=0)
-    lengths = np.linalg.norm(end - start, axis=1)
-    seg = rng.choice(len(start), size=n, p=lengths / lengths.sum())
-    points = start[seg] + rng.uniform(0, 1, n)[:, None] * (end[seg] - start[seg])
+    seg = rng.choice(len(DINO_OUTLINE), size=n, p=DINO_LENGTHS / DINO_LENGTHS.sum())
+    points = DINO_OUTLINE[seg] + rng.uniform(0, 1, n)[:, None] * DINO_SEGMENTS[seg]
     return points + DINO_JITTER * rng.standard_normal((n, 2))
 
 
-# ---------------------------------------------------------------------------------------------
-# Exact densities and entropies, in raw units
-# ---------------------------------------------------------------------------------------------
+# --- Exact densities and entropies, in raw units ---
 def scg_nll(x, n=None):
     """The correlated Gaussian N(0, [[1, rho], [rho, 1]])."""
     x = np.asarray(x, dtype=np.float64)
@@ -114,35 +102,26 @@ def scg_entropy(n=None):
 
 
 def dino_nll(x, n=None):
-    """Uniform along the closed polyline (length L) convolved with N(0, sigma^2 I):
-    p(x) = (1/L) sum_s (1/sigma) phi(n_s/sigma) [Phi(t_s/sigma) - Phi((t_s - L_s)/sigma)], in
-    log space (finite however far x is; docs/2d.md)."""
-    start = DINO_OUTLINE
-    seg = np.roll(start, -1, 0) - start
-    length = np.linalg.norm(seg, axis=1)
-    along = seg / length[:, None]
+    """Uniform along the closed polyline (length L) convolved with N(0, sigma^2 I), in log space:
+    p(x) = (1/L) sum_s (1/sigma) phi(n_s/sigma) [Phi(t_s/sigma) - Phi((t_s - L_s)/sigma)]."""
+    length, sigma = DINO_LENGTHS, DINO_JITTER
+    along = DINO_SEGMENTS / length[:, None]
     across = np.stack([-along[:, 1], along[:, 0]], 1)
-    sigma = DINO_JITTER
     const = -math.log(length.sum()) - math.log(sigma) - 0.5 * math.log(2 * math.pi)
 
     def f(x):
-        rel = x[:, None, :] - start[None]
+        rel = x[:, None, :] - DINO_OUTLINE[None]
         t_s, n_s = (rel * along).sum(-1) / sigma, (rel * across).sum(-1) / sigma
         return -(const + logsumexp(-0.5 * n_s ** 2 + _log_ndtr_diff(t_s - length / sigma, t_s), 1))
     return _chunked(f, x)
 
 
 def dino_entropy(n=None):
-    """By the rectangle rule on a grid of spacing sigma over the outline plus 10 sigma (~1e-8)."""
-    pad = 10 * DINO_JITTER
-    return _grid_entropy(dino_nll, DINO_OUTLINE.min(0) - pad, DINO_OUTLINE.max(0) + pad,
-                         DINO_JITTER)
+    return _grid_entropy(dino_nll, DINO_OUTLINE, DINO_JITTER)
 
 
 def moons_log_given(x, n=8000, nodes=MOONS_NODES):
-    """log p(x | arc), (m, 2): the outer arc (cos u, sin u) or the inner (1 - cos u, 1/2 - sin u),
-    u uniform on [0, pi], plus N(0, 0.03^2 I), by Gauss-Legendre in log space: the continuum
-    limit of make_moons' n evenly spaced points (within ~1e-4 nats on average; docs/2d.md)."""
+    """log p(x | arc) (m, 2) of make_moons' n -> inf limit (docs/extending.md)."""
     sigma = MOONS_NOISE
     u, w = _gauss_legendre(nodes)
     u = (u + 1) * math.pi / 2
@@ -157,12 +136,6 @@ def moons_log_given(x, n=8000, nodes=MOONS_NODES):
     return _chunked(f, x, 2)
 
 
-@functools.lru_cache(maxsize=4)
-def _gauss_legendre(nodes):
-    """numpy's Gauss-Legendre nodes and weights on [-1, 1], computed once per size (0.5 s)."""
-    return np.polynomial.legendre.leggauss(nodes)
-
-
 def moons_log_prior(n=8000):
     """make_moons puts n // 2 points on the outer arc, the rest on the inner."""
     return np.log([(n // 2) / n, (n - n // 2) / n])
@@ -173,9 +146,7 @@ def moons_nll(x, n=8000):
 
 
 def moons_entropy(n=8000):
-    pad = 10 * MOONS_NOISE
-    return _grid_entropy(lambda x: moons_nll(x, n), (-1 - pad, -0.5 - pad), (2 + pad, 1 + pad),
-                         MOONS_NOISE)
+    return _grid_entropy(lambda x: moons_nll(x, n), [(-1, -0.5), (2, 1)], MOONS_NOISE)
 
 
 def blobs_log_given(x, n=None):
@@ -193,11 +164,8 @@ def blobs_log_prior(n=None):
 
 
 def blobs_entropy(n=None):
-    def nll(x):
-        return -logsumexp(blobs_log_given(x) + blobs_log_prior(), 1)
-    pad = 10 * max(BLOBS_STDS)
-    return _grid_entropy(nll, np.min(BLOBS_MEANS, 0) - pad, np.max(BLOBS_MEANS, 0) + pad,
-                         min(BLOBS_STDS) / 2)
+    return _grid_entropy(lambda x: -logsumexp(blobs_log_given(x) + blobs_log_prior(), 1),
+                         BLOBS_MEANS, min(BLOBS_STDS) / 2, pad=10 * max(BLOBS_STDS))
 
 
 def line_nll(x, n=None):
@@ -211,16 +179,13 @@ def line_entropy(n=None):
     return math.log(2)
 
 
-def _circle_directions():
-    """The 16 distinct directions of CIRCLE_LATTICE as unit-circle centres (16, 2), computed as
-    make_circle computes them, and their probabilities (lattice points on each / 24)."""
+def _circle_directions():  # make_circle's 16 directions (16, 2) and their probabilities
     angle, count = np.unique(np.arctan2(*CIRCLE_LATTICE.T[::-1]), return_counts=True)
     return np.stack([np.cos(angle), np.sin(angle)], 1), count / count.sum()
 
 
 def circle_nll(x, n=None):
-    """p(x) = w_k / (2 pi R |x - c_k|) within R of the centre c_k (the discs do not overlap), 0
-    beyond: +inf outside the 16 discs."""
+    """p(x) = w_k / (2 pi R |x - c_k|) within R of the centre c_k (discs apart), 0 beyond."""
     centre, weight = _circle_directions()
     R = CIRCLE_JITTER
 
@@ -237,9 +202,9 @@ def circle_entropy(n=None):
     return -(w * np.log(w)).sum() + math.log(2 * math.pi * CIRCLE_JITTER ** 2) - 1
 
 
-def _grid_entropy(nll, lo, hi, h):
-    """-int p log p over the box [lo, hi] by the rectangle rule on a grid of spacing h (spectrally
-    accurate for densities smooth on the scale h that vanish at the box's edges)."""
+def _grid_entropy(nll, support, h, pad=None):  # the rectangle rule: docs/extending.md
+    pad = 10 * h if pad is None else pad
+    lo, hi = np.min(support, 0) - pad, np.max(support, 0) + pad
     grid = [np.arange(a, b + h / 2, h) for a, b in zip(lo, hi)]
     pts = np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 2)
     v = nll(pts)

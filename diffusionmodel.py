@@ -1,8 +1,5 @@
-"""Information-theoretic diffusion (Kong, Brekelmans, Ver Steeg, ICLR 2023) as a LightningModule:
-a denoiser, a Gaussian reference and a log-SNR proposal, trained on -log p(x) and measured with
-the functions of estimators.py (derivations: docs/maths.md). Any denoiser(z, logsnr[, y]) whose
-output has z's shape becomes a density model.
-"""
+"""Information-theoretic diffusion (Kong et al., ICLR 2023) as a LightningModule: any denoiser(z,
+logsnr[, y]) -> eps_hat becomes a density model, measured by estimators.py (docs/maths.md)."""
 import math
 
 import pytorch_lightning as pl
@@ -23,23 +20,10 @@ class DiffusionModel(pl.LightningModule):
                  logsnr_scale=3., clip=4., gaussian_residual=False, val_npoints=16,
                  lr_schedule="constant", seed=None, num_classes=None, label_dropout=0.1,
                  record=None):
-        """
-        Args:
-            denoiser: denoiser(z, logsnr) -> eps_hat (logsnr (batch,)); with num_classes,
-                denoiser(z, logsnr, y), y in 0 .. num_classes - 1 or -1 for no label.
-            x_shape: the shape of one sample.
-            reference: a utils.GaussianReference (default N(0, I); see fit_reference).
-            logsnr_loc, logsnr_scale, clip: the logistic log-SNR proposal over loc +- clip * scale.
-            gaussian_residual: eps_hat = eps_G + denoiser(z, a), so a zero net is the reference.
-            val_npoints: (log SNR, noise) points per validation sample.
-            lr_schedule: "constant" or "onecycle" (Adam).
-            seed: names the training noise: step s on process r draws from (seed, s, r), so a
-                resumed run draws what the uninterrupted one did (default: a fresh seed).
-            num_classes: a model of p(x | y) whose training drops a label with probability
-                label_dropout, so the one denoiser also gives p(x).
-            record: how to rebuild the denoiser from a checkpoint (denoisers.record; default:
-                the denoiser's own, where its class keeps its arguments).
-        """
+        """reference: a utils.GaussianReference (default N(0, I)); the logistic proposal spans
+        logsnr_loc +- clip * logsnr_scale; gaussian_residual: eps_hat = eps_G + denoiser; seed:
+        the training noise's (default fresh); num_classes: p(x | y), labels in 0 .. num_classes - 1
+        (-1: none) dropped with probability label_dropout; record: denoisers.record."""
         super().__init__()
         if lr_schedule not in ("constant", "onecycle"):
             raise ValueError(f"lr_schedule must be 'constant' or 'onecycle', got {lr_schedule!r}")
@@ -49,8 +33,7 @@ class DiffusionModel(pl.LightningModule):
         seed = utils.fresh_seed(seed)
         self.save_hyperparameters(ignore=["denoiser", "reference", "record"])
         self.model, self.record = denoiser, record or denoisers.record(denoiser)
-        self.x_shape = tuple(x_shape)
-        self.d = math.prod(self.x_shape)
+        self.x_shape, self.d = tuple(x_shape), math.prod(x_shape)
         self.proposal = LogisticProposal(logsnr_loc, logsnr_scale, clip)
         self.reference = reference or utils.GaussianReference(self.d, num_classes)
         self.val_sums = t.nn.ModuleList([SumMetric(nan_strategy="disable").set_dtype(t.float64)
@@ -69,12 +52,12 @@ class DiffusionModel(pl.LightningModule):
         if y is not None and self.num_classes is None:
             raise ValueError("labels given to an unconditional model (num_classes=None)")
         eps_hat = est.denoise(self.model, z, logsnr, y)
-        return eps_hat + self.reference.eps(z, logsnr, y) if self.hparams.gaussian_residual else eps_hat
+        if self.hparams.gaussian_residual:
+            return eps_hat + self.reference.eps(z, logsnr, y)
+        return eps_hat
 
-    # ------------------------------------------------------------------ the estimators
     def nll(self, batch, generator=None):
-        """E[-log p(x)] (E[-log p(x | y)] for a labelled batch of a conditional model) in nats
-        over the batch: the training loss, unbiased with an unbiased gradient."""
+        """The training loss: E[-log p(x)] (labelled: E[-log p(x | y)]) in nats, unbiased."""
         x, y = self._data(batch), self._labels(batch)
         return est.loss(self, self.reference, self.proposal, x, y, self.hparams.label_dropout,
                         generator).mean()
@@ -87,16 +70,14 @@ class DiffusionModel(pl.LightningModule):
 
     def mi_points(self, x, y, npoints=200, replicates=4, seed=None, chunk_size=None, index=None,
                   proposal=None, per_dim=False):
-        """Pointwise mutual information i(x; y) per sample, with standard errors (per_dim: per
-        coordinate)."""
+        """i(x; y) per sample (per_dim: per coordinate), with standard errors."""
         return est.mi_points(self, self.reference, proposal or self.proposal, self._data(x),
                              self._given(x, y, needed=True), npoints, replicates, seed, index,
                              chunk_size, per_dim)
 
     def class_log_posterior(self, x, npoints=200, log_prior=None, replicates=4, seed=None,
                             chunk_size=None, index=None, proposal=None):
-        """log p(y | x) for every label, (B, num_classes), by Bayes' rule (jackknifed over the
-        replicates); log_prior default: the training labels' frequencies (fit_label_prior)."""
+        """log p(y | x), (B, num_classes), by Bayes' rule; log_prior default: fit_label_prior's."""
         if self.num_classes is None:
             raise ValueError("class_log_posterior needs a conditional model (num_classes)")
         prior = self.label_log_prior if log_prior is None else t.as_tensor(log_prior)
@@ -106,8 +87,7 @@ class DiffusionModel(pl.LightningModule):
 
     def nll_discrete_points(self, x, grid, npoints=256, replicates=4, rounding="none", seed=None,
                             chunk_size=None, tails=True, index=None, proposal=None):
-        """-log P(x) per sample of grid data (rounding: "none", "hard" or "soft", GridRounding),
-        with standard errors."""
+        """-log P(x) per sample of grid data, with standard errors (rounding: GridRounding's)."""
         if rounding not in ("none", "hard", "soft"):
             raise ValueError(f"rounding must be 'none', 'hard' or 'soft', got {rounding!r}")
         denoiser = self if rounding == "none" else denoisers.GridRounding(self, grid, rounding)
@@ -130,11 +110,11 @@ class DiffusionModel(pl.LightningModule):
         return self.proposal.grid(n)
 
     def sample(self, n, steps=200, generator=None):
-        """n samples from the deterministic sampler (estimators.sample), a bounded number at a
-        time (estimators.default_chunk)."""
+        """n samples of the deterministic sampler (estimators.sample), in bounded chunks."""
         chunk = est.default_chunk(self.d, self.device)
         return t.cat([est.sample(self, self.reference, self.proposal, min(chunk, n - i),
-                                 self.x_shape, steps, generator) for i in range(0, max(n, 1), chunk)])
+                                 self.x_shape, steps, generator)
+                      for i in range(0, max(n, 1), chunk)])
 
     def fit_reference(self, x, y=None, **kwargs):
         """The data-matched Gaussian reference (and, with labels, each label's) from data."""
@@ -153,7 +133,6 @@ class DiffusionModel(pl.LightningModule):
         self.label_log_prior = (counts / counts.sum()).log().to(self.label_log_prior)
         return self
 
-    # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch, batch_idx):
         micro = batch_idx % self.trainer.accumulate_grad_batches  # batches of one step
         noise = utils.derive_seed(self.hparams.seed, self.global_step, micro, self.global_rank)
@@ -169,9 +148,7 @@ class DiffusionModel(pl.LightningModule):
         self.val_seen = 0
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
-        """Sample j of this process's shard is scored at the points of global index
-        j * world + rank under VAL_SEED: the same points every epoch, distinct for every sample;
-        the repeats a DistributedSampler pads a shard with are left out."""
+        # sample j of this shard is global index j * world + rank: the same points every epoch
         x, y = self._data(batch), self._labels(batch)
         index = (self.val_seen + t.arange(len(x), device=x.device)) * self.trainer.world_size
         index = index + self.global_rank
@@ -188,9 +165,7 @@ class DiffusionModel(pl.LightningModule):
         for metric, value in zip(self.val_sums, (nll, nll ** 2, t.ones_like(nll))):
             metric.update(value)
 
-    def on_validation_epoch_end(self):
-        """val_loss = E[-log p] in nats (and bits/dim) over the validation samples, with its
-        standard error over data and log SNR together, sqrt(Var_i(nll_i) / N)."""
+    def on_validation_epoch_end(self):  # standard error over data and log SNR together
         total, total_sq, n = (m.compute() for m in self.val_sums)
         for m in self.val_sums:
             m.reset()
@@ -202,7 +177,6 @@ class DiffusionModel(pl.LightningModule):
                        "val_samples": n.float()}, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint):
-        """The denoiser's record and a fitted proposal travel with the checkpoint."""
         checkpoint["denoiser"] = self.record
         if isinstance(self.proposal, FittedProposal):
             checkpoint["fitted_proposal"] = self.proposal.state()
@@ -216,7 +190,8 @@ class DiffusionModel(pl.LightningModule):
         # precision it refuses gradient clipping with a fused optimizer
         fused = self.device.type in ("cpu", "cuda") and (
             self.trainer.precision.endswith("-true") or not self.trainer.gradient_clip_val)
-        optimizer = t.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=fused or None)
+        optimizer = t.optim.Adam(self.parameters(), lr=self.hparams.learning_rate,
+                                 fused=fused or None)
         if self.hparams.lr_schedule == "constant":
             return optimizer
         schedule = t.optim.lr_scheduler.OneCycleLR(
@@ -224,31 +199,27 @@ class DiffusionModel(pl.LightningModule):
             total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # ------------------------------------------------------------------ plumbing
     def _diverged(self, loss, detail):
         raise FloatingPointError(f"the {loss} loss is not finite at step {self.global_step} "
                                  f"({detail}): the model may have diverged; a learning rate lower "
                                  f"than {self.hparams.learning_rate:g} may help") from None
 
     def _data(self, batch):
-        """x from a tensor or a (x, ...) batch, checked against x_shape."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         if not t.is_tensor(x) or not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+            raise ValueError(f"x must be a floating-point tensor, got "
+                             f"{getattr(x, 'dtype', type(x))}")
         if tuple(x.shape[1:]) != self.x_shape:
-            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, expected x_shape {self.x_shape}")
+            raise ValueError(f"x has sample shape {tuple(x.shape[1:])}, expected x_shape "
+                             f"{self.x_shape}")
         return x
 
     def _labels(self, batch):
-        """The labels of a (x, y) batch of a conditional model, checked; None for other batches
-        and for an unconditional model (it trains on the data alone)."""
         if not isinstance(batch, (list, tuple)) or len(batch) < 2 or batch[1] is None:
             return None
         return self._given(batch[0], batch[1]) if self.num_classes else None
 
     def _given(self, x, y, needed=False):
-        """Labels y given to an estimator, checked: one per sample in -1 .. K-1, and refused for
-        an unconditional model."""
         if y is None:
             if needed:
                 raise ValueError("labels y are needed, one per sample")

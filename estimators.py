@@ -1,15 +1,5 @@
-"""The estimators of information-theoretic diffusion as functions over any denoiser
-eps_hat = denoiser(z, logsnr[, y]), a utils.GaussianReference q and a log-SNR proposal
-(proposals.py), in nats (derivations: docs/maths.md):
-
-    -log p(x) = -log q(x) + 1/2 Int E_eps[ ||eps - eps_hat(z, a)||^2 - ||eps - eps_G(z, a)||^2 ] da
-
-with z = sqrt(s(a)) x + sqrt(s(-a)) eps and eps_G q's optimal predictor on the same noise: exact for
-the optimal denoiser, an upper bound in expectation for any other; outside the proposal's range the
-denoiser is taken to be q's. With labels y, q(x | y) and eps_hat(z, a, y) give -log p(x | y).
-Pointwise estimates use randomised quasi-Monte Carlo points named by (seed, sample index), so a
-sample's value does not depend on its batch.
-"""
+"""The estimators of information-theoretic diffusion, in nats, over any denoiser (docs/maths.md)."""
+import functools
 import math
 
 import torch as t
@@ -37,9 +27,7 @@ def mse_gap(denoiser, reference, x, logsnr, eps, y=None):
 
 
 def loss(denoiser, reference, proposal, x, y=None, label_dropout=0., generator=None):
-    """-log p(x_i) (-log p(x_i | y_i), each label dropped with probability label_dropout) per
-    sample, unbiased, from one log SNR each: stratified across the batch and assigned at random;
-    the training loss is its mean."""
+    """-log p(x_i) (or -log p(x_i | y_i)) per sample, unbiased, from one stratified log SNR each."""
     a, w = proposal.sample((len(x),), generator=generator, device=x.device, dtype=x.dtype)
     perm = t.randperm(len(x), generator=generator, device=x.device)
     a, w = a[perm], w[perm]
@@ -53,12 +41,11 @@ def loss(denoiser, reference, proposal, x, y=None, label_dropout=0., generator=N
 
 def rqmc_terms(x, npoints, replicates, integrand, proposal, seed=None, index=None,
                chunk_size=None, labels=None):
-    """Terms 1/2 w(a) integrand(x, a, eps[, labels]) at `npoints` points per sample, whose mean
-    estimates the log-SNR integral: `replicates` digitally shifted Sobol sets in (u, noise) named
-    by (seed, index[i], replicate) (utils.keyed_sobol), a = the proposal's quantile of u, eps =
-    Phi^-1 of the rest. Two integrands given the same seed and index see the same (a, eps).
-    Returns (log SNRs (B, R, m), terms (B, R, m, ...)), m = npoints // R."""
-    check_points(npoints, replicates)
+    """(log SNRs (B, R, m), terms 1/2 w(a) integrand(x, a, eps[, labels]) (B, R, m, ...)) on R
+    `replicates` Sobol sets named by (seed, index[i], replicate), m = npoints // R."""
+    if npoints < 1 or not 1 <= replicates <= npoints:
+        raise ValueError(f"need npoints >= 1 and replicates between 1 and npoints, got {npoints}, "
+                         f"{replicates}")
     b, m, d, dev = len(x), npoints // replicates, x[0].numel(), x.device
     seed = utils.fresh_seed(seed)
     sample = utils.sample_index(index, b, dev).repeat_interleave(replicates * m)
@@ -81,11 +68,8 @@ def rqmc_terms(x, npoints, replicates, integrand, proposal, seed=None, index=Non
 @t.no_grad()
 def nll_points(denoiser, reference, proposal, x, npoints=200, replicates=4, seed=None,
                index=None, y=None, chunk_size=None):
-    """-log p(x) (with labels y, -log p(x | y)) in nats per sample of x, and its standard error
-    std_r / sqrt(R) over the R replicates (NaN for R = 1). Sample i's points depend only on
-    (seed, index[i]) (index: positions in the data set, default 0 .. B-1)."""
-    def gap(xs, a, eps, ys=None):
-        return mse_gap(denoiser, reference, xs, a, eps, ys)
+    """(-log p(x) (or -log p(x | y)) per sample, its standard error over the replicates)."""
+    gap = functools.partial(mse_gap, denoiser, reference)
     a, g = rqmc_terms(x, npoints, replicates, gap, proposal, seed, index, chunk_size, y)
     nll = finite(reference.nll(x, y) + g.flatten(1).mean(1), x, a, g)
     return nll, _replicate_stderr(g.mean(-1))
@@ -94,11 +78,8 @@ def nll_points(denoiser, reference, proposal, x, npoints=200, replicates=4, seed
 @t.no_grad()
 def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicates=4, seed=None,
                 index=None, chunk_size=None, per_dim=False):
-    """For every sample and each of its labels k ((B, L), or (L,) for every sample; -1: none) the
-    replicates' estimates (B, R, L) of -log p(x | k) = -log q(x | k) + 1/2 Int E[||eps -
-    eps_hat(z, a, k)||^2 - ||eps - eps_G(z, a, k)||^2] da, every label on the sample's points of
-    nll_points (same seed and index): differences between labels are paired. per_dim: the
-    integrand's mean in every coordinate instead, (B, L, *x_shape)."""
+    """The replicates' -log p(x | k) (B, R, L) for labels k ((B, L) or (L,); -1: none) on
+    nll_points' points; per_dim: the integrand's mean per coordinate, (B, L, *x_shape)."""
     labels = t.as_tensor(labels, device=x.device).long()
     labels = labels.expand(len(x), -1) if labels.dim() == 1 else labels
     n = labels.shape[1]
@@ -123,14 +104,18 @@ def eps_errors(denoiser, z, logsnr, eps, y=None):
     return (eps - denoise(denoiser, z, logsnr, y)) ** 2
 
 
+def sq_error(denoiser, x, logsnr, eps):
+    """||eps - eps_hat(z, a)||^2 per sample, z = noisy_channel(x, a, eps)."""
+    return eps_errors(denoiser, utils.noisy_channel(x, logsnr, eps), logsnr, eps).flatten(1).sum(1)
+
+
 @t.no_grad()
 def mi_points(denoiser, reference, proposal, x, y, npoints=200, replicates=4, seed=None,
               index=None, chunk_size=None, per_dim=False):
-    """Pointwise mutual information i(x; y) = log p(x | y) - log p(x) per sample, with standard
-    errors: the difference of label_terms without and with y on the same noise. per_dim: where
-    the label's information lives, (B, *x_shape) (sums to the integral part)."""
-    terms = label_terms(denoiser, reference, proposal, x, t.stack([t.full_like(y, _NO_LABEL), y], 1),
-                        npoints, replicates, seed, index, chunk_size, per_dim)
+    """(i(x; y) = log p(x | y) - log p(x) per sample, stderr); per_dim: (B, *x_shape) instead."""
+    pairs = t.stack([t.full_like(y, _NO_LABEL), y], 1)
+    terms = label_terms(denoiser, reference, proposal, x, pairs, npoints, replicates, seed, index,
+                        chunk_size, per_dim)
     if per_dim:
         return terms[:, 0] - terms[:, 1]
     gain = terms[..., 0] - terms[..., 1]
@@ -140,34 +125,28 @@ def mi_points(denoiser, reference, proposal, x, y, npoints=200, replicates=4, se
 @t.no_grad()
 def class_log_posterior(denoiser, reference, proposal, x, log_prior, npoints=200, replicates=4,
                         seed=None, index=None, chunk_size=None):
-    """log p(y | x) for every label, (B, K), by Bayes' rule from -log p(x | k) of every label on
-    common points, jackknifed over the replicates (label_log_posterior), and each entry's
-    integration standard error."""
-    k = len(log_prior)
-    terms = label_terms(denoiser, reference, proposal, x, t.arange(k, device=x.device), npoints,
-                        replicates, seed, index, chunk_size)
+    """(log p(y | x) for every label (B, K) by Bayes' rule, jackknifed, its standard error)."""
+    labels = t.arange(len(log_prior), device=x.device)
+    terms = label_terms(denoiser, reference, proposal, x, labels, npoints, replicates, seed, index,
+                        chunk_size)
     return label_log_posterior(terms, log_prior)
 
 
 def label_log_posterior(nll_given, log_prior):
-    """log p(k | x) = log_softmax_k(log p(k) - nll_k) from the replicates' -log p(x | k)
-    (B, R, K): the jackknife over replicates removes the first-order bias of a function of
-    noisy means (docs/maths.md). Returns (log posterior, jackknife standard error), each (B, K)."""
+    """(log p(k | x), stderr) (B, K), jackknifed from -log p(x | k) (B, R, K) (docs/maths.md)."""
     prior = t.as_tensor(log_prior).to(nll_given)
     return jackknife(lambda v: (prior - v).log_softmax(-1), nll_given)
 
 
 def label_statistics(terms, log_prior, y=None):
-    """The conditional statistics of samples from their label_terms of no label and every label
-    (B, R, 1 + K), each (values, integration standard errors) for the samples' labels y, or
-    (B, K) for every label where y is None: "given" -log p(x | y); "information" i(x; y) as the
-    difference of the two bounds; "bayes" i(x; y) = log p(y | x) - log p(y) by Bayes' rule
-    (jackknifed); "correct" 1 where argmax_k p(k | x) is y."""
+    """{"given", "information", "bayes", "correct"}: (values, stderrs) for labels y (or (B, K))
+    from label_terms of no label and every label (B, R, 1 + K) (docs/conditional.md)."""
     prior = t.as_tensor(log_prior).to(terms)
     given = terms[..., 1:]
     gain = terms[..., :1] - given
     posterior, spread = label_log_posterior(given, prior)
-    right = (posterior.argmax(1, keepdim=True) == t.arange(len(prior), device=terms.device)).to(terms)
+    labels = t.arange(len(prior), device=terms.device)
+    right = (posterior.argmax(1, keepdim=True) == labels).to(terms)
     stats = dict(given=(given.mean(1), _replicate_stderr(given)),
                  information=(gain.mean(1), _replicate_stderr(gain)),
                  bayes=(posterior - prior, spread), correct=(right, t.zeros_like(right)))
@@ -177,27 +156,20 @@ def label_statistics(terms, log_prior, y=None):
 
 
 def jackknife(fn, replicates):
-    """The jackknife over replicates (B, R, ...) of fn(mean over R): (R f(all) - (R - 1)
-    mean_r f(without r), its standard error sqrt((R - 1)/R sum_r (f(without r) - mean)^2))."""
+    """(The jackknife estimate of fn(mean over R) from replicates (B, R, ...), its stderr)."""
     r = replicates.shape[1]
-    full = fn(replicates.mean(1))
     left_out = fn((replicates.sum(1, keepdim=True) - replicates) / (r - 1))  # (B, R, ...)
     mean = left_out.mean(1)
     stderr = ((r - 1) / r * (left_out - mean.unsqueeze(1)).pow(2).sum(1)).sqrt()
-    return r * full - (r - 1) * mean, stderr
+    return r * fn(replicates.mean(1)) - (r - 1) * mean, stderr
 
 
 @t.no_grad()
 def nll_discrete_points(denoiser, reference, proposal, x, grid, npoints=256, replicates=4,
                         seed=None, index=None, tails=True, chunk_size=None):
-    """-log P(x) in nats per sample of data x on a utils.Grid, with standard errors:
-    1/2 Int E_eps ||eps - eps_hat||^2 da over the proposal's range, plus (tails) the rest in
-    closed form (tail_terms). Exact for the discrete data's optimal denoiser, an upper bound in
-    expectation for any other; the points are nll_points' (same seed and index)."""
+    """(-log P(x) per sample of grid data x, stderr); tails: beyond the range (docs/maths.md)."""
     grid.index(x)
-
-    def error(xs, a, eps):
-        return eps_errors(denoiser, utils.noisy_channel(xs, a, eps), a, eps).flatten(1).sum(1)
+    error = functools.partial(sq_error, denoiser)
     a, g = rqmc_terms(x, npoints, replicates, error, proposal, seed, index, chunk_size)
     nll = g.flatten(1).mean(1)
     if tails:
@@ -206,23 +178,20 @@ def nll_discrete_points(denoiser, reference, proposal, x, grid, npoints=256, rep
 
 
 def tail_terms(reference, logsnr_range, x, grid):
-    """The parts of 1/2 Int E ||eps - eps_hat||^2 da outside the range for grid data x, (below,
-    above), each (B,): the reference's error below (closed form), hard rounding's above
-    (utils.rounding_tail). Both are errors of actual denoisers: the total stays a bound."""
-    a_lo, a_hi = logsnr_range
-    return 0.5 * reference.error_integral(x, float("-inf"), a_lo), utils.rounding_tail(x, grid, a_hi)
+    """(below, above) the range: the reference's error below, hard rounding's above, each (B,)."""
+    return (0.5 * reference.error_integral(x, float("-inf"), logsnr_range[0]),
+            utils.rounding_tail(x, grid, logsnr_range[1]))
 
 
 @t.no_grad()
 def mse_curve(denoiser, reference, x, logsnrs, generator=None, chunk_size=None):
-    """E_x E_eps ||eps - eps_hat(z, a)||^2 at each a of `logsnrs` (one noise draw per sample and
-    a), batched over both, and the reference's MMSE there: ((K,), (K,))."""
+    """(E ||eps - eps_hat(z, a)||^2, the reference's MMSE) at each a of `logsnrs`: ((K,), (K,))."""
     b, k = len(x), len(logsnrs)
     logsnrs = logsnrs.to(x.device, x.dtype)
 
     def mse(xs, a):
         eps = t.randn(xs.shape, generator=generator, device=xs.device, dtype=xs.dtype)
-        return eps_errors(denoiser, utils.noisy_channel(xs, a, eps), a, eps).flatten(1).sum(1)
+        return sq_error(denoiser, xs, a, eps)
     values = in_chunks(mse, chunk_size or default_chunk(x[0].numel(), x.device),
                        x.repeat((k,) + (1,) * (x.dim() - 1)), logsnrs.repeat_interleave(b))
     return values.view(k, b).mean(1), reference.mmse(logsnrs)
@@ -230,11 +199,8 @@ def mse_curve(denoiser, reference, x, logsnrs, generator=None, chunk_size=None):
 
 @t.no_grad()
 def sample(denoiser, reference, proposal, n, x_shape, steps=200, generator=None):
-    """Deterministic DDIM-style sampler on the proposal's quadrature grid in log SNR: from the
-    reference's noisy marginal at the lowest log SNR, step a -> a' with x_hat from eps_hat and
-    z' = noisy_channel(x_hat, a', eps_hat). Returns x_hat at the highest."""
-    dtype = reference.mean.dtype
-    grid, _ = proposal.quadrature(steps, device=reference.mean.device, dtype=dtype)
+    """x_hat of a deterministic DDIM-style sampler on the proposal's quadrature grid."""
+    grid, _ = proposal.quadrature(steps, device=reference.mean.device, dtype=reference.mean.dtype)
     z = reference.sample(n, grid[0], generator).view((n,) + tuple(x_shape))
     for i in range(steps):
         a = grid[i].expand(n)
@@ -245,9 +211,7 @@ def sample(denoiser, reference, proposal, n, x_shape, steps=200, generator=None)
     return x_hat
 
 
-# ---------------------------------------------------------------------------------------------
-# Held-out errors per log-SNR bin: the fitted proposal and the evaluation's choices
-# ---------------------------------------------------------------------------------------------
+# --- Held-out errors per log-SNR bin: the fitted proposal and the evaluation's choices ---
 def bin_edges(logsnr_range, bins, device=None):
     """bins + 1 equal-width log-SNR bin edges over logsnr_range (float64)."""
     if not logsnr_range[0] < logsnr_range[1] or bins < 1:
@@ -256,8 +220,7 @@ def bin_edges(logsnr_range, bins, device=None):
 
 
 def heldout_logsnrs(index, seed, edges, draws=1):
-    """For every sample (index), bin and draw, a log SNR uniform in the bin named by (seed,
-    index, bin, draw): (n, bins, draws) float64."""
+    """(n, bins, draws) float64 log SNRs uniform in each bin, named by (seed, index, bin, draw)."""
     index = t.as_tensor(index).view(-1)
     dev, bins = index.device, len(edges) - 1
     edges = t.as_tensor(edges, dtype=t.float64, device=dev)
@@ -268,17 +231,12 @@ def heldout_logsnrs(index, seed, edges, draws=1):
 
 @t.no_grad()
 def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
-    """||eps - eps_hat_m(z, a)||^2 of every candidate m, (B, bins, M) float64 averaged over the
-    draws: per (sample, bin, draw) a log SNR (heldout_logsnrs) and a noise vector common to all
-    candidates, named by (seed, index, bin, draw). candidates(z, a) -> list of M predictions."""
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    """(B, bins, M) float64 held-out ||eps - eps_hat_m||^2 of candidates(z, a), draws averaged."""
     n, bins, dev, d = len(x), len(edges) - 1, x.device, x[0].numel()
     key = t.as_tensor(index, device=dev).view(-1)
     a = heldout_logsnrs(key, seed, edges, draws).flatten().to(x.dtype)
     sample, k, j = (v.flatten() for v in t.meshgrid(
-        t.arange(n, device=dev), t.arange(bins, device=dev), t.arange(draws, device=dev),
-        indexing="ij"))
+        *(t.arange(s, device=dev) for s in (n, bins, draws)), indexing="ij"))
     dims = t.arange(1, d + 1, device=dev)
 
     def block(rows):
@@ -294,9 +252,7 @@ def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
 @t.no_grad()
 def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mix=0.5, seed=None,
                  chunk_size=None):
-    """The proposal's logistic mixed with bins that follow the integrand 1/2 mse_gap on held-out
-    samples x (FittedProposal.from_draws; docs/maths.md): per sample, bin and pilot draw one
-    (log SNR, noise); the logistic itself where the denoiser equals the reference."""
+    """The logistic mixed with bins fitted to 1/2 mse_gap on held-out x (docs/maths.md)."""
     if len(x) < FittedProposal.MIN_SAMPLES:
         raise ValueError(f"fit_proposal needs at least {FittedProposal.MIN_SAMPLES} held-out "
                          f"samples, got {len(x)}")
@@ -311,22 +267,13 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
                                      0.5 * (errors[..., 0] - errors[..., 1]), mix, bins)
 
 
-# ---------------------------------------------------------------------------------------------
-# Plumbing
-# ---------------------------------------------------------------------------------------------
+# --- Plumbing ---
 def default_chunk(d, device):
     """Rows per denoiser call: cache-sized on CPU; on an accelerator large enough to fill it."""
     return max(1, (2 ** 18 if t.device(device).type == "cpu" else 2 ** 21) // d)
 
 
-def check_points(npoints, replicates):
-    if npoints < 1 or not 1 <= replicates <= npoints:
-        raise ValueError(f"need npoints >= 1 and replicates between 1 and npoints, got {npoints}, "
-                         f"{replicates}")
-
-
 def in_chunks(fn, chunk_size, *rows):
-    """fn applied to consecutive row blocks of at most chunk_size rows, concatenated."""
     n = len(rows[0])
     if chunk_size is None or n <= chunk_size:
         return fn(*rows)
@@ -334,7 +281,6 @@ def in_chunks(fn, chunk_size, *rows):
 
 
 def _replicate_stderr(means):
-    """std_r / sqrt(R) of the replicates' means (B, R, ...) (NaN for one replicate)."""
     r = means.shape[1]
     if r < 2:
         return t.full_like(means[:, 0], math.nan)

@@ -1,13 +1,4 @@
-"""The evaluation table of trained models as two Trainer.test passes (experiment.py builds the
-Trainer): rows of E[-log p] in nats and bits/dim with standard errors, every sample's values kept,
-printed and written as JSON (docs/evaluation.md).
-
-A row is a model (the data-matched Gaussian, each checkpoint, their ensemble) and an estimate
-(estimates.ROWS). "select" scores every candidate denoiser per log-SNR bin on the selection
-samples; the ensembles, rounding choices and fitted proposals follow (a `Plan`). "score" computes
-every row on the scored samples. Every draw is named by (seed, sample index) and the values are
-gathered in index order, so the table is the same for any number of processes and batch size.
-"""
+"""The evaluation table as two Trainer.test passes, "select" and "score" (docs/evaluation.md)."""
 import dataclasses
 import os
 import time
@@ -29,9 +20,7 @@ SELECTION = 1  # names the held-out choice's stream apart from the scored rows' 
 
 @dataclasses.dataclass
 class Entry:
-    """A model of the table: its denoiser, reference, own proposal (range, logistic) and schedule
-    (or None), its candidate bases (indices into Plan.bases: 0 is the Gaussian) and, for a model
-    of p(x | y), its label prior."""
+    """A model of the table; bases: indices into Plan.bases (0: the Gaussian)."""
     name: str
     denoiser: object
     reference: object
@@ -40,24 +29,16 @@ class Entry:
     schedule: Optional[t.Tensor] = None
     label_prior: Optional[t.Tensor] = None
 
-    @property
-    def conditional(self):
-        return self.label_prior is not None
-
 
 class Plan:
-    """What the rows are computed with: the settings (npoints, seed, grid, d, ode, vb_steps,
-    labels, num_classes), and after the selection pass each row's denoiser (a single base as it
-    is, else the per-bin held-out choice among candidate columns: every base under every
-    rounding) and log-SNR proposal (fitted to that row's held-out integrand)."""
+    """The rows' settings and, after the selection pass, each row's denoiser and proposal."""
 
     def __init__(self, bases, edges, grid, proposal_kind, bins, seed, **settings):
         self.bases, self.edges, self.grid, self.bins = bases, edges, grid, bins
         self.proposal_kind, self.seed, self.heldout = proposal_kind, seed, {}
         self.roundings = {"continuous": ("none",), "discrete": ("none", "hard", "soft")}
         self.selection_seed = utils.derive_seed(seed, SELECTION)
-        for key, value in settings.items():
-            setattr(self, key, value)
+        vars(self).update(settings)
 
     def candidates(self, kind):
         """(z, a) -> every column's prediction of `kind`, each base evaluated once."""
@@ -69,31 +50,23 @@ class Plan:
         return predict
 
     def columns(self, kind, entry, roundings=("none",)):
-        """An entry's candidate columns: its bases under `roundings`, and with rounding the
-        Gaussian too (column index: rounding * bases + base)."""
+        """An entry's candidate columns (rounding * bases + base; with rounding the Gaussian's)."""
         n, order = len(self.bases), self.roundings[kind]
         cols = {order.index(r) * n + b for r in roundings for b in entry.bases}
         return sorted(cols | ({0} if roundings != ("none",) else set()))
 
-    def column(self, kind, c):
-        rounding, base = divmod(c, len(self.bases))
-        mode = self.roundings[kind][rounding]
-        return self.bases[base] if mode == "none" else GridRounding(self.bases[base], self.grid, mode)
-
     def denoiser(self, kind, entry, roundings=("none",)):
-        """The row's denoiser: the entry's own where it has one base unrounded, else the per-bin
-        held-out best of its columns."""
+        """The entry's own denoiser, or the per-bin held-out best of its columns."""
         if len(entry.bases) == 1 and roundings == ("none",):
             return entry.denoiser
-        cols = self.columns(kind, entry, roundings)
-        return Ensemble.from_heldout([self.column(kind, c) for c in cols], self.edges[kind],
-                                     self.heldout[kind].mean(0).T[cols])
+        cols, members = self.columns(kind, entry, roundings), []
+        for rounding, base in (divmod(c, len(self.bases)) for c in cols):
+            mode, member = self.roundings[kind][rounding], self.bases[base]
+            members.append(member if mode == "none" else GridRounding(member, self.grid, mode))
+        return Ensemble.from_heldout(members, self.edges[kind], self.heldout[kind].mean(0).T[cols])
 
     def proposal(self, kind, entry, roundings=("none",)):
-        """The row's log-SNR importance distribution: the logistic of the entry's range (widened
-        to resolve the grid for discrete rows), fitted to the row's held-out integrand (1/2
-        (error - the Gaussian's) continuous, 1/2 error discrete) unless proposal="logistic",
-        there is nothing to follow or too few selection samples (docs/evaluation.md)."""
+        """The row's log-SNR proposal, fitted to its held-out integrand (docs/evaluation.md)."""
         base = entry.proposal
         if kind == "discrete":
             base = base.widened(utils.grid_resolved_logsnr(self.grid.delta))
@@ -110,17 +83,13 @@ class Plan:
 
 
 class Evaluation(pl.LightningModule):
-    """The table of DiffusionModels `models` (named `names`) on a datamodules.Data's evaluation
-    samples, split once (seeded) into selection and scored parts; or, with `scored` (x, labels),
-    every one of those samples scored and the data's for selection. `limit`: score the first
-    `limit` scored samples only. ode: None or the ODE rows' settings (ode.settings)."""
+    """The table of DiffusionModels on a Data's evaluation samples (split seeded into selection and
+    scored) or on `scored` (x, labels); limit: score the first `limit`; ode: ode.settings(...)."""
 
     def __init__(self, models, names, data, scored=None, seed=0, npoints=128, batch_size=256,
                  select_fraction=0.5, bins=BINS, vb_steps=100, proposal="fitted", ode=None,
                  limit=None):
         super().__init__()
-        if proposal not in ("fitted", "logistic"):
-            raise ValueError(f"proposal must be 'fitted' or 'logistic', got {proposal!r}")
         self.models, self.names, self.data = t.nn.ModuleList(models), list(names), data
         self.scored, self.limit, self.proposal_kind, self.ode = scored, limit, proposal, ode
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
@@ -128,53 +97,49 @@ class Evaluation(pl.LightningModule):
         self.samples, self.phase, self.rows, self.per_sample = None, "select", [], {}
         self.d = models[0].d
 
-    def prepare_data(self):  # Lightning calls it once per node: downloads
+    def prepare_data(self):
         self.data.prepare_data()
 
     def setup(self, stage):
-        """The selection and scored samples (their positions in the evaluated data kept as
-        `scored_index`), the candidates and bins of the held-out choice, and the Plan."""
         if self.samples is not None:
             return
         self.data.setup()
         x, grid = self.data.eval_data()
-        first = self.models[0]
-        labels = self.data.eval_labels() if first.num_classes else None
+        first, n = self.models[0], len(self.models)
         if self.scored is None:
-            n_select = int(round(self.select_fraction * len(x)))
+            n_select = round(self.select_fraction * len(x))
             perm = t.randperm(len(x), generator=t.Generator().manual_seed(self.seed))
-            select, self.scored_index = perm[:n_select], perm[n_select:]
-            score, labels = x, labels
+            select, scored_index = perm[:n_select], perm[n_select:]
+            score, labels = x, self.data.eval_labels()
         else:
-            select, self.scored_index = t.arange(len(x)), t.arange(len(self.scored[0]))
+            select, scored_index = t.arange(len(x)), t.arange(len(self.scored[0]))
             score, labels = self.scored
-            labels = labels if first.num_classes else None
-        self.scored_index = self.scored_index[:self.limit]
+        self.scored_index = scored_index[:self.limit]
         if min(len(select), len(self.scored_index)) < max(2, self.trainer.world_size):
             raise UserError(f"{len(select)} selection and {len(self.scored_index)} scored samples "
                             f"are too few for {self.trainer.world_size} process(es)")
         self.samples = {"select": x[select], "score": score[self.scored_index]}
-        self.labels = None if labels is None else labels[self.scored_index]
+        self.labels = None if labels is None or not first.num_classes else labels[self.scored_index]
         bases = [GaussianDenoiser(first.reference)] + list(self.models)
         edges = {"continuous": _union_bins([m.proposal for m in self.models], self.bins)}
         if grid is not None:
             top = utils.grid_resolved_logsnr(grid.delta)
-            edges["discrete"] = _union_bins([m.proposal.widened(top) for m in self.models], self.bins)
+            edges["discrete"] = _union_bins([m.proposal.widened(top) for m in self.models],
+                                            self.bins)
         self.plan = Plan(bases, edges, grid, self.proposal_kind, self.bins, self.seed,
                          npoints=self.npoints, d=self.d, ode=self.ode, vb_steps=self.vb_steps,
                          labels=self.labels, num_classes=first.num_classes)
-        n, schedules = len(self.models), [getattr(m.model, "alphas_cumprod", None)
-                                          for m in self.models]
-        self.entries = ([Entry("gaussian", bases[0], first.reference, first.proposal, [0],
-                               schedules[0])]
-                        + [Entry(name, m, m.reference, m.proposal, [1 + i], schedule,
-                                 m.label_log_prior if m.num_classes else None)
-                           for i, (name, m, schedule) in enumerate(zip(self.names, self.models,
-                                                                        schedules))]
-                        + [Entry("ensemble", None, first.reference, first.proposal,
-                                 list(range(n + 1)), schedules[0])])
-        if self.trainer.is_global_zero:
-            select_cost, score_cost = self.evaluations_per_sample()
+        schedules = [getattr(m.model, "alphas_cumprod", None) for m in self.models]
+        gaussian = Entry("gaussian", bases[0], first.reference, first.proposal, [0], schedules[0])
+        own = [Entry(name, m, m.reference, m.proposal, [1 + i], schedules[i],
+                     m.label_log_prior if m.num_classes else None)
+               for i, (name, m) in enumerate(zip(self.names, self.models))]
+        ensemble = dataclasses.replace(gaussian, name="ensemble", denoiser=None,
+                                       bases=list(range(n + 1)))
+        self.entries = [gaussian, *own, ensemble]
+        if self.trainer.is_global_zero:  # roundings reuse the bases' evaluations, and the
+            select_cost = sum(len(e) - 1 for e in edges.values()) * n  # Gaussian's are next to free
+            score_cost = sum(kind.cost(self.plan) for kind in self.kinds().values()) * (n + 1)
             print(f"evaluating {n} model(s) on {len(self.scored_index)} scored samples "
                   f"({len(select)} for selection) with {self.trainer.world_size} process(es): "
                   f"{select_cost} + {score_cost} denoiser evaluations per sample, "
@@ -186,22 +151,16 @@ class Evaluation(pl.LightningModule):
         return {name: kind for name, kind in ROWS.items()
                 if (not kind.grid or self.plan.grid is not None) and kind.when(self.plan)}
 
-    def evaluations_per_sample(self):
-        """Denoiser evaluations per selection sample and per scored sample (for the log)."""
-        n = len(self.models)  # the Gaussian's evaluations cost next to nothing
-        select = sum((len(e) - 1) * n for e in self.plan.edges.values())  # roundings reuse them
-        return select, sum(kind.cost(self.plan) for kind in self.kinds().values()) * (n + 1)
-
     def run(self, trainer):
         """Both passes through the trainer: the selection samples, then the scored ones."""
         for self.phase in ("select", "score"):
             trainer.test(self, verbose=False)
 
-    # -- Lightning hooks
-    def test_dataloader(self):
+    def test_dataloader(self):  # (index, x[index]) of this process's shard
         x = self.samples[self.phase]
         shard = range(self.global_rank, len(x), self.trainer.world_size)
-        return t.utils.data.DataLoader(_Keyed(x, shard), batch_size=self.batch_size)
+        keyed = t.utils.data.TensorDataset(t.arange(len(x)), x)
+        return t.utils.data.DataLoader(keyed, batch_size=self.batch_size, sampler=shard)
 
     def on_test_epoch_start(self):
         self.parts, self.started = [], time.time()
@@ -236,13 +195,20 @@ class Evaluation(pl.LightningModule):
             print(f"{self.phase}: about {left:.0f} s left for this pass", flush=True)
 
     def _family(self, estimate):
-        """A built row and the rows derived from it, in table order."""
         return [(name, kind) for name, kind in self.kinds().items()
                 if name == estimate or (kind.derive is not None and kind.derive[0] == estimate)]
 
     def on_test_epoch_end(self):
-        x = self.samples[self.phase]
-        values = _gather_rows(self, self.parts, len(x))
+        x, world = self.samples[self.phase], self.trainer.world_size
+        index = t.cat([p[0] for p in self.parts]).to(self.device)
+        rows = t.cat([p[1] for p in self.parts]).to(self.device, t.float64)
+        if world > 1:  # shards differ in size by at most one: pad, then gather
+            size = -(-len(x) // world)
+            index = t.cat([index, index.new_full((size - len(index),), -1)])
+            rows = t.cat([rows, rows.new_zeros(size - len(rows), rows.shape[1])])
+            index, rows = self.all_gather(index).flatten(0, 1), self.all_gather(rows).flatten(0, 1)
+        values = t.zeros(len(x), rows.shape[1], dtype=t.float64)  # every process's, in order
+        values[index[index >= 0].cpu()] = rows[index >= 0].cpu()
         if self.phase == "select":
             start = 0
             for kind, edges in self.plan.edges.items():
@@ -285,53 +251,21 @@ class Evaluation(pl.LightningModule):
                     checkpoints=[os.path.abspath(p) for p in checkpoints],
                     x_shape=list(self.models[0].x_shape), d=self.d, npoints=self.npoints,
                     seed=self.seed, select_fraction=self.select_fraction,
-                    proposal=self.proposal_kind, n_scored=n, n_selection=len(self.samples["select"]),
+                    proposal=self.proposal_kind, n_scored=n,
+                    n_selection=len(self.samples["select"]),
                     grid=None if grid is None else grid._asdict(),
                     world_size=self.trainer.world_size, rows=self.exact_rows() + self.rows,
                     wall_time_s=wall_time_s)
 
 
 def _union_bins(proposals, bins):
-    """Equal-width bins over the union of the proposals' ranges: the held-out choice's."""
     ranges = [p.range for p in proposals]
     return est.bin_edges((min(r[0] for r in ranges), max(r[1] for r in ranges)), bins)
 
 
-class _Keyed(t.utils.data.Dataset):
-    """(index, x[index]) for the indices of one shard."""
-
-    def __init__(self, x, indices):
-        self.x, self.indices = x, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.indices[i], self.x[self.indices[i]]
-
-
-def _gather_rows(module, parts, n):
-    """Every process's (index, values) rows as one (n, k) float64 CPU tensor in index order."""
-    index = t.cat([p[0] for p in parts]).to(module.device)
-    values = t.cat([p[1] for p in parts]).to(module.device, t.float64)
-    if module.trainer.world_size > 1:  # shards differ in size by at most one: pad, then gather
-        size = -(-n // module.trainer.world_size)
-        index = t.cat([index, index.new_full((size - len(index),), -1)])
-        values = t.cat([values, values.new_zeros(size - len(values), values.shape[1])])
-        index, values = module.all_gather(index).flatten(0, 1), module.all_gather(values).flatten(0, 1)
-    out = t.zeros(n, values.shape[1], dtype=t.float64)
-    out[index[index >= 0].cpu()] = values[index >= 0].cpu()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The table as rows, text and files
-# ---------------------------------------------------------------------------------------------
+# --- The table as rows, text and files ---
 def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
-    """A row {model, estimate, nats | value, its stderr, bpd, bpd_stderr, integration_nats,
-    logsnr_range, proposal} from per-sample values: the standard error sqrt(Var_i(v_i) / N) over
-    the N scored samples covers data and integral together; integration_nats, the rms of the
-    samples' own integration errors, is the integral's part (docs/evaluation.md)."""
+    """A row of the table from per-sample values and integration stderrs (docs/evaluation.md)."""
     proposal = None
     if isinstance(span, LogisticProposal):
         proposal = {"kind": "logistic", "loc": span.loc, "scale": span.scale, "clip": span.clip}
@@ -341,8 +275,10 @@ def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
     nll = t.as_tensor(nll).double()
     mean = nll.mean().item()
     spread = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
-    integration = None if stderr is None else t.as_tensor(stderr).double().pow(2).mean().sqrt().item()
-    bpd = (utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d)) if unit == "nats" else (None, None)
+    integration = None if stderr is None else (
+        t.as_tensor(stderr).double().pow(2).mean().sqrt().item())
+    bpd = (None, None) if unit != "nats" else (
+        utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d))
     values = dict(nats=None, nats_stderr=None, value=mean, value_stderr=spread) if (
         unit == "fraction") else dict(nats=mean, nats_stderr=spread)
     return dict(model=model, estimate=estimate, **values, bpd=bpd[0], bpd_stderr=bpd[1],
@@ -351,8 +287,7 @@ def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
 
 
 def format_results(rows, header):
-    """The table as text: a line per (model, estimate) with its log-SNR range, integration noise,
-    evaluations and proposal, then what each estimate means (keyed by the whole row name)."""
+    """The table as text: a line per row, then what each estimate means."""
     lines = [header, f"{'model':<24} {'estimate':<26} {'nats':>12} {'+-':>9} {'bits/dim':>9} "
                      f"{'+-':>7}  {'log SNR':<13} {'integration':>11} {'evaluations':>11}  "
                      "proposal"]
@@ -380,32 +315,26 @@ def format_results(rows, header):
 
 
 def per_sample_table(ev, files=None):
-    """(header, rows) of every scored sample: its index in the evaluated data (and label and file
-    name where known), then per model and row its value in nats and bits/dim and its integration
-    standard error. The rows' means are the table's."""
-    header, columns = ["index"], [ev.scored_index.tolist()]
+    """(header, rows) of every scored sample's values per model and row (docs/evaluation.md)."""
+    columns = {"index": ev.scored_index.tolist()}
     if ev.labels is not None:
-        header, columns = header + ["label"], columns + [ev.labels.tolist()]
+        columns["label"] = ev.labels.tolist()
     if files is not None:
-        header, columns = header + ["file"], columns + [[files[i] for i in ev.scored_index]]
+        columns["file"] = [files[i] for i in ev.scored_index]
     for (model, estimate), (values, stderr) in ev.per_sample.items():
-        unit = ROWS[estimate].unit
-        name = f"{model}: {estimate}"
+        unit, name = ROWS[estimate].unit, f"{model}: {estimate}"
         if unit == "fraction":
-            header.append(name)
-            columns.append(values.tolist())
+            columns[name] = values.tolist()
             continue
-        header += [f"{name} (nats)", f"{name} (integration stderr, nats)"]
-        columns += [values.tolist(), stderr.tolist()]
+        columns[f"{name} (nats)"] = values.tolist()
+        columns[f"{name} (integration stderr, nats)"] = stderr.tolist()
         if unit == "nats":
-            header.append(f"{name} (bits/dim)")
-            columns.append(utils.nats_to_bpd(values, ev.d).tolist())
-    return header, sorted(zip(*columns))
+            columns[f"{name} (bits/dim)"] = utils.nats_to_bpd(values, ev.d).tolist()
+    return list(columns), sorted(zip(*columns.values()))
 
 
 def results_path(path=None, ckpt=None, name=None, folder=None):
-    """`path`, or eval-<checkpoint's name>.json next to the checkpoint `ckpt`, or
-    eval-<name>.json in `folder`; made unique: an existing file is never overwritten."""
+    """`path`, or eval-<ckpt's name>.json next to it, or eval-<name>.json in `folder`; unique."""
     if path is None and ckpt is not None:
         stem = os.path.splitext(os.path.basename(ckpt))[0]
         path = os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval-{stem}.json")

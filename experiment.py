@@ -1,16 +1,16 @@
-"""The runs both scripts share: `main(family, argv)` parses a script's command line, then trains
-(`train`) or evaluates checkpoints (`evaluate`); a `Family` is what a script's runs are made of
-(its data, its figures, how it describes a run). Also here: the Trainer built from the flags, run
-folders, checkpoints (`load_model`) and the run's summary.
+"""The runs both scripts share: `main(family, argv)` parses, then trains or evaluates; the Trainer,
+run folders, checkpoints (`load_model`), summaries. A `Family` makes a script (docs/extending.md).
 """
 import argparse
 import csv
 import dataclasses
 import errno
 import glob
+import io
 import json
 import logging
 import os
+import pathlib
 import re
 import shlex
 import sys
@@ -37,61 +37,52 @@ from cli import UserError
 from diffusionmodel import DiffusionModel
 from proposals import FittedProposal
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.EIO}  # a full, read-only or forbidden disk: exit status 74 (EX_IOERR)
+REFITS = 5  # --fit_proposal refits per run (20 gave the same gaps: docs/2d.md)
+SCRIPTS = ("train_2d.py", "train_cifar10.py")
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What one script's runs are made of.
-
-    script: the script's file name (checkpoints name it); parse(argv, checkpoint_args) -> args;
-    data(args, evaluation) -> a datamodules.Data; data_keys: the run arguments that fix the data;
-    callbacks(args, data, curve) -> its figures' callbacks; trainer: Trainer keyword arguments;
-    describe(args, trainer, model, values) -> a line printed at the start, or None;
-    pretrained(args, data) -> (model, name) evaluated as it is without --ckpt.
-    """
-    script: str
-    parse: Callable
-    data: Callable
-    data_keys: tuple
-    callbacks: Callable = lambda args, data, curve: []
-    trainer: dict = dataclasses.field(default_factory=dict)
-    describe: Optional[Callable] = None
-    pretrained: Optional[Callable] = None
+    """What one script's runs are made of."""
+    script: str  # the script's file name (checkpoints name it)
+    parse: Callable  # (argv, checkpoint_args) -> args
+    data: Callable  # (args, evaluation) -> a datamodules.Data
+    data_keys: tuple  # the run arguments that fix the data
+    callbacks: Callable = lambda args, data, curve: []  # (args, data, curve) -> figures' callbacks
+    trainer: dict = dataclasses.field(default_factory=dict)  # Trainer keyword arguments
+    describe: Optional[Callable] = None  # (args, trainer, model, values) -> a line at the start
+    pretrained: Optional[Callable] = None  # (args, data) -> (model, name) without --ckpt
 
 
 def main(family, argv=None):
     """A script's run from its command line."""
-    args = family.parse(argv, checkpoint_args(family.script))
+    args = family.parse(argv, lambda path: load_checkpoint(path, family.script)["run_args"])
     set_threads(args.num_threads)
     return evaluate(args, family) if args.eval_only else train(args, family)
 
 
 def set_threads(n):
     """PyTorch's CPU threads for this process, with a warning beyond the cores it may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if n > (cores or n):
+    cores = cli.available_cores()
+    if n > cores:
         print(f"warning: --num_threads {n} is more than the {cores} cores this process may use; "
               "it will run slower, not faster", file=sys.stderr, flush=True)
     t.set_num_threads(n)
 
 
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-               errno.EIO}  # a full, read-only or forbidden disk: exit status 74 (EX_IOERR)
-
-
 def run_cli(main):
-    """Runs main(); a user error ends with one line on stderr and exit status 2 (with the newest
-    complete checkpoint where training wrote one), a file that cannot be written with one line
-    naming it, what was kept and how to resume (exit status 74), Ctrl-C or SIGTERM with one line
-    saying what was kept (exit status 130 or 143: callbacks.Interrupted). A process group left by
-    DDP is closed first: gloo's threads abort the interpreter's exit otherwise."""
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's
-    # Lightning doubts mid-epoch resumes: the training loaders resume exactly themselves
-    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
+    """Runs main(); a user error ends in one line and exit status 2, a disk error in one naming the
+    file, what was kept and how to resume (74), Ctrl-C or SIGTERM in Interrupted's (130, 143)."""
+    # Lightning's: a deprecation; doubts about mid-epoch resumes (the loaders resume exactly)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)|You're "
+                            "resuming from a checkpoint that ended before")
     cb.Interrupted.message = cb.Interrupted.status = cb.Interrupted.kept = None  # this run's only
-    for name in ("pytorch_lightning.utilities.rank_zero",  # Lightning's own lines on Ctrl-C
+    for name in ("pytorch_lightning.utilities.rank_zero",  # Lightning's lines on Ctrl-C; its ads
                  "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).addFilter(lambda record: not re.search(
-            "KeyboardInterrupt|weights_only", record.getMessage()))
+            "KeyboardInterrupt|weights_only|litlogger", record.getMessage()))
     hook = threading.excepthook  # TensorBoard's writer thread: the main thread raises it again
     threading.excepthook = lambda a: type(a.thread).__name__ == "_AsyncWriterThread" or hook(a)
     try:
@@ -118,13 +109,10 @@ def run_cli(main):
         sys.exit(2)
     finally:
         threading.excepthook = hook
-        if t.distributed.is_available() and t.distributed.is_initialized():
-            t.distributed.destroy_process_group()
+        if t.distributed.is_available() and t.distributed.is_initialized():  # else gloo's
+            t.distributed.destroy_process_group()  # threads abort the interpreter's exit
 
 
-# ---------------------------------------------------------------------------------------------
-# The Trainer and run folders
-# ---------------------------------------------------------------------------------------------
 class RunLogger(TensorBoardLogger):
     """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ...: a run never overwrites another.
     The free name is chosen when the folder is first needed, so failed starts leave nothing."""
@@ -134,10 +122,8 @@ class RunLogger(TensorBoardLogger):
         self.run = run
 
     def finalize(self, status):
-        """Flushed, not closed: what a run writes after trainer.fit (a validation, the figures)
-        goes to the same events file; experiment.train closes it."""
         if self._experiment is not None:
-            self._experiment.flush()
+            self._experiment.flush()  # not closed: train() writes after trainer.fit
         if status == "success":
             self.save()
 
@@ -149,37 +135,29 @@ class RunLogger(TensorBoardLogger):
         return path
 
 
-REFITS = 5  # --fit_proposal refits per run (20 gave the same gaps: docs/2d.md)
-
-
 def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
-    """A Trainer from the shared flags, or a UserError for settings Lightning rejects; nothing is
-    written yet. With `run` (a name, or the folder of a run to resume) it logs to TensorBoard and
-    checkpoints the last and the best val_loss into <run>/checkpoints, each with the run's
-    arguments, so a checkpoint alone rebuilds its model and data."""
-    class RunArgs(pl.Callback):
-        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-            checkpoint["run_args"] = dict(vars(args), script=script)
-            checkpoint["run_dir"] = os.path.abspath(trainer.log_dir)
-
-    logger, folder = False, None
+    """A Trainer from the shared flags, or a UserError for settings Lightning rejects. With `run`
+    (a name, or a folder to resume) it logs and checkpoints (last, best val_loss) to <run>/."""
+    run_args = pl.callbacks.LambdaCallback(on_save_checkpoint=lambda trainer, _, ckpt: ckpt.update(
+        run_args=dict(vars(args), script=script), run_dir=os.path.abspath(trainer.log_dir)))
+    logger, folder, devices = False, None, args.devices
     if run is not None:  # absolute paths: a resumed run's checkpoint folder is the same one
         resume = os.path.isdir(run)
         folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
-        logger = RunLogger(folder, os.path.basename(run), True) if resume else RunLogger(folder, run)
+        logger = RunLogger(folder, os.path.basename(run) if resume else run, resume)
         # best-*: lowest val_loss; last.ckpt: the latest model at every validation and at the
         # end, saved after best-* (the newest complete checkpoint: callbacks.Interrupted.kept)
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
                      ModelCheckpoint(filename="last", enable_version_counter=False),
-                     RunArgs(), cb.ValidateLastEpoch(), cb.RunSize(), cb.LogInterval(),
+                     run_args, cb.ValidateLastEpoch(), cb.RunSize(), cb.LogInterval(),
                      cb.SlurmJob(), *callbacks]
         if getattr(args, "fit_proposal", 0):
             callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))
         callbacks.append(cb.Interrupted())  # the last: it defers stops asked for by the others
     try:
-        trainer = pl.Trainer(accelerator=args.accelerator, devices=_devices(args.devices),
-                             strategy=args.strategy, num_nodes=args.num_nodes,
-                             precision=args.precision, logger=logger,
+        trainer = pl.Trainer(accelerator=args.accelerator, strategy=args.strategy,
+                             devices=int(devices) if str(devices).isdigit() else devices,
+                             num_nodes=args.num_nodes, precision=args.precision, logger=logger,
                              use_distributed_sampler=False,  # datamodules.Data shards itself
                              plugins=[cb.AtomicCheckpointIO()],
                              callbacks=[cb.show_progress(), *callbacks], **kwargs)
@@ -192,14 +170,8 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
     return trainer
 
 
-def _devices(value):
-    """--devices as Lightning takes it: 'auto', a count, or a list like '0,1'."""
-    return int(value) if isinstance(value, str) and value.isdigit() else value
-
-
 def check_writable(folder, flag):
-    """A UserError unless `folder` exists or can be created, and can be written; the folders the
-    check creates are removed again."""
+    """A UserError unless `folder` can be (created and) written; what the check creates goes."""
     created, path = [], os.path.abspath(folder)
     while not os.path.exists(path):
         created.append(path)
@@ -217,33 +189,25 @@ def check_writable(folder, flag):
 
 
 def resumed_run_dir(checkpoint, recorded=None):
-    """The run a checkpoint continues: RUN for a checkpoint in RUN/checkpoints/, else the run
-    folder the checkpoint recorded if it is still there; None if neither is."""
+    """The existing run a checkpoint continues: RUN of RUN/checkpoints/*.ckpt, else `recorded`."""
     if not checkpoint:
         return None
     folder = os.path.dirname(os.path.abspath(checkpoint))
-    for run in ([os.path.dirname(folder)] if os.path.basename(folder) == "checkpoints" else []) + [
-            recorded]:
-        if run and os.path.isfile(os.path.join(run, "hparams.yaml")):
-            return run
-    return None
+    runs = [os.path.dirname(folder)] if os.path.basename(folder) == "checkpoints" else []
+    return next((run for run in runs + [recorded]
+                 if run and os.path.isfile(os.path.join(run, "hparams.yaml"))), None)
 
 
 def requeued_checkpoint(log_dir, resume=None):
-    """In a SLURM job started again after a requeue: the newest checkpoint of the run this job
-    trained (callbacks.SlurmJob marked it; under log_dir, or the run its --resume named)."""
+    """In a requeued SLURM job: the newest checkpoint of the run it trained (callbacks.SlurmJob)."""
     job = cb.slurm_job_id()
     if job is None or int(os.environ.get("SLURM_RESTART_COUNT", 0)) < 1:
         return None
-    runs = glob.glob(os.path.join(glob.escape(log_dir), "*")) + [resumed_run_dir(resume, None)]
-    for mark in [os.path.join(run, cb.SLURM_MARK) for run in runs if run]:
-        if not os.path.isfile(mark):
-            continue
-        with open(mark) as f:
-            if f.read().strip() != job:
-                continue
-        found = glob.glob(os.path.join(glob.escape(os.path.dirname(mark)), "checkpoints", "*.ckpt"))
-        if found:
+    runs = glob.glob(os.path.join(glob.escape(log_dir), "*")) + [resumed_run_dir(resume)]
+    for run in filter(None, runs):
+        mark = pathlib.Path(run, cb.SLURM_MARK)
+        found = glob.glob(os.path.join(glob.escape(run), "checkpoints", "*.ckpt"))
+        if mark.is_file() and mark.read_text().strip() == job and found:
             newest = max(found, key=os.path.getmtime)
             print(f"SLURM job {job} requeued: resuming {shown_path(newest)}", flush=True)
             return newest
@@ -251,10 +215,8 @@ def requeued_checkpoint(log_dir, resume=None):
 
 
 def fit(trainer, model, data, ckpt_path=None):
-    """trainer.fit (from a checkpoint whose training is complete: its state restored), then a
-    validation of the final model if training stopped elsewhere than at the end of an epoch that
-    validated (--max_steps), and its last.ckpt saved. The last validation's metrics are in
-    trainer.callback_metrics (a finished run's from its checkpoint)."""
+    """trainer.fit, then, if it stopped between validations (--max_steps), a validation and
+    last.ckpt; the last validation's metrics end up in trainer.callback_metrics."""
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     last = next(c for c in trainer.callbacks if isinstance(c, cb.ValidateLastEpoch))
     if last.step != trainer.global_step and trainer.global_step > 0:
@@ -269,21 +231,13 @@ def fit(trainer, model, data, ckpt_path=None):
         trainer.callback_metrics.setdefault(key, t.tensor(value))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-SCRIPTS = ("train_2d.py", "train_cifar10.py")
-
-
 def load_checkpoint(path, script=None):
-    """A checkpoint written by `script` (by default either script), or a UserError saying what
-    is wrong with it."""
+    """A checkpoint written by `script` (default: either), or a UserError saying what is wrong."""
     if os.path.isdir(path):
-        found = sorted(os.path.relpath(p, path) for p in glob.glob(os.path.join(path, "**", "*.ckpt"),
-                                                                     recursive=True))
-        raise UserError(f"{path} is a folder, not a checkpoint; "
-                        + (f"the checkpoints in it: {', '.join(found)}" if found else
-                           "it holds no checkpoints"))
+        found = sorted(os.path.relpath(p, path)
+                       for p in glob.glob(os.path.join(path, "**", "*.ckpt"), recursive=True))
+        raise UserError(f"{path} is a folder, not a checkpoint; " + (
+            f"the checkpoints in it: {', '.join(found)}" if found else "it holds no checkpoints"))
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -292,12 +246,11 @@ def load_checkpoint(path, script=None):
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else 'corrupt file'}") from None
     saved = ckpt.get("run_args") if isinstance(ckpt, dict) else None
-    saved = saved if isinstance(saved, dict) else {}
-    if (saved.get("script") not in ((script,) if script else SCRIPTS)
-            or not isinstance(ckpt.get("state_dict"), dict)
-            or not isinstance(ckpt.get("hyper_parameters"), dict)):
+    written = saved.get("script") if isinstance(saved, dict) else None
+    if written not in ((script,) if script else SCRIPTS) or not all(
+            isinstance(ckpt.get(key), dict) for key in ("state_dict", "hyper_parameters")):
         raise UserError(f"{path} is not a checkpoint written by {script or ' or '.join(SCRIPTS)}"
-                        + (f" (it comes from {saved['script']})" if saved.get("script")
+                        + (f" (it comes from {written})" if written
                            else " (it holds no saved run arguments)"))
     return ckpt
 
@@ -308,8 +261,7 @@ def load_model(path, script=None):
 
 
 def model_from_checkpoint(ckpt, path="the checkpoint"):
-    """The trained DiffusionModel of a loaded checkpoint (its denoiser rebuilt from its record),
-    in eval mode."""
+    """The trained DiffusionModel of a loaded checkpoint, its denoiser rebuilt, in eval mode."""
     record = ckpt.get("denoiser")
     try:
         denoiser = denoisers.rebuild(record)  # its errors are prefixed with the path below
@@ -319,11 +271,6 @@ def model_from_checkpoint(ckpt, path="the checkpoint"):
     model.load_state_dict(ckpt["state_dict"])
     model.on_load_checkpoint(ckpt)
     return model.eval()
-
-
-def checkpoint_args(script):
-    """path -> the run arguments of a checkpoint `script` wrote (for cli.parse's --resume)."""
-    return lambda path: load_checkpoint(path, script)["run_args"]
 
 
 def checkpoint_names(paths):
@@ -337,16 +284,8 @@ def checkpoint_names(paths):
     return names
 
 
-# ---------------------------------------------------------------------------------------------
-# The summary of a run
-# ---------------------------------------------------------------------------------------------
-SUMMARY_LINES = ("title", "time", "validation", "gaussian", "exact", "information", "accuracy", "curve",
-                 "suggested", "proposal", "contours", "logs", "checkpoint", "figures", "view")
-
-
 def summarize(trainer, model, curve, values, start):
-    """The end of a run as a dict: validation E[-log p] beside the baselines, where the last MSE
-    curve stands against the Gaussian MMSE and what it suggests, where things went."""
+    """The end of a run as a dict: validation E[-log p], baselines, the last MSE curve, paths."""
     metrics, log_dir = trainer.callback_metrics, trainer.logger.log_dir
     s = dict(epochs=trainer.current_epoch, steps=trainer.global_step,
              wall_time_s=time.time() - start, run_dir=shown_path(log_dir),
@@ -366,80 +305,79 @@ def summarize(trainer, model, curve, values, start):
 
 
 def summary_lines(s):
-    """The summary as text: its named lines in SUMMARY_LINES order."""
+    """The summary as text."""
     bpd = utils.nats_to_bpd(s["val_nll"], s["d"])
     given = "(x | y)" if s.get("conditional") else "(x)"
-    lines = dict(title=f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in "
-                       f"{s['wall_time_s']:.1f} s",
-                 time="  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.get("time_s", {}).items()),
-                 validation=f"  validation E[-log p{given}] = {s['val_nll']:.4f} +- "
-                            f"{s['val_nll_stderr']:.4f} nats = {bpd:.4f} bits/dim",
-                 gaussian=f"  (data-matched Gaussian: {s['gaussian_val_loss']:.4f} nats = "
-                          f"{s['gaussian_val_bpd']:.4f} bits/dim)",
-                 logs=f"  logs:        {shlex.quote(s['run_dir'])}",
-                 checkpoint=f"  checkpoint:  {shlex.quote(s['checkpoint'])}",
-                 view="  view with:   tensorboard --logdir "
-                      f"{shlex.quote(os.path.dirname(s['run_dir']) or '.')}")
+    lines = [f"\n{s['dataset']}: {s['epochs']} epochs ({s['steps']} steps) in "
+             f"{s['wall_time_s']:.1f} s",
+             "  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.get("time_s", {}).items()),
+             f"  validation E[-log p{given}] = {s['val_nll']:.4f} +- {s['val_nll_stderr']:.4f} "
+             f"nats = {bpd:.4f} bits/dim",
+             f"  (data-matched Gaussian: {s['gaussian_val_loss']:.4f} nats = "
+             f"{s['gaussian_val_bpd']:.4f} bits/dim)"]
     if "val_nll_exact" in s:
         outside = s["exact_outside_support"]
-        lines["exact"] = (f"  exact E[-log p{given}] on the validation set = {s['val_nll_exact']:.4f} "
-                          f"nats (gap {s['val_nll'] - s['val_nll_exact']:+.4f}"
-                          f"{f'; {outside} points outside the support left out' if outside else ''})")
+        lines.append(f"  exact E[-log p{given}] on the validation set = {s['val_nll_exact']:.4f} "
+                     f"nats (gap {s['val_nll'] - s['val_nll_exact']:+.4f}"
+                     f"{f'; {outside} points outside the support left out' if outside else ''})")
     if "val_mi" in s:
         exact = (f" (exact on these points {s['val_mi_exact']:.4f} +- "
                  f"{s['val_mi_exact_stderr']:.4f})" if "val_mi_exact" in s else "")
-        lines["information"] = (f"  pointwise mutual information i(x; y) = {s['val_mi']:.4f} +- "
-                                f"{s['val_mi_stderr']:.4f} nats on average{exact};\n    by "
-                                f"Bayes' rule, log p(y | x) - log p(y) from p(x | y) alone: "
-                                f"{s['val_mi_bayes']:.4f} +- {s['val_mi_bayes_stderr']:.4f}")
         other = (f"Bayes classifier {s['val_accuracy_bayes']:.1%}" if "val_accuracy_bayes" in s
                  else f"LogisticRegression on the pixels {s['val_accuracy_logistic']:.1%}")
-        lines["accuracy"] = (f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
-                             f"{s['val_accuracy_stderr']:.1%} correct ({other}); "
-                             f"{s['label_evaluations']} denoiser evaluations per sample")
+        lines += [f"  pointwise mutual information i(x; y) = {s['val_mi']:.4f} +- "
+                  f"{s['val_mi_stderr']:.4f} nats on average{exact};\n    by Bayes' rule, "
+                  f"log p(y | x) - log p(y) from p(x | y) alone: {s['val_mi_bayes']:.4f} +- "
+                  f"{s['val_mi_bayes_stderr']:.4f}",
+                  f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
+                  f"{s['val_accuracy_stderr']:.1%} correct ({other}); "
+                  f"{s['label_evaluations']} denoiser evaluations per sample"]
     if "curve_below" in s:
-        lines["curve"] = (f"  MSE curve below the Gaussian MMSE at {s['curve_below']} of "
-                          f"{s['curve_points']} log SNRs in [{s['curve_range'][0]:.1f}, "
-                          f"{s['curve_range'][1]:.1f}]")
+        lines.append(f"  MSE curve below the Gaussian MMSE at {s['curve_below']} of "
+                     f"{s['curve_points']} log SNRs in [{s['curve_range'][0]:.1f}, "
+                     f"{s['curve_range'][1]:.1f}]")
         loc, scale = s["suggested_logsnr_loc"], s["suggested_logsnr_scale"]
         if loc == loc and scale == scale:  # not nan
-            lines["suggested"] = f"  MSE curve suggests --logsnr_loc {loc:.2f} --logsnr_scale {scale:.2f}"
+            lines.append(f"  MSE curve suggests --logsnr_loc {loc:.2f} --logsnr_scale {scale:.2f}")
     if "proposal" in s:
-        lines["proposal"] = (f"  log-SNR proposal fitted to the model: "
-                             f"{100 * s['proposal']['moved']:.0f}% of the logistic's mass moved")
+        lines.append(f"  log-SNR proposal fitted to the model: "
+                     f"{100 * s['proposal']['moved']:.0f}% of the logistic's mass moved")
     if "contour_cells" in s:
-        lines["contours"] = (f"  density contours: {s['contour_cells']} cells shown, standard "
-                             f"error median {s['contour_stderr_median']:.3f}, max "
-                             f"{s['contour_stderr_max']:.3f} nats")
-        lines["figures"] = f"  figures:     {shlex.quote(s['figures'])}"
-    return "\n".join(lines[k] for k in SUMMARY_LINES if k in lines)
+        lines.append(f"  density contours: {s['contour_cells']} cells shown, standard error "
+                     f"median {s['contour_stderr_median']:.3f}, max "
+                     f"{s['contour_stderr_max']:.3f} nats")
+    lines += [f"  logs:        {shlex.quote(s['run_dir'])}",
+              f"  checkpoint:  {shlex.quote(s['checkpoint'])}"]
+    if "contour_cells" in s:
+        lines.append(f"  figures:     {shlex.quote(s['figures'])}")
+    return "\n".join(lines + ["  view with:   tensorboard --logdir "
+                              f"{shlex.quote(os.path.dirname(s['run_dir']) or '.')}"])
 
 
-# ---------------------------------------------------------------------------------------------
-# The drivers
-# ---------------------------------------------------------------------------------------------
-def new_model(args, data, denoiser=None, record=None):
-    """The DiffusionModel of a run's arguments for the data's samples (and labels), around
-    `denoiser` (default: a new one from --denoiser: denoisers.from_args)."""
-    if denoiser is None:
-        denoiser, record, _ = denoisers.from_args(args, data)
-    return DiffusionModel(
-        denoiser, x_shape=data.x_shape, learning_rate=args.learning_rate,
-        logsnr_loc=args.logsnr_loc, logsnr_scale=args.logsnr_scale, clip=args.clip,
-        gaussian_residual=args.gaussian_residual, val_npoints=args.val_npoints,
-        lr_schedule=args.lr_schedule, seed=args.seed, num_classes=data.num_classes,
-        label_dropout=args.label_dropout, record=record)
+def new_model(args, data):
+    """The DiffusionModel of a run's arguments for the data, its denoiser a new --denoiser."""
+    denoiser, record, _ = denoisers.from_args(args, data)
+    keys = ("learning_rate", "logsnr_loc", "logsnr_scale", "clip", "gaussian_residual",
+            "val_npoints", "lr_schedule", "seed", "label_dropout")
+    return DiffusionModel(denoiser, x_shape=data.x_shape, num_classes=data.num_classes,
+                          record=record, **{key: getattr(args, key) for key in keys})
 
 
 def train(args, family):
-    """Trains a new run, or resumes one (--resume): TensorBoard logs, checkpoints, figures, and
-    the summary printed and written to summary.json (global rank 0, which returns it)."""
+    """Trains or resumes a run; rank 0 prints, writes (summary.json) and returns its summary."""
     start = time.time()
     args.resume = requeued_checkpoint(args.log_dir, args.resume) or args.resume
     ckpt = load_checkpoint(args.resume, family.script) if args.resume else None
     run = resumed_run_dir(args.resume, ckpt and ckpt.get("run_dir"))
     if ckpt is not None:
-        _check_unfinished(ckpt, args, run)
+        epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        if epochs >= args.num_epochs or 0 < args.max_steps <= ckpt["global_step"]:
+            if run and os.path.isfile(os.path.join(run, "summary.json")):
+                raise UserError(f"already finished: {args.resume} holds all {epochs} epochs "
+                                f"({ckpt['global_step']} steps) of its run; evaluate it with "
+                                f"--eval_only --ckpt {shlex.quote(args.resume)}")
+            print(f"training is complete ({ckpt['global_step']} steps): finishing the run with "
+                  "its end-of-training passes, figures and summary", flush=True)
         if run is None and ckpt.get("run_dir"):
             print(f"note: the run folder {shown_path(ckpt['run_dir'])} of {args.resume} no longer "
                   f"exists: the resumed run continues in a new folder under {args.log_dir}",
@@ -485,36 +423,35 @@ def train(args, family):
             s.update(getattr(callback, "values", {}), **getattr(callback, "results", {}))
         s["args"] = vars(args)
         print(summary_lines(s), flush=True)
-        cli.write_file(os.path.join(trainer.logger.log_dir, "summary.json"), json.dumps(s, indent=1))
+        cli.write_file(os.path.join(trainer.logger.log_dir, "summary.json"),
+                       json.dumps(s, indent=1))
         trainer.logger.experiment.close()
     return s
 
 
 def evaluate(args, family):
-    """--eval_only: the evaluation table of the checkpoints (and their ensemble with the
-    data-matched Gaussian) on their run's validation data, or on every sample of --data, through
-    a Trainer built from the device flags; printed and written as JSON by global rank 0 (never
-    over an existing file), every sample's values to --per_sample. Without --ckpt, the family's
-    pretrained model as it is."""
+    """--eval_only: the table (docs/evaluation.md) of --ckpt (or the pretrained model) on the
+    validation data or every sample of --data, printed and written by global rank 0."""
     start, scored, files, scored_path = time.time(), None, None, args.data
     if args.ckpt:
         ckpts = [load_checkpoint(path, family.script) for path in args.ckpt]
         run_args = argparse.Namespace(**dict(vars(args), **checkpoints_data(args, ckpts,
                                                                               family.data_keys)))
         models = [model_from_checkpoint(c, p) for c, p in zip(ckpts, args.ckpt)]
-        data = family.data(run_args, evaluation=True) if not scored_path else None
         if scored_path:  # every sample of the file scored; the run's own data for the selection
             whole = family.data(argparse.Namespace(**dict(vars(run_args), data=scored_path)),
                                 evaluation=True, whole=True)
             whole.setup()
             scored, files = (whole.eval_data()[0], whole.eval_labels()), whole.files
-            try:
-                data = family.data(run_args, evaluation=True)
-            except (FileNotFoundError, ValueError):
-                print(f"note: the data {run_args.data or run_args.dataset} the run was trained on "
-                      f"is not here: the selection pass uses {scored_path} itself, so the "
-                      "ensemble and rounding rows are chosen on the scored samples", flush=True)
-                data = whole
+        try:
+            data = family.data(run_args, evaluation=True)
+        except (FileNotFoundError, ValueError):
+            if not scored_path:
+                raise
+            print(f"note: the data {run_args.data or run_args.dataset} the run was trained on "
+                  f"is not here: the selection pass uses {scored_path} itself, so the "
+                  "ensemble and rounding rows are chosen on the scored samples", flush=True)
+            data = whole
         _check_missing(data)
         for c, p in zip(ckpts, args.ckpt):
             _check_shape(c, whole if scored_path else data, p)
@@ -541,21 +478,17 @@ def evaluate(args, family):
                                args.eval_batch_size, args.select_fraction, vb_steps=args.vb_steps,
                                proposal=args.eval_proposal, ode=ode_settings,
                                limit=args.eval_samples)
-    outputs = [p for p in (path, args.per_sample) if p]
-    if trainer.is_global_zero:
-        for k, output in enumerate(outputs):
-            try:
-                evaluation.claim_results_file(output)
-            except UserError:  # the files claimed before it are not left behind, empty
-                for claimed in outputs[:k]:
-                    os.remove(claimed)
-                raise
-        for ckpt in args.ckpt or []:
-            if os.path.basename(ckpt).startswith("best"):
-                print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
-                      "is now scored on, so its numbers are optimistic; last.ckpt is not",
-                      flush=True)
+    claimed = []  # the output files this process created: removed unless complete
     try:
+        if trainer.is_global_zero:
+            for output in filter(None, (path, args.per_sample)):
+                evaluation.claim_results_file(output)
+                claimed.append(output)
+            for ckpt in args.ckpt or []:
+                if os.path.basename(ckpt).startswith("best"):
+                    print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
+                          "is now scored on, so its numbers are optimistic; last.ckpt is not",
+                          flush=True)
         with cb.stop_at_once():
             ev.run(trainer)
         results = ev.results(info, args.ckpt or [], time.time() - start)
@@ -565,39 +498,18 @@ def evaluate(args, family):
             cli.write_file(path, json.dumps(results, indent=1))
             if args.per_sample:
                 header, rows = evaluation.per_sample_table(ev, files)
-                cli.write_file(args.per_sample, _csv([header, *rows]))
+                table = io.StringIO(newline="")
+                csv.writer(table).writerows([header, *rows])
+                cli.write_file(args.per_sample, table.getvalue())
     except BaseException:
-        if trainer.is_global_zero:
-            for output in outputs:  # nothing half-written stays behind
-                if os.path.exists(output):
-                    os.remove(output)
+        for output in claimed:
+            if os.path.exists(output):
+                os.remove(output)
         raise
     if trainer.is_global_zero:
-        print(f"written to {shown_path(path)}"
-              + (f"; every sample's values to {shown_path(args.per_sample)}" if args.per_sample else ""))
+        print(f"written to {shown_path(path)}" + (
+            f"; every sample's values to {shown_path(args.per_sample)}" if args.per_sample else ""))
     return dict(results, per_sample=ev.per_sample, path=path)
-
-
-def _csv(rows):
-    with tempfile.SpooledTemporaryFile(mode="w+", newline="") as f:
-        csv.writer(f).writerows(rows)
-        f.seek(0)
-        return f.read()
-
-
-def _check_unfinished(ckpt, args, run):
-    """A UserError if the checkpoint to resume holds the whole run and the run its summary; if
-    only the summary is missing, a line saying that the resume finishes the run."""
-    epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
-    if epochs < args.num_epochs and not 0 < args.max_steps <= ckpt["global_step"]:
-        return
-    if not (run and os.path.isfile(os.path.join(run, "summary.json"))):
-        print(f"training is complete ({ckpt['global_step']} steps): finishing the run with its "
-              "end-of-training passes, figures and summary", flush=True)
-    else:
-        raise UserError(f"already finished: {args.resume} holds all {epochs} epochs "
-                        f"({ckpt['global_step']} steps) of its run; evaluate it with "
-                        f"--eval_only --ckpt {shlex.quote(args.resume)}")
 
 
 def _check_shape(ckpt, data, path):
@@ -607,38 +519,32 @@ def _check_shape(ckpt, data, path):
                         f"{tuple(data.x_shape)}")
 
 
-def _check_missing(data, build=None):
-    """A UserError if the data is neither here nor to be downloaded; else build()'s result.
-    build (the model, whose weights may be missing too) is tried either way, so that one error
-    names every missing input, a line each."""
+def _check_missing(data, build=lambda: None):
+    # build() (the model, whose weights may be missing too) is tried either way: one error names
+    # every missing input
     problem = data.missing()
     if not problem:
-        return build() if build is not None else None
+        return build()
     try:
-        if build is not None:
-            build()
+        build()
     except (UserError, ValueError) as err:
         raise UserError(f"{problem}\nerror: {err}") from None
     raise UserError(problem)
 
 
 def checkpoints_data(args, ckpts, keys):
-    """The run arguments that fix the evaluation data, checked to agree across checkpoints and
-    with --dataset."""
-    def saved(ckpt):
-        return {k: ckpt["run_args"].get(k) for k in keys}
-    first = saved(ckpts[0])
-    for path, ckpt in zip(args.ckpt[1:], ckpts[1:]):
-        other = saved(ckpt)
+    """The checkpoints' run arguments `keys` (must agree); args' None flags take the first's."""
+    first, *others = [{k: ckpt["run_args"].get(k) for k in keys} for ckpt in ckpts]
+    for path, other in zip(args.ckpt[1:], others):
         if other != first:
-            diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}" for k in keys if first[k] != other[k])
+            diff = ", ".join(f"{k} {first[k]!r} vs {other[k]!r}"
+                             for k in keys if first[k] != other[k])
             raise UserError(f"{args.ckpt[0]} and {path} were trained on different data ({diff}): "
                             "an ensemble needs one data set")
     if args.dataset is not None and args.dataset != first["dataset"]:
         raise UserError(f"--dataset {args.dataset}, but {args.ckpt[0]} was trained on "
                         f"{first['dataset'] or first.get('data')}")
-    run_args = ckpts[0]["run_args"]
-    for key, value in run_args.items():  # the settings the run was trained with
+    for key, value in ckpts[0]["run_args"].items():  # the settings the run was trained with
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return first

@@ -1,13 +1,4 @@
-"""-log p(x) of the density a denoiser's probability-flow ODE defines, the likelihood most
-diffusion papers report, beside the information-theoretic estimate.
-
-In y = z / sqrt(s(a)) the flow dy/d sigma = eps_hat(sqrt(s(a)) y, a), sigma = e^(-a/2), carries
-the data's density to the noise's, with d log p / d sigma = -sqrt(s(a)) div_z eps_hat. Over the
-log-SNR range it is integrated numerically in sigma; beyond it the denoiser is the Gaussian
-reference's, whose flow is linear, so both ends are closed forms (docs/maths.md). The solver is
-Dormand-Prince 5(4) with a step size per sample: every stage is one batched denoiser call, and a
-sample's steps follow its own errors alone (docs/likelihoods.md).
-"""
+"""-log p(x) under a denoiser's probability-flow ODE, by Dormand-Prince 5(4) (docs/maths.md)."""
 import math
 
 import torch as t
@@ -23,23 +14,18 @@ _B = (35 / 384, 0., 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
 _E = (-71 / 57600, 0., 71 / 16695, -71 / 1920, 17253 / 339200, -22 / 525, 1 / 40)
 TRACES = ("exact", "hutchinson")
 EXACT_UP_TO = 16  # dimensions: beyond, the exact divergence's d products cost too much
+_PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed streams
 
 
 def settings(trace, d, probes=1, tol=1e-5):
-    """nll_ode's keyword arguments for a trace of TRACES or "auto" (exact up to EXACT_UP_TO
-    dimensions, Hutchinson's beyond) in d dimensions."""
+    """nll_ode's keyword arguments; trace "auto": exact up to EXACT_UP_TO dimensions."""
     if trace == "auto":
         trace = "exact" if d <= EXACT_UP_TO else "hutchinson"
     return dict(trace=trace, probes=probes, rtol=tol, atol=tol)
 
 
-_PROBE_STREAM = 0x4F44  # names the Hutchinson probes apart from the other keyed streams
-
-
 def divergence(fn, z, trace="exact", probes=None):
-    """(fn(z), div_z fn(z)) per sample for a map acting on each sample alone: exact (one
-    vector-Jacobian product per dimension) or Hutchinson's v^T J v averaged over `probes`
-    (K, B, d) Rademacher vectors; 0 where fn does not depend on z."""
+    """(fn(z), div_z fn(z)) per sample: exact or Hutchinson's over `probes` (K, B, d)."""
     with t.inference_mode(False), t.enable_grad():  # also under Trainer(inference_mode=True)
         z = z.clone().requires_grad_(True)
         out = fn(z)
@@ -48,7 +34,8 @@ def divergence(fn, z, trace="exact", probes=None):
             return out.detach(), t.zeros(len(z), dtype=out.dtype, device=z.device)
 
         def vjp(v, retain):
-            return t.autograd.grad(flat, z, v, retain_graph=retain, materialize_grads=True)[0].flatten(1)
+            grad = t.autograd.grad(flat, z, v, retain_graph=retain, materialize_grads=True)[0]
+            return grad.flatten(1)
         if trace == "exact":
             eye = t.eye(flat.shape[1], dtype=flat.dtype, device=z.device)
             div = sum(vjp(eye[i].expand_as(flat), i + 1 < flat.shape[1])[:, i]
@@ -61,10 +48,8 @@ def divergence(fn, z, trace="exact", probes=None):
 
 def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=1e-5, atol=1e-5,
             seed=None, index=None, max_steps=10000):
-    """-log p(x) in nats per sample of the density the probability-flow ODE defines (the
-    denoiser over logsnr_range, the reference's beyond), and info: {"nfe": (B,) denoiser
-    evaluations per sample (each with its divergence), "trace", "probes", "rtol", "atol",
-    "logsnr_range"}. Hutchinson's probes are named by (seed, index, probe, dimension)."""
+    """(-log p(x) per sample, info: "nfe" (B,) and the settings); the denoiser over logsnr_range,
+    the reference beyond; probes named by (seed, index, probe, dimension)."""
     if trace not in TRACES:
         raise ValueError(f"trace must be one of {TRACES}, got {trace!r}")
     if not (0 < rtol < 1 and 0 < atol < 1):
@@ -74,7 +59,7 @@ def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=
     lam, m = ref.eigvals.double(), ref.mean.double()
     # the Gaussian's flow from a = +inf down to a_hi, in closed form
     gain = (1 + math.exp(-a_hi) / lam).sqrt()
-    y = m + ref.unrotate(ref.rotate(x.double().flatten(1) - m) * gain)
+    y = m + ref.rotate(ref.rotate(x.double().flatten(1) - m) * gain, inverse=True)
     log_det = 0.5 * (1 + math.exp(-a_hi) / lam).log().sum()
     probe_vectors = None
     if trace == "hutchinson":
@@ -86,11 +71,8 @@ def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=
 
     sigma_lo = math.exp(-a_hi / 2)
 
-    def field(s, state, rows):
-        """d(y, l)/d sigma at sigma = sigma_lo + s (sigma = e^(-a/2)): dy/d sigma = eps_hat(z, a),
-        dl/d sigma = sqrt(s(a)) div_z eps_hat, z = sqrt(s(a)) y."""
-        sigma = sigma_lo + s
-        a = -2 * sigma.log()
+    def field(s, state, rows):  # d(y, log p)/d sigma at sigma = sigma_lo + s (docs/maths.md)
+        a = -2 * (sigma_lo + s).log()
         alpha = t.sigmoid(a).sqrt()
         z = (alpha.unsqueeze(1) * state[:, :d]).to(dtype).view((-1,) + x.shape[1:])
         pr = None if probe_vectors is None else probe_vectors[:, rows].to(dtype)
@@ -104,20 +86,16 @@ def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=
     var = lam + math.exp(-a_lo)
     r = ref.rotate(y_end - m)
     nll_end = 0.5 * (d * utils.LOG_2PI + var.log().sum() + (r ** 2 / var).sum(1))
-    nll = nll_end - integral - log_det
     info = dict(nfe=nfe, trace=trace, probes=probes if trace == "hutchinson" else None,
                 rtol=rtol, atol=atol, logsnr_range=[a_lo, a_hi])
-    return nll.to(dtype), info
+    return (nll_end - integral - log_det).to(dtype), info
 
 
 def _dopri5(field, y0, span, rtol, atol, max_steps):
-    """y(span) of dy/ds = field(s, y, rows) from s = 0 for every row of y0 (B, n), each row with
-    its own adaptive steps (scipy's RK45 step control: the rms over components of the error
-    relative to atol + rtol |y|, step factor 0.9 err^(-1/5) within [0.2, 10], and its initial
-    step). Returns (y, function evaluations per row)."""
+    # (y(span), evaluations per row) of dy/ds = field(s, y, rows), scipy RK45's step control
     b, dev = len(y0), y0.device
-    rows = t.arange(b, device=dev)
-    s, y, nfe = t.zeros(b, dtype=t.float64, device=dev), y0.clone(), t.zeros(b, dtype=t.long, device=dev)
+    rows, s, y = t.arange(b, device=dev), t.zeros(b, dtype=t.float64, device=dev), y0.clone()
+    nfe = t.full((b,), 2, dtype=t.long, device=dev)  # the initial step's two evaluations
 
     def norm(v, scale):
         return ((v / scale) ** 2).mean(1).sqrt()
@@ -126,12 +104,9 @@ def _dopri5(field, y0, span, rtol, atol, max_steps):
     scale = atol + rtol * y.abs()
     d0, d1 = norm(y, scale), norm(f, scale)
     h0 = t.where((d0 < 1e-5) | (d1 < 1e-5), t.full_like(d0, 1e-6), 0.01 * d0 / d1).clamp(max=span)
-    f1 = field(h0, y + h0.unsqueeze(1) * f, rows)
-    d2 = norm(f1 - f, scale) / h0
-    big = t.maximum(d1, d2)
+    big = t.maximum(d1, norm(field(h0, y + h0.unsqueeze(1) * f, rows) - f, scale) / h0)
     h1 = t.where(big <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), (0.01 / big) ** (1 / 5))
     h = t.minimum(100 * h0, h1).clamp(max=span)
-    nfe += 2
     active = t.ones(b, dtype=t.bool, device=dev)
     for _ in range(max_steps):
         if not active.any():
@@ -146,14 +121,12 @@ def _dopri5(field, y0, span, rtol, atol, max_steps):
         nfe[i] += 6
         err = norm(hi * sum(w * kk for w, kk in zip(_E, k + [f_new])),
                    atol + rtol * t.maximum(yi.abs(), y_new.abs()))
-        ok = err <= 1
+        ok = err <= 1  # a rejected step shrinks: 0.9 err^(-1/5) < 1 where err > 1
         factor = (0.9 * err.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.)
-        factor = t.where(ok, factor, factor.clamp(max=1.))
         acc = i[ok]
         s[acc], y[acc], f[acc] = s[acc] + h[acc], y_new[ok], f_new[ok]
         h[i] = hi[:, 0] * factor
-        done = s >= span * (1 - 1e-12)
-        active = active & ~done
+        active = active & ~(s >= span * (1 - 1e-12))
         h = t.minimum(h, (span - s).clamp(min=0))
     raise FloatingPointError(f"the probability-flow ODE did not reach the end of its range in "
                              f"{max_steps} steps (rtol {rtol}, atol {atol})")

@@ -1,13 +1,4 @@
-"""The importance distribution over log SNR, and how its range is chosen (docs/maths.md).
-
-- `LogisticProposal`: a truncated logistic (range, weights, sampling, quadrature, widening);
-- `FittedProposal`: the logistic mixed with bins fitted to the integrand;
-- the range read off a covariance spectrum or a measured MSE curve.
-
-Every sampler maps uniforms u to log SNRs a(u) through `from_uniform`, so stratified, quasi-Monte
-Carlo and quadrature points share one code path, and an integral Int f(a) da over the range is
-E_q[w(a) f(a)] with w = 1/q.
-"""
+"""The importance distribution q over log SNR and how its range is chosen (docs/maths.md)."""
 import math
 
 import numpy as np
@@ -15,23 +6,14 @@ import torch as t
 import torch.nn.functional as F
 
 BINS = 48  # equal-width log-SNR bins of a fitted proposal and of the held-out choices
-EPS = 2.0 ** -52  # float64's relative precision
-
 
 
 class LogisticProposal:
-    """q(a): the logistic(loc, scale) truncated to loc +- clip * scale.
-
-    An integral Int f(a) da over that range is E_q[w(a) f(a)] with w = 1/q. Every sampler maps
-    uniforms u to a(u) = loc + scale * logit(s(-c) + (s(c) - s(-c)) u), so stratified, quasi-Monte
-    Carlo and quadrature points all come from `from_uniform`.
-    """
+    """q(a): the logistic(loc, scale) truncated to loc +- clip * scale."""
 
     def __init__(self, loc=0., scale=3., clip=4.):
-        if not scale > 0:
-            raise ValueError(f"logsnr_scale must be > 0, got {scale}")
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0, got {clip}")
+        if not (scale > 0 and clip > 0):
+            raise ValueError(f"logsnr_scale and clip must be > 0, got {scale} and {clip}")
         self.loc, self.scale, self.clip = float(loc), float(scale), float(clip)
 
     def __repr__(self):
@@ -48,14 +30,12 @@ class LogisticProposal:
         return self.scale * math.tanh(self.clip / 2) * t.exp(F.softplus(v) + F.softplus(-v))
 
     def from_uniform(self, u, dtype=t.float32):
-        """(a(u), w(a(u))) for uniforms u in [0, 1]: a computed in float64, then rounded into the
-        range in `dtype` (an end that dtype cannot represent must not be passed), w = 1/q there."""
+        """(a(u), w(a(u))) for uniforms u in [0, 1], a rounded into the range in `dtype`."""
         lo, hi = 1 / (1 + math.exp(self.clip)), 1 / (1 + math.exp(-self.clip))
         return self._at(self.loc + self.scale * t.logit(lo + (hi - lo) * u.to(t.float64)), dtype)
 
     def _at(self, logsnr, dtype):
-        """(a, w(a)) with a = logsnr rounded to dtype and clamped to the range's ends rounded
-        inwards, so that every draw lies in the support in the dtype it is used in."""
+        # the range's ends rounded inwards: every draw lies in the support in `dtype`
         ends = [t.tensor(v, dtype=t.float64).to(dtype) for v in self.range]
         if ends[0].double() < self.range[0]:
             ends[0] = t.nextafter(ends[0], t.tensor(math.inf, dtype=dtype))
@@ -65,8 +45,7 @@ class LogisticProposal:
         return a, self.weight(a.double()).to(dtype)
 
     def sample(self, shape, stratified=True, generator=None, device=None, dtype=t.float32):
-        """(a, w) of the given shape. stratified: the last dimension holds one draw per
-        equal-probability stratum, u_k = (k + U_k) / n, so its mean of w f stays unbiased."""
+        """(a, w) of the given shape; stratified: one draw per stratum along the last dimension."""
         shape = tuple(shape)
         u = t.rand(shape, generator=generator, device=device, dtype=t.float64)
         if stratified:
@@ -82,24 +61,21 @@ class LogisticProposal:
         return t.linspace(*self.range, n)
 
     def widened(self, hi):
-        """The same logistic with clip grown so that the range reaches at least `hi`."""
+        """The same proposal with clip grown so that the range reaches at least `hi`."""
         if self.range[1] >= hi:
             return self
-        return LogisticProposal(self.loc, self.scale, (hi - self.loc) / self.scale)
+        return self._with_clip((hi - self.loc) / self.scale)
+
+    def _with_clip(self, clip):
+        return LogisticProposal(self.loc, self.scale, clip)
 
 
 class FittedProposal(LogisticProposal):
-    """q(a) = (1 - mix) q_logistic(a) + mix q_bins(a), over the logistic's range (docs/maths.md).
+    """(1 - mix) q_logistic + mix q_bins, q_bins flat on bins over `bins_range` (docs/maths.md)."""
 
-    q_logistic is LogisticProposal(loc, scale, clip); q_bins is piecewise constant on len(weights)
-    equal-width bins over `bins_range` (default: the logistic's range), bin k holding probability
-    weights[k] / sum(weights). The logistic part keeps q > 0 over the whole range (so w = 1/q stays
-    bounded where the bins put nothing), the bins follow the integrand (DiffusionModel.fit_proposal).
-    from_uniform inverts the mixture CDF to rounding (float64, monotone in u), so stratified,
-    quasi-Monte Carlo and quadrature points keep their structure.
-    """
-
-    NEWTON_STEPS = 3  # Newton steps within a bin (from_uniform: 3 reach rounding)
+    NEWTON_STEPS = 3  # Newton steps within a piece (from_uniform: 3 reach rounding)
+    PIECE_WIDTH = 0.25  # at most this many scales per piece where Newton steps solve Q(a) = u
+    MIN_SAMPLES = 8  # pilot samples per bin a fit needs
 
     def __init__(self, loc, scale, clip, weights, mix=0.5, bins_range=None):
         super().__init__(loc, scale, clip)
@@ -114,11 +90,12 @@ class FittedProposal(LogisticProposal):
         if not (self.range[0] <= lo < hi <= self.range[1]):
             raise ValueError(f"bins_range {[lo, hi]} must lie within the range {list(self.range)}")
         self.weights, self.mix, self.bins_range = weights, float(mix), (lo, hi)
-        probs = t.tensor(weights, dtype=t.float64)
-        self._probs = probs / probs.sum()
-        self._cum = t.cat([t.zeros(1, dtype=t.float64), self._probs.cumsum(0)])
         self._width = (hi - lo) / len(weights)
-        self._device_tables = {}
+        probs = t.tensor(weights, dtype=t.float64)
+        probs = probs / probs.sum()
+        cum = t.cat([t.zeros(1, dtype=t.float64), probs.cumsum(0)])
+        self._tables = {"cpu": (probs, cum)}  # what _pieces needs (through cdf)
+        self._tables["cpu"] += self._pieces()
 
     def __repr__(self):
         return (f"FittedProposal(loc={self.loc:g}, scale={self.scale:g}, clip={self.clip:g}, "
@@ -136,18 +113,10 @@ class FittedProposal(LogisticProposal):
             raise ValueError(f"not a FittedProposal state: {state}")
         return cls(**state)
 
-    MIN_SAMPLES = 8  # pilot samples per bin a fit needs
-
     @classmethod
     def from_draws(cls, base, logsnr, terms, mix=0.5, bins=BINS):
-        """The mixture with `base` (a LogisticProposal) whose `bins` equal-width bins over base's
-        whole range follow pilot terms f(a) of the integrand: terms and logsnr (n, k), each of
-        n samples with k draws spread uniformly over (at least) that range, one per bin of an
-        equal-width grid (diffusionmodel.heldout_logsnrs). Bin j gets probability proportional
-        to the rms of the terms that fall in it (uniform within it: the bin's rms), the
-        variance-minimising piecewise-constant q (docs/maths.md); draws outside the range are
-        left out. All-zero terms (a model equal to the reference) leave nothing to follow:
-        base's logistic."""
+        """The mixture with `base` whose bins hold the rms of the pilot terms (n, k) at logsnr
+        (n, k) that fall in them; base's logistic for all-zero terms."""
         terms, a = (t.as_tensor(v).to(t.float64) for v in (terms, logsnr))
         if terms.dim() != 2 or terms.shape != a.shape or len(terms) < cls.MIN_SAMPLES:
             raise ValueError(f"fitting a proposal needs pilot terms and log SNRs of the same shape "
@@ -166,27 +135,31 @@ class FittedProposal(LogisticProposal):
         return cls(base.loc, base.scale, base.clip, mean_square.sqrt().tolist(), mix)
 
     def moved(self, points=20000):
-        """The probability mass the bins moved away from the logistic: the total variation
-        1/2 Int |q - q_logistic| da (midpoint rule)."""
+        """The mass the bins moved from the logistic: 1/2 Int |q - q_logistic| da (midpoint)."""
         lo, hi = self.range
         a = lo + (hi - lo) * (t.arange(points, dtype=t.float64) + 0.5) / points
         q_l = 1 / LogisticProposal.weight(self, a)
         return 0.5 * float((self.density(a) - q_l).abs().sum()) * (hi - lo) / points
 
     def _bin(self, a):
-        """(bin index clamped to the bins, inside the bins' range) of float64 log SNRs a."""
         lo, hi = self.bins_range
         k = ((a - lo) / self._width).floor().clamp(0, len(self.weights) - 1).long()
         return k, (a >= lo) & (a <= hi)
+
+    def _on(self, device):
+        key = str(device)
+        if key not in self._tables:
+            self._tables[key] = tuple(v.to(device) for v in self._tables["cpu"])
+        return self._tables[key]
 
     def density(self, logsnr):
         """q(a) in float64 (0 outside the range)."""
         a = t.as_tensor(logsnr).to(t.float64)
         q_l = 1 / LogisticProposal.weight(self, a)
         k, inside = self._bin(a)
-        q_b = t.where(inside, self._tables(a.device)[0][k] / self._width, t.zeros_like(a))
-        lo, hi = self.range
-        return t.where((a >= lo) & (a <= hi), (1 - self.mix) * q_l + self.mix * q_b, t.zeros_like(a))
+        q_b = t.where(inside, self._on(a.device)[0][k] / self._width, t.zeros_like(a))
+        in_range = (a >= self.range[0]) & (a <= self.range[1])
+        return t.where(in_range, (1 - self.mix) * q_l + self.mix * q_b, t.zeros_like(a))
 
     def cdf(self, logsnr):
         """Q(a) = Int_lo^a q, float64, clamped to [0, 1] outside the range."""
@@ -196,7 +169,7 @@ class FittedProposal(LogisticProposal):
         lo, hi = self.bins_range
         k, _ = self._bin(a)
         frac = ((a - lo) / self._width - k).clamp(0, 1)
-        probs, cum = self._tables(a.device)
+        probs, cum = self._on(a.device)[:2]
         cdf_b = cum[k] + probs[k] * frac
         cdf_b = t.where(a < lo, t.zeros_like(a), t.where(a > hi, t.ones_like(a), cdf_b))
         return ((1 - self.mix) * cdf_l + self.mix * cdf_b).clamp(0, 1)
@@ -206,62 +179,34 @@ class FittedProposal(LogisticProposal):
         logsnr = t.as_tensor(logsnr)
         return (1 / self.density(logsnr)).to(logsnr.dtype)
 
-    def _tables(self, device):
-        """(bin probabilities, their cumulative sums) in float64 on `device`, copied once."""
-        key = ("bins", str(device))
-        if key not in self._device_tables:
-            self._device_tables[key] = (self._probs.to(device), self._cum.to(device))
-        return self._device_tables[key]
-
-    def _knots(self, device):
-        """(the knots where q may jump -- the range's ends and the bins' edges --, Q there, and
-        mix times the bins' density on each piece between them)."""
-        key = ("knots", str(device))
-        if key not in self._device_tables:
-            edges = t.linspace(*self.bins_range, len(self.weights) + 1, dtype=t.float64)
-            ends = t.tensor(self.range, dtype=t.float64)
-            knots = t.cat([ends[:1], edges, ends[1:]]).unique()
-            k, inside = self._bin(0.5 * (knots[:-1] + knots[1:]))
-            slope = t.where(inside, self.mix * self._probs[k] / self._width, t.zeros_like(k, dtype=t.float64))
-            self._device_tables[key] = tuple(v.to(device) for v in (knots, self.cdf(knots), slope))
-        return self._device_tables[key]
-
-    PIECE_WIDTH = 0.25  # at most this many scales per piece where Newton steps solve Q(a) = u
-
-    def _pieces(self, device):
-        """(Q at the knots, and an (8, pieces) float64 table of each piece between them: lo, hi,
-        Q(lo), v_lo, s(v_lo), s(v_hi), beta = B scale / A and the start's dv / ds): _knots'
-        pieces, those in the bins cut into equal parts at most PIECE_WIDTH scales wide."""
-        key = ("pieces", str(device))
-        if key not in self._device_tables:
-            knots, _, slope = self._knots("cpu")
-            edges, slopes = [knots[:1]], []
-            for lo, hi, b in zip(knots[:-1].tolist(), knots[1:].tolist(), slope.tolist()):
-                n = max(1, math.ceil((hi - lo) / self.scale / self.PIECE_WIDTH)) if b > 0 else 1
-                edges.append(t.linspace(lo, hi, n + 1, dtype=t.float64)[1:])
-                slopes.append(t.full((n,), b, dtype=t.float64))
-            knots, slope = t.cat(edges), t.cat(slopes)
-            lo, hi = knots[:-1], knots[1:]
-            v_lo, v_hi = (lo - self.loc) / self.scale, (hi - self.loc) / self.scale
-            s_lo, s_hi = t.sigmoid(v_lo), t.sigmoid(v_hi)
-            beta = slope * self.scale * math.tanh(self.clip / 2) / (1 - self.mix)
-            ds = (s_hi - s_lo) + beta * (v_hi - v_lo)  # (Q(hi) - Q(lo)) / A
-            start = t.where(ds > 0, (v_hi - v_lo) / ds, t.zeros_like(ds))
-            q_knots = self.cdf(knots)
-            table = t.stack([lo, hi, q_knots[:-1], v_lo, s_lo, s_hi, beta, start])
-            self._device_tables[key] = (q_knots.to(device), table.to(device))
-        return self._device_tables[key]
+    def _pieces(self):
+        # Q at the knots (the range's ends, the bins' edges, PIECE_WIDTH apart within bins) and
+        # the pieces' (8, pieces) table: lo, hi, Q(lo), v_lo, s(v_lo), s(v_hi), beta, dv / ds
+        probs = self._tables["cpu"][0]
+        edges = t.linspace(*self.bins_range, len(self.weights) + 1, dtype=t.float64)
+        ends = t.tensor(self.range, dtype=t.float64)
+        knots = t.cat([ends[:1], edges, ends[1:]]).unique()
+        k, inside = self._bin(0.5 * (knots[:-1] + knots[1:]))
+        slope = t.where(inside, self.mix * probs[k] / self._width, t.zeros_like(k, dtype=t.float64))
+        cuts, slopes = [knots[:1]], []
+        for lo, hi, b in zip(knots[:-1].tolist(), knots[1:].tolist(), slope.tolist()):
+            n = max(1, math.ceil((hi - lo) / self.scale / self.PIECE_WIDTH)) if b > 0 else 1
+            cuts.append(t.linspace(lo, hi, n + 1, dtype=t.float64)[1:])
+            slopes.append(t.full((n,), b, dtype=t.float64))
+        knots, slope = t.cat(cuts), t.cat(slopes)
+        lo, hi = knots[:-1], knots[1:]
+        v_lo, v_hi = (lo - self.loc) / self.scale, (hi - self.loc) / self.scale
+        s_lo, s_hi = t.sigmoid(v_lo), t.sigmoid(v_hi)
+        beta = slope * self.scale * math.tanh(self.clip / 2) / (1 - self.mix)
+        ds = (s_hi - s_lo) + beta * (v_hi - v_lo)  # (Q(hi) - Q(lo)) / A
+        start = t.where(ds > 0, (v_hi - v_lo) / ds, t.zeros_like(ds))
+        q_knots = self.cdf(knots)
+        return q_knots, t.stack([lo, hi, q_knots[:-1], v_lo, s_lo, s_hi, beta, start])
 
     def from_uniform(self, u, dtype=t.float32):
-        """(a(u), w(a(u))) for uniforms u in [0, 1]: a = Q^-1(u) in float64, then rounded into the
-        range in `dtype`, w = 1/q at the returned a. On each piece (_pieces) Q(a) = Q(lo) + A (s(v)
-        - s(v_lo) + beta (v - v_lo)), v = (a - loc) / scale, A = (1 - mix) / tanh(c/2): after
-        locating u's piece (searchsorted on Q at the knots), beta = 0 is inverted in closed form,
-        beta > 0 by NEWTON_STEPS Newton steps from the secant's root, a fixed number with no test:
-        |Q''| <= Q' in v, so on a piece h = PIECE_WIDTH wide the start is off by < e^h h^2 / 8
-        and an error e becomes < e^|e| e^2 / 2, rounding after 3 (docs/maths.md)."""
+        """(a = Q^-1(u), w(a)), a rounded into the range in `dtype` (docs/maths.md)."""
         shape, u = u.shape, u.to(t.float64).flatten()
-        q_knots, table = self._pieces(u.device)
+        q_knots, table = self._on(u.device)[2:]
         k = (t.searchsorted(q_knots, u, right=True) - 1).clamp(0, table.shape[1] - 1)
         lo, hi, q_lo, v_lo, s_lo, s_hi, beta, start = table.gather(1, k.expand(len(table), -1))
         rho = (u - q_lo) / ((1 - self.mix) / math.tanh(self.clip / 2))  # (u - Q(lo)) / A
@@ -274,26 +219,16 @@ class FittedProposal(LogisticProposal):
         v = t.where(beta > 0, v_lo + dv, closed)
         return self._at((self.loc + self.scale * v).clamp(lo, hi).view(shape), dtype)
 
-    def widened(self, hi):
-        """The same mixture with the logistic's clip grown so the range reaches at least `hi`
-        (the bins keep their range; above it only the logistic part puts points)."""
-        if self.range[1] >= hi:
-            return self
-        return FittedProposal(self.loc, self.scale, (hi - self.loc) / self.scale, self.weights,
-                              self.mix, self.bins_range)
+    def _with_clip(self, clip):
+        return FittedProposal(self.loc, self.scale, clip, self.weights, self.mix, self.bins_range)
 
 
-
-# ---------------------------------------------------------------------------------------------
-# The log-SNR range from a covariance spectrum or a measured MSE curve
-# ---------------------------------------------------------------------------------------------
+# --- The log-SNR range from a covariance spectrum or a measured MSE curve ---
 SPECTRUM_VARIANCE = 3 / math.pi  # c of spectrum_logsnr_params (docs/maths.md)
 
 
 def spectrum_logsnr_params(eigvals, margin=8., min_clip=4.):
-    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues lambda_i: loc = -mean log
-    lambda_i, scale = sqrt(1 + c Var(log lambda)), clip reaching `margin` beyond the outermost
-    crossings -log lambda_i (docs/maths.md)."""
+    """(logsnr_loc, logsnr_scale, clip) from covariance eigenvalues (docs/maths.md)."""
     lam = t.as_tensor(eigvals, dtype=t.float64).flatten()
     if lam.numel() == 0 or not t.isfinite(lam).all() or not (lam > 0).all():
         raise ValueError("eigenvalues must be finite and > 0")
@@ -305,17 +240,13 @@ def spectrum_logsnr_params(eigvals, margin=8., min_clip=4.):
 
 
 def mse_quantiles(logsnrs, mse, d, levels=(0.25, 0.5, 0.75)):
-    """Log SNRs at which mse(a)/d first reaches each level (linear interpolation on the grid);
-    NaN for a level the curve never reaches there."""
-    a = np.asarray(logsnrs, dtype=float)
-    y = np.asarray(mse, dtype=float) / d
+    """Log SNRs at which mse(a)/d first reaches each level (interpolated; NaN if never)."""
+    a, y = np.asarray(logsnrs, dtype=float), np.asarray(mse, dtype=float) / d
     out = []
     for q in levels:
         above = np.nonzero(y >= q)[0]
-        if len(above) == 0:
-            out.append(float("nan"))
-        elif above[0] == 0:
-            out.append(float(a[0]))
+        if len(above) == 0 or above[0] == 0:  # never reached, or from the first point on
+            out.append(float(a[0]) if len(above) else float("nan"))
         else:
             i = above[0]
             out.append(float(np.interp(q, [y[i - 1], y[i]], [a[i - 1], a[i]])))
@@ -323,8 +254,6 @@ def mse_quantiles(logsnrs, mse, d, levels=(0.25, 0.5, 0.75)):
 
 
 def suggest_logsnr_params(logsnrs, mse, d):
-    """(logsnr_loc, logsnr_scale) from a measured MSE curve: loc is the median crossing and, as a
-    logistic CDF reaches 1/4 and 3/4 at loc -+ scale ln 3, scale = (a_75 - a_25) / (2 ln 3).
-    (nan, nan) if the curve does not cover its quartiles on the grid."""
+    """(logsnr_loc, logsnr_scale) from an MSE curve's median and quartiles (NaN if not reached)."""
     a25, a50, a75 = mse_quantiles(logsnrs, mse, d)
     return a50, (a75 - a25) / (2 * math.log(3))

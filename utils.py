@@ -1,7 +1,6 @@
 """Numerical pieces (a leaf module): the Gaussian channel, schedules, counter-based random numbers
 named by (seed, sample index, ...), the Gaussian reference in closed form, and grid data.
-Notation (docs/maths.md): s = sigmoid, a = log SNR, z = sqrt(s(a)) x + sqrt(s(-a)) eps.
-"""
+Notation (docs/maths.md): s = sigmoid, a = log SNR, z = sqrt(s(a)) x + sqrt(s(-a)) eps."""
 import functools
 import hashlib
 import math
@@ -13,9 +12,7 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
-# ---------------------------------------------------------------------------------------------
-# The Gaussian channel
-# ---------------------------------------------------------------------------------------------
+# --- The Gaussian channel ---
 def append_dims(v, ndim):
     """v (B,) viewed as (B, 1, ..., 1) with `ndim` dimensions in all, to broadcast over samples."""
     return v.view(v.shape + (1,) * (ndim - v.dim()))
@@ -45,8 +42,7 @@ def sq_norm(v):
 
 
 def logsnr_schedule(lo, hi, steps=1000):
-    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo: timesteps
-    that cover exactly an integration range."""
+    """alphas_cumprod of a schedule whose log SNR falls linearly from hi (t = 0) to lo."""
     if not -36 < lo < hi < 36:  # beyond, alpha_bar rounds to 0 or 1 in float64
         raise ValueError(f"log SNR range must lie within (-36, 36), got [{lo}, {hi}]")
     return t.sigmoid(t.linspace(hi, lo, steps, dtype=t.float64))
@@ -63,19 +59,13 @@ def schedule_logsnr(alphas_cumprod):
     return logsnr
 
 
-# ---------------------------------------------------------------------------------------------
-# Counter-based random numbers: draws named by (seed, sample index, ...), not by batch layout
-# ---------------------------------------------------------------------------------------------
-def _signed64(c):
-    return c - 2 ** 64 if c >= 2 ** 63 else c
+# --- Counter-based random numbers: draws named by (seed, sample index, ...), not by batches ---
+# SplitMix64's constants, all >= 2^63, as signed int64
+_GOLDEN, _MIX1, _MIX2 = (c - 2 ** 64 for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                              0x94D049BB133111EB))
 
 
-_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-                                                  0x94D049BB133111EB))
-
-
-def _shr(x, k):
-    """Logical right shift of int64 (torch's >> is arithmetic on signed integers)."""
+def _shr(x, k):  # logical right shift of int64 (torch's >> is arithmetic)
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
@@ -109,8 +99,7 @@ def derive_seed(seed, *keys):
 
 
 def counter_hash(seed, *keys, device=None):
-    """64 random bits (int64) per element of the broadcast integer keys, a function of (seed,
-    keys) alone: a draw does not depend on which others are made with it."""
+    """64 random bits (int64) per element of the broadcast keys, a function of (seed, keys) only."""
     h = splitmix64(t.tensor(seed, dtype=t.int64, device=device))
     for key in keys:
         h = splitmix64(h ^ t.as_tensor(key, dtype=t.int64, device=device))
@@ -124,15 +113,12 @@ def counter_uniform(seed, *keys, device=None):
 
 @functools.lru_cache(maxsize=8)
 def _sobol_digits(n, dim, device=None):
-    """The first n points of the dim-dimensional Sobol sequence as MAXBIT-bit integers, (n, dim)."""
     points = t.quasirandom.SobolEngine(dim).draw(n, dtype=t.float64)
     return (points * 2 ** t.quasirandom.SobolEngine.MAXBIT).long().to(device)
 
 
 def keyed_sobol(seed, set_keys, point, n, dims, device=None):
-    """Uniforms (rows, len(dims)) float64: point `point` (rows,) of the n-point Sobol set named by
-    `set_keys` (a tuple of (rows,) keys), digitally shifted and jittered by counter hashes of
-    (seed, keys, dim) so every point is exactly uniform (iid beyond SobolEngine.MAXDIM)."""
+    """Exactly uniform (rows, len(dims)) float64: points of a randomised Sobol set named by keys."""
     bits, maxdim = t.quasirandom.SobolEngine.MAXBIT, t.quasirandom.SobolEngine.MAXDIM
     dims = t.as_tensor(dims, dtype=t.int64, device=device).view(1, -1)
     keys = tuple(t.as_tensor(k, dtype=t.int64, device=device).view(-1, 1) for k in set_keys)
@@ -148,46 +134,34 @@ def keyed_sobol(seed, set_keys, point, n, dims, device=None):
     return u.clamp(2 ** -53, 1 - 2 ** -53)
 
 
-# ---------------------------------------------------------------------------------------------
-# Gaussian reference
-# ---------------------------------------------------------------------------------------------
 class GaussianReference(t.nn.Module):
-    """q = N(mean, U diag(eigvals) U^T) over flattened x, everything about it in closed form
-    (docs/maths.md). With num_classes it also holds one Gaussian per label, q(x | y): every method
-    taking labels y (-1: none) uses each sample's own. `eigvecs` of shape (0,) means U = I (the
-    default N(0, I)); loading a state dict adopts its shapes."""
+    """q = N(mean, U diag(eigvals) U^T) over flattened x, and q(x | y) per label (docs/maths.md)."""
 
     def __init__(self, d, num_classes=None):
         super().__init__()
         self.d, k = int(d), num_classes or 0
-        self.register_buffer("mean", t.zeros(self.d))
-        self.register_buffer("eigvals", t.ones(self.d))
-        self.register_buffer("eigvecs", t.zeros(0))
-        self.register_buffer("class_mean", t.zeros(k, self.d))
-        self.register_buffer("class_eigvals", t.ones(k, self.d))
-        self.register_buffer("class_eigvecs", t.zeros(0))
+        values = (t.zeros(self.d), t.ones(self.d), t.zeros(0), t.zeros(k, self.d),
+                  t.ones(k, self.d), t.zeros(0))
+        for name, value in zip(_BUFFERS, values):
+            self.register_buffer(name, value)
 
     @t.no_grad()
     def fit(self, x, y=None, min_eigval=1e-6, diagonal=False):
-        """Moment-match q to data x (n, ...), and each label's q(x | k) to its samples where labels
-        y are given, in float64 (Ledoit-Wolf below 10 samples per dimension; docs/maths.md)."""
+        """Moment-match q (and q(x | k) given labels y) to data x (n, ...) (docs/maths.md)."""
         x = x.detach().flatten(1).to("cpu", t.float64)
         if x.shape[1] != self.d:
-            raise ValueError(f"reference data has {x.shape[1]} dimensions per sample, expected {self.d}")
+            raise ValueError(f"reference data has {x.shape[1]} dimensions per sample, "
+                             f"expected {self.d}")
         if not t.isfinite(x).all():
             raise ValueError("reference data contains non-finite values")
-        like = self.mean  # the device and dtype the fitted buffers keep
         parts = [_moments(x, min_eigval, diagonal)]
         if y is not None:
-            if not self.num_classes:
-                raise ValueError("labels given to a reference without classes (num_classes)")
-            y = t.as_tensor(y).cpu().view(-1)
+            y = self._labels(y, "cpu")
             parts += [_moments(x[y == k], min_eigval, diagonal, f"samples of label {k}")
                       for k in range(self.num_classes)]
-        values = list(parts[0]) + ([t.stack(v) if v[0].numel() else v[0] for v in zip(*parts[1:])]
-                                   if len(parts) > 1 else [])
+        values = list(parts[0]) + [t.stack(v) if v[0].numel() else v[0] for v in zip(*parts[1:])]
         for name, value in zip(_BUFFERS, values):
-            setattr(self, name, value.to(like.device, like.dtype))
+            setattr(self, name, value.to(self.mean.device, self.mean.dtype))  # kept as they were
         return self
 
     @property
@@ -195,53 +169,43 @@ class GaussianReference(t.nn.Module):
         """The labels it holds a Gaussian for, or None."""
         return len(self.class_mean) or None
 
+    def _labels(self, y, device):
+        if not self.num_classes:
+            raise ValueError("labels given to a reference without classes (num_classes)")
+        return t.as_tensor(y, device=device).view(-1)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in _BUFFERS:
             if prefix + name in state_dict:
-                setattr(self, name, t.empty_like(state_dict[prefix + name], device=self.mean.device))
+                like = state_dict[prefix + name]
+                setattr(self, name, t.empty_like(like, device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def _parts(self, k):
-        """(mean, eigvals, eigvecs) of component k: 0 the marginal, 1 + label the classes'."""
-        if k == 0:
-            return self.mean, self.eigvals, self.eigvecs
-        vecs = self.class_eigvecs[k - 1] if self.class_eigvecs.numel() else self.class_eigvecs
-        return self.class_mean[k - 1], self.class_eigvals[k - 1], vecs
-
-    def _per_label(self, fn, y, *rows):
-        """fn(parts, *rows) with each row's component (its label's, or the marginal's), rows
-        grouped by label: one call per label present."""
+    def _per_label(self, fn, y, *rows):  # fn((mean, eigvals, eigvecs), *rows) per label present
+        marginal = self.mean, self.eigvals, self.eigvecs
         if y is None:
-            return fn(self._parts(0), *rows)
-        if not self.num_classes:
-            raise ValueError("labels given to a reference without classes (num_classes)")
-        k = t.as_tensor(y, device=rows[0].device).view(-1) + 1
+            return fn(marginal, *rows)
+        k = self._labels(y, rows[0].device)
         out = None
         for j in k.unique().tolist():
             at = (k == j).nonzero().squeeze(1)
-            part = fn(self._parts(j), *(r[at] for r in rows))
+            vecs = self.class_eigvecs[j] if self.class_eigvecs.numel() else self.class_eigvecs
+            parts = marginal if j == -1 else (self.class_mean[j], self.class_eigvals[j], vecs)
+            part = fn(parts, *(r[at] for r in rows))
             out = part.new_empty((len(k),) + part.shape[1:]) if out is None else out
             out[at] = part
         return out
 
-    def rotate(self, x, vecs=None):
-        """U^T x for flattened x (n, d) in the marginal's (or `vecs`') eigenbasis, never in
-        reduced precision."""
+    def rotate(self, x, vecs=None, inverse=False):
+        """U^T x (U x if inverse) for x (n, d), U the eigenvectors (or `vecs`)."""
+
         vecs = self.eigvecs if vecs is None else vecs
         if vecs.numel() == 0:
             return x
         with t.autocast(x.device.type, enabled=False):
-            return x @ vecs.to(x.dtype)
+            return x @ (vecs.to(x.dtype).T if inverse else vecs.to(x.dtype))
 
-    def unrotate(self, y, vecs=None):
-        vecs = self.eigvecs if vecs is None else vecs
-        if vecs.numel() == 0:
-            return y
-        with t.autocast(y.device.type, enabled=False):
-            return y @ vecs.to(y.dtype).T
-
-    def _whitened(self, parts, x):
-        """(y^2 / lambda, lambda) with y = U^T (x - mean), per coordinate."""
+    def _whitened(self, parts, x):  # (y^2 / lambda, lambda), y = U^T (x - mean)
         mean, lam, vecs = parts
         y = self.rotate(x.flatten(1) - mean.to(x.dtype), vecs)
         return y ** 2 / lam.to(x.dtype), lam.to(x.dtype)
@@ -251,8 +215,7 @@ class GaussianReference(t.nn.Module):
         return 0.5 * self.d * (LOG_2PI + 1) + 0.5 * self.eigvals.log().sum()
 
     def nll(self, x, y=None):
-        """-log q(x) (-log q(x | y) with labels) = d/2 log(2 pi) + 1/2 sum_i log lambda_i +
-        1/2 sum_i y_i^2 / lambda_i."""
+        """-log q(x), or -log q(x | y) with labels."""
         def nll(parts, x):
             r, lam = self._whitened(parts, x)
             return 0.5 * (self.d * LOG_2PI + lam.log().sum() + r.sum(1))
@@ -263,8 +226,7 @@ class GaussianReference(t.nn.Module):
         return t.sigmoid(logsnr.unsqueeze(-1) + self.eigvals.to(logsnr.dtype).log()).sum(-1)
 
     def error_integral(self, x, lo, hi, y=None):
-        """Int_lo^hi E_eps ||eps - eps_G(z, a)||^2 da per sample (lo may be -inf, hi finite):
-        sum_i softplus(v_i) + s(-v_i) (1 - r_i) between the ends, v_i = a + log lambda_i."""
+        """Int_lo^hi E ||eps - eps_G(z, a)||^2 da per sample (lo may be -inf), docs/maths.md."""
         def integral(parts, x):
             r, lam = self._whitened(parts, x)
 
@@ -275,31 +237,30 @@ class GaussianReference(t.nn.Module):
         return self._per_label(integral, y, x)
 
     def eps(self, z, logsnr, y=None):
-        """The optimal noise predictor, in z's dtype: eps_G = U diag(1 / (sqrt(s(-a))
-        (1 + lambda_i e^a))) U^T (z - sqrt(s(a)) mean)."""
+        """The optimal noise predictor eps_G(z, a), in z's dtype (docs/maths.md)."""
         def eps(parts, z, logsnr):
             mean, lam, vecs = parts
             a = logsnr.to(z.dtype).view(-1, 1)
             zf = z.flatten(1) - t.sigmoid(a).sqrt() * mean.to(z.dtype)
             log_gain = -0.5 * F.logsigmoid(-a) - F.softplus(a + lam.to(z.dtype).log())
-            return self.unrotate(self.rotate(zf, vecs) * log_gain.exp(), vecs).view_as(z)
+            scaled = self.rotate(zf, vecs) * log_gain.exp()
+            return self.rotate(scaled, vecs, inverse=True).view_as(z)
         return self._per_label(eps, y, z, logsnr.expand(len(z)))
 
     def sample(self, n, logsnr=None, generator=None):
-        """Draws from the marginal, or from its noisy marginal N(sqrt(s(a)) mean, s(a) Sigma + s(-a) I)."""
+        """Draws from the marginal q, or from z's marginal at log SNR `logsnr`."""
         e = t.randn(n, self.d, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         if logsnr is None:
-            return self.mean + self.unrotate(e * self.eigvals.sqrt())
+            return self.mean + self.rotate(e * self.eigvals.sqrt(), inverse=True)
         a = t.as_tensor(logsnr, dtype=self.mean.dtype, device=self.mean.device)
         std = (t.sigmoid(a) * self.eigvals + t.sigmoid(-a)).sqrt()
-        return t.sigmoid(a).sqrt() * self.mean + self.unrotate(e * std)
+        return t.sigmoid(a).sqrt() * self.mean + self.rotate(e * std, inverse=True)
 
 
 _BUFFERS = ("mean", "eigvals", "eigvecs", "class_mean", "class_eigvals", "class_eigvecs")
 
 
 def _moments(x, min_eigval, diagonal, what="reference data"):
-    """(mean, eigvals, eigvecs) of samples x (n, d) float64 (eigvecs (0,) when diagonal)."""
     n, d = x.shape
     if n < 2:
         raise ValueError(f"need at least 2 samples to fit a Gaussian to the {what}, got {n}")
@@ -307,20 +268,18 @@ def _moments(x, min_eigval, diagonal, what="reference data"):
     xc = x - mean
     if diagonal:
         eigvals, eigvecs = xc.var(0), t.zeros(0, dtype=t.float64)
+    elif n < 10 * d:
+        from sklearn.covariance import ledoit_wolf
+        shrunk = ledoit_wolf(xc.numpy(), assume_centered=True)[0]
+        eigvals, eigvecs = t.linalg.eigh(t.from_numpy(shrunk))
     else:
-        if n < 10 * d:
-            from sklearn.covariance import ledoit_wolf
-            cov = t.from_numpy(ledoit_wolf(xc.numpy(), assume_centered=True)[0])
-        else:
-            cov = xc.T @ xc / (n - 1)
-        eigvals, eigvecs = t.linalg.eigh(cov)
+        eigvals, eigvecs = t.linalg.eigh(xc.T @ xc / (n - 1))
     eigvals = eigvals.clamp_min(min_eigval * eigvals.clamp_min(0).mean().clamp_min(1e-300))
     return mean, eigvals, eigvecs
 
 
 def log_ndtr_diff(a, b):
-    """log(Phi(b) - Phi(a)) for a < b (either may be infinite), stable in both tails (reflected so
-    that the larger CDF is at most ~1/2 away from its tail)."""
+    """log(Phi(b) - Phi(a)) for a < b (either may be infinite), stable in both tails."""
     flip = a + b > 0
     a, b = t.where(flip, -b, a), t.where(flip, -a, b)
     log_b = t.special.log_ndtr(b)
@@ -339,17 +298,12 @@ def nats_to_bpd(nats, d):
     return nats / (d * math.log(2))
 
 
-# ---------------------------------------------------------------------------------------------
-# Discrete data on a grid (Grid)
-# ---------------------------------------------------------------------------------------------
+# --- Discrete data on a grid (Grid) ---
 def dequantize(x, delta, seed, index):
     """x + delta * (U - 1/2), U named by (seed, the samples' positions `index`, coordinate)."""
-    index = t.as_tensor(index, dtype=t.int64, device=x.device).view(-1)
-    if len(index) != len(x):
-        raise ValueError(f"index has {len(index)} entries for {len(x)} samples")
-    index = append_dims(index, 2)
+    index = sample_index(index, len(x), x.device)
     coord = t.arange(x[0].numel(), device=x.device)
-    u = counter_uniform(seed, index, coord, 2 ** 40, device=x.device).view_as(x)
+    u = counter_uniform(seed, index.view(-1, 1), coord, 2 ** 40, device=x.device).view_as(x)
     return x + delta * (u.to(x.dtype) - 0.5)
 
 
@@ -359,19 +313,17 @@ def discrete_limit_nats(nll_continuous, delta, d):
 
 
 class Grid(NamedTuple):
-    """Data on the grid lo + k * delta, k = 0 .. levels - 1 (levels None: unbounded). 8-bit images
-    in [-1, 1] are Grid(2 / 255, -1., 256)."""
+    """The grid lo + k delta, k < levels (None: unbounded); 8-bit pixels: Grid(2 / 255, -1, 256)."""
     delta: float
     lo: float = -1.
     levels: Optional[int] = None
 
     @property
     def hi(self):
-        """The top grid value (None when unbounded)."""
         return None if self.levels is None else self.lo + (self.levels - 1) * self.delta
 
     def index(self, x, atol=1e-3):
-        """k (int64) with x = lo + k * delta, or a ValueError for values off the grid or its levels."""
+        """k (int64) with x = lo + k * delta; a ValueError for values off the grid or its levels."""
         if not self.delta > 0:
             raise ValueError(f"delta must be > 0, got {self.delta}")
         if not t.isfinite(x).all():
@@ -390,13 +342,11 @@ class Grid(NamedTuple):
 
 
 def rounding_tail(x, grid, logsnr):
-    """1/2 Int_logsnr^inf E_eps ||eps - eps_R(z, a)||^2 da per sample x on the grid in closed form,
-    eps_R the noise predictor of hard rounding z / sqrt(s(a)) to the grid (docs/maths.md)."""
+    """1/2 Int_logsnr^inf E ||eps - eps_R(z, a)||^2 da per sample x on the grid (docs/maths.md)."""
     k, levels = grid.index(x).flatten(1), grid.levels
     r0 = grid.delta * math.exp(logsnr / 2)
-    steps = math.ceil(40 / r0) + 1          # terms beyond c_j r0 = 40 are below 1e-300
-    if levels is not None:
-        steps = min(steps, levels - 1)
+    # terms beyond c_j r0 = 40 are below 1e-300; a bounded grid has levels - 1 at most
+    steps = min(math.ceil(40 / r0) + 1, (levels or math.inf) - 1)
     if steps > 10 ** 7:
         raise ValueError(f"log SNR {logsnr} is far below where the grid of width {grid.delta} is "
                          "resolved")
@@ -413,8 +363,7 @@ def rounding_tail(x, grid, logsnr):
 
 
 def grid_resolved_logsnr(delta, tail=1e-5):
-    """The log SNR above which one coordinate's rounding tail is below `tail` nats (14.2 for
-    8-bit data, 8.6 for 17 levels): a range top that makes the closed-form tail negligible."""
+    """The log SNR above which a coordinate's rounding tail is below `tail` nats (docs/maths.md)."""
     one = t.zeros(1, 1, dtype=t.float64)
     lo, hi = 2 * math.log(1 / delta), 2 * math.log(60 / delta)
     for _ in range(60):

@@ -1,6 +1,4 @@
-"""The discrete-time variational bound of a T-step schedule (DDPM, Ho et al. 2020), the row the
-paper's Table 2 compares the information-theoretic bounds with. Derivations: docs/maths.md.
-"""
+"""The discrete-time variational bound of a T-step schedule (DDPM; docs/maths.md)."""
 import torch as t
 
 import utils
@@ -10,12 +8,8 @@ _VB_STREAM = 0x5642  # tags the bound's random numbers apart from the other keye
 
 
 class VBSchedule:
-    """The coefficients of the discrete-time bound of a schedule alphas_cumprod (T,) with DDPM's
-    fixed_small variances, float64, indexed by t = 0 .. T (ab_0 = 1): a_t, beta_t, beta_tilde_t,
-    sigma_t^2 = beta_tilde_t (the decoder's sigma_1^2 = beta_tilde_2, as DDPM's code clips it),
-    and per coordinate the KL of step t in x, coef_x_t (x - x_hat)^2 with coef_x_t =
-    ab_{t-1} beta_t^2 / (2 sigma_t^2 (1 - ab_t)^2), and in eps, coef_t (eps - eps_hat)^2
-    (docs/maths.md)."""
+    """The bound's float64 coefficients of alphas_cumprod (T,) with DDPM's fixed_small variances,
+    indexed by t = 0 .. T (ab_0 = 1): ab, logsnr, sigma2, coef_x, coef (docs/maths.md)."""
 
     def __init__(self, alphas_cumprod, device=None):
         ab = t.as_tensor(alphas_cumprod).detach().to("cpu", t.float64)
@@ -28,18 +22,17 @@ class VBSchedule:
             raise ValueError("alphas_cumprod must be strictly decreasing (t = 1 is the least noisy "
                              "step, as in diffusers' DDPMScheduler.alphas_cumprod)")
         self.T = len(ab)
+        zero = t.zeros(1, dtype=t.float64)
         ab = t.cat([t.ones(1, dtype=t.float64), ab])
-        log_ab = ab.log()
         a = t.cat([t.full((1,), float("inf"), dtype=t.float64), utils.schedule_logsnr(ab[1:])])
-        beta = t.cat([t.zeros(1, dtype=t.float64), -t.expm1(log_ab[1:] - log_ab[:-1])])
-        beta_tilde = t.cat([t.zeros(1, dtype=t.float64), (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])
-        sigma2 = beta_tilde.clone()
-        sigma2[:2] = beta_tilde[2]
+        beta = t.cat([zero, -t.expm1(ab.log().diff())])
+        beta_tilde = t.cat([zero, (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])
+        sigma2 = t.cat([beta_tilde[2].expand(2), beta_tilde[2:]])  # sigma_1^2 = beta_tilde_2 (DDPM)
         coef = beta ** 2 / (2 * sigma2 * (1 - beta) * (1 - ab))
-        coef_x = t.cat([t.zeros(1, dtype=t.float64), ab[:-1]]) * beta ** 2 / (2 * sigma2 * (1 - ab) ** 2)
+        coef_x = t.cat([zero, ab[:-1]]) * beta ** 2 / (2 * sigma2 * (1 - ab) ** 2)
         coef[:2] = coef_x[:2] = 0
-        (self.ab, self.logsnr, self.beta, self.beta_tilde, self.sigma2, self.coef,
-         self.coef_x) = (v.to(device) for v in (ab, a, beta, beta_tilde, sigma2, coef, coef_x))
+        self.ab, self.logsnr, self.sigma2, self.coef, self.coef_x = (
+            v.to(device) for v in (ab, a, sigma2, coef, coef_x))
 
     def prior(self, x):
         """L_T = KL(N(sqrt(ab_T) x, (1 - ab_T) I) || N(0, I)) per sample, float64."""
@@ -48,11 +41,8 @@ class VBSchedule:
 
 
 def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
-    """The bound's terms for rows (x, t, eps) in nats (float64 (rows,)), with z =
-    noisy_channel(x, a_t, eps) (DDPM's x_t) and x_hat from model(z, a_t), clipped to the grid's
-    range (clip, as DDPM's published numbers): L_{t-1} = sum_i coef_x_t (x_i - x_hat_i)^2 for
-    t >= 2 (unclipped, the same as sum_i coef_t (eps_i - eps_hat_i)^2), and for t = 1 L_0,
-    -log of the discretised Gaussian decoder's mass at x (docs/maths.md)."""
+    """The terms L_{t-1} in nats (float64 (rows,)) for rows (x, t, eps): KL for t >= 2, decoder
+    for t = 1; clip: x_hat clipped to the grid's range, as DDPM published (docs/maths.md)."""
     timesteps = t.as_tensor(timesteps, dtype=t.int64, device=x.device).view(-1)
     if len(timesteps) and not (1 <= int(timesteps.min()) and int(timesteps.max()) <= schedule.T):
         raise ValueError(f"timesteps must lie in 1 .. {schedule.T}")
@@ -80,7 +70,6 @@ def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
 
 
 def _log_bin_mass(x, mean, std, grid):
-    """log of the mass of N(mean, std^2) over x's grid bin (the outermost bins reaching -+inf)."""
     delta, lo, levels = grid
     below = (x - delta / 2 - mean) / std
     above = (x + delta / 2 - mean) / std
@@ -94,13 +83,8 @@ def _log_bin_mass(x, mean, std, grid):
 @t.no_grad()
 def variational_bound(model, x, grid, alphas_cumprod, steps=None, seed=None, index=None,
                       chunk_size=None, clip=True):
-    """DDPM's negative ELBO, an upper bound on -log P(x), in nats for every sample of data x on
-    a utils.Grid: L_T + sum_{t=2}^{T} L_{t-1} + L_0 (vb_terms), with model(z, a) any denoiser
-    called at each step's log SNR a_t and alphas_cumprod (T,) strictly decreasing (diffusers'
-    DDPMScheduler.alphas_cumprod). steps: None sums all T - 1 KL terms; k draws k timesteps per
-    sample without replacement, scaled by (T - 1) / k (unbiased). L_0 averages two noise draws.
-    Every draw is named by (seed, index, t, draw). Returns (nll, stderr) (B,) each: stderr^2 =
-    the KL part's variance estimate plus the decoder draws' (docs/maths.md)."""
+    """(DDPM's -ELBO >= -log P(x) in nats per sample of grid data x, its standard error); steps:
+    None sums all T - 1 KL terms, k draws k per sample, unbiased (docs/maths.md)."""
     schedule = VBSchedule(alphas_cumprod, device=x.device)
     T = schedule.T
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
@@ -109,8 +93,7 @@ def variational_bound(model, x, grid, alphas_cumprod, steps=None, seed=None, ind
                          f"t = 2 .. T), got {steps!r}")
     grid.index(x)
     b, dev, d = len(x), x.device, x[0].numel()
-    seed = utils.fresh_seed(seed)
-    key = utils.sample_index(index, b, dev)
+    seed, key = utils.fresh_seed(seed), utils.sample_index(index, b, dev)
     candidates = t.arange(2, T + 1, device=dev)
     if steps is None:
         chosen = candidates.expand(b, -1)

@@ -21,6 +21,9 @@ the proposal fitted on 64 training digits; and the evaluations per image each ne
 integration error of 0.01 bits/dim per image (std^2 falling as 1/n).
 
 Run from the repository root: python benchmarks/estimator.py
+A quick check that it runs (seconds to minutes; no measurement):
+    python benchmarks/estimator.py --points 4 --repeats 2 --npoints 64 --digits CKPT \
+        --digit_images 2 --digit_repeats 2
 """
 import argparse
 import copy
@@ -37,6 +40,8 @@ import torch as t
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import estimators  # noqa: E402
+import utils  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
 from proposals import LogisticProposal  # noqa: E402
 from tests.analytic import mixture_2d, ring_2d  # noqa: E402
@@ -70,7 +75,10 @@ def seed_style(dm, x, n, generator, proposal=None):
     proposal: the original code's loc 0, scale 3, clip 3)."""
     proposal = proposal or LogisticProposal(0., 3., clip=3.)
     a, w = proposal.sample((len(x), n), stratified=False, generator=generator, dtype=x.dtype)
-    mse = dm.mse(x.repeat_interleave(n, 0), a.flatten(), generator=generator).view(len(x), n)
+    xs, af = x.repeat_interleave(n, 0), a.flatten()
+    eps = t.randn(xs.shape, generator=generator, dtype=x.dtype)
+    z = utils.noisy_channel(xs, af, eps)
+    mse = estimators.eps_errors(dm, z, af, eps).flatten(1).sum(1).view(len(x), n)
     return 0.5 * dm.d * math.log(2 * math.pi * math.e) + 0.5 * (w * (mse - dm.d * t.sigmoid(a))).mean(1)
 
 
@@ -147,7 +155,7 @@ def benchmark(label, mix, points, repeats, n, fit_n, curve_n, grid, fit_proposal
 
 def digits(path, images, repeats, n, fit_n):
     """The digits U-Net rows: spread of each estimator over repeats per image, at n evaluations."""
-    import datasets
+    import datamodules
     import experiment
     if path is None:
         folder = tempfile.mkdtemp(prefix="itd-digits-")
@@ -159,8 +167,7 @@ def digits(path, images, repeats, n, fit_n):
         path = os.path.join(folder, "digits-base", "checkpoints", "last.ckpt")
     a = experiment.load_checkpoint(path, "train_cifar10.py")["run_args"]
     model = experiment.load_model(path)
-    data = datasets.Images(a["dataset"], a["data_dir"], a["dequantize"], a["seed"],
-                           a["image_size"], a["fake_size"], reference_size=a["reference_size"])
+    data = datamodules.images(argparse.Namespace(**a))
     data.setup()
     x, pilot = data.val_data()[:images], data.reference_data()[:fit_n]  # dequantised digits
     d, proposal = model.d, model.proposal
@@ -200,6 +207,8 @@ def main():
                              "and a busy machine makes extra threads much slower)")
     parser.add_argument("--digits", default=None, metavar="CKPT",
                         help="a digits checkpoint of train_cifar10.py (default: train one)")
+    parser.add_argument("--digit_images", type=int, default=8, help="validation digits scored")
+    parser.add_argument("--digit_repeats", type=int, default=12)
     parser.add_argument("--skip_digits", action="store_true")
     args = parser.parse_args()
     t.set_num_threads(args.threads)
@@ -210,7 +219,7 @@ def main():
     benchmark("ring (8 Gaussians, radius 1.3, covariance 0.02 I)", ring_2d(), **common)
     if not args.skip_digits:
         t.set_num_threads(max(args.threads, 2))
-        digits(args.digits, images=8, repeats=12, n=128, fit_n=64)
+        digits(args.digits, args.digit_images, args.digit_repeats, n=128, fit_n=64)
 
 
 if __name__ == "__main__":

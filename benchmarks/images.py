@@ -1,6 +1,7 @@
 """Images per second at 32x32 for training and for NLL evaluation with a U-Net denoiser.
 
     python benchmarks/images.py                                        # small U-Net on CPU
+    python benchmarks/images.py --width 8 --batch_size 4 --steps 1 --warmup 0   # a quick check
     python benchmarks/images.py --arch ddpm --accelerator gpu --precision 32-true bf16-mixed
 
 --arch ddpm is the architecture of google/ddpm-cifar10-32 (35.7M parameters; its config is built
@@ -28,10 +29,9 @@ from unet import DDPM_CIFAR10_CONFIG, UNetDenoiser, small_unet_config  # noqa: E
 
 
 def build(arch, width, device):
-    from diffusers import UNet2DModel
     config = DDPM_CIFAR10_CONFIG if arch == "ddpm" else small_unet_config(3, 32, width)
-    model = DiffusionModel(UNetDenoiser(UNet2DModel.from_config(config)), x_shape=(3, 32, 32),
-                           logsnr_loc=6., logsnr_scale=3.)
+    model = DiffusionModel(UNetDenoiser(config), x_shape=(3, 32, 32), logsnr_loc=6.,
+                           logsnr_scale=3.)
     return model.to(device)
 
 
@@ -74,8 +74,7 @@ def measure(args, precision, device):
     eval_s = timed(eval_step, max(1, args.steps // 2), 1, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     with autocast:  # the same images and points for every precision: a paired comparison
-        nll = model.nll_points(xe, npoints=max(args.npoints, 8), replicates=2,
-                               generator=t.Generator().manual_seed(1))[0]
+        nll = model.nll_points(xe, npoints=max(args.npoints, 8), replicates=2, seed=1)[0]
     return params, args.batch_size / train_s, args.eval_batch_size / eval_s, nll.double().cpu()
 
 

@@ -28,6 +28,9 @@ Run from the repository root:
     python benchmarks/likelihoods.py                       # trains the three models first
     python benchmarks/likelihoods.py --moons M.ckpt --dino D.ckpt --digits G.ckpt
     python benchmarks/likelihoods.py --skip_trained        # (a) alone, under a minute
+    python benchmarks/likelihoods.py --points 4 --repeats 2 --val_points 16 --images 2 \
+        --digit_repeats 2 --digit_tol 1e-3 --digit_exact_tol 1e-2 --moons M --dino D --digits G
+                                                           # a quick check that it runs
 """
 import argparse
 import math
@@ -42,6 +45,8 @@ import torch as t
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import datamodules  # noqa: E402
+import experiment  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
 from tests.analytic import mixture_2d, ring_2d  # noqa: E402
 
@@ -109,13 +114,11 @@ def exact_denoisers(label, mix, points, repeats, npoints_list):
 
 # ---------------------------------------------------------------------------- (b) trained 2-D
 def trained_2d(name, path, points, npoints):
-    import datasets
-    import experiment
     a = experiment.load_checkpoint(path)["run_args"]
     model = experiment.load_model(path)
-    data = datasets.Points2D(a["dataset"], a["num_points"], a["seed"], a["val_fraction"])
+    data = datamodules.points(argparse.Namespace(**a))
     data.setup()
-    x = data.val[:points]
+    x = data.val_data()[:points]
     exact = data.exact_nll(x).double()
     (it, se), it_wall = timed(model.nll_points, x, npoints, replicates=4, seed=0)
     (ode, info), ode_wall = timed(model.nll_ode, x)
@@ -152,12 +155,9 @@ def print_trained_2d(rows, npoints):
 
 # ---------------------------------------------------------------------------- (c) digits U-Net
 def digits(path, images, repeats, tol, threads, exact_tol):
-    import datasets
-    import experiment
     a = experiment.load_checkpoint(path)["run_args"]
     model = experiment.load_model(path)
-    data = datasets.Images(a["dataset"], a["data_dir"], a["dequantize"], a["seed"],
-                           a["image_size"], a["fake_size"], reference_size=a["reference_size"])
+    data = datamodules.images(argparse.Namespace(**a))
     data.setup()
     x = data.val_data()[:images]
     d = model.d

@@ -1,6 +1,7 @@
 """Regenerates every figure in Figs/ (the ones the README shows) from fresh default runs.
 
     python benchmarks/make_figs.py            # about 5 minutes on 2 CPU cores
+    python benchmarks/make_figs.py --quick --out /tmp/figs   # a check that it runs
 
 Runs `python train_2d.py --dataset NAME` for the five datasets, `python train_2d.py --dataset
 blobs --conditional`, and scg without the Gaussian residual (--gaussian_residual false
@@ -32,12 +33,17 @@ RUNS = [("dino", []), ("moons", []), ("scg", []), ("line", []), ("circle", []),
         ("blobs", ["--conditional"]),
         ("scg", ["--gaussian_residual", "false", "--num_epochs", "140", "--val_every", "5",
                  "--experiment_name", "no-residual"])]
+QUICK = ("--num_epochs", "1", "--val_every", "1", "--num_points", "400", "--grid_size", "4",
+         "--num_samples", "50", "--sample_steps", "10")
 FIGURES = ("density", "samples", "mse_curve", "density_gap", "density_ode", "information")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "Figs"), help="where the figures go")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny runs (1 epoch, 400 points, coarse grids): checks that it works, "
+                        "with --out elsewhere; the figures mean nothing")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logs = tempfile.mkdtemp(prefix="itd-figs-")
@@ -46,7 +52,8 @@ def main():
         for name, extra in RUNS:
             print(f"training: train_2d.py --dataset {name} {' '.join(extra)}".rstrip(), flush=True)
             proc = subprocess.run([sys.executable, os.path.join(REPO, "train_2d.py"),
-                                   "--dataset", name, "--log_dir", logs, *extra],
+                                   "--dataset", name, "--log_dir", logs, *extra,
+                                   *(QUICK if args.quick else ())],
                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
             if proc.returncode != 0:

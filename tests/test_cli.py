@@ -238,7 +238,7 @@ def test_sizes_beyond_the_data_are_refused_before_any_work(script, flags, messag
 
 
 # Memory estimates on a machine of 8 GiB (cli.memory patched): a size must fit in half, 4 GiB =
-# 4294967296 B. The estimates (train_2d.parse_args, cli.apply_defaults, unet.from_args):
+# 4294967296 B. The estimates (train_2d.parse_args, cli.parse, unet.from_args):
 # scg's MLP (embedding 32, no input embedding: 35 inputs) of H units in L = 3 layers holds
 # 16 B x ((35 + 3) H + 2 (H + 1) H + 2); a training point 9000 + 36 H B; a contour cell
 # max(32000, that point's) B; validation 600 B per point of eval_batch_size x val_npoints; the
