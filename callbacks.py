@@ -100,7 +100,8 @@ class Labels(pl.Callback):
         v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
                  val_mi_bayes=bayes.mean().item(), val_mi_bayes_stderr=_stderr(bayes),
                  val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
-                 label_evaluations=self.npoints * (1 + model.num_classes))
+                 label_evaluations=self.npoints * (1 + model.num_classes),
+                 label_entropy=t.special.entr(model.label_log_prior.exp()).sum().item())
         exact = data.exact_labels(x.cpu(), y.cpu())
         if exact is not None:
             v.update(val_mi_exact=exact[1].mean().item(), val_mi_exact_stderr=_stderr(exact[1]),

@@ -332,6 +332,12 @@ def summary_lines(s):
                   f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
                   f"{s['val_accuracy_stderr']:.1%} correct ({other}); "
                   f"{s['label_evaluations']} denoiser evaluations per sample"]
+        h = s["label_entropy"]  # I(X; Y) lies in [0, H(Y)]; a mean 2 errors outside it is the model's
+        if any(not -2 * s[k + "_stderr"] <= s[k] <= h + 2 * s[k + "_stderr"]
+               for k in ("val_mi", "val_mi_bayes")):
+            lines.append(f"  note: I(X; Y) lies in [0, H(Y) = {h:.4f}] nats; a mean outside it "
+                         "says the two bounds' gaps differ or p(y | x) is confidently wrong "
+                         "(docs/conditional.md)")
     if "curve_below" in s:
         lines.append(f"  MSE curve below the Gaussian MMSE at {s['curve_below']} of "
                      f"{s['curve_points']} log SNRs in [{s['curve_range'][0]:.1f}, "

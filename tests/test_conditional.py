@@ -201,3 +201,20 @@ def test_an_image_conditional_run_and_its_table(labelled_images, tmp_path, capsy
                                   "--vb_steps", "4", "--num_workers", "0"])
     estimates = {r["estimate"] for r in results["rows"] if r["model"] == "fake-base/last.ckpt"}
     assert {"conditional", "mutual information", "accuracy", "continuous"} <= estimates
+
+
+def test_the_summary_flags_a_mean_information_outside_zero_to_the_label_entropy():
+    # I(X; Y) lies in [0, H(Y)]; the mnist numbers of docs/conditional.md (Bayes' rule -28.7 +- 7.7
+    # against H(Y) = log 10) are flagged, means within two standard errors of the range are not
+    s = dict(dataset="mnist", epochs=3, steps=210, wall_time_s=1.0, val_nll=-2232.7,
+             val_nll_stderr=20.3, d=784, gaussian_val_loss=-568.7, gaussian_val_bpd=-1.05,
+             conditional=True, val_mi=1.0, val_mi_stderr=0.1, val_mi_bayes=2.35,
+             val_mi_bayes_stderr=0.05, val_accuracy=0.9, val_accuracy_stderr=0.01,
+             val_accuracy_logistic=0.89, label_evaluations=176, label_entropy=math.log(10),
+             run_dir="exps/mnist-base", checkpoint="exps/mnist-base/checkpoints/last.ckpt")
+    assert "note: I(X; Y)" not in experiment.summary_lines(s)
+    s.update(val_mi_bayes=-28.7429, val_mi_bayes_stderr=7.6593)
+    text = experiment.summary_lines(s)
+    assert "note: I(X; Y) lies in [0, H(Y) = 2.3026] nats" in text
+    s.update(val_mi_bayes=1.0, val_mi=14.8, val_mi_stderr=0.7)  # the digits difference form
+    assert "note: I(X; Y)" in experiment.summary_lines(s)
