@@ -151,9 +151,8 @@ class FitProposal(pl.Callback):
         if not isinstance(proposal, FittedProposal):  # the model is still the Gaussian
             return
         trainer.logger.log_metrics({"proposal_moved": proposal.moved()}, step=trainer.global_step)
-        if epoch == self.epochs[-1] and tensorboard(trainer):  # a figure costs more than a refit
-            tensorboard(trainer).add_figure("proposal", viz.plot_proposal(proposal),
-                                            trainer.global_step)
+        if epoch == self.epochs[-1] and (board := tensorboard(trainer)):  # costs more than a refit
+            board.add_figure("proposal", viz.plot_proposal(proposal), trainer.global_step)
 
 
 class Timings(pl.Callback):
@@ -277,9 +276,8 @@ class InformationMaps(pl.Callback):
         if not tensorboard(trainer):
             return
         print(f"information maps: i(x; y) per pixel of {self.n} validation images", flush=True)
-        data = trainer.datamodule
-        x = data.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
-        y = data.val_labels[:self.n].to(pl_module.device)
+        x = trainer.datamodule.val_data()[:self.n].to(pl_module.device, pl_module.dtype)
+        y = trainer.datamodule.val_labels[:self.n].to(pl_module.device)
         maps = pl_module.mi_points(x, y, self.npoints, seed=self.seed, per_dim=True)
         fig = viz.plot_attribution(x.cpu(), maps.cpu(), y.cpu(),
                                    title="where each label's information lives")
@@ -348,8 +346,7 @@ class Figures2D(_Saved):
             show("samples", viz.plot_samples(data.train.data[:self.num_samples], samples, name))
         if isinstance(model.proposal, FittedProposal):
             viz.save(viz.plot_proposal(model.proposal, name), os.path.join(folder, "proposal.png"))
-        if self.curve.last is not None:
-            c = self.curve.last
+        if (c := self.curve.last) is not None:
             viz.save(viz.plot_mse_curve(c["logsnrs"], c["mse"], c["mmse"], 2, f"{name}: MSE curve"),
                      os.path.join(folder, "mse_curve.png"))
         if self.history:
@@ -458,11 +455,8 @@ def kept(command=False):
 
 def resume_command(path):
     """The command line as given, resuming from the checkpoint at path."""
-    argv, skip = [], False
-    for word in sys.argv[1:]:
-        if not (skip or word == "--resume" or word.startswith("--resume=")):
-            argv.append(word)
-        skip = word == "--resume"
+    words = sys.argv[1:]  # less --resume and the word after it, or --resume=...
+    argv = [w for prev, w in zip(["", *words], words) if "--resume" not in (prev, w.split("=")[0])]
     return shlex.join(["python", sys.argv[0], *argv, "--resume", shown_path(path)])
 
 
@@ -548,8 +542,7 @@ class LineProgress(ProgressBar):
         self.enabled = True
 
     def on_train_epoch_end(self, trainer, pl_module):
-        shown = dict(self.get_metrics(trainer, pl_module))
-        shown.pop("v_num", None)
+        shown = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         if "val_loss" in trainer.callback_metrics:
             shown["val_loss"] = float(trainer.callback_metrics["val_loss"])
         metrics = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -559,10 +552,9 @@ class LineProgress(ProgressBar):
 
     def tick(self, label, batch_idx, total):
         now = time.time()
-        if now - self.last >= self.every:
+        if self.enabled and now - self.last >= self.every:
             self.last = now
-            if self.enabled:
-                print(f"{label}: batch {batch_idx + 1} of {int(total)}", flush=True)
+            print(f"{label}: batch {batch_idx + 1} of {int(total)}", flush=True)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0):

@@ -1,6 +1,5 @@
 """The scripts' shared command line: flags, per-dataset defaults, their checks, --resume, UserError.
-Standard library only: --help and mistakes answer before torch loads. Flags' limits: docs/2d.md.
-"""
+Standard library only: --help and mistakes answer before torch loads. Flags' limits: docs/2d.md."""
 import argparse
 import math
 import operator
@@ -10,7 +9,6 @@ import secrets
 import sys
 import time
 
-HALF_TRUE = ("16-true", "bf16-true", "16", "bf16", "half")
 STARTED = None  # when a script started, before its imports (answer_early)
 # With --resume, flags not given take the checkpoint's values, except these, which belong to
 # the invocation; given ones may differ from the checkpoint's only if in RESUME_MAY_CHANGE.
@@ -41,9 +39,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" only where the help does not already say the default."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default is None:
-            return text
+        if "default" in (action.help or "") or action.default is None:
+            return action.help or ""
         return super()._get_help_string(action)
 
 
@@ -106,13 +103,11 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     arg("--logsnr_scale", type=positive(float), help="its scale")
     arg("--clip", type=number(float, above=0, high=LOGSNR_LIMIT), default=4.,
         help="the integral covers loc +- clip * scale, within +-36")
-    arg("--fit_proposal", type=number(int, 0), metavar="N",
-        help="refit it to the model on N >= 8 training samples 5 times during training (0: keep "
-             "the logistic)")
+    arg("--fit_proposal", type=number(int, 0), metavar="N", help="refit it to the model on N >= 8 "
+        "training samples 5 times during training (0: keep the logistic)")
     arg = p.add_argument_group("the denoiser").add_argument
-    arg("--denoiser", default=denoiser, metavar="NAME|module:Class",
-        help="this script's network, or an importable nn.Module class with forward(z, logsnr[, y]) "
-             "returning z's shape")
+    arg("--denoiser", default=denoiser, metavar="NAME|module:Class", help="this script's network, "
+        "or an importable nn.Module class with forward(z, logsnr[, y]) returning z's shape")
     arg("--denoiser_args", default="{}", metavar="JSON",
         help="keyword arguments of a module:Class denoiser, as a JSON object")
     arg = p.add_argument_group("training").add_argument
@@ -179,17 +174,15 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
         help="Rademacher probes of Hutchinson's estimate")
     arg("--ode_tol", type=number(float, above=0, below=1), default=1e-5,
         help="the ODE solver's relative and absolute tolerance")
-    arg("--results", metavar="JSON",
-        help="where the table goes (default: eval-<checkpoint>.json beside the first checkpoint; "
-             "never overwritten: -2, -3, ...)")
+    arg("--results", metavar="JSON", help="where the table goes (default: eval-<checkpoint>.json "
+        "beside the first checkpoint; never overwritten: -2, -3, ...)")
     return p
 
 
 def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_ckpt=False):
-    """The checked arguments: with --resume the checkpoint's (a given flag contradicting it is an
-    error), then the dataset's (data_defaults for --data) for flags left at None. checkpoint_args:
-    path -> a checkpoint's run arguments (without it --resume returns None); without_ckpt:
-    --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
+    """The checked arguments: --resume's checkpoint's (checkpoint_args: path -> its run arguments;
+    without it, None), then the dataset's (data_defaults: --data's) for flags left at None;
+    without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
     known = {a.dest for a in parser._actions}
     for action in parser._actions:  # help: per-dataset defaults; --resume's own flags
         shown = [f"{name} {v[action.dest]:g}" if isinstance(v[action.dest], float) else
@@ -209,9 +202,7 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
                  for word in (sys.argv[1:] if argv is None else argv)
                  if word == opt or word.startswith(opt + "=")}
         saved = checkpoint_args(args.resume)
-        for key, value in saved.items():
-            if key not in vars(args):
-                continue
+        for key, value in ((k, v) for k, v in saved.items() if k in vars(args)):
             if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
@@ -221,7 +212,7 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
                              f"{value} epochs the resumed run's one-cycle schedule was planned for")
             if key not in given and key not in PER_INVOCATION:
                 setattr(args, key, value)
-    if args.precision in HALF_TRUE:
+    if args.precision in ("16-true", "bf16-true", "16", "bf16", "half"):
         parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
                      "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
     if args.data is not None and args.dataset is not None and not args.resume:
@@ -243,9 +234,8 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
         parser.error("argument --ckpt: only used with --eval_only")
     if args.data is None:
         args.dataset = args.dataset or list(defaults)[0]
-    for key, value in (data_defaults if args.data else defaults[args.dataset]).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    values = data_defaults if args.data else defaults[args.dataset]
+    vars(args).update({k: v for k, v in values.items() if getattr(args, k, None) is None})
     check(parser, args, [
         ("fit_proposal", lambda v: v and v < 8, "needs at least 8 samples (0: off)"),
         ("val_npoints", lambda v: v & (v - 1), "must be a power of 2"),
@@ -288,8 +278,7 @@ def check_fits(parser, flag, value, nbytes):
 def check(parser, args, checks):
     """parser.error for the first (flag, refused(value), what it must be) that refuses a value."""
     for flag, refused, text in checks:
-        value = getattr(args, flag)
-        if refused(value):
+        if refused(value := getattr(args, flag)):
             parser.error(f"argument --{flag}: {text}, got {value}")
 
 
@@ -332,11 +321,10 @@ def reachable(url, timeout=3.0):
     def probe():
         try:
             request.urlopen(request.Request(url, method="HEAD"), timeout=timeout).close()
-            answered.append(True)
-        except error.HTTPError:
-            answered.append(True)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as err:  # an HTTPError is an answer (any status)
+            if not isinstance(err, error.HTTPError):
+                return
+        answered.append(True)
     thread = threading.Thread(target=probe, daemon=True)  # bounds slow name lookups too
     thread.start()
     thread.join(timeout)

@@ -137,8 +137,7 @@ class Data(pl.LightningDataModule):
         return None if self.exact is None or self.exact.entropy is None else self.exact.entropy()
 
     def _rank_world(self):
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
     def _loader_kwargs(self):  # Samples returns whole batches: nothing to collate
         return dict(collate_fn=_as_is, num_workers=self.num_workers,
@@ -147,8 +146,7 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self):  # a resumed run's epoch and samples done are set here: Lightning
         # makes the loader after the checkpoint's restore, and workers draw indices at once
-        rank, world = self._rank_world()
-        sampler = EpochSampler(len(self.train), self.seed, rank, world)
+        sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
         drop = self.levels is not None or len(sampler) > self.batch_size
         loader = DataLoader(self.train, self.batch_size, sampler=sampler, drop_last=drop,
                             **self._loader_kwargs())
@@ -214,14 +212,12 @@ def _need_labels(args, classes, hint=""):
 
 def _split(x, y, args, whole):  # (Data.load's parts, validation indices)
     n = len(x)
-    train, val = (np.arange(n), np.arange(n)) if whole else datasets.split(n, args.val_fraction,
-                                                                           args.seed)
+    train, val = (np.arange(n),) * 2 if whole else datasets.split(n, args.val_fraction, args.seed)
     labels = (None, None) if y is None else (y[train], y[val])
     return dict(train=x[train], val=x[val], train_labels=labels[0], val_labels=labels[1]), val
 
 
 def run_name(args):
     """The data's name in run folders and tables: the dataset, or the file's stem."""
-    if not getattr(args, "data", None):
-        return args.dataset
-    return os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+    data = getattr(args, "data", None)
+    return os.path.splitext(os.path.basename(os.path.normpath(data)))[0] if data else args.dataset

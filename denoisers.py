@@ -53,9 +53,8 @@ class MLPDenoiser(nn.Module):
             features.append(self.labels(no_label_last(y, len(z), self.num_classes, z.device))
                             .to(z.dtype))
         if c["input_embedding_scale"] > 0:
-            scaled = c["input_embedding_scale"] * z
-            features += [sinusoidal(scaled[:, i], c["embedding_size"], c["input_embedding_period"])
-                         for i in range(2)]
+            features += [sinusoidal(c["input_embedding_scale"] * z[:, i], c["embedding_size"],
+                                    c["input_embedding_period"]) for i in range(2)]
         return self.net(t.cat(features, -1))
 
 

@@ -36,13 +36,11 @@ BLOBS_STDS = (0.6, 0.5, 0.4)
 _CHUNK = 2048  # points per chunk: bounds the (points, segments or nodes) temporaries
 
 
-def _chunked(f, x, *shape):  # f over chunks of the points x (m, 2), concatenated: (m, *shape)
+def _chunked(f, x):  # f over chunks of the points x (m, 2), concatenated (m = 0: one empty call)
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != 2:
         raise ValueError(f"need points of shape (m, 2), got {tuple(x.shape)}")
-    if not len(x):
-        return np.zeros((0, *shape))
-    return np.concatenate([f(x[i:i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
+    return np.concatenate([f(x[i:i + _CHUNK]) for i in range(0, max(len(x), 1), _CHUNK)])
 
 
 def _log_ndtr_diff(a, b):  # log(Phi(b) - Phi(a)), a < b: utils.log_ndtr_diff in numpy
@@ -76,8 +74,7 @@ def make_line(n, rng):
 def make_circle(n, rng):
     """A CIRCLE_LATTICE point's direction on the unit circle, moved by U(0, R) in any direction."""
     angle = np.arctan2(*CIRCLE_LATTICE[rng.integers(len(CIRCLE_LATTICE), size=n)].T[::-1])
-    jitter_angle = rng.uniform(0, 2 * np.pi, n)
-    radius = rng.uniform(0, CIRCLE_JITTER, n)
+    jitter_angle, radius = rng.uniform(0, 2 * np.pi, n), rng.uniform(0, CIRCLE_JITTER, n)
     return np.stack([np.cos(angle) + radius * np.cos(jitter_angle),
                      np.sin(angle) + radius * np.sin(jitter_angle)], 1)
 
@@ -133,7 +130,7 @@ def moons_log_given(x, n=8000, nodes=MOONS_NODES):
         d_out = (x ** 2).sum(1, keepdims=True) + 1 - 2 * (x[:, :1] * cos + x[:, 1:] * sin)
         d_in = (z ** 2).sum(1, keepdims=True) + 1 + 2 * (z[:, :1] * cos + z[:, 1:] * sin)
         return np.stack([logsumexp(const - d / (2 * sigma ** 2), 1) for d in (d_out, d_in)], 1)
-    return _chunked(f, x, 2)
+    return _chunked(f, x)
 
 
 def moons_log_prior(n=8000):
@@ -156,7 +153,7 @@ def blobs_log_given(x, n=None):
     def f(x):
         d2 = ((x[:, None, :] - means) ** 2).sum(-1)
         return -d2 / (2 * stds ** 2) - np.log(2 * math.pi * stds ** 2)
-    return _chunked(f, x, 3)
+    return _chunked(f, x)
 
 
 def blobs_log_prior(n=None):

@@ -215,9 +215,8 @@ class DiffusionModel(pl.LightningModule):
         return x
 
     def _labels(self, batch):
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2 or batch[1] is None:
-            return None
-        return self._given(batch[0], batch[1]) if self.num_classes else None
+        labelled = isinstance(batch, (list, tuple)) and len(batch) > 1 and self.num_classes
+        return self._given(batch[0], batch[1]) if labelled else None
 
     def _given(self, x, y, needed=False):
         if y is None:

@@ -1,5 +1,6 @@
 """The evaluation table's estimates: `ROWS` maps a name to a `RowKind` (docs/extending.md)."""
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import torch as t
@@ -29,16 +30,14 @@ def _dequantized(dequantize, plan, x, index, score):
     return utils.discrete_limit_nats(nll, plan.grid.delta, plan.d), info
 
 
-def _continuous(dequantize):
-    def build(plan, entry):
-        proposal, denoiser = plan.proposal("continuous", entry), plan.denoiser("continuous", entry)
+def _continuous(dequantize, plan, entry):
+    proposal, denoiser = plan.proposal("continuous", entry), plan.denoiser("continuous", entry)
 
-        def fn(x, index, y):
-            nll, stderr = _dequantized(dequantize, plan, x, index, lambda v: est.nll_points(
-                denoiser, entry.reference, proposal, v, plan.npoints, seed=plan.seed, index=index))
-            return dict(values=nll, stderr=stderr)
-        return fn, proposal
-    return build
+    def fn(x, index, y):
+        nll, stderr = _dequantized(dequantize, plan, x, index, lambda v: est.nll_points(
+            denoiser, entry.reference, proposal, v, plan.npoints, seed=plan.seed, index=index))
+        return dict(values=nll, stderr=stderr)
+    return fn, proposal
 
 
 def _variational_bound(plan, entry):
@@ -53,52 +52,40 @@ def _variational_bound(plan, entry):
     return fn, tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())
 
 
-def _discrete(rounding):
-    def build(plan, entry):
-        roundings = ("none",) if rounding == "none" else ("none", rounding)
-        denoiser = plan.denoiser("discrete", entry, roundings)
-        proposal = plan.proposal("discrete", entry, roundings)
+def _discrete(roundings, plan, entry):
+    denoiser = plan.denoiser("discrete", entry, roundings)
+    proposal = plan.proposal("discrete", entry, roundings)
 
-        def fn(x, index, y):
-            nll, stderr = est.nll_discrete_points(denoiser, entry.reference, proposal, x,
-                                                  plan.grid, plan.npoints, seed=plan.seed,
-                                                  index=index)
-            return dict(values=nll, stderr=stderr)
-        return fn, proposal
-    return build
+    def fn(x, index, y):
+        nll, stderr = est.nll_discrete_points(denoiser, entry.reference, proposal, x, plan.grid,
+                                              plan.npoints, seed=plan.seed, index=index)
+        return dict(values=nll, stderr=stderr)
+    return fn, proposal
 
 
-def _ode(dequantize):
-    def build(plan, entry):
-        denoiser = plan.denoiser("continuous", entry)
+def _ode(dequantize, plan, entry):
+    denoiser = plan.denoiser("continuous", entry)
 
-        def fn(x, index, y):
-            nll, info = _dequantized(dequantize, plan, x, index, lambda v: ode.nll_ode(
-                denoiser, entry.reference, entry.proposal.range, v, seed=plan.seed, index=index,
-                **plan.ode))
-            return dict(values=nll, stderr=t.zeros_like(nll), cost=info["nfe"])
-        return fn, entry.proposal.range
-    return build
+    def fn(x, index, y):
+        nll, info = _dequantized(dequantize, plan, x, index, lambda v: ode.nll_ode(
+            denoiser, entry.reference, entry.proposal.range, v, seed=plan.seed, index=index,
+            **plan.ode))
+        return dict(values=nll, stderr=t.zeros_like(nll), cost=info["nfe"])
+    return fn, entry.proposal.range
 
 
 def _given(plan, entry):
     if entry.label_prior is None:  # not a model of p(x | y)
         return None
-    proposal = plan.proposal("continuous", entry)
-    labels = t.arange(-1, plan.num_classes)
+    proposal, labels = plan.proposal("continuous", entry), t.arange(-1, plan.num_classes)
 
     def fn(x, index, y):
         terms = est.label_terms(entry.denoiser, entry.reference, proposal, x,
                                 labels.to(x.device), plan.npoints, seed=plan.seed, index=index)
         stats = est.label_statistics(terms, entry.label_prior, y)
         values, stderr = stats["given"]
-        return dict(values=values, stderr=stderr, stats=stats,
-                    cost=t.full_like(values, _label_cost(plan)))
+        return dict(values=values, stderr=stderr, stats=stats)
     return fn, proposal
-
-
-def _label_cost(plan):
-    return plan.npoints * (plan.num_classes + 1)
 
 
 def _labelled(plan):
@@ -118,7 +105,7 @@ def _ode_row(what, dequantize):
                 "logsnr_range, the Gaussian's exact one beyond; not the density the IT rows "
                 f"bound), adaptive Dormand-Prince at rtol {o['rtol']:g}, atol {o['atol']:g}, "
                 f"divergence {trace}; evaluations: function evaluations with their divergence")
-    return RowKind(meaning, grid=dequantize, build=_ode(dequantize),
+    return RowKind(meaning, grid=dequantize, build=functools.partial(_ode, dequantize),
                    when=lambda plan: plan.ode is not None, cost=lambda plan: ODE_EVALUATIONS)
 
 
@@ -130,14 +117,14 @@ ROWS = {  # the table's estimates, in the order of its columns
         "estimate of E[-log p(x)] of the data as they are: an upper bound in expectation for the "
         "hybrid denoiser (the model over logsnr_range, the Gaussian's optimal predictor "
         "outside); for grid data it depends on the range's top",
-        cost=lambda plan: plan.npoints, build=_continuous(False)),
+        cost=lambda plan: plan.npoints, build=functools.partial(_continuous, False)),
     "discrete limit": RowKind(
         "continuous - d log(delta): a change of units, not a bound", grid=True,
         derive=("continuous", lambda output, plan: (utils.discrete_limit_nats(
             output["values"], plan.grid.delta, plan.d), output["stderr"]))),
     "dequantized": RowKind(
         _UPPER + "the continuous estimate of x + delta (U - 1/2), - d log(delta)", grid=True,
-        cost=lambda plan: plan.npoints, build=_continuous(True)),
+        cost=lambda plan: plan.npoints, build=functools.partial(_continuous, True)),
     "variational bound": RowKind(
         _UPPER + "the -ELBO of the T-step schedule over logsnr_range as DDPM reported it (x_hat "
         "clipped to the data's range in every term, fixed_small variances, discretised Gaussian "
@@ -145,14 +132,14 @@ ROWS = {  # the table's estimates, in the order of its columns
         grid=True, cost=lambda plan: (plan.vb_steps or 1000) + 2, build=_variational_bound),
     **{name: RowKind(
         _UPPER + "1/2 Int E||eps - eps_hat||^2 da over logsnr_range, the tails in closed form",
-        grid=True, cost=lambda plan: plan.npoints, build=_discrete(rounding))
-       for name, rounding in (("discrete, no rounding", "none"),
-                              ("discrete, hard rounding", "hard"),
-                              ("discrete, soft rounding", "soft"))},
+        grid=True, cost=lambda plan: plan.npoints, build=functools.partial(_discrete, roundings))
+       for name, roundings in (("discrete, no rounding", ("none",)),
+                               ("discrete, hard rounding", ("none", "hard")),
+                               ("discrete, soft rounding", ("none", "soft")))},
     "conditional": RowKind(
         "estimate of E[-log p(x | y)] given each sample's label: continuous's bound with the "
         "label's data-matched Gaussian as the reference" + LABEL_PASS,
-        when=_labelled, cost=_label_cost, build=_given),
+        when=_labelled, cost=lambda plan: plan.npoints * (plan.num_classes + 1), build=_given),
     "mutual information": _label_row(
         "estimate of E[i(x; y)] = E[log p(x | y) - log p(x)] as the difference of the two bounds "
         "on the same noise (it inherits the unconditional bound's gap)", "information"),

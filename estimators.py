@@ -80,8 +80,7 @@ def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicate
                 index=None, chunk_size=None, per_dim=False):
     """The replicates' -log p(x | k) (B, R, L) for labels k ((B, L) or (L,); -1: none) on
     nll_points' points; per_dim: the integrand's mean per coordinate, (B, L, *x_shape)."""
-    labels = t.as_tensor(labels, device=x.device).long()
-    labels = labels.expand(len(x), -1) if labels.dim() == 1 else labels
+    labels = t.as_tensor(labels, device=x.device).long().expand(len(x), -1)
     n = labels.shape[1]
 
     def gaps(xs, a, eps, ys):  # ys (rows, n): every label of a row on its one (a, eps)
@@ -95,8 +94,7 @@ def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicate
                       max(1, (chunk_size or default_chunk(x[0].numel(), x.device)) // n), labels)
     if per_dim:
         return g.mean((1, 2))
-    q = t.stack([reference.nll(x, labels[:, j]) for j in range(n)], 1)
-    return q.unsqueeze(1) + g.mean(2)
+    return t.stack([reference.nll(x, k) for k in labels.T], 1).unsqueeze(1) + g.mean(2)
 
 
 def eps_errors(denoiser, z, logsnr, eps, y=None):
@@ -126,9 +124,8 @@ def mi_points(denoiser, reference, proposal, x, y, npoints=200, replicates=4, se
 def class_log_posterior(denoiser, reference, proposal, x, log_prior, npoints=200, replicates=4,
                         seed=None, index=None, chunk_size=None):
     """(log p(y | x) for every label (B, K) by Bayes' rule, jackknifed, its standard error)."""
-    labels = t.arange(len(log_prior), device=x.device)
-    terms = label_terms(denoiser, reference, proposal, x, labels, npoints, replicates, seed, index,
-                        chunk_size)
+    terms = label_terms(denoiser, reference, proposal, x, t.arange(len(log_prior), device=x.device),
+                        npoints, replicates, seed, index, chunk_size)
     return label_log_posterior(terms, log_prior)
 
 
@@ -142,11 +139,9 @@ def label_statistics(terms, log_prior, y=None):
     """{"given", "information", "bayes", "correct"}: (values, stderrs) for labels y (or (B, K))
     from label_terms of no label and every label (B, R, 1 + K) (docs/conditional.md)."""
     prior = t.as_tensor(log_prior).to(terms)
-    given = terms[..., 1:]
-    gain = terms[..., :1] - given
+    given, gain = terms[..., 1:], terms[..., :1] - terms[..., 1:]
     posterior, spread = label_log_posterior(given, prior)
-    labels = t.arange(len(prior), device=terms.device)
-    right = (posterior.argmax(1, keepdim=True) == labels).to(terms)
+    right = t.nn.functional.one_hot(posterior.argmax(1), len(prior)).to(terms)
     stats = dict(given=(given.mean(1), _replicate_stderr(given)),
                  information=(gain.mean(1), _replicate_stderr(gain)),
                  bayes=(posterior - prior, spread), correct=(right, t.zeros_like(right)))
@@ -186,8 +181,7 @@ def tail_terms(reference, logsnr_range, x, grid):
 @t.no_grad()
 def mse_curve(denoiser, reference, x, logsnrs, generator=None, chunk_size=None):
     """(E ||eps - eps_hat(z, a)||^2, the reference's MMSE) at each a of `logsnrs`: ((K,), (K,))."""
-    b, k = len(x), len(logsnrs)
-    logsnrs = logsnrs.to(x.device, x.dtype)
+    b, k, logsnrs = len(x), len(logsnrs), logsnrs.to(x.device, x.dtype)
 
     def mse(xs, a):
         eps = t.randn(xs.shape, generator=generator, device=xs.device, dtype=xs.dtype)
@@ -202,8 +196,7 @@ def sample(denoiser, reference, proposal, n, x_shape, steps=200, generator=None)
     """x_hat of a deterministic DDIM-style sampler on the proposal's quadrature grid."""
     grid, _ = proposal.quadrature(steps, device=reference.mean.device, dtype=reference.mean.dtype)
     z = reference.sample(n, grid[0], generator).view((n,) + tuple(x_shape))
-    for i in range(steps):
-        a = grid[i].expand(n)
+    for i, a in enumerate(grid[:, None].expand(-1, n)):
         eps_hat = denoise(denoiser, z, a)
         x_hat = utils.x_from_eps(z, a, eps_hat)
         if i + 1 < steps:

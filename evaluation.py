@@ -1,5 +1,8 @@
 """The evaluation table as two Trainer.test passes, "select" and "score" (docs/evaluation.md)."""
 import dataclasses
+import functools
+import itertools
+import math
 import os
 import time
 from typing import Optional
@@ -33,21 +36,25 @@ class Entry:
 class Plan:
     """The rows' settings and, after the selection pass, each row's denoiser and proposal."""
 
-    def __init__(self, bases, edges, grid, proposal_kind, bins, seed, **settings):
-        self.bases, self.edges, self.grid, self.bins = bases, edges, grid, bins
+    def __init__(self, bases, grid, proposal_kind, bins, seed, **settings):
+        self.bases, self.grid, self.bins = bases, grid, bins
         self.proposal_kind, self.seed, self.heldout = proposal_kind, seed, {}
         self.roundings = {"continuous": ("none",), "discrete": ("none", "hard", "soft")}
+        self.tops = {"continuous": -math.inf}  # the log SNR each kind's ranges reach at least
+        if grid is not None:
+            self.tops["discrete"] = utils.grid_resolved_logsnr(grid.delta)
+        self.edges = {}  # the held-out bins over the union of the models' ranges
+        for kind, top in self.tops.items():
+            lo, hi = zip(*(m.proposal.widened(top).range for m in bases[1:]))
+            self.edges[kind] = est.bin_edges((min(lo), max(hi)), bins)
         self.selection_seed = utils.derive_seed(seed, SELECTION)
         vars(self).update(settings)
 
-    def candidates(self, kind):
-        """(z, a) -> every column's prediction of `kind`, each base evaluated once."""
+    def candidates(self, kind, z, a):
+        """Every column's prediction of `kind` at (z, a), each base evaluated once."""
+        eps = [est.denoise(b, z, a) for b in self.bases]
         rounders = [GridRounding(None, self.grid, r) for r in self.roundings[kind][1:]]
-
-        def predict(z, a):
-            eps = [est.denoise(b, z, a) for b in self.bases]
-            return eps + [r.round_eps(z, a, e) for r in rounders for e in eps]
-        return predict
+        return eps + [r.round_eps(z, a, e) for r in rounders for e in eps]
 
     def columns(self, kind, entry, roundings=("none",)):
         """An entry's candidate columns (rounding * bases + base; with rounding the Gaussian's)."""
@@ -59,17 +66,14 @@ class Plan:
         """The entry's own denoiser, or the per-bin held-out best of its columns."""
         if len(entry.bases) == 1 and roundings == ("none",):
             return entry.denoiser
-        cols, members = self.columns(kind, entry, roundings), []
-        for rounding, base in (divmod(c, len(self.bases)) for c in cols):
-            mode, member = self.roundings[kind][rounding], self.bases[base]
-            members.append(member if mode == "none" else GridRounding(member, self.grid, mode))
+        cols, n = self.columns(kind, entry, roundings), len(self.bases)
+        modes = [(self.roundings[kind][c // n], self.bases[c % n]) for c in cols]
+        members = [m if mode == "none" else GridRounding(m, self.grid, mode) for mode, m in modes]
         return Ensemble.from_heldout(members, self.edges[kind], self.heldout[kind].mean(0).T[cols])
 
     def proposal(self, kind, entry, roundings=("none",)):
         """The row's log-SNR proposal, fitted to its held-out integrand (docs/evaluation.md)."""
-        base = entry.proposal
-        if kind == "discrete":
-            base = base.widened(utils.grid_resolved_logsnr(self.grid.delta))
+        base = entry.proposal.widened(self.tops[kind])
         logistic = LogisticProposal(base.loc, base.scale, base.clip)
         errors = self.heldout[kind]
         if self.proposal_kind == "logistic" or len(errors) < FittedProposal.MIN_SAMPLES:
@@ -93,9 +97,8 @@ class Evaluation(pl.LightningModule):
         self.models, self.names, self.data = t.nn.ModuleList(models), list(names), data
         self.scored, self.limit, self.proposal_kind, self.ode = scored, limit, proposal, ode
         self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
-        self.select_fraction, self.vb_steps = select_fraction, vb_steps or None
+        self.select_fraction, self.vb_steps, self.d = select_fraction, vb_steps or None, models[0].d
         self.samples, self.phase, self.rows, self.per_sample = None, "select", [], {}
-        self.d = models[0].d
 
     def prepare_data(self):
         self.data.prepare_data()
@@ -107,9 +110,8 @@ class Evaluation(pl.LightningModule):
         x, grid = self.data.eval_data()
         first, n = self.models[0], len(self.models)
         if self.scored is None:
-            n_select = round(self.select_fraction * len(x))
             perm = t.randperm(len(x), generator=t.Generator().manual_seed(self.seed))
-            select, scored_index = perm[:n_select], perm[n_select:]
+            select, scored_index = perm.tensor_split([round(self.select_fraction * len(x))])
             score, labels = x, self.data.eval_labels()
         else:
             select, scored_index = t.arange(len(x)), t.arange(len(self.scored[0]))
@@ -121,12 +123,7 @@ class Evaluation(pl.LightningModule):
         self.samples = {"select": x[select], "score": score[self.scored_index]}
         self.labels = None if labels is None or not first.num_classes else labels[self.scored_index]
         bases = [GaussianDenoiser(first.reference)] + list(self.models)
-        edges = {"continuous": _union_bins([m.proposal for m in self.models], self.bins)}
-        if grid is not None:
-            top = utils.grid_resolved_logsnr(grid.delta)
-            edges["discrete"] = _union_bins([m.proposal.widened(top) for m in self.models],
-                                            self.bins)
-        self.plan = Plan(bases, edges, grid, self.proposal_kind, self.bins, self.seed,
+        self.plan = Plan(bases, grid, self.proposal_kind, self.bins, self.seed,
                          npoints=self.npoints, d=self.d, ode=self.ode, vb_steps=self.vb_steps,
                          labels=self.labels, num_classes=first.num_classes)
         schedules = [getattr(m.model, "alphas_cumprod", None) for m in self.models]
@@ -134,11 +131,10 @@ class Evaluation(pl.LightningModule):
         own = [Entry(name, m, m.reference, m.proposal, [1 + i], schedules[i],
                      m.label_log_prior if m.num_classes else None)
                for i, (name, m) in enumerate(zip(self.names, self.models))]
-        ensemble = dataclasses.replace(gaussian, name="ensemble", denoiser=None,
-                                       bases=list(range(n + 1)))
-        self.entries = [gaussian, *own, ensemble]
-        if self.trainer.is_global_zero:  # roundings reuse the bases' evaluations, and the
-            select_cost = sum(len(e) - 1 for e in edges.values()) * n  # Gaussian's are next to free
+        self.entries = [gaussian, *own, dataclasses.replace(
+            gaussian, name="ensemble", denoiser=None, bases=list(range(n + 1)))]
+        if self.trainer.is_global_zero:  # roundings reuse the bases' evaluations; Gaussian's ~free
+            select_cost = sum(len(e) - 1 for e in self.plan.edges.values()) * n
             score_cost = sum(kind.cost(self.plan) for kind in self.kinds().values()) * (n + 1)
             print(f"evaluating {n} model(s) on {len(self.scored_index)} scored samples "
                   f"({len(select)} for selection) with {self.trainer.world_size} process(es): "
@@ -173,7 +169,7 @@ class Evaluation(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         index, x = batch
         if self.phase == "select":
-            values = [est.heldout_errors(self.plan.candidates(kind), x, index,
+            values = [est.heldout_errors(functools.partial(self.plan.candidates, kind), x, index,
                                          self.plan.selection_seed, edges).flatten(1)
                       for kind, edges in self.plan.edges.items()]
         else:
@@ -200,8 +196,7 @@ class Evaluation(pl.LightningModule):
 
     def on_test_epoch_end(self):
         x, world = self.samples[self.phase], self.trainer.world_size
-        index = t.cat([p[0] for p in self.parts]).to(self.device)
-        rows = t.cat([p[1] for p in self.parts]).to(self.device, t.float64)
+        index, rows = (t.cat(part).to(self.device) for part in zip(*self.parts))  # rows: float64
         if world > 1:  # shards differ in size by at most one: pad, then gather
             size = -(-len(x) // world)
             index = t.cat([index, index.new_full((size - len(index),), -1)])
@@ -209,35 +204,32 @@ class Evaluation(pl.LightningModule):
             index, rows = self.all_gather(index).flatten(0, 1), self.all_gather(rows).flatten(0, 1)
         values = t.zeros(len(x), rows.shape[1], dtype=t.float64)  # every process's, in order
         values[index[index >= 0].cpu()] = rows[index >= 0].cpu()
-        if self.phase == "select":
-            start = 0
+        if self.phase == "select":  # each kind's (bins, candidates) block of columns in turn
             for kind, edges in self.plan.edges.items():
                 bins, m = len(edges) - 1, len(self.plan.bases) * len(self.plan.roundings[kind])
-                self.plan.heldout[kind] = values[:, start:start + bins * m].view(len(x), bins, m)
-                start += bins * m
+                self.plan.heldout[kind] = values[:, :bins * m].view(len(x), bins, m)
+                values = values[:, bins * m:]
             return
-        self.rows, j = [], 0
+        self.rows, columns = [], iter(values.split(3, 1))  # (values, stderr, cost) of each row
         for entry, estimate, _, span in self.jobs:
             for name, kind in self._family(estimate):
-                nats, stderr, cost = values[:, 3 * j:3 * j + 3].unbind(1)
+                nats, stderr, cost = next(columns).unbind(1)
                 self.per_sample[(entry.name, name)] = (nats, stderr)
                 row = table_row(entry.name, name, nats, self.d, span, stderr, kind.unit)
                 meaning = kind.meaning(self.plan) if callable(kind.meaning) else kind.meaning
                 self.rows.append(dict(row, unit=kind.unit, evaluations=cost.mean().item(),
                                       meaning=meaning))
-                j += 1
 
     def exact_rows(self):
         """The exact rows on the scored samples where the data's densities are known."""
+        if self.scored is not None:
+            return []
         x = self.samples["score"].cpu()
-        nll = self.data.exact_nll(x) if self.scored is None else None
-        rows = [] if nll is None else [("continuous", nll)]
-        given = None if self.labels is None or self.scored is not None else self.data.exact_labels(
-            x, self.labels.cpu())
-        if given is not None:
-            rows += zip(("conditional", "mutual information", "accuracy"), given)
+        given = None if self.labels is None else self.data.exact_labels(x, self.labels.cpu())
+        values = (self.data.exact_nll(x), *(given or (None,) * 3))
+        names = ("continuous", "conditional", "mutual information", "accuracy")
         return [dict(table_row("exact", name, v, self.d, unit=ROWS[name].unit), meaning=EXACT,
-                     unit=ROWS[name].unit) for name, v in rows]
+                     unit=ROWS[name].unit) for name, v in zip(names, values) if v is not None]
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), the exact rows first."""
@@ -258,11 +250,6 @@ class Evaluation(pl.LightningModule):
                     wall_time_s=wall_time_s)
 
 
-def _union_bins(proposals, bins):
-    ranges = [p.range for p in proposals]
-    return est.bin_edges((min(r[0] for r in ranges), max(r[1] for r in ranges)), bins)
-
-
 # --- The table as rows, text and files ---
 def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
     """A row of the table from per-sample values and integration stderrs (docs/evaluation.md)."""
@@ -277,8 +264,7 @@ def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
     spread = utils.stderr_from_sums(nll.sum(), nll.pow(2).sum(), len(nll)).item()
     integration = None if stderr is None else (
         t.as_tensor(stderr).double().pow(2).mean().sqrt().item())
-    bpd = (None, None) if unit != "nats" else (
-        utils.nats_to_bpd(mean, d), utils.nats_to_bpd(spread, d))
+    bpd = [utils.nats_to_bpd(v, d) if unit == "nats" else None for v in (mean, spread)]
     values = dict(nats=None, nats_stderr=None, value=mean, value_stderr=spread) if (
         unit == "fraction") else dict(nats=mean, nats_stderr=spread)
     return dict(model=model, estimate=estimate, **values, bpd=bpd[0], bpd_stderr=bpd[1],
@@ -341,10 +327,8 @@ def results_path(path=None, ckpt=None, name=None, folder=None):
     elif path is None:
         path = os.path.join(folder or ".", f"eval-{name.replace('/', '-').replace(' ', '_')}.json")
     root, ext = os.path.splitext(path)
-    k = 2
-    while os.path.exists(path):
-        path, k = f"{root}-{k}{ext}", k + 1
-    return path
+    numbered = (f"{root}-{k}{ext}" for k in itertools.count(2))
+    return next(p for p in itertools.chain([path], numbered) if not os.path.exists(p))
 
 
 def claim_results_file(path):

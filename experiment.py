@@ -1,12 +1,12 @@
 """The runs both scripts share: `main(family, argv)` parses, then trains or evaluates; the Trainer,
-run folders, checkpoints (`load_model`), summaries. A `Family` makes a script (docs/extending.md).
-"""
+run folders, checkpoints (`load_model`), summaries. A `Family` makes a script: docs/extending.md."""
 import argparse
 import csv
 import dataclasses
 import errno
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -65,16 +65,14 @@ def main(family, argv=None):
 
 def set_threads(n):
     """PyTorch's CPU threads for this process, with a warning beyond the cores it may use."""
-    cores = cli.available_cores()
-    if n > cores:
+    if n > (cores := cli.available_cores()):
         print(f"warning: --num_threads {n} is more than the {cores} cores this process may use; "
               "it will run slower, not faster", file=sys.stderr, flush=True)
     t.set_num_threads(n)
 
 
 def run_cli(main):
-    """Runs main(); a user error ends in one line and exit status 2, a disk error in one naming the
-    file, what was kept and how to resume (74), Ctrl-C or SIGTERM in Interrupted's (130, 143)."""
+    """Runs main(): a mistake, disk error or stop ends in one line, an exit status: docs/runs.md."""
     # Lightning's: a deprecation; doubts about mid-epoch resumes (the loaders resume exactly)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)|You're "
                             "resuming from a checkpoint that ended before")
@@ -114,8 +112,7 @@ def run_cli(main):
 
 
 class RunLogger(TensorBoardLogger):
-    """TensorBoard logs in log_dir/<run>, or <run>-2, -3, ...: a run never overwrites another.
-    The free name is chosen when the folder is first needed, so failed starts leave nothing."""
+    """Logs in log_dir/<run> or <run>-2, -3, ...: the first free name, taken when first needed."""
 
     def __init__(self, log_dir, run, resume=False):
         super().__init__(log_dir, name="", version=run if resume else None, default_hp_metric=False)
@@ -128,11 +125,8 @@ class RunLogger(TensorBoardLogger):
             self.save()
 
     def _get_next_version(self):
-        path, k = self.run, 1
-        while os.path.exists(os.path.join(self.root_dir, path)):
-            k += 1
-            path = f"{self.run}-{k}"
-        return path
+        names = itertools.chain([self.run], (f"{self.run}-{k}" for k in itertools.count(2)))
+        return next(n for n in names if not os.path.exists(os.path.join(self.root_dir, n)))
 
 
 def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
@@ -145,8 +139,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         resume = os.path.isdir(run)
         folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
         logger = RunLogger(folder, os.path.basename(run) if resume else run, resume)
-        # best-*: lowest val_loss; last.ckpt: the latest model at every validation and at the
-        # end, saved after best-* (the newest complete checkpoint: callbacks.Interrupted.kept)
+        # last.ckpt: every validation and the end, saved after best-* (the newest: Interrupted.kept)
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
                      ModelCheckpoint(filename="last", enable_version_counter=False),
                      run_args, cb.ValidateLastEpoch(), cb.RunSize(), cb.LogInterval(),
@@ -234,8 +227,7 @@ def fit(trainer, model, data, ckpt_path=None):
 def load_checkpoint(path, script=None):
     """A checkpoint written by `script` (default: either), or a UserError saying what is wrong."""
     if os.path.isdir(path):
-        found = sorted(os.path.relpath(p, path)
-                       for p in glob.glob(os.path.join(path, "**", "*.ckpt"), recursive=True))
+        found = sorted(glob.glob(os.path.join("**", "*.ckpt"), root_dir=path, recursive=True))
         raise UserError(f"{path} is a folder, not a checkpoint; " + (
             f"the checkpoints in it: {', '.join(found)}" if found else "it holds no checkpoints"))
     if not os.path.isfile(path):
@@ -296,8 +288,7 @@ def summarize(trainer, model, curve, values, start):
              d=model.d, conditional=model.num_classes is not None, **values)
     if isinstance(model.proposal, FittedProposal):
         s["proposal"] = dict(model.proposal.state(), moved=model.proposal.moved())
-    if curve.last is not None:
-        c = curve.last
+    if (c := curve.last) is not None:
         s.update(suggested_logsnr_loc=c["suggested"][0], suggested_logsnr_scale=c["suggested"][1],
                  curve_below=int((c["mse"] <= c["mmse"]).sum()), curve_points=len(c["logsnrs"]),
                  curve_range=[float(c["logsnrs"][0]), float(c["logsnrs"][-1])])
@@ -332,7 +323,7 @@ def summary_lines(s):
                   f"  classified by log p(y | x): {s['val_accuracy']:.1%} +- "
                   f"{s['val_accuracy_stderr']:.1%} correct ({other}); "
                   f"{s['label_evaluations']} denoiser evaluations per sample"]
-        h = s["label_entropy"]  # I(X; Y) lies in [0, H(Y)]; a mean 2 errors outside it is the model's
+        h = s["label_entropy"]  # I(X; Y) is in [0, H(Y)]; a mean 2 errors outside it is the model's
         if any(not -2 * s[k + "_stderr"] <= s[k] <= h + 2 * s[k + "_stderr"]
                for k in ("val_mi", "val_mi_bayes")):
             lines.append(f"  note: I(X; Y) lies in [0, H(Y) = {h:.4f}] nats; a mean outside it "
@@ -349,9 +340,8 @@ def summary_lines(s):
         lines.append(f"  log-SNR proposal fitted to the model: "
                      f"{100 * s['proposal']['moved']:.0f}% of the logistic's mass moved")
     if "contour_cells" in s:
-        lines.append(f"  density contours: {s['contour_cells']} cells shown, standard error "
-                     f"median {s['contour_stderr_median']:.3f}, max "
-                     f"{s['contour_stderr_max']:.3f} nats")
+        lines.append(f"  density contours: {s['contour_cells']} cells shown, standard error median "
+                     f"{s['contour_stderr_median']:.3f}, max {s['contour_stderr_max']:.3f} nats")
     lines += [f"  logs:        {shlex.quote(s['run_dir'])}",
               f"  checkpoint:  {shlex.quote(s['checkpoint'])}"]
     if "contour_cells" in s:
@@ -419,9 +409,8 @@ def train(args, family):
         return None
     with cb.final_stage(trainer):  # the end-of-training passes, then the summary
         final = time.time()
-        for callback in extra:
-            if hasattr(callback, "final"):
-                callback.final(trainer, model)
+        for callback in filter(lambda c: hasattr(c, "final"), extra):
+            callback.final(trainer, model)
         timings.seconds["final"] = time.time() - final
         s = dict(dataset=data.name, time_s=timings.seconds,
                  **summarize(trainer, model, curve, baselines.values, cli.STARTED or start))
@@ -436,8 +425,7 @@ def train(args, family):
 
 
 def evaluate(args, family):
-    """--eval_only: the table (docs/evaluation.md) of --ckpt (or the pretrained model) on the
-    validation data or every sample of --data, printed and written by global rank 0."""
+    """--eval_only: the table (docs/evaluation.md) of --ckpt or the pretrained model, written."""
     start, scored, files, scored_path = time.time(), None, None, args.data
     if args.ckpt:
         ckpts = [load_checkpoint(path, family.script) for path in args.ckpt]
@@ -490,11 +478,9 @@ def evaluate(args, family):
             for output in filter(None, (path, args.per_sample)):
                 evaluation.claim_results_file(output)
                 claimed.append(output)
-            for ckpt in args.ckpt or []:
-                if os.path.basename(ckpt).startswith("best"):
-                    print(f"warning: {ckpt} was chosen by its validation loss on the samples it "
-                          "is now scored on, so its numbers are optimistic; last.ckpt is not",
-                          flush=True)
+            for ckpt in (p for p in args.ckpt or [] if os.path.basename(p).startswith("best")):
+                print(f"warning: {ckpt} was chosen by its validation loss on the samples it is "
+                      "now scored on, so its numbers are optimistic; last.ckpt is not", flush=True)
         with cb.stop_at_once():
             ev.run(trainer)
         results = ev.results(info, args.ckpt or [], time.time() - start)
@@ -509,8 +495,7 @@ def evaluate(args, family):
                 cli.write_file(args.per_sample, table.getvalue())
     except BaseException:
         for output in claimed:
-            if os.path.exists(output):
-                os.remove(output)
+            pathlib.Path(output).unlink(missing_ok=True)
         raise
     if trainer.is_global_zero:
         print(f"written to {shown_path(path)}" + (
@@ -526,8 +511,7 @@ def _check_shape(ckpt, data, path):
 
 
 def _check_missing(data, build=lambda: None):
-    # build() (the model, whose weights may be missing too) is tried either way: one error names
-    # every missing input
+    # one error names every missing input: build() (the model, its weights too) is tried either way
     problem = data.missing()
     if not problem:
         return build()
@@ -550,7 +534,6 @@ def checkpoints_data(args, ckpts, keys):
     if args.dataset is not None and args.dataset != first["dataset"]:
         raise UserError(f"--dataset {args.dataset}, but {args.ckpt[0]} was trained on "
                         f"{first['dataset'] or first.get('data')}")
-    for key, value in ckpts[0]["run_args"].items():  # the settings the run was trained with
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    vars(args).update({k: v for k, v in ckpts[0]["run_args"].items()
+                       if getattr(args, k, None) is None})  # the settings the run was trained with
     return first

@@ -36,17 +36,15 @@ class LogisticProposal:
 
     def _at(self, logsnr, dtype):
         # the range's ends rounded inwards: every draw lies in the support in `dtype`
-        ends = [t.tensor(v, dtype=t.float64).to(dtype) for v in self.range]
-        if ends[0].double() < self.range[0]:
-            ends[0] = t.nextafter(ends[0], t.tensor(math.inf, dtype=dtype))
-        if ends[1].double() > self.range[1]:
-            ends[1] = t.nextafter(ends[1], t.tensor(-math.inf, dtype=dtype))
-        a = logsnr.to(dtype).clamp(*(e.to(logsnr.device) for e in ends))
+        lo, hi = (t.tensor(v, dtype=t.float64).to(dtype) for v in self.range)
+        inf = t.tensor(math.inf, dtype=dtype)
+        lo = t.nextafter(lo, inf) if lo.double() < self.range[0] else lo
+        hi = t.nextafter(hi, -inf) if hi.double() > self.range[1] else hi
+        a = logsnr.to(dtype).clamp(lo.to(logsnr.device), hi.to(logsnr.device))
         return a, self.weight(a.double()).to(dtype)
 
     def sample(self, shape, stratified=True, generator=None, device=None, dtype=t.float32):
         """(a, w) of the given shape; stratified: one draw per stratum along the last dimension."""
-        shape = tuple(shape)
         u = t.rand(shape, generator=generator, device=device, dtype=t.float64)
         if stratified:
             u = (t.arange(shape[-1], device=device, dtype=t.float64) + u) / shape[-1]
@@ -62,9 +60,7 @@ class LogisticProposal:
 
     def widened(self, hi):
         """The same proposal with clip grown so that the range reaches at least `hi`."""
-        if self.range[1] >= hi:
-            return self
-        return self._with_clip((hi - self.loc) / self.scale)
+        return self if self.range[1] >= hi else self._with_clip((hi - self.loc) / self.scale)
 
     def _with_clip(self, clip):
         return LogisticProposal(self.loc, self.scale, clip)
@@ -80,8 +76,7 @@ class FittedProposal(LogisticProposal):
     def __init__(self, loc, scale, clip, weights, mix=0.5, bins_range=None):
         super().__init__(loc, scale, clip)
         weights = [float(v) for v in weights]
-        valid = all(math.isfinite(v) and v >= 0 for v in weights)
-        if not weights or not valid or not sum(weights) > 0:
+        if not (weights and all(math.isfinite(v) and v >= 0 for v in weights) and sum(weights) > 0):
             raise ValueError("bin weights must be finite, non-negative and not all zero, "
                              f"got {weights}")
         if not 0 <= mix < 1:
@@ -147,10 +142,9 @@ class FittedProposal(LogisticProposal):
         return k, (a >= lo) & (a <= hi)
 
     def _on(self, device):
-        key = str(device)
-        if key not in self._tables:
-            self._tables[key] = tuple(v.to(device) for v in self._tables["cpu"])
-        return self._tables[key]
+        if str(device) not in self._tables:
+            self._tables[str(device)] = tuple(v.to(device) for v in self._tables["cpu"])
+        return self._tables[str(device)]
 
     def density(self, logsnr):
         """q(a) in float64 (0 outside the range)."""
@@ -176,8 +170,7 @@ class FittedProposal(LogisticProposal):
 
     def weight(self, logsnr):
         """w(a) = 1 / q(a), in logsnr's dtype (computed in float64)."""
-        logsnr = t.as_tensor(logsnr)
-        return (1 / self.density(logsnr)).to(logsnr.dtype)
+        return (1 / self.density(logsnr)).to(t.as_tensor(logsnr).dtype)
 
     def _pieces(self):
         # Q at the knots (the range's ends, the bins' edges, PIECE_WIDTH apart within bins) and
@@ -242,15 +235,13 @@ def spectrum_logsnr_params(eigvals, margin=8., min_clip=4.):
 def mse_quantiles(logsnrs, mse, d, levels=(0.25, 0.5, 0.75)):
     """Log SNRs at which mse(a)/d first reaches each level (interpolated; NaN if never)."""
     a, y = np.asarray(logsnrs, dtype=float), np.asarray(mse, dtype=float) / d
-    out = []
-    for q in levels:
-        above = np.nonzero(y >= q)[0]
-        if len(above) == 0 or above[0] == 0:  # never reached, or from the first point on
-            out.append(float(a[0]) if len(above) else float("nan"))
-        else:
-            i = above[0]
-            out.append(float(np.interp(q, [y[i - 1], y[i]], [a[i - 1], a[i]])))
-    return out
+
+    def first(q):
+        i = next(iter(np.flatnonzero(y >= q)), None)  # the first point at or above q
+        if not i:  # never reached (None), or from the first point on (0)
+            return float("nan") if i is None else float(a[0])
+        return float(np.interp(q, [y[i - 1], y[i]], [a[i - 1], a[i]]))
+    return [first(q) for q in levels]
 
 
 def suggest_logsnr_params(logsnrs, mse, d):

@@ -141,13 +141,9 @@ def _plain_config(config):
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwargs):
     from diffusers import DDPMScheduler, UNet2DModel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # hub deprecation chatter
+    with warnings.catch_warnings(action="ignore"):  # hub deprecation chatter
         where = dict(subfolder=unet_sub, **kwargs)
         if from_scratch:
             unet = UNet2DModel.from_config(UNet2DModel.load_config(source, **where))
@@ -158,10 +154,9 @@ def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwarg
             schedule, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type
         except (OSError, ValueError):  # no scheduler_config.json: DDPM's schedule, epsilon
             scheduler, schedule, prediction = None, None, "epsilon"
-    variance_type = None if scheduler is None else scheduler.config.get("variance_type")
-    if variance_type in LEARNED_VARIANCES:
+    if scheduler is not None and scheduler.config.get("variance_type") in LEARNED_VARIANCES:
         raise ValueError(f"it learns its variance (its scheduler's variance_type is "
-                         f"{variance_type!r}): not supported")
+                         f"{scheduler.config.variance_type!r}): not supported")
     return _adapter(unet.train(), schedule, prediction, source, outside)  # from eval mode
 
 
@@ -201,13 +196,12 @@ def load(source, from_scratch=False, online=None, outside="clamp"):
             raise UserError(f"cannot load the U-Net from {source}: "
                             f"{str(err).splitlines()[0]}") from None
         return denoiser, os.path.abspath(source)
-    if not _HUB_ID.match(source):
+    if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source):
         raise UserError(f"--pretrained {source}: no such directory, and not a hub id of the form "
                         "owner/name")
     if from_scratch and source == DDPM_CIFAR10:
-        from diffusers import UNet2DModel
-        unet = UNet2DModel.from_config(DDPM_CIFAR10_CONFIG)
-        return _adapter(unet, None, "epsilon", source, outside), f"{source} config (built in)"
+        denoiser = _adapter(DDPM_CIFAR10_CONFIG, None, "epsilon", source, outside)  # random weights
+        return denoiser, f"{source} config (built in)"
     with contextlib.suppress(OSError):  # not in the hub cache
         return _fetch(source, from_scratch, outside, local_files_only=True), f"{source} (hub cache)"
     from huggingface_hub import constants
@@ -233,10 +227,8 @@ def build(source, x_shape, logsnr_range, from_scratch=False, width=32, outside="
     """(UNetDenoiser, where it came from) for a run: source "none" is a small U-Net over
     logsnr_range, anything else goes to `load`; residual: added to the Gaussian's, from zero."""
     if source == "none":
-        from diffusers import UNet2DModel
-        net = UNet2DModel.from_config(small_unet_config(x_shape[0], x_shape[-1], width,
-                                                        num_classes))
-        denoiser = UNetDenoiser(net, utils.logsnr_schedule(*logsnr_range), outside)
+        config = small_unet_config(x_shape[0], x_shape[-1], width, num_classes)
+        denoiser = UNetDenoiser(config, utils.logsnr_schedule(*logsnr_range), outside)
         where = "small U-Net, random weights"
     else:
         denoiser, where = load(source, from_scratch, online, outside)

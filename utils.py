@@ -10,6 +10,7 @@ import torch as t
 import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
+_BUFFERS = ("mean", "eigvals", "eigvecs", "class_mean", "class_eigvals", "class_eigvecs")
 
 
 # --- The Gaussian channel ---
@@ -26,8 +27,7 @@ def noisy_channel(x, logsnr, eps):
 
 def x_from_eps(z, logsnr, eps):
     """The x that z came from given its noise: x = (z - sqrt(s(-a)) eps) / sqrt(s(a))."""
-    a = append_dims(logsnr.to(z.dtype), z.dim())
-    return (z - t.sigmoid(-a).sqrt() * eps) / t.sigmoid(a).sqrt()
+    return eps_from_x(z, -logsnr, eps)  # the same map with a and -a swapped
 
 
 def eps_from_x(z, logsnr, x):
@@ -176,8 +176,7 @@ class GaussianReference(t.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in _BUFFERS:
-            if prefix + name in state_dict:
-                like = state_dict[prefix + name]
+            if (like := state_dict.get(prefix + name)) is not None:
                 setattr(self, name, t.empty_like(like, device=self.mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -198,7 +197,6 @@ class GaussianReference(t.nn.Module):
 
     def rotate(self, x, vecs=None, inverse=False):
         """U^T x (U x if inverse) for x (n, d), U the eigenvectors (or `vecs`)."""
-
         vecs = self.eigvecs if vecs is None else vecs
         if vecs.numel() == 0:
             return x
@@ -248,16 +246,11 @@ class GaussianReference(t.nn.Module):
         return self._per_label(eps, y, z, logsnr.expand(len(z)))
 
     def sample(self, n, logsnr=None, generator=None):
-        """Draws from the marginal q, or from z's marginal at log SNR `logsnr`."""
+        """Draws from z's marginal at log SNR `logsnr`, or from q itself (a = inf, exactly)."""
         e = t.randn(n, self.d, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        if logsnr is None:
-            return self.mean + self.rotate(e * self.eigvals.sqrt(), inverse=True)
-        a = t.as_tensor(logsnr, dtype=self.mean.dtype, device=self.mean.device)
+        a = t.as_tensor(math.inf if logsnr is None else logsnr, dtype=e.dtype, device=e.device)
         std = (t.sigmoid(a) * self.eigvals + t.sigmoid(-a)).sqrt()
         return t.sigmoid(a).sqrt() * self.mean + self.rotate(e * std, inverse=True)
-
-
-_BUFFERS = ("mean", "eigvals", "eigvecs", "class_mean", "class_eigvals", "class_eigvecs")
 
 
 def _moments(x, min_eigval, diagonal, what="reference data"):
@@ -334,11 +327,10 @@ class Grid(NamedTuple):
         if off > atol:
             raise ValueError(f"x is not on the grid {self.lo} + k * {self.delta}: a value is "
                              f"{off:.3g} bins off (dequantised or rescaled data?)")
-        k = k.long()
         if self.levels is not None and x.numel() and (k.min() < 0 or k.max() >= self.levels):
             raise ValueError(f"x leaves the {self.levels}-level grid starting at {self.lo}: levels "
                              f"{int(k.min())} .. {int(k.max())}")
-        return k
+        return k.long()
 
 
 def rounding_tail(x, grid, logsnr):
@@ -355,10 +347,8 @@ def rounding_tail(x, grid, logsnr):
     q = 0.5 * t.special.erfc(u / math.sqrt(2))
     phi = t.exp(-0.5 * u ** 2) / math.sqrt(2 * math.pi)
     cum = F.pad((4 / c * 0.5 * ((1 - u ** 2) * q + u * phi)).cumsum(0), (1, 0)).to(x.device)
-    if levels is None:
-        per_coord = 2 * cum[-1].expand(k.shape)
-    else:
-        per_coord = cum[(levels - 1 - k).clamp(max=steps)] + cum[k.clamp(max=steps)]
+    per_coord = (2 * cum[-1].expand(k.shape) if levels is None
+                 else cum[(levels - 1 - k).clamp(max=steps)] + cum[k.clamp(max=steps)])
     return (0.5 * per_coord.sum(1)).to(x.dtype)
 
 

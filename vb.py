@@ -58,14 +58,12 @@ def vb_terms(model, x, timesteps, eps, schedule, grid=None, clip=True):
         kl = schedule.coef_x.to(x.device)[timesteps] * utils.sq_norm(x.double() - x_hat)
     else:
         kl = schedule.coef.to(x.device)[timesteps] * utils.sq_norm((eps - eps_hat).double())
-    first = timesteps == 1
-    if not first.any():
+    rows = (timesteps == 1).nonzero().squeeze(1)
+    if not len(rows):
         return kl
     if grid is None:
         raise ValueError("the decoder term (t = 1) needs the data's grid")
-    rows = first.nonzero().squeeze(1)
-    std = schedule.sigma2[1].sqrt().item()
-    log_mass = _log_bin_mass(x[rows].double(), x_hat[rows], std, grid)
+    log_mass = _log_bin_mass(x[rows].double(), x_hat[rows], schedule.sigma2[1].sqrt().item(), grid)
     return kl.index_put((rows,), -log_mass.flatten(1).sum(1))
 
 
@@ -103,12 +101,11 @@ def variational_bound(model, x, grid, alphas_cumprod, steps=None, seed=None, ind
     m = chosen.shape[1]
     timesteps = t.cat([chosen, t.ones(b, 2, dtype=t.int64, device=dev)], 1).flatten()
     draw = t.cat([t.zeros(m, dtype=t.int64), t.arange(2)]).to(dev).repeat(b)
-    dims = t.arange(d, device=dev)
 
     def block(rows):
         s = rows // (m + 2)
         u = utils.counter_uniform(seed, _VB_STREAM, key[s, None], timesteps[rows, None],
-                                  draw[rows, None], dims, device=dev)
+                                  draw[rows, None], t.arange(d, device=dev), device=dev)
         eps = t.special.ndtri(u).to(x.dtype).view((-1,) + x.shape[1:])
         return vb_terms(model, x[s], timesteps[rows], eps, schedule, grid, clip)
     terms = in_chunks(block, chunk_size or default_chunk(d, dev),

@@ -25,8 +25,7 @@ def _subplots(*grid, figsize, layout=None, **kwargs):
 
 
 def _curves(fig, ax, ylabel, title=None, xlabel=r"log SNR $\alpha$", **legend):
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(**legend)
@@ -36,8 +35,7 @@ def _curves(fig, ax, ylabel, title=None, xlabel=r"log SNR $\alpha$", **legend):
 
 def _planes(fig, axes, title=None, size=10):
     for ax in axes:
-        ax.set_aspect("equal")
-        ax.set_xlabel("$x_1$")
+        ax.set(aspect="equal", xlabel="$x_1$")
     axes[0].set_ylabel("$x_2$")
     return _suptitle(fig, title, size)
 
@@ -86,15 +84,13 @@ def _data_limits(data, margin=0.15):
 
 def density_grid(data, size=50, margin=0.15):
     """xs, ys and the (size**2, 2) row-major points (y rows) of a grid over the data."""
-    lo, hi = _data_limits(data, margin)
-    xs, ys = np.linspace(lo[0], hi[0], size), np.linspace(lo[1], hi[1], size)
+    xs, ys = np.linspace(*_data_limits(data, margin), size).T
     return xs, ys, np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
 
 
 def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=64,
              max_npoints=8192, seed=None):
-    """(nll, stderr, shown) on grid points, refined to stderr <= target where shown (within
-    `depth` nats of the peak). See docs/2d.md."""
+    """(nll, stderr, shown) on grid points, stderr <= target where shown (docs/2d.md)."""
     seed, passes = utils.fresh_seed(seed), 0
     nll, stderr = model.nll_points(points, npoints, replicates=4, chunk_size=GRID_CHUNK,
                                    seed=utils.derive_seed(seed, passes))
@@ -164,21 +160,16 @@ def plot_information(xs, ys, panels, title=None, floor=-4.):
     return _suptitle(fig, title)
 
 
-def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEPTH,
-                     gap_range=None):
-    """Exact and model log density beside the gap -log p_model + log p over +-gap_range
-    (default: |gap|'s 95th percentile where shown, at most 2 nats). See docs/2d.md."""
+def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEPTH):
+    """Exact and model log density beside the gap -log p_model + log p (docs/2d.md)."""
     shape = (len(ys), len(xs))
-    exact = -np.asarray(nll_exact, dtype=float).reshape(shape)   # log p, -inf outside the support
-    model = -np.asarray(nll_model, dtype=float).reshape(shape)
+    exact, model = (-np.asarray(v, dtype=float).reshape(shape) for v in (nll_exact, nll_model))
     top = np.max(np.where(np.isfinite(exact), exact, -np.inf))   # a singular peak (+inf) left out
-    support = exact > -np.inf
+    support = exact > -np.inf   # exact: log p, -inf outside the support
     shown = support & np.isfinite(model) & (np.maximum(exact, model) >= top - depth)
     gap = np.ma.masked_where(~shown, exact - model)
-    if gap_range is None:
-        gap_range = (min(2.0, float(np.percentile(np.abs((exact - model)[shown]), 95)))
-                     if shown.any() else 1.0)
-    gap_range = max(gap_range, 1e-3)
+    gap_range = (max(min(2.0, float(np.percentile(np.abs(gap.compressed()), 95))), 1e-3)
+                 if shown.any() else 1.0)   # |gap|'s 95th percentile where shown, at most 2 nats
     fig, axes = _subplots(1, 3, figsize=(15, 5), sharex=True, sharey=True, layout="constrained")
     _log_densities(fig, axes[:2], xs, ys, [np.nan_to_num(exact), np.nan_to_num(model)], top,
                    depth, r"$\log p(x)$ (nats)")
@@ -192,8 +183,7 @@ def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEP
                               shading="nearest")
     axes[2].contour(xs, ys, np.where(support, exact, top - 2 * depth), levels=[top - depth],
                     colors="k", linewidths=0.6, linestyles="--")
-    bar = fig.colorbar(mesh, ax=axes[2], extend="both")
-    bar.set_label(r"$-\log p_{model}(x) + \log p(x)$ (nats)")
+    fig.colorbar(mesh, ax=axes[2], extend="both", label=r"$-\log p_{model}(x) + \log p(x)$ (nats)")
     axes[2].set_title("pointwise gap\ndark grey: exact density 0, light: both below the floor",
                       fontsize=9)
     return _planes(fig, axes, title, size=11)
@@ -222,9 +212,8 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
         ax.errorbar(np.asarray(epochs, dtype=float), np.asarray(nll, dtype=float),
                     yerr=None if stderr is None else np.asarray(stderr, dtype=float),
                     marker="o", ms=3, capsize=2, label=label)
-    styles = iter(["--", ":", "-."] * 4)
-    for label, value in (references or {}).items():
-        ax.axhline(value, color="k", ls=next(styles), lw=1, label=f"{label} ({value:.4f})")
+    for (label, value), ls in zip((references or {}).items(), ["--", ":", "-."] * 4):
+        ax.axhline(value, color="k", ls=ls, lw=1, label=f"{label} ({value:.4f})")
     if ylim is not None:
         ax.set_ylim(*ylim)
         for label, (epochs, nll, _) in runs.items():
