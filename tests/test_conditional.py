@@ -165,6 +165,9 @@ def test_a_2d_conditional_run_reports_against_the_exact_answers(tmp_path, capsys
     data.setup()
     given, _, _ = data.exact_labels(data.val_data(), data.val_labels)
     assert len(given) == 100 and s["val_nll_exact"] == pytest.approx(given.mean().item(), rel=1e-9)
+    # H(Y) of the summary's [0, H(Y)] check: the entropy of the training labels' frequencies
+    p = np.bincount(np.asarray(data.train_labels)) / len(data.train_labels)
+    assert s["label_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-6)
     assert (tmp_path / "blobs-base" / "figures" / "information.png").is_file()
     # the evaluation table: conditional rows of the model, beside the exact ones
     results = train_2d.main(["--eval_only", "--ckpt", s["checkpoint"], "--npoints", "8",
