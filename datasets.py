@@ -31,15 +31,15 @@ COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", va
               ode=True, batch_size=512, max_steps=-1, hidden_size=128)
 SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=25, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
-             val_npoints=64, fit_proposal=256)
-SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=6, input_embedding_scale=0.0,
+             val_npoints=64, fit_proposal=256, batch_size=1024)
+SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=20, input_embedding_scale=0.0,
               embedding_size=32, learning_rate=3e-3, logsnr_loc=0.0, logsnr_scale=3.0,
               val_npoints=64, fit_proposal=0)
 SETS_2D = {
     "moons": Set2D(densities.make_moons, SHARP, None, densities.moons_entropy, classes=2,
                    log_given=densities.moons_log_given, log_prior=densities.moons_log_prior),
     "dino": Set2D(densities.make_dino, dict(SHARP, hidden_size=256, learning_rate=5e-3,
-                                            num_epochs=100),
+                                            num_epochs=100, batch_size=512),
                   densities.dino_nll, densities.dino_entropy),
     "scg": Set2D(densities.make_scg, SMOOTH, densities.scg_nll, densities.scg_entropy,
                  standardise=False),
@@ -48,7 +48,7 @@ SETS_2D = {
                                                 logsnr_scale=2.75),
                     densities.circle_nll, densities.circle_entropy),
     "blobs": Set2D(densities.make_blobs, dict(SMOOTH, num_points=16000, num_epochs=40,
-                                              val_every=4, logsnr_loc=1.0),
+                                              val_every=20, logsnr_loc=1.0),
                    None, densities.blobs_entropy, classes=3, log_given=densities.blobs_log_given,
                    log_prior=densities.blobs_log_prior),
 }

@@ -262,8 +262,11 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
 
 # --- Plumbing ---
 def default_chunk(d, device):
-    """Rows per denoiser call: cache-sized on CPU; on an accelerator large enough to fill it."""
-    return max(1, (2 ** 18 if t.device(device).type == "cpu" else 2 ** 21) // d)
+    """Rows per denoiser call: cache-sized blocks on CPU (at most 2^14 rows: a network's
+    activations fill the cache too); on an accelerator large enough to fill it."""
+    if t.device(device).type == "cpu":
+        return max(1, min(2 ** 14, 2 ** 18 // d))
+    return max(1, 2 ** 21 // d)
 
 
 def in_chunks(fn, chunk_size, *rows):

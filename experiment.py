@@ -2,6 +2,7 @@
 run folders, checkpoints (`load_model`), summaries. A `Family` makes a script: docs/extending.md."""
 import argparse
 import csv
+import ctypes
 import dataclasses
 import errno
 import glob
@@ -60,6 +61,7 @@ def main(family, argv=None):
     """A script's run from its command line."""
     args = family.parse(argv, lambda path: load_checkpoint(path, family.script)["run_args"])
     set_threads(args.num_threads)
+    count_gpus_directly()
     return evaluate(args, family) if args.eval_only else train(args, family)
 
 
@@ -69,6 +71,23 @@ def set_threads(n):
         print(f"warning: --num_threads {n} is more than the {cores} cores this process may use; "
               "it will run slower, not faster", file=sys.stderr, flush=True)
     t.set_num_threads(n)
+
+
+def count_gpus_directly():
+    """Where NVML cannot load, torch's GPU check without it: Lightning asks torch to count GPUs
+    through NVML, and torch then retries the library before every count (docs/runs.md)."""
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:  # torch counts with the CUDA runtime either way: the same answer
+        os.environ.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)
+
+
+def end_process():
+    """Ends a finished run's process now, its files closed and its output flushed: Python's own
+    teardown of what torch and Lightning load takes about a second more (docs/runs.md)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_cli(main):

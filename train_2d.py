@@ -76,3 +76,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     experiment.run_cli(main)
+    experiment.end_process()

@@ -16,7 +16,6 @@ import utils
 
 CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
 CONTOUR_STDERR = 0.1    # target standard error (nats) of every cell it shows
-GRID_CHUNK = 16384      # rows per denoiser call on the grid: cache-sized blocks run fastest on CPU
 
 
 def _subplots(*grid, figsize, layout=None, **kwargs):
@@ -92,8 +91,7 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
              max_npoints=8192, seed=None):
     """(nll, stderr, shown) on grid points, stderr <= target where shown (docs/2d.md)."""
     seed, passes = utils.fresh_seed(seed), 0
-    nll, stderr = model.nll_points(points, npoints, replicates=4, chunk_size=GRID_CHUNK,
-                                   seed=utils.derive_seed(seed, passes))
+    nll, stderr = model.nll_points(points, npoints, replicates=4, seed=utils.derive_seed(seed, 0))
     used, first = t.full_like(nll, npoints), True
     while True:
         maybe_shown = nll - 3 * stderr <= nll.min() + depth
@@ -106,9 +104,8 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
         for n in levels.unique().tolist():
             idx = redo[levels == n]
             passes += 1
-            nll[idx], stderr[idx] = model.nll_points(
-                points[idx], int(n), replicates=16, index=idx, chunk_size=GRID_CHUNK,
-                seed=utils.derive_seed(seed, passes))
+            nll[idx], stderr[idx] = model.nll_points(points[idx], int(n), replicates=16, index=idx,
+                                                     seed=utils.derive_seed(seed, passes))
             used[idx] = n
         first = False
     return nll, stderr, nll <= nll.min() + depth

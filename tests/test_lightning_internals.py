@@ -55,3 +55,30 @@ def test_the_loop_state_and_signal_hooks_exact_resume_uses(tmp_path):
     assert set(batches["current"]) >= {"ready", "started", "processed", "completed"}
     assert "is_last_batch" in batches
     assert trainer.global_step == 6 and batches["total"]["completed"] == 6
+
+
+def test_without_nvml_the_gpu_check_skips_it_and_counts_the_same(monkeypatch):
+    # Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 on import; where libnvidia-ml cannot load,
+    # torch then retries loading it before every CUDA check (each Adam step makes one) and falls
+    # back to the CUDA runtime: experiment.count_gpus_directly asks the runtime straight away
+    import ctypes
+    import inspect
+
+    import lightning_fabric
+
+    import experiment
+    source = inspect.getsource(lightning_fabric)
+    assert 'os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"' in source
+    count = t.cuda.device_count()
+
+    def missing(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    experiment.count_gpus_directly()
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in os.environ
+    assert t.cuda.device_count() == count
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *args, **kwargs: object())  # NVML loads
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    experiment.count_gpus_directly()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"

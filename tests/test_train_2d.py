@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch as t
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import cli
 import datasets
@@ -149,6 +150,14 @@ def test_a_log_file_gets_lines_not_redrawn_bars(tmp_path):
     epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epochs] == [f"epoch {k}/4" for k in range(1, 5)]
     assert len(proc.stdout) + len(proc.stderr) < 8000
+    # the process ends at once (experiment.end_process): its output and files are complete
+    assert proc.stdout.rstrip().endswith("view with:   tensorboard --logdir .")  # cwd: tmp_path
+    events = EventAccumulator(str(tmp_path / "scg-base"), size_guidance={"images": 0})
+    tags = events.Reload().Tags()
+    assert {"density", "density_ode", "density_gap", "samples", "val_loss_history",
+            "mse_curve"} <= set(tags["images"])
+    with open(tmp_path / "scg-base" / "summary.json") as f:
+        assert events.Scalars("val_loss")[-1].value == pytest.approx(json.load(f)["val_nll"])
 
 
 @pytest.mark.slow
