@@ -146,7 +146,7 @@ class GaussianReference(t.nn.Module):
             self.register_buffer(name, value)
 
     @t.no_grad()
-    def fit(self, x, y=None, min_eigval=1e-6, diagonal=False):
+    def fit(self, x, y=None, min_eigval=1e-6):
         """Moment-match q (and q(x | k) given labels y) to data x (n, ...) (docs/maths.md)."""
         x = x.detach().flatten(1).to("cpu", t.float64)
         if x.shape[1] != self.d:
@@ -154,12 +154,12 @@ class GaussianReference(t.nn.Module):
                              f"expected {self.d}")
         if not t.isfinite(x).all():
             raise ValueError("reference data contains non-finite values")
-        parts = [_moments(x, min_eigval, diagonal)]
+        parts = [_moments(x, min_eigval)]
         if y is not None:
             y = self._labels(y, "cpu")
-            parts += [_moments(x[y == k], min_eigval, diagonal, f"samples of label {k}")
+            parts += [_moments(x[y == k], min_eigval, f"samples of label {k}")
                       for k in range(self.num_classes)]
-        values = list(parts[0]) + [t.stack(v) if v[0].numel() else v[0] for v in zip(*parts[1:])]
+        values = list(parts[0]) + [t.stack(v) for v in zip(*parts[1:])]
         for name, value in zip(_BUFFERS, values):
             setattr(self, name, value.to(self.mean.device, self.mean.dtype))  # kept as they were
         return self
@@ -253,15 +253,13 @@ class GaussianReference(t.nn.Module):
         return t.sigmoid(a).sqrt() * self.mean + self.rotate(e * std, inverse=True)
 
 
-def _moments(x, min_eigval, diagonal, what="reference data"):
+def _moments(x, min_eigval, what="reference data"):
     n, d = x.shape
     if n < 2:
         raise ValueError(f"need at least 2 samples to fit a Gaussian to the {what}, got {n}")
     mean = x.mean(0)
     xc = x - mean
-    if diagonal:
-        eigvals, eigvecs = xc.var(0), t.zeros(0, dtype=t.float64)
-    elif n < 10 * d:
+    if n < 10 * d:
         from sklearn.covariance import ledoit_wolf
         shrunk = ledoit_wolf(xc.numpy(), assume_centered=True)[0]
         eigvals, eigvecs = t.linalg.eigh(t.from_numpy(shrunk))
