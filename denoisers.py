@@ -124,18 +124,11 @@ class GridRounding(nn.Module):
 class Ensemble(nn.Module):
     """eps_hat(z, a) = eps_hat_m(z, a) with m = choice[bin of a] (outside: the nearest bin's)."""
 
-    def __init__(self, members, edges, choice, heldout_mse):
+    def __init__(self, members, edges, choice):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.register_buffer("edges", t.as_tensor(edges, dtype=t.float64))
         self.register_buffer("choice", t.as_tensor(choice, dtype=t.long))
-        self.register_buffer("heldout_mse", t.as_tensor(heldout_mse, dtype=t.float64))
-
-    @classmethod
-    def from_heldout(cls, members, edges, heldout_mse):
-        """The member with the lowest held-out MSE (members x bins) in each bin."""
-        heldout_mse = t.as_tensor(heldout_mse, dtype=t.float64)
-        return cls(members, edges, heldout_mse.argmin(0), heldout_mse)
 
     def forward(self, z, logsnr):
         inner = self.edges[1:-1].to(logsnr.device)  # bin k: edges[k] <= a < edges[k+1]

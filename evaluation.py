@@ -69,7 +69,7 @@ class Plan:
         cols, n = self.columns(kind, entry, roundings), len(self.bases)
         modes = [(self.roundings[kind][c // n], self.bases[c % n]) for c in cols]
         members = [m if mode == "none" else GridRounding(m, self.grid, mode) for mode, m in modes]
-        return Ensemble.from_heldout(members, self.edges[kind], self.heldout[kind].mean(0).T[cols])
+        return Ensemble(members, self.edges[kind], self.heldout[kind].mean(0).T[cols].argmin(0))
 
     def proposal(self, kind, entry, roundings=("none",)):
         """The row's log-SNR proposal, fitted to its held-out integrand (docs/evaluation.md)."""

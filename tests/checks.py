@@ -55,8 +55,8 @@ def paired_difference(a, b):
 def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, reference=None,
                  chunk_size=None):
     """The Ensemble of the data-matched Gaussian and `members`, chosen per log-SNR bin on held-out
-    samples x through the library's selection path (estimators.heldout_errors, then
-    Ensemble.from_heldout): members[0] of the result is GaussianDenoiser(reference).
+    samples x through the library's selection path (estimators.heldout_errors, then the lowest
+    held-out MSE per bin): members[0] of the result is GaussianDenoiser(reference).
 
     bins, logsnr_range: equal-width bins over logsnr_range (default: the first DiffusionModel
     member's proposal range); draws: (log SNR, noise) draws per sample and bin, named by (seed,
@@ -76,7 +76,10 @@ def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, refere
     edges = bin_edges(logsnr_range, bins, x.device)
     errors = heldout_errors(lambda z, a: [m(z, a) for m in everyone], x, t.arange(len(x)), seed,
                             edges, draws, chunk_size)
-    return Ensemble.from_heldout(everyone, edges, errors.mean(0).T)
+    heldout_mse = errors.mean(0).T  # (members, bins)
+    ensemble = Ensemble(everyone, edges, heldout_mse.argmin(0))  # as evaluation.Plan.denoiser
+    ensemble.heldout_mse = heldout_mse  # what the choice was made on, for the tests
+    return ensemble
 
 
 def with_denoiser(like, denoiser, reference=None):

@@ -1,5 +1,5 @@
 """Tests of Ensemble: per log-SNR bin, the member with the lowest held-out MSE, chosen through the
-library's held-out selection (estimators.heldout_errors, Ensemble.from_heldout; tests/checks.py
+library's held-out selection (estimators.heldout_errors, then the argmin per bin; tests/checks.py
 fit_ensemble) and used as a DiffusionModel through tests/checks.py with_denoiser.
 
 Two deliberately imperfect closed-form denoisers of tests/analytic.py's mixture_2d, each bad in a
