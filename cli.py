@@ -261,15 +261,12 @@ def answer_early(name, parse_args):
         parse_args()
 
 
-def memory():
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_fits(parser, flag, value, nbytes):
     """parser.error (UserError without a parser) unless nbytes fit in half of this machine's."""
-    if nbytes > memory() / 2:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > memory / 2:
         message = (f"argument {flag}: {value} needs about {nbytes / 2 ** 30:.1f} GiB of memory; "
-                   f"this machine has {memory() / 2 ** 30:.1f} GiB")
+                   f"this machine has {memory / 2 ** 30:.1f} GiB")
         if parser is None:
             raise UserError(message)
         parser.error(message)

@@ -170,11 +170,19 @@ LIMITS = [  # (script, flags, None or what the error line says)
 ]
 
 
+def machine_memory(monkeypatch, nbytes):
+    """This machine's memory, as cli.check_fits reads it (os.sysconf), made nbytes."""
+    sysconf = os.sysconf
+    pages = nbytes // sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf",
+                        lambda name: pages if name == "SC_PHYS_PAGES" else sysconf(name))
+
+
 @pytest.mark.parametrize("script, flags, message", LIMITS,
                          ids=[f"{m[0].__name__} {' '.join(m[1])}" for m in LIMITS])
 def test_every_numeric_flag_is_refused_just_beyond_its_limit(script, flags, message, capsys,
                                                               monkeypatch):
-    monkeypatch.setattr(cli, "memory", lambda: 2 ** 40)  # the limits here, not this machine's
+    machine_memory(monkeypatch, 2 ** 40)  # the limits here, not this machine's
     if message is None:
         assert script.parse_args(flags) is not None
         assert capsys.readouterr().err == ""
@@ -237,7 +245,7 @@ def test_sizes_beyond_the_data_are_refused_before_any_work(script, flags, messag
     assert os.listdir(tmp_path) == ["images.npy"]
 
 
-# Memory estimates on a machine of 8 GiB (cli.memory patched): a size must fit in half, 4 GiB =
+# Memory estimates on a machine of 8 GiB (machine_memory): a size must fit in half, 4 GiB =
 # 4294967296 B. The estimates (train_2d.parse_args, cli.parse, unet.from_args):
 # scg's MLP (embedding 32, no input embedding: 35 inputs) of H units in L = 3 layers holds
 # 16 B x ((35 + 3) H + 2 (H + 1) H + 2); a training point 9000 + 36 H B; a contour cell
@@ -269,7 +277,7 @@ MEMORY = [  # (script, flags, None or what the error line says)
 def test_sizes_beyond_half_the_memory_are_refused_with_the_estimate(script, flags, message,
                                                                      tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "memory", lambda: 8 * 2 ** 30)
+    machine_memory(monkeypatch, 8 * 2 ** 30)
 
     def checked(*args, **kwargs):
         raise Checked
@@ -292,7 +300,7 @@ def test_sizes_beyond_half_the_memory_are_refused_with_the_estimate(script, flag
 
 
 def test_check_fits_allows_half_the_memory(monkeypatch):
-    monkeypatch.setattr(cli, "memory", lambda: 8 * 2 ** 30)
+    machine_memory(monkeypatch, 8 * 2 ** 30)
     cli.check_fits(None, "--x", 1, 4 * 2 ** 30)
     with pytest.raises(cli.UserError, match=r"^argument --x: 1 needs about 4.0 GiB of memory; "
                                             r"this machine has 8.0 GiB$"):
