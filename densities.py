@@ -117,10 +117,10 @@ def dino_entropy(n=None):
     return _grid_entropy(dino_nll, DINO_OUTLINE, DINO_JITTER)
 
 
-def moons_log_given(x, n=8000, nodes=MOONS_NODES):
+def moons_log_given(x, n=8000):
     """log p(x | arc) (m, 2) of make_moons' n -> inf limit (docs/extending.md)."""
     sigma = MOONS_NOISE
-    u, w = _gauss_legendre(nodes)
+    u, w = _gauss_legendre(MOONS_NODES)
     u = (u + 1) * math.pi / 2
     const = np.log(w / 2) - math.log(2 * math.pi * sigma ** 2)  # 1/pi-normalised weights
     cos, sin = np.cos(u), np.sin(u)
