@@ -197,10 +197,10 @@ def record(denoiser):
     return {"target": f"{cls.__module__}:{cls.__qualname__}", "kwargs": dict(config)}
 
 
-def rebuild(saved, where="the checkpoint"):
+def rebuild(saved):
     """The denoiser of a record, with fresh weights (the caller loads them)."""
     if not isinstance(saved, dict) or "target" not in saved:
-        raise ValueError(f"{where} does not say how to rebuild its denoiser (it was written "
+        raise ValueError("the checkpoint does not say how to rebuild its denoiser (it was written "
                          "before denoisers were recorded: train it again)")
     return build(saved["target"], saved.get("kwargs"))[0]
 

@@ -271,7 +271,7 @@ def load_model(path, script=None):
     return model_from_checkpoint(load_checkpoint(path, script), path)
 
 
-def model_from_checkpoint(ckpt, path="the checkpoint"):
+def model_from_checkpoint(ckpt, path):
     """The trained DiffusionModel of a loaded checkpoint, its denoiser rebuilt, in eval mode."""
     record = ckpt.get("denoiser")
     try:

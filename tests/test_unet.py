@@ -240,8 +240,8 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
     # the record names the class and its arguments; the weights carry no extra state
     assert model.record["target"] == "unet:UNetDenoiser"
     assert not any(k.endswith("_extra_state") for k in model.state_dict())
-    ckpt = checkpoint(model, str(tmp_path / "model.ckpt"))
-    rebuilt = experiment.model_from_checkpoint(ckpt)
+    path = str(tmp_path / "model.ckpt")
+    rebuilt = experiment.model_from_checkpoint(checkpoint(model, path), path)
     # the prediction type, the schedule and the architecture travel in the record
     assert rebuilt.model.prediction_type == "v_prediction"
     assert t.equal(rebuilt.model.alphas_cumprod, denoiser.alphas_cumprod)
@@ -270,7 +270,8 @@ def test_a_pretrained_unet_gains_labels_that_start_at_zero(tmp_path):
         for y in (t.tensor([0, 3, 9, -1]), None):
             assert t.equal(denoiser.eval()(z, a, y), plain(z, a))
     model = DiffusionModel(denoiser, x_shape=(3, 8, 8), num_classes=10)
-    rebuilt = experiment.model_from_checkpoint(checkpoint(model, str(tmp_path / "model.ckpt")))
+    path = str(tmp_path / "model.ckpt")
+    rebuilt = experiment.model_from_checkpoint(checkpoint(model, path), path)
     assert rebuilt.model.num_classes == 10 and rebuilt.num_classes == 10
     assert same_weights(rebuilt, model)
 
