@@ -106,8 +106,8 @@ class DiffusionModel(pl.LightningModule):
         return est.mse_curve(self, self.reference, self._data(x), logsnrs, generator, chunk_size)
 
     def curve_logsnrs(self, n=48):
-        """The grid MSE curves are shown on: n points over the proposal's range."""
-        return self.proposal.grid(n)
+        """The grid MSE curves are shown on: n evenly spaced points over the proposal's range."""
+        return t.linspace(*self.proposal.range, n)
 
     def sample(self, n, steps=200, generator=None):
         """n samples of the deterministic sampler (estimators.sample), in bounded chunks."""

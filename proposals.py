@@ -54,10 +54,6 @@ class LogisticProposal:
         """The midpoint rule in quantile space, u_k = (k + 1/2) / n: biased by O(1/n^2)."""
         return self.from_uniform((t.arange(n, device=device, dtype=t.float64) + 0.5) / n, dtype)
 
-    def grid(self, n):
-        """n evenly spaced log SNRs over the range (where MSE curves are shown)."""
-        return t.linspace(*self.range, n)
-
     def widened(self, hi):
         """The same proposal with clip grown so that the range reaches at least `hi`."""
         return self if self.range[1] >= hi else self._with_clip((hi - self.loc) / self.scale)
