@@ -167,15 +167,11 @@ def nll_discrete_points(denoiser, reference, proposal, x, grid, npoints=256, rep
     error = functools.partial(sq_error, denoiser)
     a, g = rqmc_terms(x, npoints, replicates, error, proposal, seed, index, chunk_size)
     nll = g.flatten(1).mean(1)
-    if tails:
-        nll = nll + sum(tail_terms(reference, proposal.range, x, grid))
+    if tails:  # beyond the range: the reference's error below, hard rounding's above
+        lo, hi = proposal.range
+        nll = nll + (0.5 * reference.error_integral(x, -math.inf, lo)
+                     + utils.rounding_tail(x, grid, hi))
     return finite(nll, x, a, g), _replicate_stderr(g.mean(-1))
-
-
-def tail_terms(reference, logsnr_range, x, grid):
-    """(below, above) the range: the reference's error below, hard rounding's above, each (B,)."""
-    return (0.5 * reference.error_integral(x, float("-inf"), logsnr_range[0]),
-            utils.rounding_tail(x, grid, logsnr_range[1]))
 
 
 @t.no_grad()
@@ -270,10 +266,8 @@ def default_chunk(d, device):
 
 
 def in_chunks(fn, chunk_size, *rows):
-    n = len(rows[0])
-    if chunk_size is None or n <= chunk_size:
-        return fn(*rows)
-    return t.cat([fn(*(r[i:i + chunk_size] for r in rows)) for i in range(0, n, chunk_size)])
+    chunks = list(zip(*(r.split(chunk_size) for r in rows)))
+    return fn(*rows) if len(chunks) == 1 else t.cat([fn(*chunk) for chunk in chunks])
 
 
 def _replicate_stderr(means):

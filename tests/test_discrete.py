@@ -219,6 +219,13 @@ def exact_error(dist, x, a, nodes=4001):
     return (w * (e - dist(z.view(-1, 1), aa)[:, 0]) ** 2).sum().item()
 
 
+def tail_terms(model, x, grid):
+    """The closed-form tails nll_discrete_points adds, each (B,): below its range the reference's
+    error, above it hard rounding's (docs/maths.md)."""
+    lo, hi = model.proposal.range
+    return 0.5 * model.reference.error_integral(x, -math.inf, lo), utils.rounding_tail(x, grid, hi)
+
+
 def exact_tails(dist, x, lo, hi):
     """1/2 the integral of exact_error below lo and above hi (scipy quadrature)."""
     f = lambda a: exact_error(dist, x, a)  # noqa: E731
@@ -232,7 +239,7 @@ def test_tails_are_negligible_with_the_default_range():
     dist, grid = atoms_1d()
     dm = exact_model(dist)
     x, _ = dist.support()
-    below, above = estimators.tail_terms(dm.reference, dm.proposal.range, x, grid)
+    below, above = tail_terms(dm, x, grid)
     assert (below < 1e-5).all() and (above < 1e-12).all()
     with_tails = dm.nll_discrete_points(x, grid, 64, seed=0)[0]
     without = dm.nll_discrete_points(x, grid, 64, seed=0, tails=False)[0]
@@ -272,7 +279,7 @@ def test_tails_are_right_when_the_range_is_cut_short():
     dm = exact_model(dist, logsnr_loc=0.25, logsnr_scale=1.3, clip=2.5)
     x, p = dist.support()
     exact = t.tensor([exact_tails(dist, v.item(), -3., 3.5) for v in x[:, 0]], dtype=t.float64)
-    below, above = estimators.tail_terms(dm.reference, dm.proposal.range, x, grid)
+    below, above = tail_terms(dm, x, grid)
     assert t.allclose(below, exact[:, 0], rtol=0.01)
     assert (p * above).sum() >= (p * exact[:, 1]).sum()
     est, se = repeated(dm.nll_discrete_points, x, 100, grid=grid, seed=5)
