@@ -120,9 +120,6 @@ class Data(pl.LightningDataModule):
         """What --eval_only scores: the validation samples, never dequantised, and their grid."""
         return Samples(self.val.data, levels=self.levels).tensor(), self.grid
 
-    def eval_labels(self):
-        return self.val_labels
-
     def exact_nll(self, x):
         """The exact -log p(x) of points x, float64, or None where the density is not known."""
         return None if self.exact is None else t.as_tensor(self.exact.nll(x.cpu().numpy()))

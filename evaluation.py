@@ -112,7 +112,7 @@ class Evaluation(pl.LightningModule):
         if self.scored is None:
             perm = t.randperm(len(x), generator=t.Generator().manual_seed(self.seed))
             select, scored_index = perm.tensor_split([round(self.select_fraction * len(x))])
-            score, labels = x, self.data.eval_labels()
+            score, labels = x, self.data.val_labels
         else:
             select, scored_index = t.arange(len(x)), t.arange(len(self.scored[0]))
             score, labels = self.scored

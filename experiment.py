@@ -455,7 +455,7 @@ def evaluate(args, family):
             whole = family.data(argparse.Namespace(**dict(vars(run_args), data=scored_path)),
                                 evaluation=True, whole=True)
             whole.setup()
-            scored, files = (whole.eval_data()[0], whole.eval_labels()), whole.files
+            scored, files = (whole.eval_data()[0], whole.val_labels), whole.files
         try:
             data = family.data(run_args, evaluation=True)
         except (FileNotFoundError, ValueError):
