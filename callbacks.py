@@ -11,7 +11,7 @@ import time
 import pytorch_lightning as pl
 import torch as t
 from lightning_fabric.plugins import TorchCheckpointIO
-from pytorch_lightning.callbacks import ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -521,11 +521,6 @@ def shown_path(path):
         return path
     rel = os.path.relpath(path)
     return os.path.abspath(path) if rel.startswith("..") else rel
-
-
-def show_progress():
-    """The progress display: Lightning's bar on a terminal, one line at a time in a log."""
-    return TQDMProgressBar() if sys.stdout.isatty() else LineProgress()
 
 
 class LineProgress(ProgressBar):

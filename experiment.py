@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import pytorch_lightning as pl
 import torch as t
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
@@ -166,13 +166,14 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         if getattr(args, "fit_proposal", 0):
             callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))
         callbacks.append(cb.Interrupted())  # the last: it defers stops asked for by the others
+    progress = TQDMProgressBar() if sys.stdout.isatty() else cb.LineProgress()  # a log: lines
     try:
         trainer = pl.Trainer(accelerator=args.accelerator, strategy=args.strategy,
                              devices=int(devices) if str(devices).isdigit() else devices,
                              num_nodes=args.num_nodes, precision=args.precision, logger=logger,
                              use_distributed_sampler=False,  # datamodules.Data shards itself
                              plugins=[cb.AtomicCheckpointIO()],
-                             callbacks=[cb.show_progress(), *callbacks], **kwargs)
+                             callbacks=[progress, *callbacks], **kwargs)
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot set up the Trainer (--accelerator {args.accelerator} --devices "
                         f"{args.devices} --strategy {args.strategy} --precision "
