@@ -29,7 +29,7 @@ class Set2D:
 # the flags every 2-D set shares, and the sharp sets' (docs/2d.md: how they were chosen)
 COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", val_fraction=0.1,
               ode=True, batch_size=512, max_steps=-1, hidden_size=128)
-SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=25, input_embedding_scale=25.0,
+SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=38, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
              val_npoints=64, fit_proposal=256, batch_size=1024)
 SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=20, input_embedding_scale=0.0,
