@@ -47,7 +47,7 @@ class Samples(t.utils.data.Dataset):
         return self.served(self.data[:n], t.arange(n))
 
 
-class EpochSampler(t.utils.data.Sampler):
+class EpochSampler:
     """This process's n // world of a (seed, epoch) permutation, less `skip` once (on resume)."""
 
     def __init__(self, n, seed, rank=0, world=1):
@@ -59,11 +59,20 @@ class EpochSampler(t.utils.data.Sampler):
     def __len__(self):
         return self.n // self.world
 
-    def __iter__(self):  # a generator: skip is read at the first draw, after a resume set it
+    def order(self):  # skip is read at the first draw, after a resume set it
         order = t.randperm(self.n, generator=t.Generator().manual_seed(
             utils.derive_seed(self.seed, self.epoch)))
         share, self.skip = order[self.rank::self.world][:len(self)][self.skip:], 0
-        yield from share.tolist()
+        return share
+
+
+class Batches(t.utils.data.BatchSampler):
+    """An EpochSampler's batches as index tensors, cut from its order at once."""
+
+    def __iter__(self):
+        order = self.sampler.order()
+        end = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        yield from order[:end].split(self.batch_size)
 
 
 def _as_is(batch):
@@ -145,7 +154,7 @@ class Data(pl.LightningDataModule):
         # makes the loader after the checkpoint's restore, and workers draw indices at once
         sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
         drop = self.levels is not None or len(sampler) > self.batch_size
-        loader = DataLoader(self.train, self.batch_size, sampler=sampler, drop_last=drop,
+        loader = DataLoader(self.train, batch_sampler=Batches(sampler, self.batch_size, drop),
                             **self._loader_kwargs())
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         steps_per_epoch = -(-len(loader) // accumulate)  # Lightning steps on an epoch's tail

@@ -32,7 +32,7 @@ COMMON = dict(eval_batch_size=1024, num_samples=2000, lr_schedule="onecycle", va
 SHARP = dict(COMMON, num_points=32000, num_epochs=75, val_every=38, input_embedding_scale=25.0,
              embedding_size=64, learning_rate=1e-2, logsnr_loc=4.5, logsnr_scale=2.25,
              val_npoints=64, fit_proposal=256, batch_size=1024)
-SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=20, input_embedding_scale=0.0,
+SMOOTH = dict(COMMON, num_points=8000, num_epochs=60, val_every=30, input_embedding_scale=0.0,
               embedding_size=32, learning_rate=3e-3, logsnr_loc=0.0, logsnr_scale=3.0,
               val_npoints=64, fit_proposal=0)
 SETS_2D = {

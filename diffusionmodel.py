@@ -47,12 +47,17 @@ class DiffusionModel(pl.LightningModule):
     def num_classes(self):
         return self.hparams.get("num_classes")
 
+    @property
+    def residual_of(self):
+        """The reference whose eps_G forward adds to the network's output, or None."""
+        return self.reference if self.hparams.gaussian_residual else None
+
     def forward(self, z, logsnr, y=None):
         """eps_hat(z, a[, y]) in z's dtype (float32 under bf16 autocast: losses stay float32)."""
         if y is not None and self.num_classes is None:
             raise ValueError("labels given to an unconditional model (num_classes=None)")
         eps_hat = est.denoise(self.model, z, logsnr, y)
-        if self.hparams.gaussian_residual:
+        if self.residual_of is not None:
             return eps_hat + self.reference.eps(z, logsnr, y)
         return eps_hat
 

@@ -19,11 +19,19 @@ def denoise(denoiser, z, logsnr, y=None):
     return eps_hat.to(z.dtype)
 
 
+def predictions(denoiser, reference, z, logsnr, y=None):
+    """(eps_hat, eps_G) at z; eps_G computed once where the denoiser adds it to its `model`'s."""
+    if getattr(denoiser, "residual_of", None) is not reference:
+        return denoise(denoiser, z, logsnr, y), reference.eps(z, logsnr, y)
+    eps_g = reference.eps(z, logsnr, y)
+    return denoise(denoiser.model, z, logsnr, y) + eps_g, eps_g
+
+
 def mse_gap(denoiser, reference, x, logsnr, eps, y=None):
     """||eps - eps_hat(z, a[, y])||^2 - ||eps - eps_G(z, a[, y])||^2 on the same noise."""
     z = utils.noisy_channel(x, logsnr, eps)
-    return (utils.sq_norm(eps - denoise(denoiser, z, logsnr, y))
-            - utils.sq_norm(eps - reference.eps(z, logsnr, y)))
+    eps_hat, eps_g = predictions(denoiser, reference, z, logsnr, y)
+    return utils.sq_norm(eps - eps_hat) - utils.sq_norm(eps - eps_g)
 
 
 def loss(denoiser, reference, proposal, x, y=None, label_dropout=0., generator=None):
@@ -87,7 +95,8 @@ def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicate
         copies = (n,) + (1,) * (xs.dim() - 1)
         zs, aa, ee, yy = (utils.noisy_channel(xs, a, eps).repeat(copies), a.repeat(n),
                           eps.repeat(copies), ys.T.flatten())
-        gap = (eps_errors(denoiser, zs, aa, ee, yy) - (ee - reference.eps(zs, aa, yy)) ** 2)
+        eps_hat, eps_g = predictions(denoiser, reference, zs, aa, yy)
+        gap = (ee - eps_hat) ** 2 - (ee - eps_g) ** 2
         gap = gap.view((n, -1) + xs.shape[1:])
         return (gap if per_dim else gap.flatten(2).sum(2)).transpose(0, 1)
     _, g = rqmc_terms(x, npoints, replicates, gaps, proposal, seed, index,
@@ -97,14 +106,9 @@ def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicate
     return t.stack([reference.nll(x, k) for k in labels.T], 1).unsqueeze(1) + g.mean(2)
 
 
-def eps_errors(denoiser, z, logsnr, eps, y=None):
-    """(eps - eps_hat(z, a[, y]))^2 per coordinate."""
-    return (eps - denoise(denoiser, z, logsnr, y)) ** 2
-
-
 def sq_error(denoiser, x, logsnr, eps):
     """||eps - eps_hat(z, a)||^2 per sample, z = noisy_channel(x, a, eps)."""
-    return eps_errors(denoiser, utils.noisy_channel(x, logsnr, eps), logsnr, eps).flatten(1).sum(1)
+    return utils.sq_norm(eps - denoise(denoiser, utils.noisy_channel(x, logsnr, eps), logsnr))
 
 
 @t.no_grad()
@@ -250,8 +254,8 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
     draws = x.repeat_interleave(pilot_points, 0)  # each draw keyed as a sample of its own
     index, seed = t.arange(len(draws), device=x.device), utils.fresh_seed(seed)
     edges = bin_edges(proposal.range, bins, x.device)
-    errors = heldout_errors(lambda z, a: [denoise(denoiser, z, a), reference.eps(z, a)], draws,
-                            index, seed, edges, chunk_size=chunk_size)
+    errors = heldout_errors(functools.partial(predictions, denoiser, reference), draws, index,
+                            seed, edges, chunk_size=chunk_size)
     return FittedProposal.from_draws(proposal, heldout_logsnrs(index, seed, edges)[..., 0],
                                      0.5 * (errors[..., 0] - errors[..., 1]), mix, bins)
 

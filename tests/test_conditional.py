@@ -136,7 +136,6 @@ def test_a_label_given_to_an_unconditional_model_is_refused_by_every_estimator()
         "est.class_log_posterior": lambda: est.class_log_posterior(dm, ref, prop, x,
                                                                    t.zeros(2), 8),
         "est.mse_gap": lambda: est.mse_gap(dm, ref, x, a, t.randn(4, 2), y),
-        "est.eps_errors": lambda: est.eps_errors(dm, x, a, t.randn(4, 2), y),
         "class_log_posterior": lambda: dm.class_log_posterior(x, 8),
     }
     for name, call in calls.items():

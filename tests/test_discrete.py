@@ -58,10 +58,6 @@ def exact_model(dist, reference="moments", **kwargs):
     return dm
 
 
-def mse(denoiser, x, logsnr, eps):
-    """||eps - eps_hat(z, a)||^2 per sample, z = noisy_channel(x, a, eps)."""
-    z = utils.noisy_channel(x, logsnr, eps)
-    return estimators.eps_errors(denoiser, z, logsnr, eps).flatten(1).sum(1)
 
 
 def smoothed(dist, std=0.15):
@@ -204,7 +200,7 @@ def test_hard_rounding_of_z_has_the_closed_form_error():
     for x0, a in ((-1., 3.), (0.25, 4.), (0.5, 6.)):
         x = t.full((40000, 1), x0, dtype=t.float64)
         eps = t.randn(x.shape, generator=gen(4), dtype=t.float64)
-        err = mse(hard, x, t.full((40000,), a, dtype=t.float64), eps)
+        err = estimators.sq_error(hard, x, t.full((40000,), a, dtype=t.float64), eps)
         exact = rounding_error(x0, a, grid)
         assert abs(err.mean().item() - exact) < 5 * err.std().item() / math.sqrt(len(err))
 
@@ -332,7 +328,7 @@ def test_rounding_lowers_the_high_snr_error(mode):
     eps = t.randn(x.shape, generator=gen(7), dtype=t.float64)
     for a, better in ((3., False), (6., True), (8., True), (10., True)):
         a = t.full((len(x),), a, dtype=t.float64)
-        plain, snapped = mse(dm, x, a, eps), mse(snap, x, a, eps)
+        plain, snapped = estimators.sq_error(dm, x, a, eps), estimators.sq_error(snap, x, a, eps)
         diff = snapped - plain
         se = diff.std().item() / math.sqrt(len(diff))
         if better:

@@ -267,6 +267,24 @@ def test_gaussian_residual_with_a_zero_net_is_the_reference():
     assert t.allclose(nll, dm.reference.nll(x), atol=1e-12) and (se == 0).all()
 
 
+def test_a_residual_denoiser_shares_the_gaussian_prediction(monkeypatch):
+    # predictions gives forward's eps_hat bit for bit while computing eps_G once; mse_gap, the
+    # training loss and fit_proposal go through it, so their values are those of two calls
+    from denoisers import MLPDenoiser
+    dist = mixture_2d()
+    dm = DiffusionModel(MLPDenoiser(16, 2, 8), x_shape=(2,), gaussian_residual=True).double()
+    dm.fit_reference(dist.sample(500, generator=gen(0)))
+    z, a = dist.sample(64, generator=gen(1)), t.linspace(-3, 5, 64, dtype=t.float64)
+    calls, eps = [], dm.reference.eps
+    monkeypatch.setattr(dm.reference, "eps", lambda *args: calls.append(1) or eps(*args))
+    eps_hat, eps_g = est.predictions(dm, dm.reference, z, a)
+    assert len(calls) == 1 and dm.residual_of is dm.reference
+    assert t.equal(eps_hat, dm(z, a)) and t.equal(eps_g, eps(z, a))
+    plain = DiffusionModel(dm.model, x_shape=(2,)).double()  # no residual: the network alone
+    assert plain.residual_of is None
+    assert t.equal(est.predictions(plain, dm.reference, z, a)[0], dm.model(z, a))
+
+
 @pytest.mark.parametrize("dtype", [t.float32, t.float64])
 @pytest.mark.parametrize("x_shape, reference", [((1, 4, 4), "fitted"), ((3, 2, 2), "standard"),
                                                 ((1, 4, 4), "standard"), ((3, 2, 2), "fitted")])
