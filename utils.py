@@ -69,14 +69,6 @@ def _shr(x, k):  # logical right shift of int64 (torch's >> is arithmetic)
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def splitmix64(x):
-    """The SplitMix64 output function on int64 tensors (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
 def sample_index(index, b, device):
     """Positions of a batch's samples in the data set: None (0 .. b-1), an int offset, or (b,)."""
     if index is None or isinstance(index, int):
@@ -99,10 +91,14 @@ def derive_seed(seed, *keys):
 
 
 def counter_hash(seed, *keys, device=None):
-    """64 random bits (int64) per element of the broadcast keys, a function of (seed, keys) only."""
-    h = splitmix64(t.tensor(seed, dtype=t.int64, device=device))
-    for key in keys:
-        h = splitmix64(h ^ t.as_tensor(key, dtype=t.int64, device=device))
+    """64 random bits (int64) per element of the broadcast keys, a function of (seed, keys) only:
+    SplitMix64's output function (wrapping arithmetic) on the seed, then on each key xor-ed in."""
+    h = 0
+    for key in (seed, *keys):
+        h = (h ^ t.as_tensor(key, dtype=t.int64, device=device)) + _GOLDEN
+        h = (h ^ _shr(h, 30)) * _MIX1
+        h = (h ^ _shr(h, 27)) * _MIX2
+        h = h ^ _shr(h, 31)
     return h
 
 
