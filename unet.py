@@ -129,8 +129,7 @@ class UNetDenoiser(t.nn.Module):
         out = out.to(z.dtype)
         if self.prediction_type == "sample":
             return utils.eps_from_x(z, logsnr, out)
-        a = utils.append_dims(logsnr.to(z.dtype), z.dim())  # v_prediction
-        return t.sigmoid(-a).sqrt() * z + t.sigmoid(a).sqrt() * out
+        return utils.noisy_channel(z, -logsnr, out)  # v_prediction: sqrt(s(-a)) z + sqrt(s(a)) v
 
 
 def _zero(z, logsnr, y=None):
