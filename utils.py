@@ -277,7 +277,7 @@ def log_ndtr_diff(a, b):
 def stderr_from_sums(total, total_sq, n):
     """sqrt(s^2 / n), s^2 the unbiased variance, from the sums of n values and of their squares."""
     var = (total_sq - total ** 2 / n) / (n - 1)
-    return (var.clamp_min(0) if t.is_tensor(var) else max(var, 0.)) ** 0.5 / n ** 0.5
+    return var.clamp_min(0) ** 0.5 / n ** 0.5
 
 
 def nats_to_bpd(nats, d):
