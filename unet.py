@@ -156,12 +156,8 @@ def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwarg
     if scheduler is not None and scheduler.config.get("variance_type") in LEARNED_VARIANCES:
         raise ValueError(f"it learns its variance (its scheduler's variance_type is "
                          f"{scheduler.config.variance_type!r}): not supported")
-    return _adapter(unet.train(), schedule, prediction, source, outside)  # from eval mode
-
-
-def _adapter(unet, schedule, prediction, source, outside):
     try:
-        return UNetDenoiser(unet, schedule, outside, prediction)
+        return UNetDenoiser(unet.train(), schedule, outside, prediction)  # from eval mode
     except ValueError as err:
         raise UserError(f"the U-Net {source}: {err}") from None
 
@@ -198,9 +194,8 @@ def load(source, from_scratch=False, online=None, outside="clamp"):
     if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source):
         raise UserError(f"--pretrained {source}: no such directory, and not a hub id of the form "
                         "owner/name")
-    if from_scratch and source == DDPM_CIFAR10:
-        denoiser = _adapter(DDPM_CIFAR10_CONFIG, None, "epsilon", source, outside)  # random weights
-        return denoiser, f"{source} config (built in)"
+    if from_scratch and source == DDPM_CIFAR10:  # random weights
+        return UNetDenoiser(DDPM_CIFAR10_CONFIG, None, outside), f"{source} config (built in)"
     with contextlib.suppress(OSError):  # not in the hub cache
         return _fetch(source, from_scratch, outside, local_files_only=True), f"{source} (hub cache)"
     from huggingface_hub import constants
