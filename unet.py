@@ -117,7 +117,7 @@ class UNetDenoiser(t.nn.Module):
             if self.fallback is None:
                 raise RuntimeError("outside='gaussian' needs set_fallback(reference) first")
             lo, hi = self.logsnr_range
-            inside = ((logsnr >= lo) & (logsnr <= hi)).view((-1,) + (1,) * (z.dim() - 1))
+            inside = utils.append_dims((logsnr >= lo) & (logsnr <= hi), z.dim())
             # the U-Net runs on the whole batch: DDP needs every parameter in each step
             eps = t.where(inside, eps, self.fallback(z, logsnr, y).to(eps.dtype))
         return eps
@@ -264,8 +264,7 @@ def from_args(args, data):
         from huggingface_hub import constants
         return (not args.offline and not constants.HF_HUB_OFFLINE
                 and cli.reachable(constants.ENDPOINT))
-    if args.pretrained == "none" and not args.eval_only:  # the small U-Net, measured: about
-        # 1000 width^2 parameters; a training sample 550 B per pixel and channel of the first level
+    if args.pretrained == "none" and not args.eval_only:  # small U-Net: measured, docs/images.md
         size = data.x_shape[1] * data.x_shape[2] * args.unet_width
         cli.check_fits(None, "--batch_size", f"{args.batch_size} (--unet_width {args.unet_width})",
                        16 * 1000 * args.unet_width ** 2 + 550 * size * args.batch_size)
