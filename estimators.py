@@ -255,8 +255,7 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
 
 # --- Plumbing ---
 def default_chunk(d, device):
-    """Rows per denoiser call: cache-sized blocks on CPU (at most 2^14 rows: a network's
-    activations fill the cache too); on an accelerator large enough to fill it."""
+    """Rows per denoiser call: cache-sized on CPU (docs/2d.md), larger on an accelerator."""
     if t.device(device).type == "cpu":
         return max(1, min(2 ** 14, 2 ** 18 // d))
     return max(1, 2 ** 21 // d)
