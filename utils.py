@@ -219,16 +219,14 @@ class GaussianReference(t.nn.Module):
         """mmse_G(a) = sum_i s(a + log lambda_i), the marginal's noise-prediction MMSE."""
         return t.sigmoid(logsnr.unsqueeze(-1) + self.eigvals.to(logsnr.dtype).log()).sum(-1)
 
-    def error_integral(self, x, lo, hi, y=None):
+    def error_integral(self, x, lo, hi):
         """Int_lo^hi E ||eps - eps_G(z, a)||^2 da per sample (lo may be -inf), docs/maths.md."""
-        def integral(parts, x):
-            r, lam = self._whitened(parts, x)
+        r, lam = self._whitened((self.mean, self.eigvals, self.eigvecs), x)
 
-            def antiderivative(a):
-                v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
-                return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
-            return antiderivative(hi) - antiderivative(lo)
-        return self._per_label(integral, y, x)
+        def antiderivative(a):
+            v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
+            return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
+        return antiderivative(hi) - antiderivative(lo)
 
     def eps(self, z, logsnr, y=None):
         """The optimal noise predictor eps_G(z, a), in z's dtype (docs/maths.md)."""
