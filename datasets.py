@@ -243,14 +243,13 @@ def read_points(path):
         raise ValueError(f"{path}: points are read from .csv, .npy or .npz files, not "
                          f"{ext or 'this'}")
     x, y = _csv(path) if ext == ".csv" else _arrays(path)
-    y = None if y is None else _labels(path, y)
     if x.dtype.kind not in "fiu":
         raise ValueError(f"{path}: the points are {x.dtype}, not numbers")
     if x.ndim != 2 or x.shape[1] != 2 or not len(x):
         raise ValueError(f"{path}: need points of shape (n, 2), got {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: the data contain NaN or inf")
-    return x.astype(np.float64), _same_length(path, x, y)
+    return x.astype(np.float64), _labels(path, y, len(x))
 
 
 def _csv(path):
@@ -289,7 +288,7 @@ def read_images(path):
                          f"channels, got {x.dtype} {x.shape}")
     if not len(x):
         raise ValueError(f"{path}: no images")
-    return _channels_first(x), _same_length(path, x, None if y is None else _labels(path, y)), None
+    return _channels_first(x), _labels(path, y, len(x)), None
 
 
 def _image_folder(path):
@@ -342,20 +341,18 @@ def _arrays(path):
         return data["x"], data["y"] if "y" in data else None
 
 
-def _labels(path, values):
+def _labels(path, values, n):  # None, or n labels as int64
+    if values is None:
+        return None
     try:
         v = np.asarray(values, dtype=np.float64)
     except ValueError:
         raise ValueError(f"{path}: a label is not a number") from None
     if v.ndim != 1 or not np.isfinite(v).all() or (v != np.round(v)).any() or (v < 0).any():
         raise ValueError(f"{path}: labels must be whole numbers >= 0 (one per sample)")
+    if len(v) != n:
+        raise ValueError(f"{path}: {len(v)} labels for {n} samples")
     return v.astype(np.int64)
-
-
-def _same_length(path, x, y):
-    if y is not None and len(y) != len(x):
-        raise ValueError(f"{path}: {len(y)} labels for {len(x)} samples")
-    return y
 
 
 def entries(sets):

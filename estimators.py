@@ -212,34 +212,31 @@ def bin_edges(logsnr_range, bins, device=None):
     return t.linspace(*logsnr_range, bins + 1, dtype=t.float64, device=device)
 
 
-def heldout_logsnrs(index, seed, edges, draws=1):
-    """(n, bins, draws) float64 log SNRs uniform in each bin, named by (seed, index, bin, draw)."""
-    index = t.as_tensor(index).view(-1)
-    dev, bins = index.device, len(edges) - 1
-    edges = t.as_tensor(edges, dtype=t.float64, device=dev)
-    k, j = t.arange(bins, device=dev).view(1, -1, 1), t.arange(draws, device=dev).view(1, 1, -1)
-    u = utils.counter_uniform(seed, index.view(-1, 1, 1), k, j, 0, device=dev)
+def heldout_logsnrs(index, seed, edges):
+    """(n, bins) float64 log SNRs uniform in each bin, named by (seed, index, bin)."""
+    index = t.as_tensor(index).view(-1, 1)
+    edges = t.as_tensor(edges, dtype=t.float64, device=index.device)
+    k = t.arange(len(edges) - 1, device=index.device)
+    u = utils.counter_uniform(seed, index, k, 0, 0, device=index.device)
     return edges[k] + (edges[k + 1] - edges[k]) * u
 
 
 @t.no_grad()
-def heldout_errors(candidates, x, index, seed, edges, draws=1, chunk_size=None):
-    """(B, bins, M) float64 held-out ||eps - eps_hat_m||^2 of candidates(z, a), draws averaged."""
+def heldout_errors(candidates, x, index, seed, edges, chunk_size=None):
+    """(B, bins, M) float64 held-out ||eps - eps_hat_m||^2 of candidates(z, a), one draw a bin."""
     n, bins, dev, d = len(x), len(edges) - 1, x.device, x[0].numel()
     key = t.as_tensor(index, device=dev).view(-1)
-    a = heldout_logsnrs(key, seed, edges, draws).flatten().to(x.dtype)
-    sample, k, j = (v.flatten() for v in t.meshgrid(
-        *(t.arange(s, device=dev) for s in (n, bins, draws)), indexing="ij"))
+    a = heldout_logsnrs(key, seed, edges).flatten().to(x.dtype)
     dims = t.arange(1, d + 1, device=dev)
 
     def block(rows):
-        u = utils.counter_uniform(seed, key[sample[rows], None], k[rows, None], j[rows, None], dims,
-                                  device=dev)
+        s, k = rows // bins, rows % bins
+        u = utils.counter_uniform(seed, key[s, None], k[:, None], 0, dims, device=dev)
         eps = t.special.ndtri(u).to(x.dtype).view((-1,) + x.shape[1:])
-        z = utils.noisy_channel(x[sample[rows]], a[rows], eps)
+        z = utils.noisy_channel(x[s], a[rows], eps)
         return t.stack([utils.sq_norm(eps - e.to(z.dtype)) for e in candidates(z, a[rows])], 1)
     errors = in_chunks(block, chunk_size or default_chunk(d, dev), t.arange(len(a), device=dev))
-    return errors.view(n, bins, draws, -1).double().mean(2)
+    return errors.view(n, bins, -1).double()
 
 
 @t.no_grad()
@@ -256,14 +253,13 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
     edges = bin_edges(proposal.range, bins, x.device)
     errors = heldout_errors(functools.partial(predictions, denoiser, reference), draws, index,
                             seed, edges, chunk_size=chunk_size)
-    return FittedProposal.from_draws(proposal, heldout_logsnrs(index, seed, edges)[..., 0],
+    return FittedProposal.from_draws(proposal, heldout_logsnrs(index, seed, edges),
                                      0.5 * (errors[..., 0] - errors[..., 1]), mix, bins)
 
 
 # --- Plumbing ---
 def default_chunk(d, device):
-    """Rows per denoiser call: cache-sized blocks on CPU (at most 2^14 rows: a network's
-    activations fill the cache too); on an accelerator large enough to fill it."""
+    """Rows per denoiser call: cache-sized on CPU (docs/2d.md), larger on an accelerator."""
     if t.device(device).type == "cpu":
         return max(1, min(2 ** 14, 2 ** 18 // d))
     return max(1, 2 ** 21 // d)

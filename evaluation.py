@@ -83,7 +83,7 @@ class Plan:
         chosen = errors[:, t.arange(errors.shape[1]), best]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
         logsnrs = est.heldout_logsnrs(t.arange(len(errors)), self.selection_seed, self.edges[kind])
-        return FittedProposal.from_draws(logistic, logsnrs[..., 0], terms, bins=self.bins)
+        return FittedProposal.from_draws(logistic, logsnrs, terms, bins=self.bins)
 
 
 class Evaluation(pl.LightningModule):

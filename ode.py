@@ -58,9 +58,9 @@ def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=
     b, d, dev = len(x), x[0].numel(), x.device
     lam, m = ref.eigvals.double(), ref.mean.double()
     # the Gaussian's flow from a = +inf down to a_hi, in closed form
-    gain = (1 + math.exp(-a_hi) / lam).sqrt()
-    y = m + ref.rotate(ref.rotate(x.double().flatten(1) - m) * gain, inverse=True)
-    log_det = 0.5 * (1 + math.exp(-a_hi) / lam).log().sum()
+    stretch = 1 + math.exp(-a_hi) / lam  # of the variance along each eigenvector
+    y = m + ref.rotate(ref.rotate(x.double().flatten(1) - m) * stretch.sqrt(), inverse=True)
+    log_det = 0.5 * stretch.log().sum()
     probe_vectors = None
     if trace == "hutchinson":
         key = utils.sample_index(index, b, dev).view(-1, 1)

@@ -160,8 +160,7 @@ class FittedProposal(LogisticProposal):
         k, _ = self._bin(a)
         frac = ((a - lo) / self._width - k).clamp(0, 1)
         probs, cum = self._on(a.device)[:2]
-        cdf_b = cum[k] + probs[k] * frac
-        cdf_b = t.where(a < lo, t.zeros_like(a), t.where(a > hi, t.ones_like(a), cdf_b))
+        cdf_b = t.where(a > hi, t.ones_like(a), cum[k] + probs[k] * frac)  # below lo: frac = 0
         return ((1 - self.mix) * cdf_l + self.mix * cdf_b).clamp(0, 1)
 
     def weight(self, logsnr):
@@ -222,7 +221,7 @@ def spectrum_logsnr_params(eigvals, margin=8., min_clip=4.):
     if lam.numel() == 0 or not t.isfinite(lam).all() or not (lam > 0).all():
         raise ValueError("eigenvalues must be finite and > 0")
     log = lam.log()
-    var = log.var(unbiased=False).item() if lam.numel() > 1 else 0.
+    var = log.var(unbiased=False).item()
     loc, scale = -log.mean().item(), math.sqrt(1 + SPECTRUM_VARIANCE * var)
     reach = max(-log.min().item() + margin - loc, loc + log.max().item() + margin)
     return loc, scale, max(min_clip, reach / scale)

@@ -117,7 +117,7 @@ class UNetDenoiser(t.nn.Module):
             if self.fallback is None:
                 raise RuntimeError("outside='gaussian' needs set_fallback(reference) first")
             lo, hi = self.logsnr_range
-            inside = ((logsnr >= lo) & (logsnr <= hi)).view((-1,) + (1,) * (z.dim() - 1))
+            inside = utils.append_dims((logsnr >= lo) & (logsnr <= hi), z.dim())
             # the U-Net runs on the whole batch: DDP needs every parameter in each step
             eps = t.where(inside, eps, self.fallback(z, logsnr, y).to(eps.dtype))
         return eps
@@ -129,8 +129,7 @@ class UNetDenoiser(t.nn.Module):
         out = out.to(z.dtype)
         if self.prediction_type == "sample":
             return utils.eps_from_x(z, logsnr, out)
-        a = utils.append_dims(logsnr.to(z.dtype), z.dim())  # v_prediction
-        return t.sigmoid(-a).sqrt() * z + t.sigmoid(a).sqrt() * out
+        return utils.noisy_channel(z, -logsnr, out)  # v_prediction: sqrt(s(-a)) z + sqrt(s(a)) v
 
 
 def _zero(z, logsnr, y=None):
@@ -157,12 +156,8 @@ def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwarg
     if scheduler is not None and scheduler.config.get("variance_type") in LEARNED_VARIANCES:
         raise ValueError(f"it learns its variance (its scheduler's variance_type is "
                          f"{scheduler.config.variance_type!r}): not supported")
-    return _adapter(unet.train(), schedule, prediction, source, outside)  # from eval mode
-
-
-def _adapter(unet, schedule, prediction, source, outside):
     try:
-        return UNetDenoiser(unet, schedule, outside, prediction)
+        return UNetDenoiser(unet.train(), schedule, outside, prediction)  # from eval mode
     except ValueError as err:
         raise UserError(f"the U-Net {source}: {err}") from None
 
@@ -199,9 +194,8 @@ def load(source, from_scratch=False, online=None, outside="clamp"):
     if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", source):
         raise UserError(f"--pretrained {source}: no such directory, and not a hub id of the form "
                         "owner/name")
-    if from_scratch and source == DDPM_CIFAR10:
-        denoiser = _adapter(DDPM_CIFAR10_CONFIG, None, "epsilon", source, outside)  # random weights
-        return denoiser, f"{source} config (built in)"
+    if from_scratch and source == DDPM_CIFAR10:  # random weights
+        return UNetDenoiser(DDPM_CIFAR10_CONFIG, None, outside), f"{source} config (built in)"
     with contextlib.suppress(OSError):  # not in the hub cache
         return _fetch(source, from_scratch, outside, local_files_only=True), f"{source} (hub cache)"
     from huggingface_hub import constants
@@ -270,8 +264,7 @@ def from_args(args, data):
         from huggingface_hub import constants
         return (not args.offline and not constants.HF_HUB_OFFLINE
                 and cli.reachable(constants.ENDPOINT))
-    if args.pretrained == "none" and not args.eval_only:  # the small U-Net, measured: about
-        # 1000 width^2 parameters; a training sample 550 B per pixel and channel of the first level
+    if args.pretrained == "none" and not args.eval_only:  # small U-Net: measured, docs/images.md
         size = data.x_shape[1] * data.x_shape[2] * args.unet_width
         cli.check_fits(None, "--batch_size", f"{args.batch_size} (--unet_width {args.unet_width})",
                        16 * 1000 * args.unet_width ** 2 + 550 * size * args.batch_size)

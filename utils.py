@@ -69,14 +69,6 @@ def _shr(x, k):  # logical right shift of int64 (torch's >> is arithmetic)
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def splitmix64(x):
-    """The SplitMix64 output function on int64 tensors (wrapping arithmetic)."""
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
 def sample_index(index, b, device):
     """Positions of a batch's samples in the data set: None (0 .. b-1), an int offset, or (b,)."""
     if index is None or isinstance(index, int):
@@ -99,10 +91,14 @@ def derive_seed(seed, *keys):
 
 
 def counter_hash(seed, *keys, device=None):
-    """64 random bits (int64) per element of the broadcast keys, a function of (seed, keys) only."""
-    h = splitmix64(t.tensor(seed, dtype=t.int64, device=device))
-    for key in keys:
-        h = splitmix64(h ^ t.as_tensor(key, dtype=t.int64, device=device))
+    """64 random bits (int64) per element of the broadcast keys, a function of (seed, keys) only:
+    SplitMix64's output function (wrapping arithmetic) on the seed, then on each key xor-ed in."""
+    h = 0
+    for key in (seed, *keys):
+        h = (h ^ t.as_tensor(key, dtype=t.int64, device=device)) + _GOLDEN
+        h = (h ^ _shr(h, 30)) * _MIX1
+        h = (h ^ _shr(h, 27)) * _MIX2
+        h = h ^ _shr(h, 31)
     return h
 
 
@@ -223,16 +219,14 @@ class GaussianReference(t.nn.Module):
         """mmse_G(a) = sum_i s(a + log lambda_i), the marginal's noise-prediction MMSE."""
         return t.sigmoid(logsnr.unsqueeze(-1) + self.eigvals.to(logsnr.dtype).log()).sum(-1)
 
-    def error_integral(self, x, lo, hi, y=None):
+    def error_integral(self, x, lo, hi):
         """Int_lo^hi E ||eps - eps_G(z, a)||^2 da per sample (lo may be -inf), docs/maths.md."""
-        def integral(parts, x):
-            r, lam = self._whitened(parts, x)
+        r, lam = self._whitened((self.mean, self.eigvals, self.eigvecs), x)
 
-            def antiderivative(a):
-                v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
-                return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
-            return antiderivative(hi) - antiderivative(lo)
-        return self._per_label(integral, y, x)
+        def antiderivative(a):
+            v = t.as_tensor(a, dtype=x.dtype, device=x.device).view(-1, 1) + lam.log()
+            return (F.softplus(v) + t.sigmoid(-v) * (1 - r)).sum(1)
+        return antiderivative(hi) - antiderivative(lo)
 
     def eps(self, z, logsnr, y=None):
         """The optimal noise predictor eps_G(z, a), in z's dtype (docs/maths.md)."""
@@ -281,7 +275,7 @@ def log_ndtr_diff(a, b):
 def stderr_from_sums(total, total_sq, n):
     """sqrt(s^2 / n), s^2 the unbiased variance, from the sums of n values and of their squares."""
     var = (total_sq - total ** 2 / n) / (n - 1)
-    return (var.clamp_min(0) if t.is_tensor(var) else max(var, 0.)) ** 0.5 / n ** 0.5
+    return var.clamp_min(0) ** 0.5 / n ** 0.5
 
 
 def nats_to_bpd(nats, d):

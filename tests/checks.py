@@ -52,15 +52,14 @@ def paired_difference(a, b):
     return diff.mean().item(), diff.std().item() / len(diff) ** 0.5
 
 
-def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, reference=None,
-                 chunk_size=None):
+def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, reference=None, chunk_size=None):
     """The Ensemble of the data-matched Gaussian and `members`, chosen per log-SNR bin on held-out
     samples x through the library's selection path (estimators.heldout_errors, then the lowest
     held-out MSE per bin): members[0] of the result is GaussianDenoiser(reference).
 
     bins, logsnr_range: equal-width bins over logsnr_range (default: the first DiffusionModel
-    member's proposal range); draws: (log SNR, noise) draws per sample and bin, named by (seed,
-    sample, bin, draw); reference: the Gaussian member (default: fitted to x). A DiffusionModel
+    member's proposal range); one (log SNR, noise) draw per sample and bin, named by (seed,
+    sample, bin); reference: the Gaussian member (default: fitted to x). A DiffusionModel
     around it: with_denoiser(like, ensemble) (add reference=ensemble.members[0].reference unless
     the ensemble was fitted with like's reference).
     """
@@ -75,7 +74,7 @@ def fit_ensemble(members, x, seed, bins=BINS, logsnr_range=None, draws=1, refere
     everyone = [GaussianDenoiser(reference)] + members
     edges = bin_edges(logsnr_range, bins, x.device)
     errors = heldout_errors(lambda z, a: [m(z, a) for m in everyone], x, t.arange(len(x)), seed,
-                            edges, draws, chunk_size)
+                            edges, chunk_size)
     heldout_mse = errors.mean(0).T  # (members, bins)
     ensemble = Ensemble(everyone, edges, heldout_mse.argmin(0))  # as evaluation.Plan.denoiser
     ensemble.heldout_mse = heldout_mse  # what the choice was made on, for the tests
