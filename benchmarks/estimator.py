@@ -41,7 +41,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import estimators  # noqa: E402
-import utils  # noqa: E402
 from diffusionmodel import DiffusionModel  # noqa: E402
 from proposals import LogisticProposal  # noqa: E402
 from tests.analytic import mixture_2d, ring_2d  # noqa: E402
@@ -77,8 +76,7 @@ def seed_style(dm, x, n, generator, proposal=None):
     a, w = proposal.sample((len(x), n), stratified=False, generator=generator, dtype=x.dtype)
     xs, af = x.repeat_interleave(n, 0), a.flatten()
     eps = t.randn(xs.shape, generator=generator, dtype=x.dtype)
-    z = utils.noisy_channel(xs, af, eps)
-    mse = estimators.eps_errors(dm, z, af, eps).flatten(1).sum(1).view(len(x), n)
+    mse = estimators.sq_error(dm, xs, af, eps).view(len(x), n)
     return 0.5 * dm.d * math.log(2 * math.pi * math.e) + 0.5 * (w * (mse - dm.d * t.sigmoid(a))).mean(1)
 
 
