@@ -52,8 +52,7 @@ class Baselines(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         data = trainer.datamodule
         if stage == "fit" and self.fit:  # fit=False: a resumed run keeps its own
-            pl_module.fit_reference(data.reference_data(),
-                                    data.reference_labels() if data.num_classes else None)
+            pl_module.fit_reference(data.reference_data(), data.reference_labels())
         given = data.num_classes and data.exact_labels(data.val_data(), data.val_labels)
         nll = given[0] if given else data.exact_nll(data.val_data())  # -log p(x | y) with labels
         if nll is not None:  # points outside the support are counted apart
