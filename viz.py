@@ -3,7 +3,6 @@ gaps, i(x; y) maps, samples, validation NLL by epoch; image grids and per-pixel 
 import io
 import math
 
-import matplotlib
 import numpy as np
 import torch as t
 from matplotlib.figure import Figure
@@ -172,11 +171,10 @@ def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEP
                    depth, r"$\log p(x)$ (nats)")
     for ax, name in zip(axes, ("exact", "model")):
         ax.set_title(f"{name} log density", fontsize=10)
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
     axes[2].set_facecolor("0.9")
     axes[2].pcolormesh(xs, ys, np.ma.masked_where(support, np.ones(shape)), cmap="Greys",
                        vmin=0, vmax=1.7, shading="nearest")
-    mesh = axes[2].pcolormesh(xs, ys, gap, cmap=cmap, vmin=-gap_range, vmax=gap_range,
+    mesh = axes[2].pcolormesh(xs, ys, gap, cmap="RdBu_r", vmin=-gap_range, vmax=gap_range,
                               shading="nearest")
     axes[2].contour(xs, ys, np.where(support, exact, top - 2 * depth), levels=[top - depth],
                     colors="k", linewidths=0.6, linestyles="--")
