@@ -237,7 +237,8 @@ def image_grid(x):
 def plot_attribution(images, maps, labels, title=None):
     """Images (n, C, H, W) in [-1, 1] above their per-pixel i(x; y) maps, summed over channels."""
     n = len(images)
-    fig, axes = _subplots(2, n, figsize=(1.6 * n + 1, 3.6), squeeze=False, layout="constrained")
+    fig, axes = _subplots(2, n, figsize=(1.6 * n + 1, 3.6), squeeze=False, layout="constrained",
+                          subplot_kw=dict(xticks=[], yticks=[]))
     heat = np.asarray(maps, dtype=float).sum(1)
     vmax = max(float(np.abs(heat).max()), 1e-6)
     for j in range(n):
@@ -246,7 +247,5 @@ def plot_attribution(images, maps, labels, title=None):
                           cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(f"y = {int(labels[j])}", fontsize=9)
         cs = axes[1, j].imshow(heat[j], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-    for ax in axes.flat:
-        ax.set(xticks=[], yticks=[])
     fig.colorbar(cs, ax=axes[1, :].tolist(), label=r"$i(x; y)$ per pixel (nats)")
     return _suptitle(fig, title)
