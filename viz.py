@@ -204,9 +204,7 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
     bars, lines at references {label: value}; ylim (low, high) zooms in, values above it marked."""
     fig, ax = _subplots(figsize=(6, 4))
     for label, (epochs, nll, stderr) in runs.items():
-        ax.errorbar(np.asarray(epochs, dtype=float), np.asarray(nll, dtype=float),
-                    yerr=None if stderr is None else np.asarray(stderr, dtype=float),
-                    marker="o", ms=3, capsize=2, label=label)
+        ax.errorbar(epochs, nll, yerr=stderr, marker="o", ms=3, capsize=2, label=label)
     for (label, value), ls in zip((references or {}).items(), ["--", ":", "-."] * 4):
         ax.axhline(value, color="k", ls=ls, lw=1, label=f"{label} ({value:.4f})")
     if ylim is not None:
