@@ -67,8 +67,7 @@ class Baselines(pl.Callback):
         nats = model.reference.nll(val).mean().item()
         gaussian = dict(gaussian_val_loss=nats, gaussian_val_bpd=utils.nats_to_bpd(nats, model.d))
         self.values.update(gaussian)
-        if trainer.logger:
-            trainer.logger.log_metrics(gaussian, step=0)
+        trainer.logger.log_metrics(gaussian, step=0)
         text = self.describe and self.describe(trainer, model, self.values)
         if text:
             print(text, flush=True)
@@ -112,8 +111,7 @@ class Labels(pl.Callback):
             score = fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy())
             v["val_accuracy_logistic"] = float(score)
         self.values = v
-        if trainer.logger:
-            trainer.logger.log_metrics(v, step=trainer.global_step)
+        trainer.logger.log_metrics(v, step=trainer.global_step)
         model.train(was_training)
 
 
