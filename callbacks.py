@@ -108,8 +108,7 @@ class Labels(pl.Callback):
             from sklearn.linear_model import LogisticRegression
             pixels = data.reference_data().flatten(1).numpy()
             fit = LogisticRegression(max_iter=2000).fit(pixels, data.reference_labels().numpy())
-            score = fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy())
-            v["val_accuracy_logistic"] = float(score)
+            v["val_accuracy_logistic"] = fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy())
         self.values = v
         trainer.logger.log_metrics(v, step=trainer.global_step)
         model.train(was_training)
