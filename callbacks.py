@@ -52,8 +52,7 @@ class Baselines(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         data = trainer.datamodule
         if stage == "fit" and self.fit:  # fit=False: a resumed run keeps its own
-            pl_module.fit_reference(data.reference_data(),
-                                    data.reference_labels() if data.num_classes else None)
+            pl_module.fit_reference(data.reference_data(), data.reference_labels())
         given = data.num_classes and data.exact_labels(data.val_data(), data.val_labels)
         nll = given[0] if given else data.exact_nll(data.val_data())  # -log p(x | y) with labels
         if nll is not None:  # points outside the support are counted apart
@@ -68,8 +67,7 @@ class Baselines(pl.Callback):
         nats = model.reference.nll(val).mean().item()
         gaussian = dict(gaussian_val_loss=nats, gaussian_val_bpd=utils.nats_to_bpd(nats, model.d))
         self.values.update(gaussian)
-        if trainer.logger:
-            trainer.logger.log_metrics(gaussian, step=0)
+        trainer.logger.log_metrics(gaussian, step=0)
         text = self.describe and self.describe(trainer, model, self.values)
         if text:
             print(text, flush=True)
@@ -110,11 +108,9 @@ class Labels(pl.Callback):
             from sklearn.linear_model import LogisticRegression
             pixels = data.reference_data().flatten(1).numpy()
             fit = LogisticRegression(max_iter=2000).fit(pixels, data.reference_labels().numpy())
-            score = fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy())
-            v["val_accuracy_logistic"] = float(score)
+            v["val_accuracy_logistic"] = fit.score(x.flatten(1).cpu().numpy(), y.cpu().numpy())
         self.values = v
-        if trainer.logger:
-            trainer.logger.log_metrics(v, step=trainer.global_step)
+        trainer.logger.log_metrics(v, step=trainer.global_step)
         model.train(was_training)
 
 
@@ -156,15 +152,30 @@ class FitProposal(pl.Callback):
 
 
 class Timings(pl.Callback):
-    """Where a run's wall time goes (`seconds`)."""
+    """Where a run's wall time goes (`seconds`); says how many steps the run takes and, after its
+    first epoch, how long the rest should take."""
 
-    def __init__(self, started=None):
-        self.started = started or time.time()
+    def __init__(self, started):
+        self.started = started
         self.seconds = dict.fromkeys(("start-up", "steps", "validation", "refits", "final"), 0.)
 
     def on_train_start(self, trainer, pl_module):
-        self.train_started = time.time()
+        self.train_started, self.step, self.said = time.time(), trainer.global_step, False
         self.seconds["start-up"] = self.train_started - self.started
+        if trainer.is_global_zero:
+            total = trainer.estimated_stepping_batches
+            print(f"training: {trainer.max_epochs - trainer.current_epoch} epochs of "
+                  f"{trainer.num_training_batches} steps, {total - trainer.global_step} steps to "
+                  f"go of {total}", flush=True)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        done = trainer.global_step - self.step
+        left = trainer.estimated_stepping_batches - trainer.global_step
+        if trainer.is_global_zero and done > 0 and left > 0 and not self.said:
+            self.said = True
+            minutes = (time.time() - self.train_started) / done * left / 60
+            print(f"expected: about {minutes:.1f} more minutes for the remaining {left} steps "
+                  "(without validation)", flush=True)
 
     def on_validation_start(self, trainer, pl_module):
         self.validation_started = time.time()
@@ -200,27 +211,6 @@ class ValidateLastEpoch(_Saved):
         if not trainer.sanity_checking:
             self.step = trainer.global_step
             self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-
-class RunSize(pl.Callback):
-    """Says how many steps a run takes and, after its first epoch, how long the rest should take."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.start, self.step, self.said = time.time(), trainer.global_step, False
-        if trainer.is_global_zero:
-            total = trainer.estimated_stepping_batches
-            print(f"training: {trainer.max_epochs - trainer.current_epoch} epochs of "
-                  f"{trainer.num_training_batches} steps, {total - trainer.global_step} steps to "
-                  f"go of {total}", flush=True)
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        done = trainer.global_step - self.step
-        left = trainer.estimated_stepping_batches - trainer.global_step
-        if trainer.is_global_zero and done > 0 and left > 0 and not self.said:
-            self.said = True
-            minutes = (time.time() - self.start) / done * left / 60
-            print(f"expected: about {minutes:.1f} more minutes for the remaining {left} steps "
-                  "(without validation)", flush=True)
 
 
 class MSECurve(_Saved):

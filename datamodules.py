@@ -14,11 +14,11 @@ import utils
 
 
 class Samples(t.utils.data.Dataset):
-    """Float points, or uint8 levels k served as 2 k / (levels - 1) - 1 and dequantised with noise
+    """Float points, or uint8 levels k served as grid.lo + k grid.delta and dequantised with noise
     fixed per sample by `seed` (fresh each access without); a batch is one indexing operation."""
 
-    def __init__(self, data, labels=None, levels=None, dequantize=False, seed=None):
-        self.data, self.labels, self.levels = data, labels, levels
+    def __init__(self, data, labels=None, grid=None, dequantize=False, seed=None):
+        self.data, self.labels, self.grid = data, labels, grid
         self.dequantize, self.seed = dequantize, seed
 
     def __len__(self):
@@ -33,13 +33,12 @@ class Samples(t.utils.data.Dataset):
         return x if self.labels is None else (x, self.labels[indices])
 
     def served(self, data, index):
-        if self.levels is None:
+        if self.grid is None:
             return data
-        width = 2 / (self.levels - 1)
-        x = data.float() * width - 1
+        x = data.float() * self.grid.delta + self.grid.lo
         if not self.dequantize:
             return x
-        return utils.dequantize(x, width, utils.fresh_seed(self.seed), index)
+        return utils.dequantize(x, self.grid.delta, utils.fresh_seed(self.seed), index)
 
     def tensor(self, n=None):
         """The first n samples (all by default) as one tensor, as served."""
@@ -92,7 +91,7 @@ class Data(pl.LightningDataModule):
         super().__init__()
         self.name, self.load, self.x_shape, self.seed = name, load, tuple(x_shape), seed
         self.missing, self.files, self.num_workers = missing or (lambda: None), files, num_workers
-        self.batch_size, self.eval_batch_size, self.levels = batch_size, eval_batch_size, levels
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_classes, self.dequantize, self.exact = num_classes, dequantize, exact
         self.reference_size, self.prepare = reference_size, prepare or (lambda: None)
         self.grid = None if levels is None else utils.Grid(2 / (levels - 1), -1., levels)
@@ -109,14 +108,14 @@ class Data(pl.LightningDataModule):
             t.as_tensor(np.asarray(parts[k]), dtype=t.int64)
             if self.num_classes and parts.get(k) is not None else None
             for k in ("train_labels", "val_labels"))
-        self.train = Samples(t.as_tensor(parts["train"]), self.train_labels, self.levels,
+        self.train = Samples(t.as_tensor(parts["train"]), self.train_labels, self.grid,
                              self.dequantize)
-        self.val = Samples(t.as_tensor(parts["val"]), self.val_labels, self.levels,
-                           self.dequantize, seed=self.seed)
+        self.val = Samples(t.as_tensor(parts["val"]), self.val_labels, self.grid, self.dequantize,
+                           seed=self.seed)
 
     def reference_data(self):
         """The first reference_size training samples, dequantised alike in every process."""
-        return Samples(self.train.data, None, self.levels, self.dequantize,
+        return Samples(self.train.data, None, self.grid, self.dequantize,
                        self.seed + 1).tensor(self.reference_size)
 
     def reference_labels(self):
@@ -127,7 +126,7 @@ class Data(pl.LightningDataModule):
 
     def eval_data(self):
         """What --eval_only scores: the validation samples, never dequantised, and their grid."""
-        return Samples(self.val.data, levels=self.levels).tensor(), self.grid
+        return Samples(self.val.data, grid=self.grid).tensor(), self.grid
 
     def exact_nll(self, x):
         """The exact -log p(x) of points x, float64, or None where the density is not known."""
@@ -148,12 +147,12 @@ class Data(pl.LightningDataModule):
     def _loader_kwargs(self):  # Samples returns whole batches: nothing to collate
         return dict(collate_fn=_as_is, num_workers=self.num_workers,
                     persistent_workers=self.num_workers > 0,
-                    pin_memory=t.cuda.is_available() and self.levels is not None)
+                    pin_memory=t.cuda.is_available() and self.grid is not None)
 
     def train_dataloader(self):  # a resumed run's epoch and samples done are set here: Lightning
         # makes the loader after the checkpoint's restore, and workers draw indices at once
         sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
-        drop = self.levels is not None or len(sampler) > self.batch_size
+        drop = self.grid is not None or len(sampler) > self.batch_size
         loader = DataLoader(self.train, batch_sampler=Batches(sampler, self.batch_size, drop),
                             **self._loader_kwargs())
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1

@@ -161,7 +161,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         # last.ckpt: every validation and the end, saved after best-* (the newest: Interrupted.kept)
         callbacks = [ModelCheckpoint(monitor="val_loss", filename="best-{epoch}"),
                      ModelCheckpoint(filename="last", enable_version_counter=False),
-                     run_args, cb.ValidateLastEpoch(), cb.RunSize(), cb.LogInterval(),
+                     run_args, cb.ValidateLastEpoch(), cb.LogInterval(),
                      cb.SlurmJob(), *callbacks]
         if getattr(args, "fit_proposal", 0):
             callbacks.append(cb.FitProposal(args.fit_proposal, args.num_epochs, REFITS, args.seed))

@@ -3,7 +3,6 @@ gaps, i(x; y) maps, samples, validation NLL by epoch; image grids and per-pixel 
 import io
 import math
 
-import matplotlib
 import numpy as np
 import torch as t
 from matplotlib.figure import Figure
@@ -172,11 +171,10 @@ def plot_density_gap(xs, ys, nll_model, nll_exact, title=None, depth=CONTOUR_DEP
                    depth, r"$\log p(x)$ (nats)")
     for ax, name in zip(axes, ("exact", "model")):
         ax.set_title(f"{name} log density", fontsize=10)
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad=(0, 0, 0, 0))
     axes[2].set_facecolor("0.9")
     axes[2].pcolormesh(xs, ys, np.ma.masked_where(support, np.ones(shape)), cmap="Greys",
                        vmin=0, vmax=1.7, shading="nearest")
-    mesh = axes[2].pcolormesh(xs, ys, gap, cmap=cmap, vmin=-gap_range, vmax=gap_range,
+    mesh = axes[2].pcolormesh(xs, ys, gap, cmap="RdBu_r", vmin=-gap_range, vmax=gap_range,
                               shading="nearest")
     axes[2].contour(xs, ys, np.where(support, exact, top - 2 * depth), levels=[top - depth],
                     colors="k", linewidths=0.6, linestyles="--")
@@ -206,9 +204,7 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
     bars, lines at references {label: value}; ylim (low, high) zooms in, values above it marked."""
     fig, ax = _subplots(figsize=(6, 4))
     for label, (epochs, nll, stderr) in runs.items():
-        ax.errorbar(np.asarray(epochs, dtype=float), np.asarray(nll, dtype=float),
-                    yerr=None if stderr is None else np.asarray(stderr, dtype=float),
-                    marker="o", ms=3, capsize=2, label=label)
+        ax.errorbar(epochs, nll, yerr=stderr, marker="o", ms=3, capsize=2, label=label)
     for (label, value), ls in zip((references or {}).items(), ["--", ":", "-."] * 4):
         ax.axhline(value, color="k", ls=ls, lw=1, label=f"{label} ({value:.4f})")
     if ylim is not None:
@@ -239,7 +235,8 @@ def image_grid(x):
 def plot_attribution(images, maps, labels, title=None):
     """Images (n, C, H, W) in [-1, 1] above their per-pixel i(x; y) maps, summed over channels."""
     n = len(images)
-    fig, axes = _subplots(2, n, figsize=(1.6 * n + 1, 3.6), squeeze=False, layout="constrained")
+    fig, axes = _subplots(2, n, figsize=(1.6 * n + 1, 3.6), squeeze=False, layout="constrained",
+                          subplot_kw=dict(xticks=[], yticks=[]))
     heat = np.asarray(maps, dtype=float).sum(1)
     vmax = max(float(np.abs(heat).max()), 1e-6)
     for j in range(n):
@@ -248,7 +245,5 @@ def plot_attribution(images, maps, labels, title=None):
                           cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(f"y = {int(labels[j])}", fontsize=9)
         cs = axes[1, j].imshow(heat[j], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-    for ax in axes.flat:
-        ax.set(xticks=[], yticks=[])
     fig.colorbar(cs, ax=axes[1, :].tolist(), label=r"$i(x; y)$ per pixel (nats)")
     return _suptitle(fig, title)

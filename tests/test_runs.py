@@ -552,7 +552,7 @@ def test_validation_sums_keep_nan():
 
 
 def test_time_estimate_after_a_mid_epoch_resume_counts_steps(monkeypatch, capsys):
-    # callbacks.RunSize with a clock of our own: a run of 10 epochs of 7 steps (70 steps)
+    # callbacks.Timings with a clock of our own: a run of 10 epochs of 7 steps (70 steps)
     # resumed at step 13, one step before the end of epoch 1 (epochs 0, 1, ...). Its first epoch
     # end comes 30 s later at step 14: 30 s a step, 56 steps left, 1680 s = 28.0 minutes. (Timing
     # the partial epoch instead, 30 s times the 8 epochs left, would say 4.0 minutes; the run is
@@ -562,7 +562,7 @@ def test_time_estimate_after_a_mid_epoch_resume_counts_steps(monkeypatch, capsys
     trainer = types.SimpleNamespace(is_global_zero=True, global_step=13, current_epoch=1,
                                     max_epochs=10, num_training_batches=7,
                                     estimated_stepping_batches=70)
-    size = cb.RunSize()
+    size = cb.Timings(now[0])
     size.on_train_start(trainer, None)
     now[0] += 30.
     trainer.global_step = 14
