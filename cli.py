@@ -198,20 +198,18 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
     if args.resume:
         if checkpoint_args is None:
             return None
-        given = {a.dest for a in parser._actions for opt in a.option_strings
-                 for word in (sys.argv[1:] if argv is None else argv)
-                 if word == opt or word.startswith(opt + "=")}
-        saved = checkpoint_args(args.resume)
-        for key, value in ((k, v) for k, v in saved.items() if k in vars(args)):
-            if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
+        saved = {k: v for k, v in checkpoint_args(args.resume).items()
+                 if k in vars(args) and k not in PER_INVOCATION}
+        parser.set_defaults(**saved)  # the flags not given: the checkpoint's
+        args = parser.parse_args(argv)
+        for key, value in saved.items():
+            if key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
-            if (key == "num_epochs" and key in given and getattr(args, key) > value
+            if (key == "num_epochs" and args.num_epochs > value
                     and saved.get("lr_schedule", "onecycle") == "onecycle"):
-                parser.error(f"argument --num_epochs: {getattr(args, key)} is longer than the "
+                parser.error(f"argument --num_epochs: {args.num_epochs} is longer than the "
                              f"{value} epochs the resumed run's one-cycle schedule was planned for")
-            if key not in given and key not in PER_INVOCATION:
-                setattr(args, key, value)
     if args.precision in ("16-true", "bf16-true", "16", "bf16", "half"):
         parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
                      "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
