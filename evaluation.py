@@ -36,8 +36,8 @@ class Entry:
 class Plan:
     """The rows' settings and, after the selection pass, each row's denoiser and proposal."""
 
-    def __init__(self, bases, grid, proposal_kind, bins, seed, **settings):
-        self.bases, self.grid, self.bins = bases, grid, bins
+    def __init__(self, bases, grid, proposal_kind, seed, **settings):
+        self.bases, self.grid = bases, grid
         self.proposal_kind, self.seed, self.heldout = proposal_kind, seed, {}
         self.roundings = {"continuous": ("none",), "discrete": ("none", "hard", "soft")}
         self.tops = {"continuous": -math.inf}  # the log SNR each kind's ranges reach at least
@@ -46,7 +46,7 @@ class Plan:
         self.edges = {}  # the held-out bins over the union of the models' ranges
         for kind, top in self.tops.items():
             lo, hi = zip(*(m.proposal.widened(top).range for m in bases[1:]))
-            self.edges[kind] = est.bin_edges((min(lo), max(hi)), bins)
+            self.edges[kind] = est.bin_edges((min(lo), max(hi)), BINS)
         self.selection_seed = utils.derive_seed(seed, SELECTION)
         vars(self).update(settings)
 
@@ -83,7 +83,7 @@ class Plan:
         chosen = errors[:, t.arange(errors.shape[1]), best]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
         logsnrs = est.heldout_logsnrs(t.arange(len(errors)), self.selection_seed, self.edges[kind])
-        return FittedProposal.from_draws(logistic, logsnrs[..., 0], terms, bins=self.bins)
+        return FittedProposal.from_draws(logistic, logsnrs[..., 0], terms)
 
 
 class Evaluation(pl.LightningModule):
@@ -91,12 +91,11 @@ class Evaluation(pl.LightningModule):
     scored) or on `scored` (x, labels); limit: score the first `limit`; ode: ode.settings(...)."""
 
     def __init__(self, models, names, data, scored=None, seed=0, npoints=128, batch_size=256,
-                 select_fraction=0.5, bins=BINS, vb_steps=100, proposal="fitted", ode=None,
-                 limit=None):
+                 select_fraction=0.5, vb_steps=100, proposal="fitted", ode=None, limit=None):
         super().__init__()
         self.models, self.names, self.data = t.nn.ModuleList(models), list(names), data
         self.scored, self.limit, self.proposal_kind, self.ode = scored, limit, proposal, ode
-        self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
+        self.seed, self.npoints, self.batch_size = seed, npoints, batch_size
         self.select_fraction, self.vb_steps, self.d = select_fraction, vb_steps or None, models[0].d
         self.samples, self.phase, self.rows, self.per_sample = None, "select", [], {}
 
@@ -123,7 +122,7 @@ class Evaluation(pl.LightningModule):
         self.samples = {"select": x[select], "score": score[self.scored_index]}
         self.labels = None if labels is None or not first.num_classes else labels[self.scored_index]
         bases = [GaussianDenoiser(first.reference)] + list(self.models)
-        self.plan = Plan(bases, grid, self.proposal_kind, self.bins, self.seed,
+        self.plan = Plan(bases, grid, self.proposal_kind, self.seed,
                          npoints=self.npoints, d=self.d, ode=self.ode, vb_steps=self.vb_steps,
                          labels=self.labels, num_classes=first.num_classes)
         schedules = [getattr(m.model, "alphas_cumprod", None) for m in self.models]
