@@ -216,8 +216,7 @@ class Evaluation(pl.LightningModule):
                 self.per_sample[(entry.name, name)] = (nats, stderr)
                 row = table_row(entry.name, name, nats, self.d, span, stderr, kind.unit)
                 meaning = kind.meaning(self.plan) if callable(kind.meaning) else kind.meaning
-                self.rows.append(dict(row, unit=kind.unit, evaluations=cost.mean().item(),
-                                      meaning=meaning))
+                self.rows.append(dict(row, evaluations=cost.mean().item(), meaning=meaning))
 
     def exact_rows(self):
         """The exact rows on the scored samples where the data's densities are known."""
@@ -227,8 +226,8 @@ class Evaluation(pl.LightningModule):
         given = None if self.labels is None else self.data.exact_labels(x, self.labels.cpu())
         values = (self.data.exact_nll(x), *(given or (None,) * 3))
         names = ("continuous", "conditional", "mutual information", "accuracy")
-        return [dict(table_row("exact", name, v, self.d, unit=ROWS[name].unit), meaning=EXACT,
-                     unit=ROWS[name].unit) for name, v in zip(names, values) if v is not None]
+        return [dict(table_row("exact", name, v, self.d, unit=ROWS[name].unit), meaning=EXACT)
+                for name, v in zip(names, values) if v is not None]
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), the exact rows first."""
@@ -268,7 +267,7 @@ def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
         unit == "fraction") else dict(nats=mean, nats_stderr=spread)
     return dict(model=model, estimate=estimate, **values, bpd=bpd[0], bpd_stderr=bpd[1],
                 integration_nats=integration, proposal=proposal,
-                logsnr_range=None if span is None else [round(v, 3) for v in span])
+                logsnr_range=None if span is None else [round(v, 3) for v in span], unit=unit)
 
 
 def format_results(rows, header):
