@@ -1,6 +1,8 @@
 """The evaluation table as two Trainer.test passes, "select" and "score" (docs/evaluation.md)."""
+import csv
 import dataclasses
 import functools
+import io
 import itertools
 import math
 import os
@@ -298,8 +300,8 @@ def format_results(rows, header):
     return "\n".join(lines)
 
 
-def per_sample_table(ev, files=None):
-    """(header, rows) of every scored sample's values per model and row (docs/evaluation.md)."""
+def per_sample_csv(ev, files):
+    """The CSV text of every scored sample's values per model and row (docs/evaluation.md)."""
     columns = {"index": ev.scored_index.tolist()}
     if ev.labels is not None:
         columns["label"] = ev.labels.tolist()
@@ -314,7 +316,9 @@ def per_sample_table(ev, files=None):
         columns[f"{name} (integration stderr, nats)"] = stderr.tolist()
         if unit == "nats":
             columns[f"{name} (bits/dim)"] = utils.nats_to_bpd(values, ev.d).tolist()
-    return list(columns), sorted(zip(*columns.values()))
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows([list(columns), *sorted(zip(*columns.values()))])
+    return table.getvalue()
 
 
 def results_path(path=None, ckpt=None, name=None, folder=None):

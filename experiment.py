@@ -1,12 +1,10 @@
 """The runs both scripts share: `main(family, argv)` parses, then trains or evaluates; the Trainer,
 run folders, checkpoints (`load_model`), summaries. A `Family` makes a script: docs/extending.md."""
 import argparse
-import csv
 import ctypes
 import dataclasses
 import errno
 import glob
-import io
 import itertools
 import json
 import logging
@@ -509,10 +507,7 @@ def evaluate(args, family):
             cb.Interrupted.kept = "the table above is complete; nothing was written"
             cli.write_file(path, json.dumps(results, indent=1))
             if args.per_sample:
-                header, rows = evaluation.per_sample_table(ev, files)
-                table = io.StringIO(newline="")
-                csv.writer(table).writerows([header, *rows])
-                cli.write_file(args.per_sample, table.getvalue())
+                cli.write_file(args.per_sample, evaluation.per_sample_csv(ev, files))
     except BaseException:
         for output in claimed:
             pathlib.Path(output).unlink(missing_ok=True)
