@@ -51,7 +51,7 @@ class Family:
     data_keys: tuple  # the run arguments that fix the data
     callbacks: Callable = lambda args, data, curve: []  # (args, data, curve) -> figures' callbacks
     trainer: dict = dataclasses.field(default_factory=dict)  # Trainer keyword arguments
-    describe: Optional[Callable] = None  # (args, trainer, model, values) -> a line at the start
+    describe: Callable = lambda *a: None  # (args, trainer, model, values) -> a line at the start
     pretrained: Optional[Callable] = None  # (args, data) -> (model, name) without --ckpt
 
 
@@ -411,8 +411,7 @@ def train(args, family):
         if args.fit_proposal > n:
             raise UserError(f"argument --fit_proposal: {args.fit_proposal} is more than the {n} "
                             "training samples the refits draw from")
-    baselines = cb.Baselines(lambda *a: family.describe and family.describe(args, *a),
-                             fit=ckpt is None)
+    baselines = cb.Baselines(lambda *a: family.describe(args, *a), fit=ckpt is None)
     curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
     extra = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
     extra += family.callbacks(args, data, curve)
