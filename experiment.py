@@ -398,13 +398,11 @@ def train(args, family):
                   flush=True)
     pl.seed_everything(args.seed, verbose=False)  # before any random initialisation
     data = family.data(args)
+    model = _check_missing(data, lambda: model_from_checkpoint(ckpt, args.resume).train()
+                           if ckpt else new_model(args, data))
     if ckpt is not None:
-        _check_missing(data)
         _check_shape(ckpt, data, args.resume)
         data.resumed_steps = ckpt["global_step"]
-        model = model_from_checkpoint(ckpt, args.resume).train()
-    else:
-        model = _check_missing(data, lambda: new_model(args, data))
     if args.fit_proposal and not data.missing():  # the refits draw from the reference data
         data.setup()
         n = min(len(data.train), data.reference_size or len(data.train))
