@@ -265,9 +265,9 @@ def load_checkpoint(path, script=None):
     return ckpt
 
 
-def load_model(path, script=None):
+def load_model(path):
     """The trained DiffusionModel of a checkpoint either script wrote, in eval mode, on the CPU."""
-    return model_from_checkpoint(load_checkpoint(path, script), path)
+    return model_from_checkpoint(load_checkpoint(path), path)
 
 
 def model_from_checkpoint(ckpt, path):
