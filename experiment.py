@@ -72,8 +72,7 @@ def set_threads(n):
 
 
 def count_gpus_directly():
-    """Where NVML cannot load, torch's GPU check without it: Lightning asks torch to count GPUs
-    through NVML, and torch then retries the library before every count (docs/runs.md)."""
+    """Where NVML cannot load, torch's GPU count without it (no retry per count: docs/runs.md)."""
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:  # torch counts with the CUDA runtime either way: the same answer
@@ -81,8 +80,7 @@ def count_gpus_directly():
 
 
 def end_process():
-    """Ends a finished run's process now, its files closed and its output flushed: Python's own
-    teardown of what torch and Lightning load takes about a second more (docs/runs.md)."""
+    """Ends a finished run's process at once, its output flushed (why: docs/runs.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
