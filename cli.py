@@ -179,10 +179,9 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     return p
 
 
-def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_ckpt=False):
+def parse(parser, argv, defaults, data_defaults, checkpoint_args=None):
     """The checked arguments: --resume's checkpoint's (checkpoint_args: path -> its run arguments;
-    without it, None), then the dataset's (data_defaults: --data's) for flags left at None;
-    without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
+    without it, None), then the dataset's (data_defaults: --data's) for flags left at None."""
     known = {a.dest for a in parser._actions}
     for action in parser._actions:  # help: per-dataset defaults; --resume's own flags
         shown = [f"{name} {v[action.dest]:g}" if isinstance(v[action.dest], float) else
@@ -198,20 +197,18 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
     if args.resume:
         if checkpoint_args is None:
             return None
-        given = {a.dest for a in parser._actions for opt in a.option_strings
-                 for word in (sys.argv[1:] if argv is None else argv)
-                 if word == opt or word.startswith(opt + "=")}
-        saved = checkpoint_args(args.resume)
-        for key, value in ((k, v) for k, v in saved.items() if k in vars(args)):
-            if key in given and key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
+        saved = {k: v for k, v in checkpoint_args(args.resume).items()
+                 if k in vars(args) and k not in PER_INVOCATION}
+        parser.set_defaults(**saved)  # the flags not given: the checkpoint's
+        args = parser.parse_args(argv)
+        for key, value in saved.items():
+            if key not in RESUME_MAY_CHANGE and getattr(args, key) != value:
                 parser.error(f"argument --{key}: {getattr(args, key)} contradicts the checkpoint's "
                              f"--{key} {value} (--resume continues a run with its settings)")
-            if (key == "num_epochs" and key in given and getattr(args, key) > value
+            if (key == "num_epochs" and args.num_epochs > value
                     and saved.get("lr_schedule", "onecycle") == "onecycle"):
-                parser.error(f"argument --num_epochs: {getattr(args, key)} is longer than the "
+                parser.error(f"argument --num_epochs: {args.num_epochs} is longer than the "
                              f"{value} epochs the resumed run's one-cycle schedule was planned for")
-            if key not in given and key not in PER_INVOCATION:
-                setattr(args, key, value)
     if args.precision in ("16-true", "bf16-true", "16", "bf16", "half"):
         parser.error(f"argument --precision: {args.precision} would cast the Gaussian reference "
                      "and the losses to half precision (off by nats); use bf16-mixed or 16-mixed")
@@ -223,7 +220,7 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_c
         parser.error(f"argument --denoiser: this script's network is {parser.architecture}; "
                      f"another is given as module:Class, got {args.denoiser}")
     if args.eval_only:
-        if not args.ckpt and not without_ckpt:
+        if not args.ckpt and "pretrained" not in vars(args):  # a --pretrained model: as it is
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")
         check(parser, args, [
             ("npoints", lambda v: v < 8 or v & (v - 1), "must be a power of 2 >= 8"),

@@ -88,12 +88,8 @@ def _given(plan, entry):
     return fn, proposal
 
 
-def _labelled(plan):
-    return plan.labels is not None
-
-
 def _label_row(meaning, statistic, unit="nats, not per dimension"):
-    return RowKind(meaning + LABEL_PASS, unit, when=_labelled,
+    return RowKind(meaning + LABEL_PASS, unit,
                    derive=("conditional", lambda output, plan: output["stats"][statistic]))
 
 
@@ -139,7 +135,8 @@ ROWS = {  # the table's estimates, in the order of its columns
     "conditional": RowKind(
         "estimate of E[-log p(x | y)] given each sample's label: continuous's bound with the "
         "label's data-matched Gaussian as the reference" + LABEL_PASS,
-        when=_labelled, cost=lambda plan: plan.npoints * (plan.num_classes + 1), build=_given),
+        when=lambda plan: plan.labels is not None, build=_given,
+        cost=lambda plan: plan.npoints * (plan.num_classes + 1)),
     "mutual information": _label_row(
         "estimate of E[i(x; y)] = E[log p(x | y) - log p(x)] as the difference of the two bounds "
         "on the same noise (it inherits the unconditional bound's gap)", "information"),

@@ -1,6 +1,8 @@
 """The evaluation table as two Trainer.test passes, "select" and "score" (docs/evaluation.md)."""
+import csv
 import dataclasses
 import functools
+import io
 import itertools
 import math
 import os
@@ -36,8 +38,8 @@ class Entry:
 class Plan:
     """The rows' settings and, after the selection pass, each row's denoiser and proposal."""
 
-    def __init__(self, bases, grid, proposal_kind, bins, seed, **settings):
-        self.bases, self.grid, self.bins = bases, grid, bins
+    def __init__(self, bases, grid, proposal_kind, seed, **settings):
+        self.bases, self.grid = bases, grid
         self.proposal_kind, self.seed, self.heldout = proposal_kind, seed, {}
         self.roundings = {"continuous": ("none",), "discrete": ("none", "hard", "soft")}
         self.tops = {"continuous": -math.inf}  # the log SNR each kind's ranges reach at least
@@ -46,7 +48,7 @@ class Plan:
         self.edges = {}  # the held-out bins over the union of the models' ranges
         for kind, top in self.tops.items():
             lo, hi = zip(*(m.proposal.widened(top).range for m in bases[1:]))
-            self.edges[kind] = est.bin_edges((min(lo), max(hi)), bins)
+            self.edges[kind] = est.bin_edges((min(lo), max(hi)), BINS)
         self.selection_seed = utils.derive_seed(seed, SELECTION)
         vars(self).update(settings)
 
@@ -83,7 +85,7 @@ class Plan:
         chosen = errors[:, t.arange(errors.shape[1]), best]
         terms = 0.5 * (chosen - errors[..., 0]) if kind == "continuous" else 0.5 * chosen
         logsnrs = est.heldout_logsnrs(t.arange(len(errors)), self.selection_seed, self.edges[kind])
-        return FittedProposal.from_draws(logistic, logsnrs, terms, bins=self.bins)
+        return FittedProposal.from_draws(logistic, logsnrs, terms)
 
 
 class Evaluation(pl.LightningModule):
@@ -91,12 +93,11 @@ class Evaluation(pl.LightningModule):
     scored) or on `scored` (x, labels); limit: score the first `limit`; ode: ode.settings(...)."""
 
     def __init__(self, models, names, data, scored=None, seed=0, npoints=128, batch_size=256,
-                 select_fraction=0.5, bins=BINS, vb_steps=100, proposal="fitted", ode=None,
-                 limit=None):
+                 select_fraction=0.5, vb_steps=100, proposal="fitted", ode=None, limit=None):
         super().__init__()
         self.models, self.names, self.data = t.nn.ModuleList(models), list(names), data
         self.scored, self.limit, self.proposal_kind, self.ode = scored, limit, proposal, ode
-        self.seed, self.npoints, self.batch_size, self.bins = seed, npoints, batch_size, bins
+        self.seed, self.npoints, self.batch_size = seed, npoints, batch_size
         self.select_fraction, self.vb_steps, self.d = select_fraction, vb_steps or None, models[0].d
         self.samples, self.phase, self.rows, self.per_sample = None, "select", [], {}
 
@@ -123,7 +124,7 @@ class Evaluation(pl.LightningModule):
         self.samples = {"select": x[select], "score": score[self.scored_index]}
         self.labels = None if labels is None or not first.num_classes else labels[self.scored_index]
         bases = [GaussianDenoiser(first.reference)] + list(self.models)
-        self.plan = Plan(bases, grid, self.proposal_kind, self.bins, self.seed,
+        self.plan = Plan(bases, grid, self.proposal_kind, self.seed,
                          npoints=self.npoints, d=self.d, ode=self.ode, vb_steps=self.vb_steps,
                          labels=self.labels, num_classes=first.num_classes)
         schedules = [getattr(m.model, "alphas_cumprod", None) for m in self.models]
@@ -217,8 +218,7 @@ class Evaluation(pl.LightningModule):
                 self.per_sample[(entry.name, name)] = (nats, stderr)
                 row = table_row(entry.name, name, nats, self.d, span, stderr, kind.unit)
                 meaning = kind.meaning(self.plan) if callable(kind.meaning) else kind.meaning
-                self.rows.append(dict(row, unit=kind.unit, evaluations=cost.mean().item(),
-                                      meaning=meaning))
+                self.rows.append(dict(row, evaluations=cost.mean().item(), meaning=meaning))
 
     def exact_rows(self):
         """The exact rows on the scored samples where the data's densities are known."""
@@ -228,8 +228,8 @@ class Evaluation(pl.LightningModule):
         given = None if self.labels is None else self.data.exact_labels(x, self.labels.cpu())
         values = (self.data.exact_nll(x), *(given or (None,) * 3))
         names = ("continuous", "conditional", "mutual information", "accuracy")
-        return [dict(table_row("exact", name, v, self.d, unit=ROWS[name].unit), meaning=EXACT,
-                     unit=ROWS[name].unit) for name, v in zip(names, values) if v is not None]
+        return [dict(table_row("exact", name, v, self.d, unit=ROWS[name].unit), meaning=EXACT)
+                for name, v in zip(names, values) if v is not None]
 
     def results(self, info=None, checkpoints=(), wall_time_s=None):
         """The table as a dict (the JSON file's content), the exact rows first."""
@@ -269,7 +269,7 @@ def table_row(model, estimate, nll, d, span=None, stderr=None, unit="nats"):
         unit == "fraction") else dict(nats=mean, nats_stderr=spread)
     return dict(model=model, estimate=estimate, **values, bpd=bpd[0], bpd_stderr=bpd[1],
                 integration_nats=integration, proposal=proposal,
-                logsnr_range=None if span is None else [round(v, 3) for v in span])
+                logsnr_range=None if span is None else [round(v, 3) for v in span], unit=unit)
 
 
 def format_results(rows, header):
@@ -300,8 +300,8 @@ def format_results(rows, header):
     return "\n".join(lines)
 
 
-def per_sample_table(ev, files=None):
-    """(header, rows) of every scored sample's values per model and row (docs/evaluation.md)."""
+def per_sample_csv(ev, files):
+    """The CSV text of every scored sample's values per model and row (docs/evaluation.md)."""
     columns = {"index": ev.scored_index.tolist()}
     if ev.labels is not None:
         columns["label"] = ev.labels.tolist()
@@ -316,7 +316,9 @@ def per_sample_table(ev, files=None):
         columns[f"{name} (integration stderr, nats)"] = stderr.tolist()
         if unit == "nats":
             columns[f"{name} (bits/dim)"] = utils.nats_to_bpd(values, ev.d).tolist()
-    return list(columns), sorted(zip(*columns.values()))
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows([list(columns), *sorted(zip(*columns.values()))])
+    return table.getvalue()
 
 
 def results_path(path=None, ckpt=None, name=None, folder=None):

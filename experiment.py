@@ -1,12 +1,10 @@
 """The runs both scripts share: `main(family, argv)` parses, then trains or evaluates; the Trainer,
 run folders, checkpoints (`load_model`), summaries. A `Family` makes a script: docs/extending.md."""
 import argparse
-import csv
 import ctypes
 import dataclasses
 import errno
 import glob
-import io
 import itertools
 import json
 import logging
@@ -53,7 +51,7 @@ class Family:
     data_keys: tuple  # the run arguments that fix the data
     callbacks: Callable = lambda args, data, curve: []  # (args, data, curve) -> figures' callbacks
     trainer: dict = dataclasses.field(default_factory=dict)  # Trainer keyword arguments
-    describe: Optional[Callable] = None  # (args, trainer, model, values) -> a line at the start
+    describe: Callable = lambda *a: None  # (args, trainer, model, values) -> a line at the start
     pretrained: Optional[Callable] = None  # (args, data) -> (model, name) without --ckpt
 
 
@@ -74,8 +72,7 @@ def set_threads(n):
 
 
 def count_gpus_directly():
-    """Where NVML cannot load, torch's GPU check without it: Lightning asks torch to count GPUs
-    through NVML, and torch then retries the library before every count (docs/runs.md)."""
+    """Where NVML cannot load, torch's GPU count without it (no retry per count: docs/runs.md)."""
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:  # torch counts with the CUDA runtime either way: the same answer
@@ -83,8 +80,7 @@ def count_gpus_directly():
 
 
 def end_process():
-    """Ends a finished run's process now, its files closed and its output flushed: Python's own
-    teardown of what torch and Lightning load takes about a second more (docs/runs.md)."""
+    """Ends a finished run's process at once, its output flushed (why: docs/runs.md)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -267,9 +263,9 @@ def load_checkpoint(path, script=None):
     return ckpt
 
 
-def load_model(path, script=None):
+def load_model(path):
     """The trained DiffusionModel of a checkpoint either script wrote, in eval mode, on the CPU."""
-    return model_from_checkpoint(load_checkpoint(path, script), path)
+    return model_from_checkpoint(load_checkpoint(path), path)
 
 
 def model_from_checkpoint(ckpt, path):
@@ -400,21 +396,18 @@ def train(args, family):
                   flush=True)
     pl.seed_everything(args.seed, verbose=False)  # before any random initialisation
     data = family.data(args)
+    model = _check_missing(data, lambda: model_from_checkpoint(ckpt, args.resume).train()
+                           if ckpt else new_model(args, data))
     if ckpt is not None:
-        _check_missing(data)
         _check_shape(ckpt, data, args.resume)
         data.resumed_steps = ckpt["global_step"]
-        model = model_from_checkpoint(ckpt, args.resume).train()
-    else:
-        model = _check_missing(data, lambda: new_model(args, data))
     if args.fit_proposal and not data.missing():  # the refits draw from the reference data
         data.setup()
         n = min(len(data.train), data.reference_size or len(data.train))
         if args.fit_proposal > n:
             raise UserError(f"argument --fit_proposal: {args.fit_proposal} is more than the {n} "
                             "training samples the refits draw from")
-    baselines = cb.Baselines(lambda *a: family.describe and family.describe(args, *a),
-                             fit=ckpt is None)
+    baselines = cb.Baselines(lambda *a: family.describe(args, *a), fit=ckpt is None)
     curve = cb.MSECurve(getattr(args, "curve_samples", 256), seed=args.seed)
     extra = [cb.Labels(args.val_npoints, args.seed, fit=ckpt is None)] if data.num_classes else []
     extra += family.callbacks(args, data, curve)
@@ -509,10 +502,7 @@ def evaluate(args, family):
             cb.Interrupted.kept = "the table above is complete; nothing was written"
             cli.write_file(path, json.dumps(results, indent=1))
             if args.per_sample:
-                header, rows = evaluation.per_sample_table(ev, files)
-                table = io.StringIO(newline="")
-                csv.writer(table).writerows([header, *rows])
-                cli.write_file(args.per_sample, table.getvalue())
+                cli.write_file(args.per_sample, evaluation.per_sample_csv(ev, files))
     except BaseException:
         for output in claimed:
             pathlib.Path(output).unlink(missing_ok=True)

@@ -35,8 +35,7 @@ def parse_args(argv=None, checkpoint_args=None):
     if args is None or args.eval_only:
         return args
     cli.check(p, args, [("embedding_size", lambda v: v % 2, "must be even")])
-    # bytes, measured (docs/2d.md): 16 per parameter, a training or ODE point 9 KB + 12 per
-    # hidden unit, a contour cell 32 KB in the first pass
+    # bytes per parameter, training or ODE point and contour cell, as measured in docs/2d.md
     h, layers = args.hidden_size, args.hidden_layers
     inputs = 3 + args.embedding_size * (1 + 2 * (args.input_embedding_scale > 0) + args.conditional)
     model = 16 * ((inputs + 3) * h + (layers - 1) * (h + 1) * h + 2)

@@ -243,7 +243,7 @@ def test_fit_proposal_during_training_is_logged_checkpointed_and_evaluated(tmp_p
     assert len(scalars["proposal_moved"]) == 2 and "proposal" in images
     assert os.path.isfile(os.path.join(tmp_path, "moons-base", "figures", "proposal.png"))
     # the checkpoint carries it, and the rebuilt model (evaluation, resume) uses it
-    model = experiment.load_model(s["checkpoint"], "train_2d.py")
+    model = experiment.load_model(s["checkpoint"])
     assert model.proposal.state() == {k: v for k, v in s["proposal"].items() if k != "moved"}
 
 
