@@ -179,9 +179,10 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     return p
 
 
-def parse(parser, argv, defaults, data_defaults, checkpoint_args=None):
+def parse(parser, argv, defaults, data_defaults, checkpoint_args=None, without_ckpt=False):
     """The checked arguments: --resume's checkpoint's (checkpoint_args: path -> its run arguments;
-    without it, None), then the dataset's (data_defaults: --data's) for flags left at None."""
+    without it, None), then the dataset's (data_defaults: --data's) for flags left at None;
+    without_ckpt: --eval_only may go without --ckpt (a pretrained model evaluated as it is)."""
     known = {a.dest for a in parser._actions}
     for action in parser._actions:  # help: per-dataset defaults; --resume's own flags
         shown = [f"{name} {v[action.dest]:g}" if isinstance(v[action.dest], float) else
@@ -220,7 +221,7 @@ def parse(parser, argv, defaults, data_defaults, checkpoint_args=None):
         parser.error(f"argument --denoiser: this script's network is {parser.architecture}; "
                      f"another is given as module:Class, got {args.denoiser}")
     if args.eval_only:
-        if not args.ckpt and "pretrained" not in vars(args):  # a --pretrained model: as it is
+        if not args.ckpt and not without_ckpt:
             parser.error("--eval_only needs --ckpt PATH [PATH ...]")
         check(parser, args, [
             ("npoints", lambda v: v < 8 or v & (v - 1), "must be a power of 2 >= 8"),

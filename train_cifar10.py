@@ -48,7 +48,8 @@ def parse_args(argv=None, checkpoint_args=None):
     arg("--outside", default="clamp", choices=("clamp", "gaussian"),
         help="log SNRs outside the U-Net's trained range: clamp the timestep, or the "
              "data-matched Gaussian's optimal predictor")
-    args = cli.parse(p, argv, defaults, datasets.IMAGES_DEFAULTS, checkpoint_args)
+    args = cli.parse(p, argv, defaults, datasets.IMAGES_DEFAULTS, checkpoint_args,
+                     without_ckpt=True)
     if args is None or args.eval_only and args.ckpt:
         return args
     cli.check(p, args, [("unet_width", lambda v: v % 8, "must be a multiple of 8 (group norm)")])
