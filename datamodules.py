@@ -24,8 +24,8 @@ class Samples(t.utils.data.Dataset):
     def __len__(self):
         return len(self.data)
 
-    def __getitem__(self, i):
-        return self.__getitems__([i])
+    def __getitem__(self, i):  # an index tensor: its batch (EpochSampler); an int: a batch of 1
+        return self.__getitems__(i if t.is_tensor(i) else [i])
 
     def __getitems__(self, indices):
         indices = t.as_tensor(indices, dtype=t.long)
@@ -46,32 +46,27 @@ class Samples(t.utils.data.Dataset):
         return self.served(self.data[:n], t.arange(n))
 
 
-class EpochSampler:
-    """This process's n // world of a (seed, epoch) permutation, less `skip` once (on resume)."""
+class EpochSampler(t.utils.data.Sampler):
+    """Batches (index tensors) of this process's n // world of a (seed, epoch) permutation, less
+    `skip` samples once (on resume); drop_last: no short last batch."""
 
-    def __init__(self, n, seed, rank=0, world=1):
+    def __init__(self, n, batch_size, drop_last, seed, rank=0, world=1):
         self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
+        self.batch_size, self.drop_last = batch_size, drop_last
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return self.n // self.world
+        share = self.n // self.world
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
-    def order(self):  # skip is read at the first draw, after a resume set it
+    def __iter__(self):  # a generator: skip is read at the first draw, after a resume set it
         order = t.randperm(self.n, generator=t.Generator().manual_seed(
             utils.derive_seed(self.seed, self.epoch)))
-        share, self.skip = order[self.rank::self.world][:len(self)][self.skip:], 0
-        return share
-
-
-class Batches(t.utils.data.BatchSampler):
-    """An EpochSampler's batches as index tensors, cut from its order at once."""
-
-    def __iter__(self):
-        order = self.sampler.order()
-        end = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
-        yield from order[:end].split(self.batch_size)
+        share, self.skip = order[self.rank::self.world][:self.n // self.world][self.skip:], 0
+        end = len(share) - len(share) % self.batch_size if self.drop_last else len(share)
+        yield from share[:end].split(self.batch_size)
 
 
 def _as_is(batch):
@@ -151,10 +146,10 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self):  # a resumed run's epoch and samples done are set here: Lightning
         # makes the loader after the checkpoint's restore, and workers draw indices at once
-        sampler = EpochSampler(len(self.train), self.seed, *self._rank_world())
-        drop = self.grid is not None or len(sampler) > self.batch_size
-        loader = DataLoader(self.train, batch_sampler=Batches(sampler, self.batch_size, drop),
-                            **self._loader_kwargs())
+        rank, world = self._rank_world()
+        drop = self.grid is not None or len(self.train) // world > self.batch_size
+        sampler = EpochSampler(len(self.train), self.batch_size, drop, self.seed, rank, world)
+        loader = DataLoader(self.train, None, sampler=sampler, **self._loader_kwargs())
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         steps_per_epoch = -(-len(loader) // accumulate)  # Lightning steps on an epoch's tail
         epoch, done = divmod(self.resumed_steps, steps_per_epoch)

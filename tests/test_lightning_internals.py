@@ -84,14 +84,13 @@ def test_without_nvml_the_gpu_check_skips_it_and_counts_the_same(monkeypatch):
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
 
 
-def test_lightning_sets_the_epoch_of_the_sampler_behind_the_batches():
-    # datamodules.Batches cuts index tensors from an EpochSampler's whole order (no per-index
-    # Python loop); each epoch's order comes from the epoch Lightning sets on batch_sampler.sampler
+def test_lightning_sets_the_epoch_of_the_sampler_that_serves_whole_batches():
+    # datamodules.EpochSampler yields index tensors to a DataLoader(batch_size=None); each epoch's
+    # order comes from the epoch Lightning sets on the loader's sampler
     from lightning_fabric.utilities.data import _set_sampler_epoch
 
     import datamodules
-    sampler = datamodules.EpochSampler(20, seed=3)
-    loader = t.utils.data.DataLoader(datamodules.Samples(t.arange(20.)), collate_fn=lambda b: b,
-                                     batch_sampler=datamodules.Batches(sampler, 8, True))
+    sampler = datamodules.EpochSampler(20, 8, True, seed=3)
+    loader = t.utils.data.DataLoader(datamodules.Samples(t.arange(20.)), None, sampler=sampler)
     _set_sampler_epoch(loader, 2)
     assert sampler.epoch == 2
