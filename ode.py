@@ -82,10 +82,7 @@ def nll_ode(denoiser, reference, logsnr_range, x, trace="exact", probes=1, rtol=
     state = t.cat([y, t.zeros(b, 1, dtype=t.float64, device=dev)], 1)
     state, nfe = _dopri5(field, state, math.exp(-a_lo / 2) - sigma_lo, rtol, atol, max_steps)
     y_end, integral = state[:, :d], state[:, d]
-    # the Gaussian's marginal at a_lo: N(m, Sigma + e^(-a_lo) I)
-    var = lam + math.exp(-a_lo)
-    r = ref.rotate(y_end - m)
-    nll_end = 0.5 * (d * utils.LOG_2PI + var.log().sum() + (r ** 2 / var).sum(1))
+    nll_end = ref.nll(y_end, noise=math.exp(-a_lo))  # at a_lo: N(m, Sigma + e^(-a_lo) I)
     info = dict(nfe=nfe, trace=trace, probes=probes if trace == "hutchinson" else None,
                 rtol=rtol, atol=atol, logsnr_range=[a_lo, a_hi])
     return (nll_end - integral - log_det).to(dtype), info

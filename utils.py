@@ -199,19 +199,20 @@ class GaussianReference(t.nn.Module):
         with t.autocast(x.device.type, enabled=False):
             return x @ (vecs.to(x.dtype).T if inverse else vecs.to(x.dtype))
 
-    def _whitened(self, parts, x):  # (y^2 / lambda, lambda), y = U^T (x - mean)
+    def _whitened(self, parts, x, noise=0.):  # (y^2 / lambda, lambda), y = U^T (x - mean)
         mean, lam, vecs = parts
+        lam = lam.to(x.dtype) + noise
         y = self.rotate(x.flatten(1) - mean.to(x.dtype), vecs)
-        return y ** 2 / lam.to(x.dtype), lam.to(x.dtype)
+        return y ** 2 / lam, lam
 
     def entropy(self):
         """h(q) = d/2 log(2 pi e) + 1/2 sum_i log lambda_i."""
         return 0.5 * self.d * (LOG_2PI + 1) + 0.5 * self.eigvals.log().sum()
 
-    def nll(self, x, y=None):
-        """-log q(x), or -log q(x | y) with labels."""
+    def nll(self, x, y=None, noise=0.):
+        """-log q(x), or -log q(x | y) with labels; noise: of q convolved with N(0, noise I)."""
         def nll(parts, x):
-            r, lam = self._whitened(parts, x)
+            r, lam = self._whitened(parts, x, noise)
             return 0.5 * (self.d * LOG_2PI + lam.log().sum() + r.sum(1))
         return self._per_label(nll, y, x)
 
