@@ -34,7 +34,6 @@ class MLPDenoiser(nn.Module):
                            embedding_size=embedding_size,
                            input_embedding_scale=input_embedding_scale,
                            input_embedding_period=input_embedding_period, num_classes=num_classes)
-        self.num_classes = num_classes
         if num_classes is not None:
             self.labels = nn.Embedding(num_classes + 1, embedding_size)
         embeddings = 1 + 2 * (input_embedding_scale > 0) + (num_classes is not None)
@@ -49,8 +48,8 @@ class MLPDenoiser(nn.Module):
     def forward(self, z, logsnr, y=None):
         c, a = self.config, logsnr.to(z.dtype)
         features = [z, (a / 10).unsqueeze(-1), sinusoidal(a, c["embedding_size"], 100.)]
-        if self.num_classes is not None:
-            features.append(self.labels(no_label_last(y, len(z), self.num_classes, z.device))
+        if c["num_classes"] is not None:
+            features.append(self.labels(no_label_last(y, len(z), c["num_classes"], z.device))
                             .to(z.dtype))
         if c["input_embedding_scale"] > 0:
             features += [sinusoidal(c["input_embedding_scale"] * z[:, i], c["embedding_size"],
