@@ -460,25 +460,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 @contextlib.contextmanager
-def final_stage(trainer):
-    """The work after training: stop_at_once, and an interruption keeps interrupted.ckpt."""
-    try:
-        with stop_at_once():
-            yield
-    except (KeyboardInterrupt, SIGTERMException) as err:
-        keep(trainer, err)
-        raise
-
-
-@contextlib.contextmanager
-def stop_at_once():
-    """SIGTERM raises SIGTERMException at once (Lightning waits for the end of a batch)."""
+def stop_at_once(trainer=None):
+    """SIGTERM raises SIGTERMException at once (Lightning waits for the end of a batch); given the
+    trainer (the work after training), an interruption keeps interrupted.ckpt."""
     def stop(signum, frame):
         raise SIGTERMException
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except (KeyboardInterrupt, SIGTERMException) as err:
+        if trainer is not None:  # saved under the handler that was there before
+            signal.signal(signal.SIGTERM, previous)
+            keep(trainer, err)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -420,7 +420,7 @@ def train(args, family):
     fit(trainer, model, data, args.resume)
     if not trainer.is_global_zero:
         return None
-    with cb.final_stage(trainer):  # the end-of-training passes, then the summary
+    with cb.stop_at_once(trainer):  # the end-of-training passes, then the summary
         final = time.time()
         for callback in filter(lambda c: hasattr(c, "final"), extra):
             callback.final(trainer, model)

@@ -443,7 +443,7 @@ def test_an_interruption_after_training_is_finished_by_the_command_it_prints(
     real = getattr(sys.modules[module], name)
 
     def interrupt(*args, **kwargs):
-        if how == "sigterm":  # at once: callbacks.final_stage's handler raises
+        if how == "sigterm":  # at once: callbacks.stop_at_once's handler raises
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
         raise KeyboardInterrupt
