@@ -151,7 +151,7 @@ def make_trainer(args, script=None, callbacks=(), run=None, **kwargs):
         run_args=dict(vars(args), script=script), run_dir=os.path.abspath(trainer.log_dir)))
     logger, folder, devices = False, None, args.devices
     if run is not None:  # absolute paths: a resumed run's checkpoint folder is the same one
-        resume = os.path.isdir(run)
+        resume = os.path.isabs(run)  # a resumed run's folder (resumed_run_dir), not a new name
         folder = os.path.dirname(os.path.abspath(run)) if resume else os.path.abspath(args.log_dir)
         logger = RunLogger(folder, os.path.basename(run) if resume else run, resume)
         # last.ckpt: every validation and the end, saved after best-* (the newest: Interrupted.kept)

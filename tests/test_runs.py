@@ -652,6 +652,18 @@ def help_text(script):
     return " ".join(re.sub(r"-\n\s*", "-", out.getvalue()).split())
 
 
+@pytest.mark.slow
+def test_a_new_run_goes_under_log_dir_even_beside_a_folder_of_its_name(tmp_path, monkeypatch):
+    # experiment.make_trainer tells a resumed run's folder (an absolute path) from a new run's
+    # name: a folder named like the new run in the working directory is not resumed into
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scg-base").mkdir()
+    s = train_2d.main(TINY + ["--num_epochs", "1", "--log_dir", str(tmp_path / "runs")])
+    assert s["run_dir"].endswith(os.path.join("runs", "scg-base"))
+    assert (tmp_path / "runs" / "scg-base" / "summary.json").is_file()
+    assert list((tmp_path / "scg-base").iterdir()) == []
+
+
 def test_the_precisions_listed_are_those_tested():
     for script in (train_2d, train_cifar10):
         listed = re.search(r"--precision PRECISION (.*?) \(", help_text(script))[1]
