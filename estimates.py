@@ -30,12 +30,17 @@ def _dequantized(dequantize, plan, x, index, score):
     return utils.discrete_limit_nats(nll, plan.grid.delta, plan.d), info
 
 
-def _continuous(dequantize, plan, entry):
-    proposal, denoiser = plan.proposal("continuous", entry), plan.denoiser("continuous", entry)
+def _points(plan, entry, kind="continuous", roundings=("none",), dequantize=False):
+    """The continuous (of x, or x dequantized) or discrete bound over the row's points."""
+    denoiser = plan.denoiser(kind, entry, roundings)
+    proposal = plan.proposal(kind, entry, roundings)
+    estimate = est.nll_points if kind == "continuous" else functools.partial(
+        est.nll_discrete_points, grid=plan.grid)
 
     def fn(x, index, y):
-        nll, stderr = _dequantized(dequantize, plan, x, index, lambda v: est.nll_points(
-            denoiser, entry.reference, proposal, v, plan.npoints, seed=plan.seed, index=index))
+        nll, stderr = _dequantized(dequantize, plan, x, index, lambda v: estimate(
+            denoiser, entry.reference, proposal, v, npoints=plan.npoints, seed=plan.seed,
+            index=index))
         return dict(values=nll, stderr=stderr)
     return fn, proposal
 
@@ -50,17 +55,6 @@ def _variational_bound(plan, entry):
                                         seed=plan.seed, index=index)
         return dict(values=nll, stderr=stderr)
     return fn, tuple(utils.schedule_logsnr(schedule)[[-1, 0]].tolist())
-
-
-def _discrete(roundings, plan, entry):
-    denoiser = plan.denoiser("discrete", entry, roundings)
-    proposal = plan.proposal("discrete", entry, roundings)
-
-    def fn(x, index, y):
-        nll, stderr = est.nll_discrete_points(denoiser, entry.reference, proposal, x, plan.grid,
-                                              plan.npoints, seed=plan.seed, index=index)
-        return dict(values=nll, stderr=stderr)
-    return fn, proposal
 
 
 def _ode(dequantize, plan, entry):
@@ -113,14 +107,14 @@ ROWS = {  # the table's estimates, in the order of its columns
         "estimate of E[-log p(x)] of the data as they are: an upper bound in expectation for the "
         "hybrid denoiser (the model over logsnr_range, the Gaussian's optimal predictor "
         "outside); for grid data it depends on the range's top",
-        cost=lambda plan: plan.npoints, build=functools.partial(_continuous, False)),
+        cost=lambda plan: plan.npoints, build=_points),
     "discrete limit": RowKind(
         "continuous - d log(delta): a change of units, not a bound", grid=True,
         derive=("continuous", lambda output, plan: (utils.discrete_limit_nats(
             output["values"], plan.grid.delta, plan.d), output["stderr"]))),
     "dequantized": RowKind(
         _UPPER + "the continuous estimate of x + delta (U - 1/2), - d log(delta)", grid=True,
-        cost=lambda plan: plan.npoints, build=functools.partial(_continuous, True)),
+        cost=lambda plan: plan.npoints, build=functools.partial(_points, dequantize=True)),
     "variational bound": RowKind(
         _UPPER + "the -ELBO of the T-step schedule over logsnr_range as DDPM reported it (x_hat "
         "clipped to the data's range in every term, fixed_small variances, discretised Gaussian "
@@ -128,7 +122,8 @@ ROWS = {  # the table's estimates, in the order of its columns
         grid=True, cost=lambda plan: (plan.vb_steps or 1000) + 2, build=_variational_bound),
     **{name: RowKind(
         _UPPER + "1/2 Int E||eps - eps_hat||^2 da over logsnr_range, the tails in closed form",
-        grid=True, cost=lambda plan: plan.npoints, build=functools.partial(_discrete, roundings))
+        grid=True, cost=lambda plan: plan.npoints, build=functools.partial(
+            _points, kind="discrete", roundings=roundings))
        for name, roundings in (("discrete, no rounding", ("none",)),
                                ("discrete, hard rounding", ("none", "hard")),
                                ("discrete, soft rounding", ("none", "soft")))},

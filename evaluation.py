@@ -281,11 +281,10 @@ def format_results(rows, header):
         span = "" if r["logsnr_range"] is None else "[{:.1f}, {:.1f}]".format(*r["logsnr_range"])
         spent = f"{r['evaluations']:.0f}" if "evaluations" in r else ""
         noise = "" if not r.get("integration_nats") else f"{r['integration_nats']:.4f}"
-        value, stderr = (r["nats"], r["nats_stderr"]) if r["nats"] is not None else (
-            r["value"], r["value_stderr"])
+        key = "value" if r["nats"] is None else "nats"  # a fraction's row: no nats
         bpd = "" if r["bpd"] is None else f"{r['bpd']:9.4f} {r['bpd_stderr']:7.4f}"
-        lines.append(f"{r['model']:<24} {r['estimate']:<26} {value:12.4f} {stderr:9.4f} "
-                     f"{bpd:>17}  {span:<13} {noise:>11} {spent:>11}  "
+        lines.append(f"{r['model']:<24} {r['estimate']:<26} {r[key]:12.4f} "
+                     f"{r[key + '_stderr']:9.4f} {bpd:>17}  {span:<13} {noise:>11} {spent:>11}  "
                      f"{(r['proposal'] or {}).get('kind', '')}".rstrip())
     meanings = {("exact" if r["model"] == "exact" else r["estimate"]): r["meaning"] for r in rows}
     lines += [f"  {kind}: {meaning}" for kind, meaning in meanings.items()]
