@@ -5,8 +5,6 @@ nats, and draws the MSE curve, density contours and samples (docs/2d.md).
     python train_2d.py --data points.csv        # your own points
     python train_2d.py --eval_only --ckpt exps/moons-base/checkpoints/last.ckpt
 """
-import functools
-
 import cli
 import datasets
 
@@ -69,7 +67,10 @@ FAMILY = experiment.Family(
     ("dataset", "data", "num_points", "seed", "val_fraction", "conditional"), figures,
     dict(num_sanity_val_steps=0, log_every_n_steps=10,
          gradient_clip_val=1.0))  # a safeguard: lr 1e-2 is near where runs collapse
-main = functools.partial(experiment.main, FAMILY)  # main(argv=None)
+
+
+def main(argv=None):
+    return experiment.main(FAMILY, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@
 
 Only what is missing is downloaded, never with --offline (docs/images.md).
 """
-import functools
 import os
 
 import cli
@@ -121,7 +120,10 @@ FAMILY = experiment.Family(
     "train_cifar10.py", parse_args, datamodules.images,
     ("dataset", "data", "seed", "dequantize", "reference_size", "conditional", "val_fraction"),
     figures, dict(log_every_n_steps=50), describe, pretrained)
-main = functools.partial(experiment.main, FAMILY)  # main(argv=None)
+
+
+def main(argv=None):
+    return experiment.main(FAMILY, argv)
 
 
 if __name__ == "__main__":
