@@ -48,25 +48,28 @@ class Samples(t.utils.data.Dataset):
 
 class EpochSampler(t.utils.data.Sampler):
     """Batches (index tensors) of this process's n // world of a (seed, epoch) permutation, less
-    `skip` samples once (on resume); drop_last: no short last batch."""
+    `skip` samples once (on resume); no short last batch where the share holds more than one, or
+    with drop_last."""
 
-    def __init__(self, n, batch_size, drop_last, seed, rank=0, world=1):
+    def __init__(self, n, batch_size, seed, rank=0, world=1, drop_last=False):
         self.n, self.seed, self.rank, self.world, self.epoch, self.skip = n, seed, rank, world, 0, 0
-        self.batch_size, self.drop_last = batch_size, drop_last
+        self.batch_size, self.share = batch_size, n // world
+        self.drop_last = drop_last or self.share > batch_size
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        share = self.n // self.world
-        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
+        return (self.share // self.batch_size if self.drop_last
+                else -(-self.share // self.batch_size))
 
     def __iter__(self):  # a generator: skip is read at the first draw, after a resume set it
         order = t.randperm(self.n, generator=t.Generator().manual_seed(
             utils.derive_seed(self.seed, self.epoch)))
-        share, self.skip = order[self.rank::self.world][:self.n // self.world][self.skip:], 0
+        share, self.skip = order[self.rank::self.world][:self.share][self.skip:], 0
         end = len(share) - len(share) % self.batch_size if self.drop_last else len(share)
-        yield from share[:end].split(self.batch_size)
+        if end:  # (split makes one empty piece of an empty tensor)
+            yield from share[:end].split(self.batch_size)
 
 
 def _as_is(batch):
@@ -146,9 +149,8 @@ class Data(pl.LightningDataModule):
 
     def train_dataloader(self):  # a resumed run's epoch and samples done are set here: Lightning
         # makes the loader after the checkpoint's restore, and workers draw indices at once
-        rank, world = self._rank_world()
-        drop = self.grid is not None or len(self.train) // world > self.batch_size
-        sampler = EpochSampler(len(self.train), self.batch_size, drop, self.seed, rank, world)
+        sampler = EpochSampler(len(self.train), self.batch_size, self.seed, *self._rank_world(),
+                               drop_last=self.grid is not None)
         loader = DataLoader(self.train, None, sampler=sampler, **self._loader_kwargs())
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         steps_per_epoch = -(-len(loader) // accumulate)  # Lightning steps on an epoch's tail

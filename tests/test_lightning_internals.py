@@ -90,7 +90,7 @@ def test_lightning_sets_the_epoch_of_the_sampler_that_serves_whole_batches():
     from lightning_fabric.utilities.data import _set_sampler_epoch
 
     import datamodules
-    sampler = datamodules.EpochSampler(20, 8, True, seed=3)
+    sampler = datamodules.EpochSampler(20, 8, seed=3)
     loader = t.utils.data.DataLoader(datamodules.Samples(t.arange(20.)), None, sampler=sampler)
     _set_sampler_epoch(loader, 2)
     assert sampler.epoch == 2
