@@ -95,15 +95,12 @@ class Labels(pl.Callback):
         print(f"labels: scoring {len(x)} validation samples under every label", flush=True)
         stats = label_pass(model, x, self.npoints, utils.derive_seed(self.seed, LABEL_SEED), y)
         mi, bayes, correct = (stats[k][0].cpu() for k in ("information", "bayes", "correct"))
-        v = dict(val_mi=mi.mean().item(), val_mi_stderr=_stderr(mi),
-                 val_mi_bayes=bayes.mean().item(), val_mi_bayes_stderr=_stderr(bayes),
-                 val_accuracy=correct.mean().item(), val_accuracy_stderr=_stderr(correct),
+        v = dict(_means(val_mi=mi, val_mi_bayes=bayes, val_accuracy=correct),
                  label_evaluations=self.npoints * (1 + model.num_classes),
                  label_entropy=t.special.entr(model.label_log_prior.exp()).sum().item())
         exact = data.exact_labels(x.cpu(), y.cpu())
         if exact is not None:
-            v.update(val_mi_exact=exact[1].mean().item(), val_mi_exact_stderr=_stderr(exact[1]),
-                     val_accuracy_bayes=exact[2].mean().item())
+            v.update(_means(val_mi_exact=exact[1]), val_accuracy_bayes=exact[2].mean().item())
         else:
             from sklearn.linear_model import LogisticRegression
             pixels = data.reference_data().flatten(1).numpy()
@@ -123,8 +120,9 @@ def label_pass(model, x, npoints, seed, y=None, chunk=1024):
     return est.label_statistics(terms, model.label_log_prior, y)
 
 
-def _stderr(v):
-    return (v.var() / len(v)).sqrt().item()
+def _means(**values):  # {name: the mean of the values, name_stderr: its standard error}
+    return {key: mean for name, v in values.items() for key, mean in (
+        (name, v.mean().item()), (f"{name}_stderr", (v.var() / len(v)).sqrt().item()))}
 
 
 class FitProposal(pl.Callback):

@@ -57,9 +57,7 @@ class DiffusionModel(pl.LightningModule):
         if y is not None and self.num_classes is None:
             raise ValueError("labels given to an unconditional model (num_classes=None)")
         eps_hat = est.denoise(self.model, z, logsnr, y)
-        if self.residual_of is not None:
-            return eps_hat + self.reference.eps(z, logsnr, y)
-        return eps_hat
+        return eps_hat if self.residual_of is None else eps_hat + self.reference.eps(z, logsnr, y)
 
     def nll(self, batch, generator=None):
         """The training loss: E[-log p(x)] (labelled: E[-log p(x | y)]) in nats, unbiased."""

@@ -96,8 +96,7 @@ def label_terms(denoiser, reference, proposal, x, labels, npoints=200, replicate
         zs, aa, ee, yy = (utils.noisy_channel(xs, a, eps).repeat(copies), a.repeat(n),
                           eps.repeat(copies), ys.T.flatten())
         eps_hat, eps_g = predictions(denoiser, reference, zs, aa, yy)
-        gap = (ee - eps_hat) ** 2 - (ee - eps_g) ** 2
-        gap = gap.view((n, -1) + xs.shape[1:])
+        gap = ((ee - eps_hat) ** 2 - (ee - eps_g) ** 2).view((n, -1) + xs.shape[1:])
         return (gap if per_dim else gap.flatten(2).sum(2)).transpose(0, 1)
     _, g = rqmc_terms(x, npoints, replicates, gaps, proposal, seed, index,
                       max(1, (chunk_size or default_chunk(x[0].numel(), x.device)) // n), labels)
@@ -260,9 +259,7 @@ def fit_proposal(denoiser, reference, proposal, x, pilot_points=4, bins=BINS, mi
 # --- Plumbing ---
 def default_chunk(d, device):
     """Rows per denoiser call: cache-sized on CPU (docs/2d.md), larger on an accelerator."""
-    if t.device(device).type == "cpu":
-        return max(1, min(2 ** 14, 2 ** 18 // d))
-    return max(1, 2 ** 21 // d)
+    return max(1, min(2 ** 14, 2 ** 18 // d) if t.device(device).type == "cpu" else 2 ** 21 // d)
 
 
 def in_chunks(fn, chunk_size, *rows):

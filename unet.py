@@ -80,9 +80,9 @@ class UNetDenoiser(t.nn.Module):
 
     @property
     def config(self):
-        return dict(unet=_plain_config(self.unet.config),
-                    alphas_cumprod=self.alphas_cumprod.tolist(), outside=self.outside,
-                    prediction_type=self.prediction_type)
+        plain = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        return dict(unet=json.loads(json.dumps(plain)), alphas_cumprod=self.alphas_cumprod.tolist(),
+                    outside=self.outside, prediction_type=self.prediction_type)
 
     def set_fallback(self, reference):
         """Predict reference.eps (0 for None) outside the trained range under outside="gaussian"."""
@@ -136,23 +136,25 @@ def _zero(z, logsnr, y=None):
     return t.zeros_like(z)
 
 
-def _plain_config(config):
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}))
-
-
 def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwargs):
     from diffusers import DDPMScheduler, UNet2DModel
-    with warnings.catch_warnings(action="ignore"):  # hub deprecation chatter
-        where = dict(subfolder=unet_sub, **kwargs)
-        if from_scratch:
-            unet = UNet2DModel.from_config(UNet2DModel.load_config(source, **where))
-        else:  # low_cpu_mem_usage=False: accelerate is not a dependency (and avoids its warning)
-            unet = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=False, **where)
-        try:
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder=sched_sub, **kwargs)
-            schedule, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type
-        except (OSError, ValueError):  # no scheduler_config.json: DDPM's schedule, epsilon
-            scheduler, schedule, prediction = None, None, "epsilon"
+    from diffusers.utils import logging as diffusers_logging
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL + 1)  # its log lines, as it loads
+    try:
+        with warnings.catch_warnings(action="ignore"):  # hub deprecation chatter
+            where = dict(subfolder=unet_sub, **kwargs)
+            if from_scratch:
+                unet = UNet2DModel.from_config(UNet2DModel.load_config(source, **where))
+            else:  # low_cpu_mem_usage=False: accelerate isn't a dependency (and avoids its warning)
+                unet = UNet2DModel.from_pretrained(source, low_cpu_mem_usage=False, **where)
+            try:
+                scheduler = DDPMScheduler.from_pretrained(source, subfolder=sched_sub, **kwargs)
+                schedule, prediction = scheduler.alphas_cumprod, scheduler.config.prediction_type
+            except (OSError, ValueError):  # no scheduler_config.json: DDPM's schedule, epsilon
+                scheduler, schedule, prediction = None, None, "epsilon"
+    finally:
+        diffusers_logging.set_verbosity(level)
     if scheduler is not None and scheduler.config.get("variance_type") in LEARNED_VARIANCES:
         raise ValueError(f"it learns its variance (its scheduler's variance_type is "
                          f"{scheduler.config.variance_type!r}): not supported")
@@ -162,18 +164,6 @@ def _fetch(source, from_scratch, outside, unet_sub=None, sched_sub=None, **kwarg
         raise UserError(f"the U-Net {source}: {err}") from None
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
-@_quiet_diffusers()
 def load(source, from_scratch=False, online=None, outside="clamp"):
     """(UNetDenoiser, where it came from) for a local folder or a hub id (cache, else downloaded
     if `online()`); from_scratch: the config alone, random weights (docs/images.md)."""

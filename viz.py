@@ -86,14 +86,13 @@ def density_grid(data, size=50, margin=0.15):
     return xs, ys, np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
 
 
-def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=64,
-             max_npoints=8192, seed=None):
+def grid_nll(model, points, target=CONTOUR_STDERR, npoints=64, max_npoints=8192, seed=None):
     """(nll, stderr, shown) on grid points, stderr <= target where shown (docs/2d.md)."""
     seed, passes = utils.fresh_seed(seed), 0
     nll, stderr = model.nll_points(points, npoints, replicates=4, seed=utils.derive_seed(seed, 0))
     used, first = t.full_like(nll, npoints), True
     while True:
-        maybe_shown = nll - 3 * stderr <= nll.min() + depth
+        maybe_shown = nll - 3 * stderr <= nll.min() + CONTOUR_DEPTH
         redo = (maybe_shown & (used < max_npoints) & (first | (stderr > target))).nonzero()[:, 0]
         if len(redo) == 0:
             break
@@ -107,7 +106,7 @@ def grid_nll(model, points, target=CONTOUR_STDERR, depth=CONTOUR_DEPTH, npoints=
                                                      seed=utils.derive_seed(seed, passes))
             used[idx] = n
         first = False
-    return nll, stderr, nll <= nll.min() + depth
+    return nll, stderr, nll <= nll.min() + CONTOUR_DEPTH
 
 
 def _log_densities(fig, axes, xs, ys, logps, top, depth, label):

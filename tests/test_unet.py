@@ -21,7 +21,7 @@ from diffusionmodel import DiffusionModel
 from proposals import LogisticProposal
 from tests.analytic import gaussian, reference_nll
 from tests.checks import assert_unbiased_and_calibrated, gen
-from unet import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, _plain_config, load,
+from unet import (DDPM_CIFAR10, PREDICTION_TYPES, UNetDenoiser, load,
                   logsnr_to_timestep, small_unet_config)
 
 # one PyTorch thread (tests/conftest.py): on a busy machine two threads made one 192 x 192
@@ -167,9 +167,9 @@ def test_load_local_directory(tmp_path, pipeline):
     # The schedule is the folder's own (beta_end 0.01), not DDPM's default.
     assert t.allclose(denoiser.alphas_cumprod, DDPMScheduler(beta_end=0.01).alphas_cumprod.double())
     assert denoiser.prediction_type == "epsilon"  # DDPMScheduler's default
-    scratch = load(str(tmp_path), from_scratch=True)[0].unet
-    assert _plain_config(scratch.config) == _plain_config(denoiser.unet.config)
-    assert not same_weights(scratch, saved)
+    scratch = load(str(tmp_path), from_scratch=True)[0]
+    assert scratch.config["unet"] == denoiser.config["unet"]
+    assert not same_weights(scratch.unet, saved)
 
 
 def fake_hub_cache(cache, repo, beta_end=0.01):
@@ -246,7 +246,7 @@ def test_checkpoint_rebuilds_the_unet(tmp_path):
     assert rebuilt.model.prediction_type == "v_prediction"
     assert t.equal(rebuilt.model.alphas_cumprod, denoiser.alphas_cumprod)
     assert t.equal(rebuilt.model.logsnr_table, denoiser.logsnr_table)
-    assert _plain_config(rebuilt.model.unet.config) == _plain_config(denoiser.unet.config)
+    assert rebuilt.model.config["unet"] == denoiser.config["unet"]
     assert same_weights(rebuilt, model)
     # a record of a different architecture with the same parameter shapes rebuilds that one
     other = denoisers.rebuild({"target": "unet:UNetDenoiser",
