@@ -68,8 +68,7 @@ class Baselines(pl.Callback):
         gaussian = dict(gaussian_val_loss=nats, gaussian_val_bpd=utils.nats_to_bpd(nats, model.d))
         self.values.update(gaussian)
         trainer.logger.log_metrics(gaussian, step=0)
-        text = self.describe and self.describe(trainer, model, self.values)
-        if text:
+        if text := self.describe and self.describe(trainer, model, self.values):
             print(text, flush=True)
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -98,8 +97,7 @@ class Labels(pl.Callback):
         v = dict(_means(val_mi=mi, val_mi_bayes=bayes, val_accuracy=correct),
                  label_evaluations=self.npoints * (1 + model.num_classes),
                  label_entropy=t.special.entr(model.label_log_prior.exp()).sum().item())
-        exact = data.exact_labels(x.cpu(), y.cpu())
-        if exact is not None:
+        if (exact := data.exact_labels(x.cpu(), y.cpu())) is not None:
             v.update(_means(val_mi_exact=exact[1]), val_accuracy_bayes=exact[2].mean().item())
         else:
             from sklearn.linear_model import LogisticRegression
@@ -134,8 +132,7 @@ class FitProposal(pl.Callback):
                              & set(range(1, epochs)))  # epoch 0: the model starts at the Gaussian
 
     def on_train_epoch_start(self, trainer, pl_module):
-        epoch = trainer.current_epoch
-        if epoch not in self.epochs:
+        if (epoch := trainer.current_epoch) not in self.epochs:
             return
         started, was_training = time.perf_counter(), pl_module.training
         x = trainer.datamodule.reference_data()[:self.samples].to(pl_module.device, pl_module.dtype)
@@ -317,13 +314,11 @@ class Figures2D(_Saved):
             maps = {f"{source}: y = {k}": v.cpu() for source, key in (("mi_points", "information"),
                                                                    ("Bayes' rule", "bayes"))
                     for k, v in enumerate(stats[key][0].T)}
-            exact = data.exact_labels(grid.double().cpu())
-            if exact is not None:
+            if (exact := data.exact_labels(grid.double().cpu())) is not None:
                 maps.update({f"exact: y = {k}": v for k, v in enumerate(exact[1].T)})
             show("information", viz.plot_information(
                 xs, ys, maps, title=f"{name}: pointwise mutual information of each label"))
-        exact = data.exact_nll(grid.double().cpu())
-        if exact is not None:
+        if (exact := data.exact_nll(grid.double().cpu())) is not None:
             show("density_gap", viz.plot_density_gap(
                 xs, ys, nll.cpu(), exact,
                 title=f"{name}: exact and model density, and the pointwise gap in nats"))
@@ -480,8 +475,7 @@ class SlurmJob(pl.Callback):
     """Under SLURM: the run folder marked with the job's id, and the requeue checkpoint there."""
 
     def on_train_start(self, trainer, pl_module):
-        job = slurm_job_id()
-        if job is None:
+        if (job := slurm_job_id()) is None:
             return
         folder = os.path.join(trainer.log_dir, "checkpoints")
         trainer._default_root_dir = folder  # where Lightning's requeue handler saves

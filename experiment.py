@@ -522,8 +522,7 @@ def _check_shape(ckpt, data, path):
 
 def _check_missing(data, build=lambda: None):
     # one error names every missing input: build() (the model, its weights too) is tried either way
-    problem = data.missing()
-    if not problem:
+    if not (problem := data.missing()):
         return build()
     try:
         build()

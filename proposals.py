@@ -99,10 +99,7 @@ class FittedProposal(LogisticProposal):
 
     @classmethod
     def from_state(cls, state):
-        state = dict(state)
-        if state.pop("kind", "fitted") != "fitted":
-            raise ValueError(f"not a FittedProposal state: {state}")
-        return cls(**state)
+        return cls(**{k: v for k, v in state.items() if k != "kind"})
 
     @classmethod
     def from_draws(cls, base, logsnr, terms, mix=0.5, bins=BINS):

@@ -55,7 +55,7 @@ def schedule_logsnr(alphas_cumprod):
         raise ValueError("alphas_cumprod must be a 1-D schedule with values in (0, 1)")
     logsnr = ab.log() - (-ab).log1p()
     if not (logsnr[1:] < logsnr[:-1]).all():
-        raise ValueError("the schedule's log SNR must decrease strictly with the timestep")
+        raise ValueError("alphas_cumprod must decrease strictly (t = 1: the least noisy step)")
     return logsnr
 
 

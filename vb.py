@@ -16,14 +16,9 @@ class VBSchedule:
         if ab.dim() != 1 or len(ab) < 3:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 3 timesteps, got shape "
                              f"{tuple(ab.shape)}")
-        if not (t.isfinite(ab).all() and (ab > 0).all() and (ab < 1).all()):
-            raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
-        if not (ab[1:] < ab[:-1]).all():
-            raise ValueError("alphas_cumprod must be strictly decreasing (t = 1 is the least noisy "
-                             "step, as in diffusers' DDPMScheduler.alphas_cumprod)")
         self.T = len(ab)
         zero = t.zeros(1, dtype=t.float64)
-        ab = t.cat([t.ones(1, dtype=t.float64), ab])
+        ab = t.cat([t.ones(1, dtype=t.float64), ab])  # schedule_logsnr: in (0, 1), decreasing?
         a = t.cat([t.full((1,), float("inf"), dtype=t.float64), utils.schedule_logsnr(ab[1:])])
         beta = t.cat([zero, -t.expm1(ab.log().diff())])
         beta_tilde = t.cat([zero, (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])

@@ -209,8 +209,7 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
     if ylim is not None:
         ax.set_ylim(*ylim)
         for label, (epochs, nll, _) in runs.items():
-            off = [e for e, v in zip(epochs, nll) if v > ylim[1]]
-            if off:
+            if off := [e for e, v in zip(epochs, nll) if v > ylim[1]]:
                 ax.plot(off, [ylim[1]] * len(off), "^", color="0.4", ms=5, clip_on=False)
     return _curves(fig, ax, ylabel, title, xlabel="epoch", fontsize=8)
 
