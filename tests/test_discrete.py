@@ -58,8 +58,6 @@ def exact_model(dist, reference="moments", **kwargs):
     return dm
 
 
-
-
 def smoothed(dist, std=0.15):
     """An imperfect, continuous denoiser for atom data: the optimal denoiser of the atoms blurred by
     N(0, std^2 I). It never resolves the grid, so its error tends to d at high SNR."""
