@@ -301,11 +301,12 @@ class Figures2D(_Saved):
         grid = t.as_tensor(grid, dtype=model.dtype, device=model.device)
         nll, stderr, shown = viz.grid_nll(model, grid, seed=self.seed)
         show("density", viz.plot_density(xs, ys, nll.cpu(), title=f"{name}: model density"))
-        if self.ode:  # at 1e-3 everywhere (within 0.4 nats), at the run's tolerance where shown
-            rough = {k: max(self.ode[k], 1e-3) for k in ("rtol", "atol")}
+        if self.ode:  # every cell at 1e-3, those near the shown ones at CONTOUR_ODE_TOL (2d.md)
+            rough, tol = ({k: max(self.ode[k], v) for k in ("rtol", "atol")}
+                          for v in (1e-3, viz.CONTOUR_ODE_TOL))  # looser settings win
             flow, _ = model.nll_ode(grid, **dict(self.ode, **rough))
-            near = flow <= flow.min() + viz.CONTOUR_DEPTH + 1
-            flow[near] = model.nll_ode(grid[near], **self.ode)[0]
+            near = flow <= flow.min() + viz.CONTOUR_DEPTH + 2
+            flow[near] = model.nll_ode(grid[near], **dict(self.ode, **tol))[0]
             show("density_ode", viz.plot_density(
                 xs, ys, {"IT estimate": nll.cpu(), "probability-flow ODE": flow.cpu()},
                 title=f"{name}: the model's density, two ways"))

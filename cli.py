@@ -173,7 +173,7 @@ def build_parser(description, defaults, data_help, denoiser, threads=1):
     arg("--ode_probes", type=positive(int), default=1,
         help="Rademacher probes of Hutchinson's estimate")
     arg("--ode_tol", type=number(float, above=0, below=1), default=1e-5,
-        help="the ODE solver's relative and absolute tolerance")
+        help="the ODE solver's relative and absolute tolerance (2-D contours: at least 1e-4)")
     arg("--results", metavar="JSON", help="where the table goes (default: eval-<checkpoint>.json "
         "beside the first checkpoint; never overwritten: -2, -3, ...)")
     return p

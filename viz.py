@@ -5,9 +5,9 @@ import math
 
 import numpy as np
 import torch as t
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 
 import cli
 import proposals
@@ -15,6 +15,7 @@ import utils
 
 CONTOUR_DEPTH = 8.0     # nats of log density the contour plot shows below its peak
 CONTOUR_STDERR = 0.1    # target standard error (nats) of every cell it shows
+CONTOUR_ODE_TOL = 1e-4  # the ODE panel's solver tolerance where it may show a cell (docs/2d.md)
 
 
 def _subplots(*grid, figsize, layout=None, **kwargs):
@@ -86,17 +87,18 @@ def density_grid(data, size=50, margin=0.15):
     return xs, ys, np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
 
 
-def grid_nll(model, points, target=CONTOUR_STDERR, npoints=64, max_npoints=8192, seed=None):
+def grid_nll(model, points, target=CONTOUR_STDERR, npoints=32, max_npoints=8192, seed=None):
     """(nll, stderr, shown) on grid points, stderr <= target where shown (docs/2d.md)."""
     seed, passes = utils.fresh_seed(seed), 0
     nll, stderr = model.nll_points(points, npoints, replicates=4, seed=utils.derive_seed(seed, 0))
     used, first = t.full_like(nll, npoints), True
     while True:
-        maybe_shown = nll - 3 * stderr <= nll.min() + CONTOUR_DEPTH
-        redo = (maybe_shown & (used < max_npoints) & (first | (stderr > target))).nonzero()[:, 0]
-        if len(redo) == 0:
+        floor = nll.min() + CONTOUR_DEPTH
+        redo = (nll - 3 * stderr <= floor) & (used < max_npoints) & (first | (stderr > target))
+        if len(redo := redo.nonzero()[:, 0]) == 0:
             break
-        wanted = used[redo] * (stderr[redo] / target).clamp_min(1).pow(1.2) * 1.3
+        need = ((nll[redo] - floor) / 3).clamp_min(target)  # below the floor: 3 stderr to show it
+        wanted = used[redo] * (stderr[redo] / need).clamp_min(1).pow(1.2) * 1.3
         wanted = t.maximum(wanted, 2 * used[redo]).clamp(256, max_npoints)
         levels = 2 ** wanted.log2().ceil()
         for n in levels.unique().tolist():
@@ -216,10 +218,10 @@ def plot_val_history(runs, references=None, title=None, ylim=None,
 
 def save(fig, path):
     """Writes a figure as PNG (cli.write_file); returns the image (H, W, 3) uint8, drawn once."""
-    png = io.BytesIO()
+    canvas, png = FigureCanvasAgg(fig), io.BytesIO()
     fig.savefig(png, dpi=120, format="png")
     cli.write_file(str(path), png.getvalue())
-    return np.asarray(Image.open(png).convert("RGB"))
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])  # the PNG's pixels
 
 
 def image_grid(x):

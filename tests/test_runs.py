@@ -42,7 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "train_2d.py")
 # 2000 points: 1800 for training (val_fraction 0.1), batches of 512 (the default): 3 steps an epoch
 TINY = ["--dataset", "scg", "--num_points", "2000", "--grid_size", "4", "--num_samples", "0",
-        "--val_npoints", "8", "--num_threads", "1"]
+        "--val_npoints", "8", "--num_threads", "1", "--batch_size", "512"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

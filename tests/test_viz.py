@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch as t
+from PIL import Image
 
 import viz
 from diffusionmodel import DiffusionModel
@@ -63,6 +64,7 @@ def test_figures_are_written(tmp_path):
     for name, figure in figures.items():  # each drawn once: the PNG, and the image returned
         image = viz.save(figure, tmp_path / name)
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / name).convert("RGB")))
         paths.append(tmp_path / name)
     # the density gap: exact -log p of the uniform square [-1, 1]^2 (+inf outside: masked cells)
     exact = np.where(np.abs(grid).max(1) <= 1, math.log(4), np.inf)
@@ -90,6 +92,26 @@ def test_mse_curve_marks_the_quantiles():
                     if len(line.get_xdata()) == 2 and line.get_xdata()[0] == line.get_xdata()[1])
     assert np.allclose(marked, [1 - math.log(3), 1, 1 + math.log(3)], atol=0.01)
     assert "suggested logsnr_loc=1.00, logsnr_scale=1.00" in fig.axes[0].get_title()
+
+
+def test_grid_nll_gives_a_cell_below_the_floor_only_what_shows_it():
+    """An estimator exact in its means whose standard error falls as 1/n (as the quasi-Monte Carlo
+    points' does; 1 nat at the first pass's 32). The peak cell needs stderr 0.1: 32 * (1 / 0.1)^1.2
+    * 1.3 = 659, rounded up to 1024 evaluations. A cell 2 nats below the floor needs 3 stderr < 2
+    only: 32 * (1 / (2/3))^1.2 * 1.3 = 68, at least 256 (stderr 0.125 then shows it is below;
+    before, it too was given 1024). A cell 30 nats down is not refined."""
+    true = t.tensor([0., viz.CONTOUR_DEPTH + 2, 30.])
+    calls = {}
+
+    class Estimator:
+        def nll_points(self, x, npoints, replicates=4, seed=None, index=None):
+            for cell in x[:, 0].long().tolist():
+                calls.setdefault(cell, []).append(npoints)
+            return true[x[:, 0].long()].clone(), t.full((len(x),), 32 / npoints)
+    grid = t.tensor([[0., 0.], [1., 0.], [2., 0.]])
+    nll, stderr, shown = viz.grid_nll(Estimator(), grid, seed=0)
+    assert calls == {0: [32, 1024], 1: [32, 256], 2: [32]}, calls
+    assert shown.tolist() == [True, False, False] and stderr[0] <= viz.CONTOUR_STDERR
 
 
 def test_grid_nll_is_exact_within_its_stderr_and_batched():
