@@ -18,7 +18,7 @@ class VBSchedule:
                              f"{tuple(ab.shape)}")
         self.T = len(ab)
         zero = t.zeros(1, dtype=t.float64)
-        ab = t.cat([t.ones(1, dtype=t.float64), ab])  # schedule_logsnr: in (0, 1), decreasing?
+        ab = t.cat([t.ones(1, dtype=t.float64), ab])  # schedule_logsnr checks (0, 1), decreasing
         a = t.cat([t.full((1,), float("inf"), dtype=t.float64), utils.schedule_logsnr(ab[1:])])
         beta = t.cat([zero, -t.expm1(ab.log().diff())])
         beta_tilde = t.cat([zero, (1 - ab[:-1]) / (1 - ab[1:]) * beta[1:]])
